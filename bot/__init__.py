@@ -1,0 +1,23 @@
+"""chinwag's core: what plugins and adapters build on.
+
+Plugins import from here only (``from bot import Skill, Reply, hookimpl``); everything else in
+``bot`` is internal and may change between releases.
+"""
+
+from bot.hookspecs import hookimpl
+from bot.messages import Attachment, Message, Reply, Source
+from bot.skill import Command, Context, Observer, ReplyFilter, Skill
+
+__all__ = [
+    "Attachment",
+    "Command",
+    "Context",
+    "Message",
+    "Observer",
+    "Reply",
+    "ReplyFilter",
+    "Skill",
+    "Source",
+    "hookimpl",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""Console chat: the bot in a terminal, or as a line-oriented filter for scripts and tests.
+
+On a TTY it is an interactive chat. When stdin is not a TTY it reads one message per line and
+writes one reply block per message — each reply's text, then an empty line — or, with
+``--json``, one JSON object per message with the replies, the skill that answered, latency and
+metadata, which is what scripts should parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, TextIO
+
+from bot.core import Bot
+from bot.messages import Message, Reply
+
+PLATFORM = "console"
+
+
+def reply_to_json(r: Reply) -> dict[str, Any]:
+    return {
+        "text": r.text,
+        "skill": r.skill,
+        "kind": r.kind,
+        "latency_ms": None if r.latency_ms is None else round(r.latency_ms, 3),
+        "sources": [
+            {"title": s.title, "location": s.location, "score": s.score} for s in r.sources
+        ],
+        "model": r.model,
+        "adapter": r.adapter,
+        "adapter_version": r.adapter_version,
+        "metadata": r.metadata,
+        "id": r.id,
+    }
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        yield line.rstrip("\r\n")
+
+
+class ConsoleChat:
+    def __init__(
+        self,
+        bot: Bot,
+        *,
+        user_id: str = "local",
+        user_name: str | None = None,
+        chat_id: str = "console",
+        as_json: bool = False,
+        out: TextIO | None = None,
+    ) -> None:
+        self.bot = bot
+        self.user_id = user_id
+        self.user_name = user_name or _login_name()
+        self.chat_id = chat_id
+        self.as_json = as_json
+        self.out = out or sys.stdout
+
+    def message(self, text: str) -> Message:
+        return Message(PLATFORM, self.chat_id, self.user_id, text, user_name=self.user_name)
+
+    async def send(self, text: str) -> list[Reply]:
+        return await self.bot.handle(self.message(text))
+
+    async def run_lines(self, lines: AsyncIterator[str]) -> int:
+        """Answer every line; returns how many messages were handled."""
+        count = 0
+        async for line in lines:
+            replies = await self.send(line)
+            count += 1
+            if self.as_json:
+                self.out.write(
+                    json.dumps(
+                        {"message": line, "replies": [reply_to_json(r) for r in replies]},
+                        ensure_ascii=False,
+                        default=str,
+                    )
+                    + "\n"
+                )
+            else:
+                for r in replies:
+                    self.out.write(r.text + "\n")
+                self.out.write("\n")
+            self.out.flush()
+        return count
+
+    async def run_pipe(self) -> int:
+        return await self.run_lines(_stdin_lines())
+
+    async def run_interactive(self) -> None:
+        from rich.console import Console
+
+        console = Console()
+        name = self.bot.settings.bot.name
+        console.print(f"[bold]{name}[/bold] — type a message, /help for commands, Ctrl-D to quit.")
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                line = await loop.run_in_executor(None, input, "you> ")
+            except (EOFError, KeyboardInterrupt):
+                console.print()
+                return
+            for r in await self.send(line):
+                style = {"error": "red", "notice": "yellow"}.get(r.kind, "cyan")
+                console.print(f"[{style}]{name}>[/{style}] ", end="")
+                console.print(r.text, markup=False, highlight=False)
+                for s in r.sources:
+                    console.print(f"   [dim]source: {s.title} {s.location}[/dim]")
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "you"

@@ -1,0 +1,244 @@
+"""The ``chinwag`` command line.
+
+Every command that starts the bot shares one error policy: a broken configuration, an unusable
+database or a plugin that will not load prints one clear line and exits with status 2, rather
+than a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bot.config import ConfigError, Settings, load_settings
+from bot.logs import setup_logging
+from bot.plugins import PluginError, make_manager
+from bot.store import StoreError
+
+app = typer.Typer(
+    name="chinwag",
+    help="chinwag: a chat bot platform with pluggable skills that learns from its conversations.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+EXIT_CONFIG = 2
+log = logging.getLogger("chinwag")
+
+
+class _State:
+    config: Path | None = None
+    data_dir: Path | None = None
+    log_level: str | None = None
+
+
+state = _State()
+
+
+@app.callback()
+def _global(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Configuration file (default: $CHINWAG_CONFIG or ./chinwag.toml).",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Data directory (database, indexes, adapters)."),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+    ] = None,
+) -> None:
+    state.config, state.data_dir, state.log_level = config, data_dir, log_level
+
+
+def fail(message: str, code: int = EXIT_CONFIG) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def settings(default_level: str | None = None) -> Settings:
+    overrides: dict[str, Any] = {}
+    if state.data_dir is not None:
+        overrides["data_dir"] = state.data_dir
+    if state.log_level is not None:
+        overrides["log_level"] = state.log_level.upper()
+    try:
+        s = load_settings(state.config, overrides)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    setup_logging(
+        state.log_level.upper() if state.log_level else (default_level or s.log_level),
+        s.secret_values(),
+    )
+    return s
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    try:
+        return asyncio.run(main())
+    except (ConfigError, StoreError, PluginError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run() -> None:
+    """Start every configured platform adapter; the console chat when none is configured."""
+    from bot.runner import serve
+
+    s = settings()
+    run_async(lambda: serve(s))
+
+
+@app.command()
+def chat(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per message (non-TTY).")
+    ] = False,
+    user: Annotated[str, typer.Option(help="User id to chat as.")] = "local",
+) -> None:
+    """Chat in the terminal; reads one message per line when stdin is not a terminal."""
+    from bot.adapters.console import ConsoleChat
+    from bot.core import Bot
+
+    s = settings(default_level="WARNING")
+
+    async def main() -> None:
+        async with Bot(s) as bot:
+            console = ConsoleChat(bot, user_id=user, as_json=as_json)
+            if sys.stdin.isatty() and not as_json:
+                await console.run_interactive()
+            else:
+                await console.run_pipe()
+
+    run_async(main)
+
+
+@app.command()
+def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the loaded skills, their commands and the plugin each came from."""
+    from bot.core import Bot
+
+    s = settings(default_level="WARNING")
+    try:
+        bot = Bot(s)
+        bot._load_skills()
+    except (ConfigError, PluginError) as exc:
+        raise fail(str(exc)) from None
+    rows = [
+        {
+            "name": e.name,
+            "plugin": e.plugin,
+            "enabled": e.enabled,
+            "priority": e.priority,
+            "threshold": e.threshold,
+            "fallback": e.name == s.bot.fallback,
+            "description": e.description,
+            "commands": [
+                {"name": c.name, "description": c.description, "admin_only": c.admin_only}
+                for c in e.commands.values()
+            ],
+        }
+        for e in bot.skills
+    ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    dists = {p.name: f"{p.distribution or '-'} {p.version or ''}".strip() for p in bot.plugins}
+    table = Table(title=f"{len(rows)} skills loaded")
+    for col in ("skill", "commands", "plugin", "state", "description"):
+        table.add_column(col)
+    for r in rows:
+        cmds = " ".join(f"/{c['name']}" + ("*" if c["admin_only"] else "") for c in r["commands"])
+        state_ = ("on" if r["enabled"] else "off") + (" (fallback)" if r["fallback"] else "")
+        table.add_row(
+            r["name"],
+            cmds,
+            f"{r['plugin']} ({dists.get(r['plugin'], '')})",
+            state_,
+            r["description"],
+        )
+    Console().print(table)
+    typer.echo("* admin-only")
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective configuration (file + environment + defaults), secrets masked."""
+    s = settings(default_level="WARNING")
+    typer.echo(json.dumps(s.masked(), indent=2, default=str))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the latest version."""
+    from bot.store import ConversationStore
+    from bot.store.migrate import head_revision
+
+    s = settings()
+
+    async def main() -> None:
+        store = ConversationStore(s.database_url, synchronous=s.database.synchronous)
+        await store.open(migrate=True)
+        await store.close()
+
+    run_async(main)
+    typer.echo(f"database at revision {head_revision()}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's schema revision."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from bot.store.migrate import current_revision, head_revision
+
+    s = settings()
+
+    async def main() -> str | None:
+        engine = create_async_engine(s.database_url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(current_revision)
+        finally:
+            await engine.dispose()
+
+    rev = run_async(main)
+    typer.echo(f"current: {rev or 'empty'}; latest: {head_revision()}")
+
+
+def _plugin_commands() -> None:
+    """Let plugins add sub-commands (the ``register_commands`` hook)."""
+    try:
+        pm, _ = make_manager()
+    except PluginError as exc:
+        typer.echo(f"warning: {exc}", err=True)
+        return
+    pm.hook.register_commands(cli=app)
+
+
+def main() -> None:
+    _plugin_commands()
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Configuration: one TOML file plus environment variables, validated with pydantic-settings.
+
+Precedence, highest first: explicit overrides (CLI flags, test fixtures) → ``CHINWAG_*``
+environment variables (``CHINWAG_TELEGRAM__TOKEN`` sets ``[telegram] token``; secrets belong
+here, not in the file) → the TOML file → defaults. A broken configuration raises
+:class:`ConfigError` whose message names the file, the key and the problem; the CLI turns it
+into exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV = "CHINWAG_CONFIG"
+DEFAULT_CONFIG_NAME = "chinwag.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is meant for the operator as-is."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "chinwag"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BotSettings(_Section):
+    name: str = "chinwag"
+    #: The platform username, for ``/cmd@username`` in groups; adapters fill it in when known.
+    username: str | None = None
+    fallback: str = "fallback"
+    max_message_chars: int = Field(4000, gt=0, le=1_000_000)
+    max_concurrency: int = Field(64, gt=0)
+    skill_timeout_s: float = Field(30.0, gt=0)
+    observer_timeout_s: float = Field(2.0, gt=0)
+    filter_timeout_s: float = Field(2.0, gt=0)
+    apology: str = "Sorry — something went wrong while I was answering. I've logged it."
+    timeout_apology: str = "Sorry — that took too long, so I gave up. Please try again."
+
+
+class DatabaseSettings(_Section):
+    #: SQLAlchemy URL; empty means SQLite in the data directory. PostgreSQL:
+    #: ``postgresql+asyncpg://user:pass@host/db`` (install the ``postgres`` extra).
+    url: str | None = None
+    auto_migrate: bool = True
+    #: SQLite only: NORMAL survives process crashes; FULL also survives power loss.
+    synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
+    batch_max: int = Field(512, gt=0)
+    echo: bool = False
+
+
+class RateLimitSettings(_Section):
+    enabled: bool = True
+    per_second: float = Field(1.0, gt=0)
+    burst: int = Field(10, gt=0)
+    exempt_platforms: list[str] = ["console"]
+    message: str = "Slow down a little — I'll answer again in a few seconds."
+
+
+class SkillSettings(BaseModel):
+    """Keys every skill section understands; any other key goes to the skill's own model."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = True
+    priority: int | None = None
+    threshold: float | None = None
+    timeout_s: float | None = Field(None, gt=0)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ChatSettings(_Section):
+    disabled_skills: list[str] = []
+    #: When set, only these skills answer in the chat.
+    enabled_skills: list[str] | None = None
+
+
+class TelegramSettings(_Section):
+    token: SecretStr | None = None
+    api_base: str | None = None
+
+
+class DiscordSettings(_Section):
+    token: SecretStr | None = None
+
+
+_FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "chinwag_file_data", default=None
+)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed TOML file, below environment variables in precedence."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _FILE_DATA.get() or {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHINWAG_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    bot: BotSettings = BotSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    #: Admin user ids per platform, e.g. ``telegram = ["12345"]``.
+    admins: dict[str, list[str]] = {"console": ["local"]}
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    skills: dict[str, SkillSettings] = {}
+    #: Per-chat overrides keyed ``"platform:chat_id"``.
+    chats: dict[str, ChatSettings] = {}
+    disabled_plugins: list[str] = []
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _ids_as_strings(cls, value: Any) -> Any:
+        # Telegram ids are numbers in TOML; platforms compare them as strings.
+        if isinstance(value, dict):
+            return {k: [str(v) for v in (vs or [])] for k, vs in value.items()}
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSource(settings_cls), file_secret_settings
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.data_dir / 'chinwag.sqlite3'}"
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, so log output can be scrubbed of them."""
+        found = []
+        for section in (self.telegram, self.discord):
+            token = getattr(section, "token", None)
+            if token is not None and token.get_secret_value():
+                found.append(token.get_secret_value())
+        if self.database.url:
+            from sqlalchemy.engine import make_url
+
+            try:
+                password = make_url(self.database.url).password
+            except Exception:
+                password = None
+            if password:
+                found.append(str(password))
+        return found
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data with every secret masked."""
+        data = self.model_dump(mode="json")
+        if self.database.url:
+            from sqlalchemy.engine import make_url
+
+            try:
+                data["database"]["url"] = make_url(self.database.url).render_as_string(
+                    hide_password=True
+                )
+            except Exception:
+                data["database"]["url"] = "**********"
+        data["database"]["effective_url"] = data["database"]["url"] or self.database_url
+        return data
+
+
+def find_config_file(path: Path | str | None = None) -> Path | None:
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    return local if local.exists() else None
+
+
+def format_validation_error(exc: ValidationError, where: str, prefix: str = "") -> str:
+    lines = [f"invalid configuration in {where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if prefix:
+            key = f"{prefix}.{key}" if key else prefix
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    path: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Read, merge and validate the configuration, or raise :class:`ConfigError`."""
+    config_path = find_config_file(path)
+    data: dict[str, Any] = {}
+    where = str(config_path) if config_path else "environment/defaults"
+    if config_path is not None:
+        try:
+            with config_path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {config_path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{config_path}: cannot read: {exc}") from None
+    token = _FILE_DATA.set(data)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+    finally:
+        _FILE_DATA.reset(token)

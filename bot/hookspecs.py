@@ -1,0 +1,51 @@
+"""The plugin contract: every hook a chinwag plugin may implement.
+
+pluggy calls hooks synchronously, so hooks never do slow work themselves: ``register_*`` hooks
+hand objects to a ``register`` callable (the shape ``llm`` uses), and lifecycle hooks may return
+an awaitable that the asyncio core awaits ("await me maybe", as datasette does). Every hook here
+is documented in ``docs/plugins.md``; ``tests/test_hooks.py`` fails when one is not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import typer
+
+hookspec = pluggy.HookspecMarker("chinwag")
+hookimpl = pluggy.HookimplMarker("chinwag")
+
+
+@hookspec
+def register_skills(register: Callable[[Any], None]) -> None:
+    """Register skill objects by calling ``register(skill)`` once per skill."""
+
+
+@hookspec
+def register_observers(register: Callable[[Any], None]) -> None:
+    """Register observers that see (and may annotate) every inbound message before routing."""
+
+
+@hookspec
+def register_reply_filters(register: Callable[[Any], None]) -> None:
+    """Register reply filters that may rewrite or withhold every reply before it is sent."""
+
+
+@hookspec
+def register_commands(cli: typer.Typer) -> None:
+    """Add sub-commands to the ``chinwag`` command line."""
+
+
+@hookspec
+def startup(bot: Any) -> Any:
+    """Called once the bot is ready; may return an awaitable."""
+
+
+@hookspec
+def shutdown(bot: Any) -> Any:
+    """Called when the bot stops, before the store closes; may return an awaitable."""

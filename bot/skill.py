@@ -1,0 +1,95 @@
+"""What a skill, an observer and a reply filter are, and what they are handed.
+
+Skills are duck-typed objects (the :class:`Skill` base class is a convenience, not a
+requirement) so a third-party plugin can be a tiny module with no inheritance. The core reads
+the attributes below; anything missing falls back to the base class's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from bot.messages import Message, Reply
+
+if TYPE_CHECKING:
+    from bot.core import Bot
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A slash command a skill owns (``/name args``)."""
+
+    name: str
+    description: str = ""
+    admin_only: bool = False
+    usage: str = ""
+
+
+@dataclass(slots=True)
+class Context:
+    """Everything a skill may use while answering one message.
+
+    Built per message; ``bot`` gives access to shared services (store, configuration, the list
+    of loaded skills, and in later releases the model runtime and knowledge index).
+    """
+
+    bot: Bot
+    config: Any = None
+    command: str | None = None
+    args: str = ""
+    is_admin: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    async def history(self, message: Message, limit: int = 10) -> list[Any]:
+        """The chat's last ``limit`` turns before this message, oldest first."""
+        return await self.bot.store.last_turns(
+            message.platform, message.chat_id, limit, before_id=message.id
+        )
+
+
+class Skill:
+    """Base class for skills. Subclasses set ``name`` and override ``handle``.
+
+    ``score`` must be cheap (no model calls): every enabled skill scores every message that is
+    not a command, and the highest score above ``threshold`` wins.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    commands: ClassVar[tuple[Command, ...]] = ()
+    #: pydantic model validating this skill's ``[skills.<name>]`` configuration section.
+    config_model: ClassVar[type[BaseModel] | None] = None
+    priority: ClassVar[int] = 0
+    threshold: ClassVar[float] = 0.5
+    #: seconds; ``None`` means the bot-wide ``skill_timeout_s``.
+    timeout_s: ClassVar[float | None] = None
+
+    async def setup(self, bot: Bot, config: Any) -> None:
+        """Called once at start-up with the skill's validated configuration."""
+
+    async def score(self, message: Message, ctx: Context) -> float:
+        return 0.0
+
+    async def handle(self, message: Message, ctx: Context) -> Reply | list[Reply] | str | None:
+        raise NotImplementedError
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Sees every inbound message after it is logged and before it is routed."""
+
+    name: str
+
+    async def observe(self, message: Message, ctx: Context) -> None: ...
+
+
+@runtime_checkable
+class ReplyFilter(Protocol):
+    """Rewrites a reply (return it changed) or withholds it (return ``None``)."""
+
+    name: str
+
+    async def filter(self, reply: Reply, message: Message, ctx: Context) -> Reply | None: ...

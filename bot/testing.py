@@ -1,0 +1,138 @@
+"""A pytest plugin for testing chinwag bots and plugins (installed as the ``pytest11`` entry point).
+
+    async def test_greets(chat):
+        replies = await chat.send("/start")
+        assert "Hi" in replies[0].text
+
+Fixtures:
+
+``chinwag_config``
+    dict of configuration overrides (override the fixture to change them). By default: a
+    temporary data directory and no rate limit.
+``chinwag_plugins``
+    extra plugin objects (modules or instances with ``@hookimpl`` methods) to load beside the
+    installed ones — how a plugin's own tests load the plugin under test.
+``chinwag_bot``
+    a started :class:`bot.core.Bot` on a temporary SQLite database, stopped after the test.
+``chat``
+    a :class:`ChatUser` talking to ``chinwag_bot`` in a private chat.
+``chinwag_chat``
+    factory for more users and chats: ``chinwag_chat(user_id="u2", chat_id="group-1",
+    chat_kind="group", admin=True)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import load_settings
+from bot.core import Bot
+from bot.messages import ChatKind, Message, Reply
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the dev extra installs it
+    pytest_asyncio = None  # type: ignore[assignment]
+
+_ids = itertools.count(1)
+
+
+class ChatUser:
+    """One user in one chat, sending messages the way a platform adapter would."""
+
+    def __init__(
+        self,
+        bot: Bot,
+        *,
+        platform: str = "test",
+        chat_id: str = "chat-1",
+        user_id: str = "user-1",
+        user_name: str = "Tester",
+        chat_kind: ChatKind = "private",
+    ) -> None:
+        self.bot = bot
+        self.platform = platform
+        self.chat_id = chat_id
+        self.user_id = user_id
+        self.user_name = user_name
+        self.chat_kind = chat_kind
+        self.sent: list[Message] = []
+
+    def message(self, text: Any, **fields: Any) -> Message:
+        fields.setdefault("message_id", str(next(_ids)))
+        return Message(
+            self.platform,
+            self.chat_id,
+            self.user_id,
+            text,
+            user_name=self.user_name,
+            chat_kind=self.chat_kind,
+            **fields,
+        )
+
+    async def send(self, text: Any, **fields: Any) -> list[Reply]:
+        """Send ``text`` as this user; returns the bot's replies."""
+        message = self.message(text, **fields)
+        self.sent.append(message)
+        return await self.bot.handle(message)
+
+    async def ask(self, text: Any) -> str:
+        """Send ``text`` and return the replies' texts joined by newlines."""
+        return "\n".join(r.text for r in await self.send(text))
+
+
+def chinwag_test_settings(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Any:
+    base: dict[str, Any] = {
+        "data_dir": tmp_path / "chinwag-data",
+        "rate_limit": {"enabled": False},
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return load_settings(path=None, overrides=base)
+
+
+@pytest.fixture
+def chinwag_config() -> dict[str, Any]:
+    return {}
+
+
+@pytest.fixture
+def chinwag_plugins() -> list[Any]:
+    return []
+
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture
+    async def chinwag_bot(
+        tmp_path: Path, chinwag_config: dict[str, Any], chinwag_plugins: list[Any]
+    ) -> AsyncIterator[Bot]:
+        settings = chinwag_test_settings(tmp_path, chinwag_config)
+        bot = Bot(settings, plugins=chinwag_plugins)
+        await bot.start()
+        try:
+            yield bot
+        finally:
+            await bot.stop()
+
+    @pytest_asyncio.fixture
+    async def chinwag_chat(chinwag_bot: Bot) -> Callable[..., ChatUser]:
+        def make(*, admin: bool = False, **kwargs: Any) -> ChatUser:
+            user = ChatUser(chinwag_bot, **kwargs)
+            if admin:
+                chinwag_bot.add_admin(user.platform, user.user_id)
+            return user
+
+        return make
+
+    @pytest_asyncio.fixture
+    async def chat(chinwag_chat: Callable[..., ChatUser]) -> ChatUser:
+        return chinwag_chat()

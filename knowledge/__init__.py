@@ -1,0 +1,1 @@
+"""Knowledge: documents to chunks to embeddings to a FAISS index, and search."""

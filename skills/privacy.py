@@ -1,0 +1,25 @@
+"""``/forget``: a user's right to be forgotten, honoured by the store and the trainers."""
+
+from __future__ import annotations
+
+from bot import Command, Context, Message, Reply, Skill, hookimpl
+
+
+class PrivacySkill(Skill):
+    name = "privacy"
+    description = "Deletes what I stored about you."
+    commands = (Command("forget", "Delete your messages and ratings from my logs"),)
+    priority = 90
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        result = await ctx.bot.store.forget_user(message.platform, message.user_id)
+        return Reply(
+            f"Done. I deleted {result.messages_deleted} messages and "
+            f"{result.feedback_deleted} ratings of yours, and noted your request so that "
+            "nothing derived from them is used for training."
+        )
+
+
+@hookimpl
+def register_skills(register):
+    register(PrivacySkill())

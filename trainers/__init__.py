@@ -1,0 +1,1 @@
+"""Trainers: datasets from the conversation log, LoRA training, evaluation, gating."""
