@@ -426,7 +426,7 @@ class Bot:
                 log.exception("observer %s failed", getattr(observer, "name", reg.plugin))
         if message.metadata != before and message.id is not None:
             try:
-                await self.store.update_metadata(message.id, message.metadata)
+                self.store.update_metadata_nowait(message.id, message.metadata)
             except StoreError:
                 log.exception("could not store observer annotations")
 
@@ -506,7 +506,7 @@ class Bot:
                 r.skill = "core"
         if replies:
             try:
-                await self.store.log_outbound(message, replies, latency_ms)
+                self.store.log_outbound_nowait(message, replies, latency_ms)
             except StoreError:
                 log.exception("could not log replies to message %s", message.id)
         return await self._deliver(message, replies, send, log_outbound=True)

@@ -60,10 +60,10 @@ messages = sa.Table(
     sa.Column("meta", sa.JSON(), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("dedup_key", name="uq_messages_dedup_key"),
+    # Every index costs a page write per commit on the hot path, so there are only two: the
+    # redelivery check and "last turns of this chat". Time windows use the primary key (ids
+    # are time-ordered, see ids.py); the rare per-user deletion of /forget scans.
     sa.Index("ix_messages_chat", "platform", "chat_id", "id"),
-    sa.Index("ix_messages_user", "platform", "user_id"),
-    sa.Index("ix_messages_created_at", "created_at"),
-    sa.Index("ix_messages_reply_to", "reply_to_id"),
 )
 
 feedback = sa.Table(

@@ -60,9 +60,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("dedup_key", name="uq_messages_dedup_key"),
     )
     op.create_index("ix_messages_chat", "messages", ["platform", "chat_id", "id"])
-    op.create_index("ix_messages_user", "messages", ["platform", "user_id"])
-    op.create_index("ix_messages_created_at", "messages", ["created_at"])
-    op.create_index("ix_messages_reply_to", "messages", ["reply_to_id"])
     op.create_table(
         "feedback",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
