@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 # Telegram bot tokens ("123456:AA…") and Discord bot tokens (three base64url parts).
 _TOKEN_PATTERNS = [
-    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),
+    re.compile(r"(?<![0-9])\d{6,12}:[A-Za-z0-9_-]{30,}"),
     re.compile(r"\b[A-Za-z0-9_-]{23,28}\.[A-Za-z0-9_-]{6,7}\.[A-Za-z0-9_-]{27,}\b"),
 ]
 MASK = "**********"

@@ -311,6 +311,9 @@ class ConversationStore:
                             f"the database schema is at {current or 'nothing'}, this chinwag "
                             f"needs {head_revision()}: run `chinwag db upgrade`."
                         )
+            if self._sync_engine is not None:
+                # Migrations at head write nothing, so prove the writer can write.
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._probe_write)
         except StoreError:
             await self._dispose()
             raise
@@ -328,6 +331,17 @@ class ConversationStore:
             self._checkpointer = asyncio.create_task(
                 self._checkpoint_loop(), name="chinwag-store-checkpoint"
             )
+
+    def _probe_write(self) -> None:
+        assert self._sync_engine is not None
+        with self._sync_engine.connect() as conn:
+            dbapi = conn.connection.driver_connection
+            version = dbapi.execute("PRAGMA user_version").fetchone()[0]  # type: ignore[union-attr]
+            dbapi.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            try:
+                dbapi.execute(f"PRAGMA user_version = {int(version)}")  # type: ignore[union-attr]
+            finally:
+                dbapi.execute("ROLLBACK")  # type: ignore[union-attr]
 
     async def _checkpoint_loop(self) -> None:
         """Copy the WAL back into the database file in the background, once a second.
@@ -450,13 +464,19 @@ class ConversationStore:
     async def _write_batch(self, batch: list[_Op]) -> None:
         try:
             results = await self._transaction(batch)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 op = batch[0]
+                if op.kind == "fn" and not isinstance(exc, sa.exc.SQLAlchemyError):
+                    # The caller's own logic refused (e.g. LookupError): hand it back as is.
+                    if not op.future.done():
+                        op.future.set_exception(exc)
+                    return
                 log.exception("store write failed (%s)", op.kind)
                 if not op.future.done():
-                    exc = StoreError("could not write to the conversation store")
-                    op.future.set_exception(exc)
+                    op.future.set_exception(
+                        StoreError(f"could not write to the conversation store: {exc}")
+                    )
                 return
             log.warning("store batch of %d failed; retrying one by one", len(batch), exc_info=True)
             for op in batch:

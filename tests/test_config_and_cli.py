@@ -1,0 +1,142 @@
+"""Configuration and the ``chinwag`` command line, as an operator meets them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, load_settings
+
+CHINWAG = [sys.executable, "-m", "bot.cli"]
+
+
+def run_cli(*args, stdin="", env=None, tmp_path: Path):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    full_env["CHINWAG_DATA_DIR"] = str(tmp_path / "data")
+    full_env.update(env or {})
+    return subprocess.run(
+        [*CHINWAG, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+
+
+def test_a_toml_file_and_environment_combine_with_environment_winning(tmp_path, monkeypatch):
+    cfg = tmp_path / "chinwag.toml"
+    cfg.write_text('[bot]\nname = "helpdesk"\nmax_concurrency = 8\n[telegram]\ntoken = "in-file"\n')
+    monkeypatch.setenv("CHINWAG_TELEGRAM__TOKEN", "123456:from-env-secret-value-xxxxxxxxxxxxxxx")
+    s = load_settings(cfg)
+    assert (s.bot.name, s.bot.max_concurrency) == ("helpdesk", 8)
+    assert s.telegram.token.get_secret_value().endswith("xxx")
+    assert "from-env" not in json.dumps(s.masked())
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[bot]\nmax_concurrency = 0\n", "bot.max_concurrency: Input should be greater than 0"),
+        ("[bot]\nmax_concurency = 3\n", "bot.max_concurency: unknown key"),
+        ("[database]\nsynchronous = 'SOMETIMES'\n", "database.synchronous"),
+        ("[bot\nname = 1\n", "not valid TOML"),
+        ("[rate_limit]\nburst = 'lots'\n", "rate_limit.burst"),
+    ],
+)
+def test_a_broken_config_names_the_key_and_the_problem(tmp_path, toml, expected):
+    cfg = tmp_path / "chinwag.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert expected in str(err.value)
+    assert str(cfg) in str(err.value)
+
+
+def test_a_broken_config_stops_startup_with_exit_code_2(tmp_path):
+    (tmp_path / "chinwag.toml").write_text("[bot]\nmax_concurrency = -1\n")
+    result = run_cli("chat", stdin="hi\n", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "bot.max_concurrency" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_skill_section_is_validated_by_the_skills_own_model(tmp_path):
+    from bot.core import Bot
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(tmp_path, {"skills": {"help": {"colour": "red"}}})
+    with pytest.raises(ConfigError, match=r"skills\.help\.colour: unknown key"):
+        Bot(settings)._load_skills()
+
+
+def test_piped_chat_prints_one_reply_block_per_message(tmp_path):
+    result = run_cli("chat", stdin="hello\n/help\n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    blocks = [b for b in result.stdout.split("\n\n") if b.strip()]
+    assert len(blocks) == 2
+    assert "can't answer that yet" in blocks[0]
+    assert "/help" in blocks[1] and "/forget" in blocks[1]
+
+
+def test_piped_chat_with_json_reports_skill_latency_and_metadata(tmp_path):
+    result = run_cli("chat", "--json", stdin="hello\n/help\n\n", tmp_path=tmp_path)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["message"] for line in lines] == ["hello", "/help", ""]
+    assert [line["replies"][0]["skill"] for line in lines] == ["fallback", "help", "core"]
+    assert all(line["replies"][0]["latency_ms"] >= 0 for line in lines)
+    assert all(isinstance(line["replies"][0]["id"], int) for line in lines)
+
+
+def test_skills_lists_what_loaded_with_commands_and_plugin(tmp_path):
+    result = run_cli("skills", "--json", tmp_path=tmp_path)
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert {"help", "fallback", "privacy", "admin"} <= set(rows)
+    assert rows["help"]["plugin"] == "help"
+    assert [c["name"] for c in rows["help"]["commands"]] == ["help", "start"]
+    assert rows["fallback"]["fallback"] is True
+    human = run_cli("skills", tmp_path=tmp_path)
+    assert "/forget" in human.stdout and "skills loaded" in human.stdout
+
+
+def test_the_plugins_env_var_restricts_what_loads(tmp_path):
+    result = run_cli("skills", "--json", env={"CHINWAG_PLUGINS": "help"}, tmp_path=tmp_path)
+    assert [r["name"] for r in json.loads(result.stdout)] == ["help"]
+    chat = run_cli("chat", stdin="hello\n", env={"CHINWAG_PLUGINS": "help"}, tmp_path=tmp_path)
+    assert "/help" in chat.stdout  # no fallback loaded: the core still answers
+
+
+def test_config_prints_the_effective_configuration_with_secrets_masked(tmp_path):
+    token = "123456789:AAFakeTokenForTestsOnly_abcdefghijklmn"
+    result = run_cli(
+        "config",
+        env={
+            "CHINWAG_TELEGRAM__TOKEN": token,
+            "CHINWAG_DATABASE__URL": "postgresql+asyncpg://bot:hunter2@db/chinwag",
+        },
+        tmp_path=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["telegram"]["token"] == "**********"
+    assert "hunter2" not in result.stdout and token not in result.stdout
+    assert data["database"]["url"].startswith("postgresql+asyncpg://bot:***@db")
+
+
+def test_db_upgrade_creates_the_schema(tmp_path):
+    result = run_cli("db", "upgrade", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "database at revision 0001" in result.stdout
+    assert "current: 0001" in run_cli("db", "current", tmp_path=tmp_path).stdout
+
+
+def test_run_without_platform_tokens_starts_the_console_chat(tmp_path):
+    result = run_cli("run", stdin="/help\n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "/start" in result.stdout

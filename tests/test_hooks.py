@@ -1,0 +1,152 @@
+"""Every hook in the plugin contract is documented and does what docs/plugins.md says."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from bot import Reply, Skill, hookimpl, hookspecs
+from bot.core import Bot
+from bot.testing import ChatUser, chinwag_test_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOKS = sorted(
+    name
+    for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+    if hasattr(fn, "chinwag_spec")
+)
+
+
+def test_the_contract_has_the_hooks_we_document():
+    assert HOOKS == [
+        "register_commands",
+        "register_observers",
+        "register_reply_filters",
+        "register_skills",
+        "shutdown",
+        "startup",
+    ]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented(hook):
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    assert re.search(rf"^### `{hook}\(", docs, re.M), f"docs/plugins.md has no section for {hook}"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_exercised_by_this_file(hook):
+    source = Path(__file__).read_text()
+    assert re.search(rf"@hookimpl\n\s+def {hook}\(", source), f"no test implements {hook}"
+
+
+class Greeter(Skill):
+    name = "greeter"
+    commands = ("greet",)
+
+    async def handle(self, message, ctx):
+        return Reply(f"hello {message.user_name}")
+
+
+class Tagger:
+    name = "tagger"
+
+    async def observe(self, message, ctx):
+        message.metadata["tagged"] = True
+
+
+class Signer:
+    name = "signer"
+
+    async def filter(self, reply, message, ctx):
+        reply.text += " —bot"
+        return reply
+
+
+class EveryHook:
+    """One plugin implementing every hook, recording what happened."""
+
+    def __init__(self):
+        self.events: list[str] = []
+
+    @hookimpl
+    def register_skills(self, register):
+        register(Greeter())
+
+    @hookimpl
+    def register_observers(self, register):
+        register(Tagger())
+
+    @hookimpl
+    def register_reply_filters(self, register):
+        register(Signer())
+
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command("wave")
+        def wave() -> None:
+            typer.echo("👋")
+
+    @hookimpl
+    def startup(self, bot):
+        async def started():
+            self.events.append(f"startup:{len(bot.skills)}")
+
+        return started()
+
+    @hookimpl
+    def shutdown(self, bot):
+        self.events.append("shutdown")
+
+
+async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_path):
+    plugin = EveryHook()
+    bot = Bot(chinwag_test_settings(tmp_path), plugins=[plugin], load_entry_points=False)
+    await bot.start()
+    assert plugin.events == ["startup:1"]
+    user = ChatUser(bot, user_name="Ann")
+    replies = await user.send("/greet")
+    assert [r.text for r in replies] == ["hello Ann —bot"]
+    assert user.sent[-1].metadata["tagged"] is True
+    await bot.stop()
+    assert plugin.events == ["startup:1", "shutdown"]
+
+
+def test_register_commands_adds_a_cli_subcommand():
+    app = typer.Typer()
+
+    @app.command()
+    def noop() -> None: ...
+
+    EveryHook().register_commands(app)
+    result = CliRunner().invoke(app, ["wave"])
+    assert result.exit_code == 0
+    assert "👋" in result.output
+
+
+async def test_a_startup_hook_that_fails_aborts_startup_and_closes_the_store(tmp_path):
+    class Broken:
+        @hookimpl
+        def startup(self, bot):
+            raise RuntimeError("cannot reach the CRM")
+
+    bot = Bot(chinwag_test_settings(tmp_path), plugins=[Broken()])
+    with pytest.raises(RuntimeError, match="CRM"):
+        await bot.start()
+    assert bot.store.engine is None
+
+
+async def test_two_plugins_registering_the_same_skill_name_is_a_clear_error(tmp_path):
+    from bot.config import ConfigError
+    from tests.conftest import SkillsPlugin
+
+    bot = Bot(
+        chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(Greeter()), SkillsPlugin(Greeter())]
+    )
+    with pytest.raises(ConfigError, match="greeter"):
+        await bot.start()
