@@ -140,3 +140,43 @@ def test_run_without_platform_tokens_starts_the_console_chat(tmp_path):
     result = run_cli("run", stdin="/help\n", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "/start" in result.stdout
+
+
+def _install_example_plugin(tmp_path: Path) -> dict[str, str]:
+    """Make the example plugin discoverable the way pip would: a dist-info with entry points."""
+    site = tmp_path / "site"
+    dist = site / "chinwag_hello-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: chinwag-hello\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[chinwag]\nhello = chinwag_hello\n")
+    example = Path(__file__).resolve().parents[1] / "examples" / "plugin-hello"
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(example)])}
+
+
+def test_a_third_party_plugin_loads_by_the_same_path_as_the_built_ins(tmp_path):
+    env = _install_example_plugin(tmp_path)
+    rows = json.loads(run_cli("skills", "--json", env=env, tmp_path=tmp_path).stdout)
+    hello = next(r for r in rows if r["name"] == "hello")
+    assert hello["plugin"] == "hello"
+    (tmp_path / "chinwag.toml").write_text('[skills.hello]\ngreeting = "Howdy"\n')
+    chat = run_cli("chat", stdin="hi there!\n/hello Bob\n", env=env, tmp_path=tmp_path)
+    assert "Howdy, " in chat.stdout and "Howdy, Bob!" in chat.stdout
+    cli = run_cli("hello", "--name", "Ann", env=env, tmp_path=tmp_path)
+    assert "Hello, Ann! (from chinwag-hello)" in cli.stdout
+
+
+def test_a_third_party_skills_bad_config_names_its_key(tmp_path):
+    env = _install_example_plugin(tmp_path)
+    (tmp_path / "chinwag.toml").write_text("[skills.hello]\ngreeting = 42\n")
+    result = run_cli("chat", stdin="hi\n", env=env, tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "skills.hello.greeting" in result.stderr
+
+
+def test_the_example_configuration_is_valid_and_matches_the_defaults(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "chinwag.toml"
+    from bot.config import Settings
+
+    s = load_settings(example, {"data_dir": tmp_path})
+    defaults = Settings(data_dir=tmp_path)
+    assert s.model_dump() == defaults.model_dump()
