@@ -71,6 +71,12 @@ def fail(message: str, code: int = EXIT_CONFIG) -> typer.Exit:
 
 
 def settings(default_level: str | None = None) -> Settings:
+    """The effective settings for a command, honouring the global options; plugins' commands
+    (the ``register_commands`` hook) call this too."""
+    return _settings(default_level)
+
+
+def _settings(default_level: str | None = None) -> Settings:
     overrides: dict[str, Any] = {}
     if state.data_dir is not None:
         overrides["data_dir"] = state.data_dir

@@ -92,6 +92,24 @@ class ChatSettings(_Section):
     enabled_skills: list[str] | None = None
 
 
+class KnowledgeSettings(_Section):
+    """The knowledge index (see knowledge/); skills search it through ``bot.services``."""
+
+    #: Default: ``<data_dir>/knowledge``.
+    directory: Path | None = None
+    #: A sentence-transformers model name or path; the default ships in a package (offline).
+    model: str = "all-MiniLM-L6-v2"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    chunk_tokens: int = Field(250, ge=16, le=8192)
+    overlap: int = Field(32, ge=0)
+    #: Collections this large (chunks) get an IVF index on the next rebuild or ingest.
+    ivf_threshold: int = Field(20_000, ge=1)
+    nprobe: int = Field(16, ge=1)
+    #: Cosine similarity below which a passage counts as "nothing relevant".
+    min_score: float = Field(0.3, ge=-1.0, le=1.0)
+    batch_size: int = Field(64, ge=1)
+
+
 class TelegramSettings(_Section):
     token: SecretStr | None = None
     api_base: str | None = None
@@ -132,6 +150,7 @@ class Settings(BaseSettings):
     #: Per-chat overrides keyed ``"platform:chat_id"``.
     chats: dict[str, ChatSettings] = {}
     disabled_plugins: list[str] = []
+    knowledge: KnowledgeSettings = KnowledgeSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
 

@@ -1,0 +1,687 @@
+"""The knowledge base: files → chunks → embeddings → FAISS, with a SQLite catalogue.
+
+Layout of the knowledge directory (``<data_dir>/knowledge`` by default)::
+
+    catalogue.sqlite3   files, chunks (text, heading trail, position, checksum, embedding), state
+    index-<n>.faiss     the vector index of version n; the catalogue names the current one
+
+Crash safety comes from ordering: an ingest writes the new index file under a new version
+number first (atomically), then commits the catalogue rows and the new version in one SQLite
+transaction, and only then deletes the old file. A crash at any point leaves the catalogue
+pointing at a complete index file. Embeddings are kept in the catalogue, so ``rebuild``
+recreates any index without re-running the model.
+
+Searches never take the writer's lock: they use whichever index object is current, and an ingest
+swaps in the new one when it commits. Another process's ingest is noticed by the version number
+(checked at most once a second) and loaded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from knowledge.chunking import Chunk, Chunker
+from knowledge.embedder import DEFAULT_MODEL, Embedder
+from knowledge.index import IndexCorrupt, VectorIndex
+from knowledge.loaders import SkipFile, load
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+_meta = sa.MetaData()
+files_t = sa.Table(
+    "files",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False, unique=True),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("chunks", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+chunks_t = sa.Table(
+    "chunks",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("file_id", sa.Integer, nullable=False, index=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("headings", sa.JSON, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("meta", sa.JSON, nullable=True),
+    sa.Column("embedding", sa.LargeBinary, nullable=False),
+)
+state_t = sa.Table(
+    "state",
+    _meta,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+class KnowledgeError(Exception):
+    """Something about the knowledge base needs the operator; the message says what."""
+
+
+@dataclass(slots=True)
+class Passage:
+    chunk_id: int
+    text: str
+    score: float
+    source: str
+    headings: list[str]
+    position: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return " › ".join(h for h in self.headings if h) or Path(self.source).name
+
+
+@dataclass(slots=True)
+class IngestSummary:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    chunks_added: int = 0
+    chunks_removed: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "chunks_added": self.chunks_added,
+            "chunks_removed": self.chunks_removed,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def file_checksum(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expand(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path], list[tuple[str, str]]]:
+    """Files named by ``paths`` (files, folders recursively, globs); the folders; the misses."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for raw in paths:
+        raw = str(raw)
+        matches = (
+            [Path(m) for m in glob.glob(raw, recursive=True)]
+            if glob.has_magic(raw)
+            else [Path(raw)]
+        )
+        if not matches:
+            missing.append((raw, "no such file or folder"))
+        for p in matches:
+            if p.is_dir():
+                folders.append(p.resolve())
+                files.extend(
+                    sorted(
+                        f
+                        for f in p.rglob("*")
+                        if f.is_file()
+                        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                    )
+                )
+            elif p.is_file():
+                files.append(p)
+            else:
+                missing.append((raw, "no such file or folder"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(r)
+    return unique, folders, missing
+
+
+class KnowledgeBase:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        model: str = DEFAULT_MODEL,
+        embedder: Embedder | None = None,
+        device: str = "cpu",
+        chunk_tokens: int = 250,
+        overlap: int = 32,
+        ivf_threshold: int = 20_000,
+        nprobe: int = 16,
+        min_score: float = 0.3,
+        batch_size: int = 64,
+    ) -> None:
+        self.directory = Path(directory)
+        self.embedder = embedder or Embedder(model, device=device, batch_size=batch_size)
+        self.chunk_tokens = chunk_tokens
+        self.overlap = overlap
+        self.ivf_threshold = ivf_threshold
+        self.nprobe = nprobe
+        self.min_score = min_score
+        self._engine: sa.Engine | None = None
+        self._index: VectorIndex | None = None
+        self._version = 0
+        self._checked = 0.0
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            self.open()
+        assert self._engine is not None
+        return self._engine
+
+    def open(self) -> KnowledgeBase:
+        if self._engine is not None:
+            return self
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KnowledgeError(f"cannot create {self.directory}: {exc.strerror or exc}") from None
+        engine = sa.create_engine(f"sqlite:///{self.directory / 'catalogue.sqlite3'}")
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+
+        _meta.create_all(engine)
+        self._engine = engine
+        self._load_current()
+        return self
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _state(self, conn: sa.Connection) -> dict[str, str]:
+        return {k: v for k, v in conn.execute(sa.select(state_t.c.key, state_t.c.value)).all()}
+
+    def _load_current(self) -> None:
+        with self.engine.connect() as conn:
+            state = self._state(conn)
+        version = int(state.get("version", "0"))
+        if version == 0:
+            self._index, self._version = None, 0
+            return
+        path = self.directory / state["index_file"]
+        try:
+            index = VectorIndex.load(path, sha256=state.get("index_sha256"), nprobe=self.nprobe)
+        except IndexCorrupt as exc:
+            raise KnowledgeError(
+                f"{exc}. Run `chinwag knowledge rebuild` to recreate it from the catalogue."
+            ) from None
+        if index.info.count != int(state.get("count", index.info.count)):
+            raise KnowledgeError(
+                f"index file {path} holds {index.info.count} vectors but the catalogue has "
+                f"{state.get('count')}. Run `chinwag knowledge rebuild`."
+            )
+        self._index, self._version = index, version
+        self._checked = time.monotonic()
+
+    def _maybe_reload(self) -> None:
+        """Pick up an ingest committed by another process (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        with self.engine.connect() as conn:
+            version = conn.scalar(sa.select(state_t.c.value).where(state_t.c.key == "version"))
+        if version is not None and int(version) != self._version:
+            with self._read_lock:
+                self._load_current()
+
+    @contextmanager
+    def _exclusive(self):
+        """One writer at a time, across threads and processes."""
+        with self._write_lock:
+            lock_path = self.directory / ".write.lock"
+            with lock_path.open("a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    self._load_current()  # another process may have written meanwhile
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(
+        self, paths: Sequence[str | Path], *, sync: bool = False, progress: Progress | None = None
+    ) -> IngestSummary:
+        """Ingest files, folders and globs; unchanged files are skipped by checksum.
+
+        With ``sync``, files previously ingested from the given folders that no longer exist
+        there are removed from the index.
+        """
+        started = time.perf_counter()
+        summary = IngestSummary()
+        files, folders, missing = expand(paths)
+        summary.failed.extend(missing)
+        self.open()
+        with self._exclusive():
+            with self.engine.connect() as conn:
+                known = {
+                    r.source: (r.id, r.checksum)
+                    for r in conn.execute(
+                        sa.select(files_t.c.id, files_t.c.source, files_t.c.checksum)
+                    )
+                }
+            chunker = Chunker(
+                self.embedder.count_tokens,
+                self.embedder.windows,
+                min(self.chunk_tokens, self.embedder.max_tokens),
+                self.overlap,
+            )
+            pending: list[tuple[Path, str, int, list[Chunk]]] = []
+            for n, path in enumerate(files, 1):
+                if progress:
+                    progress("reading", n, len(files))
+                source = str(path)
+                try:
+                    digest = file_checksum(path)
+                    if source in known and known[source][1] == digest:
+                        summary.unchanged.append(source)
+                        continue
+                    chunks = chunker.chunk(load(path))
+                except SkipFile as exc:
+                    summary.failed.append((source, str(exc)))
+                    continue
+                except Exception as exc:  # a loader bug must not lose the rest of the ingest
+                    log.exception("failed to read %s", source)
+                    summary.failed.append((source, f"{type(exc).__name__}: {exc}"))
+                    continue
+                pending.append((path, digest, path.stat().st_size, chunks))
+            texts = [c.text for _, _, _, chunks in pending for c in chunks]
+            vectors = self._embed(texts, progress)
+            removed_sources: list[str] = []
+            if sync:
+                present = {str(f) for f in files}
+                for source in known:
+                    if source not in present and any(
+                        Path(source).is_relative_to(folder) for folder in folders
+                    ):
+                        removed_sources.append(source)
+            self._commit(pending, vectors, removed_sources, known, summary, progress)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _embed(self, texts: list[str], progress: Progress | None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        batch = max(self.embedder.batch_size * 8, 256)
+        parts = []
+        for start in range(0, len(texts), batch):
+            parts.append(self.embedder.encode(texts[start : start + batch]))
+            if progress:
+                progress("embedding", min(start + batch, len(texts)), len(texts))
+        return np.concatenate(parts)
+
+    def _commit(
+        self,
+        pending: list[tuple[Path, str, int, list[Chunk]]],
+        vectors: np.ndarray,
+        removed_sources: list[str],
+        known: dict[str, tuple[int, str]],
+        summary: IngestSummary,
+        progress: Progress | None,
+    ) -> None:
+        if not pending and not removed_sources:
+            return
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            state = self._state(conn)
+            next_id = int(state.get("next_chunk_id", "1"))
+            dim = int(state.get("dim", "0")) or (
+                vectors.shape[1] if len(vectors) else self.embedder.dim
+            )
+            model_id = state.get("model")
+            if model_id and model_id != self.embedder.model_name and len(vectors):
+                raise KnowledgeError(
+                    f"this index was built with {model_id!r}, not {self.embedder.model_name!r}; "
+                    "rebuild it with `chinwag knowledge rebuild --reembed` to switch models"
+                )
+            stale_files = [known[str(p)][0] for p, *_ in pending if str(p) in known]
+            stale_files += [known[s][0] for s in removed_sources]
+            old_ids = np.array(
+                [
+                    r[0]
+                    for r in conn.execute(
+                        sa.select(chunks_t.c.id).where(chunks_t.c.file_id.in_(stale_files))
+                    )
+                ]
+                if stale_files
+                else [],
+                dtype=np.int64,
+            )
+            if stale_files:
+                conn.execute(sa.delete(chunks_t).where(chunks_t.c.file_id.in_(stale_files)))
+                conn.execute(sa.delete(files_t).where(files_t.c.id.in_(stale_files)))
+            new_ids: list[int] = []
+            rows: list[dict[str, Any]] = []
+            offset = 0
+            for path, digest, size, chunks in pending:
+                source = str(path)
+                file_id = conn.execute(
+                    sa.insert(files_t).returning(files_t.c.id),
+                    {
+                        "source": source,
+                        "checksum": digest,
+                        "size": size,
+                        "chunks": len(chunks),
+                        "updated_at": now,
+                    },
+                ).scalar_one()
+                for chunk in chunks:
+                    rows.append(
+                        {
+                            "id": next_id,
+                            "file_id": file_id,
+                            "source": source,
+                            "position": chunk.position,
+                            "headings": chunk.headings,
+                            "text": chunk.text,
+                            "checksum": chunk.checksum,
+                            "meta": chunk.meta or None,
+                            "embedding": vectors[offset].tobytes(),
+                        }
+                    )
+                    new_ids.append(next_id)
+                    next_id += 1
+                    offset += 1
+                (summary.updated if source in known else summary.added).append(source)
+            if rows:
+                conn.execute(sa.insert(chunks_t), rows)
+            summary.removed.extend(removed_sources)
+            summary.chunks_added = len(new_ids)
+            summary.chunks_removed = len(old_ids)
+            total = conn.scalar(sa.select(sa.func.count()).select_from(chunks_t)) or 0
+            if progress:
+                progress("indexing", 0, 1)
+            current = self._index
+            switch = current is None or (current.info.kind == "flat") != (
+                total < self.ivf_threshold
+            )
+            if switch:
+                index = self._build_from_catalogue(conn, dim)
+            else:
+                assert current is not None
+                index = current.clone()
+                index.remove(old_ids)
+                index.add(np.array(new_ids, dtype=np.int64), vectors)
+            self._write_state(conn, index, next_id=next_id, dim=dim)
+        self._after_commit(index)
+        if progress:
+            progress("indexing", 1, 1)
+
+    def _build_from_catalogue(self, conn: sa.Connection, dim: int) -> VectorIndex:
+        rows = conn.execute(
+            sa.select(chunks_t.c.id, chunks_t.c.embedding).order_by(chunks_t.c.id)
+        ).all()
+        ids = np.array([r.id for r in rows], dtype=np.int64)
+        vectors = (
+            np.frombuffer(b"".join(r.embedding for r in rows), dtype=np.float32).reshape(
+                len(rows), dim
+            )
+            if rows
+            else np.zeros((0, dim), dtype=np.float32)
+        )
+        return VectorIndex.build(
+            ids, vectors, dim=dim, ivf_threshold=self.ivf_threshold, nprobe=self.nprobe
+        )
+
+    def _write_state(
+        self, conn: sa.Connection, index: VectorIndex, *, next_id: int | None = None, dim: int
+    ) -> None:
+        """Save the index under the next version, then record it in this transaction."""
+        state = self._state(conn)
+        version = int(state.get("version", "0")) + 1
+        name = f"index-{version}.faiss"
+        sha = index.save(self.directory / name)
+        info = index.info
+        values = {
+            "version": str(version),
+            "index_file": name,
+            "index_sha256": sha,
+            "count": str(info.count),
+            "kind": info.kind,
+            "dim": str(dim),
+            "model": self.embedder.model_name,
+            "built_at": datetime.now(UTC).isoformat(),
+        }
+        if next_id is not None:
+            values["next_chunk_id"] = str(next_id)
+        if info.kind == "ivf" and (state.get("kind") != "ivf"):
+            values["switched_to_ivf_at"] = values["built_at"]
+        for key, value in values.items():
+            conn.execute(sa.delete(state_t).where(state_t.c.key == key))
+            conn.execute(sa.insert(state_t), {"key": key, "value": value})
+        self._pending_version = (version, name)
+
+    def _after_commit(self, index: VectorIndex) -> None:
+        version, name = self._pending_version
+        with self._read_lock:
+            self._index, self._version = index, version
+        for old in self.directory.glob("index-*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def remove(self, source: str) -> int:
+        """Remove one source (a path as ``list`` shows it, or a glob); returns chunks removed."""
+        self.open()
+        with self._exclusive():
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(files_t.c.id, files_t.c.source)).all()
+            matches = [r for r in rows if r.source == source or fnmatch.fnmatch(r.source, source)]
+            if not matches:
+                resolved = str(Path(source).resolve())
+                matches = [r for r in rows if r.source == resolved]
+            if not matches:
+                raise KnowledgeError(
+                    f"no ingested source matches {source!r}; see `chinwag knowledge list`"
+                )
+            summary = IngestSummary()
+            self._commit(
+                [],
+                np.zeros((0, 0), dtype=np.float32),
+                [r.source for r in matches],
+                {r.source: (r.id, "") for r in matches},
+                summary,
+                None,
+            )
+            return summary.chunks_removed
+
+    def rebuild(self, *, reembed: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+        """Recreate the index from the catalogue (re-running the model with ``reembed``)."""
+        self.open()
+        with self._write_lock, (self.directory / ".write.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                with self.engine.begin() as conn:
+                    if reembed:
+                        rows = conn.execute(
+                            sa.select(chunks_t.c.id, chunks_t.c.text).order_by(chunks_t.c.id)
+                        ).all()
+                        vectors = self._embed([r.text for r in rows], progress)
+                        for r, v in zip(rows, vectors, strict=True):
+                            conn.execute(
+                                sa.update(chunks_t)
+                                .where(chunks_t.c.id == r.id)
+                                .values(embedding=v.tobytes())
+                            )
+                        dim = vectors.shape[1] if len(rows) else self.embedder.dim
+                    else:
+                        state = self._state(conn)
+                        dim = int(state.get("dim", "0")) or self.embedder.dim
+                    index = self._build_from_catalogue(conn, dim)
+                    self._write_state(conn, index, dim=dim)
+                self._after_commit(index)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return self.stats()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        k: int = 5,
+        *,
+        filters: dict[str, str] | None = None,
+        min_score: float | None = None,
+    ) -> list[Passage]:
+        """The ``k`` best passages scoring at least ``min_score`` (cosine similarity).
+
+        ``filters``: ``{"source": "*.md"}`` (a glob on the source path) and/or
+        ``{"heading": "billing"}`` (a case-insensitive substring of the heading trail).
+        An empty result means "nothing relevant": callers should say so rather than guess.
+        """
+        return self.search_many([query], k, filters=filters, min_score=min_score)[0]
+
+    def search_many(
+        self,
+        queries: list[str],
+        k: int = 5,
+        *,
+        filters: dict[str, str] | None = None,
+        min_score: float | None = None,
+    ) -> list[list[Passage]]:
+        self.open()
+        self._maybe_reload()
+        index = self._index
+        if index is None or index.info.count == 0 or not queries:
+            return [[] for _ in queries]
+        threshold = self.min_score if min_score is None else min_score
+        fetch = k * 5 if filters else k
+        scores, ids = index.search(self.embedder.encode(queries), fetch)
+        wanted = {int(i) for i in ids.ravel() if i >= 0}
+        if not wanted:
+            return [[] for _ in queries]
+        with self.engine.connect() as conn:
+            rows = {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(
+                        chunks_t.c.id,
+                        chunks_t.c.text,
+                        chunks_t.c.source,
+                        chunks_t.c.headings,
+                        chunks_t.c.position,
+                        chunks_t.c.meta,
+                    ).where(chunks_t.c.id.in_(wanted))
+                )
+            }
+        results = []
+        for q_scores, q_ids in zip(scores, ids, strict=True):
+            found: list[Passage] = []
+            for score, cid in zip(q_scores, q_ids, strict=True):
+                row = rows.get(int(cid))
+                if row is None or float(score) < threshold:
+                    continue
+                if filters and not _matches(row, filters):
+                    continue
+                found.append(
+                    Passage(
+                        row.id,
+                        row.text,
+                        float(score),
+                        row.source,
+                        list(row.headings or []),
+                        row.position,
+                        row.meta or {},
+                    )
+                )
+                if len(found) == k:
+                    break
+            results.append(found)
+        return results
+
+    def sources(self) -> list[dict[str, Any]]:
+        self.open()
+        with self.engine.connect() as conn:
+            return [
+                {
+                    "source": r.source,
+                    "chunks": r.chunks,
+                    "size": r.size,
+                    "checksum": r.checksum,
+                    "updated_at": r.updated_at.isoformat(),
+                }
+                for r in conn.execute(sa.select(files_t).order_by(files_t.c.source))
+            ]
+
+    def stats(self) -> dict[str, Any]:
+        self.open()
+        with self.engine.connect() as conn:
+            state = self._state(conn)
+            n_files = conn.scalar(sa.select(sa.func.count()).select_from(files_t)) or 0
+            n_chunks = conn.scalar(sa.select(sa.func.count()).select_from(chunks_t)) or 0
+        info = self._index.info if self._index is not None else None
+        index_file = self.directory / state["index_file"] if "index_file" in state else None
+        return {
+            "directory": str(self.directory),
+            "files": n_files,
+            "chunks": n_chunks,
+            "vectors": info.count if info else 0,
+            "index_kind": info.kind if info else "none",
+            "nlist": info.nlist if info else None,
+            "nprobe": info.nprobe if info else None,
+            "ivf_threshold": self.ivf_threshold,
+            "dim": int(state["dim"]) if "dim" in state else None,
+            "model": state.get("model", self.embedder.model_name),
+            "version": int(state.get("version", "0")),
+            "index_bytes": index_file.stat().st_size if index_file and index_file.exists() else 0,
+            "built_at": state.get("built_at"),
+            "switched_to_ivf_at": state.get("switched_to_ivf_at"),
+        }
+
+
+def _matches(row: Any, filters: dict[str, str]) -> bool:
+    source = filters.get("source")
+    if source and not (
+        fnmatch.fnmatch(row.source, source) or fnmatch.fnmatch(os.path.basename(row.source), source)
+    ):
+        return False
+    heading = filters.get("heading")
+    return not (heading and heading.lower() not in " ".join(row.headings or []).lower())
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False)

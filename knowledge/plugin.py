@@ -1,0 +1,238 @@
+"""The knowledge base as a chinwag plugin: the ``chinwag knowledge …`` commands and the
+``knowledge`` service skills search (``bot.services["knowledge"]``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bot import hookimpl
+from bot.config import Settings
+from knowledge.base import KnowledgeBase, KnowledgeError, Passage
+
+
+def from_settings(settings: Settings) -> KnowledgeBase:
+    k = settings.knowledge
+    return KnowledgeBase(
+        k.directory or settings.data_dir / "knowledge",
+        model=k.model,
+        device=k.device,
+        chunk_tokens=k.chunk_tokens,
+        overlap=k.overlap,
+        ivf_threshold=k.ivf_threshold,
+        nprobe=k.nprobe,
+        min_score=k.min_score,
+        batch_size=k.batch_size,
+    )
+
+
+class KnowledgeService:
+    """Async access for skills: searches run in a worker thread, never on the event loop."""
+
+    def __init__(self, kb: KnowledgeBase) -> None:
+        self.kb = kb
+
+    async def search(self, query: str, k: int = 5, **kwargs: Any) -> list[Passage]:
+        return await asyncio.to_thread(self.kb.search, query, k, **kwargs)
+
+    async def stats(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.kb.stats)
+
+
+@hookimpl
+def startup(bot):
+    # Lazy: the catalogue opens, and the model loads, on the first search.
+    bot.services["knowledge"] = KnowledgeService(from_settings(bot.settings))
+
+
+@hookimpl
+def shutdown(bot):
+    service = bot.services.pop("knowledge", None)
+    if service is not None:
+        service.kb.close()
+
+
+def _kb() -> KnowledgeBase:
+    from bot.cli import settings
+
+    return from_settings(settings())
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def _progress():
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+app = typer.Typer(help="The knowledge base skills answer from.", no_args_is_help=True)
+
+
+@app.command()
+def add(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or globs.")],
+    sync: Annotated[
+        bool, typer.Option("--sync", help="Remove files that disappeared from the given folders.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ingest documents: text, Markdown, reStructuredText, HTML, PDF, FAQ JSON/JSONL/CSV."""
+    kb = _kb()
+    try:
+        if as_json:
+            summary = kb.add(paths, sync=sync)
+        else:
+            with _progress() as bar:
+                tasks: dict[str, Any] = {}
+
+                def report(stage: str, done: int, total: int) -> None:
+                    if stage not in tasks:
+                        tasks[stage] = bar.add_task(stage, total=total)
+                    bar.update(tasks[stage], completed=done, total=total)
+
+                summary = kb.add(paths, sync=sync, progress=report)
+    except KnowledgeError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        s = summary
+        typer.echo(
+            f"added {len(s.added)}, updated {len(s.updated)}, unchanged {len(s.unchanged)}, "
+            f"removed {len(s.removed)}, failed {len(s.failed)} — {s.chunks_added} chunks in, "
+            f"{s.chunks_removed} out, {s.seconds:.1f}s"
+        )
+        for path, reason in summary.failed:
+            typer.echo(f"  skipped {path}: {reason}")
+    if summary.failed and not (
+        summary.added or summary.updated or summary.unchanged or summary.removed
+    ):
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    query: str,
+    k: Annotated[int, typer.Option("-k", help="How many passages.")] = 5,
+    source: Annotated[str | None, typer.Option(help="Only sources matching this glob.")] = None,
+    min_score: Annotated[
+        float | None, typer.Option(help="Override the relevance threshold.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Search the knowledge base as the skills do."""
+    kb = _kb()
+    try:
+        passages = kb.search(
+            query, k, filters={"source": source} if source else None, min_score=min_score
+        )
+    except KnowledgeError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "score": round(p.score, 4),
+                        "source": p.source,
+                        "headings": p.headings,
+                        "position": p.position,
+                        "text": p.text,
+                        "chunk_id": p.chunk_id,
+                    }
+                    for p in passages
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    if not passages:
+        typer.echo("nothing relevant found")
+        return
+    for p in passages:
+        typer.echo(f"[{p.score:.3f}] {p.title}  ({Path(p.source).name}#{p.position})")
+        typer.echo("    " + p.text[:300].replace("\n", "\n    "))
+
+
+@app.command("list")
+def list_sources(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The ingested sources with their chunk counts."""
+    rows = _kb().sources()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['chunks']:>6} chunks  {r['source']}")
+    typer.echo(f"{len(rows)} sources")
+
+
+@app.command()
+def remove(
+    source: Annotated[str, typer.Argument(help="A source as `list` shows it, or a glob.")],
+) -> None:
+    """Remove a source and its chunks from the index."""
+    try:
+        n = _kb().remove(source)
+    except KnowledgeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"removed {n} chunks")
+
+
+@app.command()
+def stats() -> None:
+    """Size, index type (flat or IVF), model and version."""
+    try:
+        typer.echo(json.dumps(_kb().stats(), indent=2))
+    except KnowledgeError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def rebuild(
+    reembed: Annotated[
+        bool, typer.Option("--reembed", help="Re-run the embedding model (after changing it).")
+    ] = False,
+) -> None:
+    """Recreate the index from the catalogue (repairs a corrupt index; applies IVF settings)."""
+    kb = _kb()
+    kb.directory.mkdir(parents=True, exist_ok=True)
+    try:
+        kb._engine = None
+        # Opening validates the current index; a rebuild must work precisely when that fails.
+        import sqlalchemy as sa
+
+        from knowledge.base import _meta
+
+        engine = sa.create_engine(f"sqlite:///{kb.directory / 'catalogue.sqlite3'}")
+        _meta.create_all(engine)
+        kb._engine = engine
+        result = kb.rebuild(reembed=reembed)
+    except KnowledgeError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(result, indent=2))
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_typer(app, name="knowledge")
