@@ -108,6 +108,8 @@ class KnowledgeSettings(_Section):
     #: Cosine similarity below which a passage counts as "nothing relevant".
     min_score: float = Field(0.3, ge=-1.0, le=1.0)
     batch_size: int = Field(64, ge=1)
+    #: Larger files are skipped (and listed) rather than ingested.
+    max_file_mb: float = Field(200, gt=0)
 
 
 class TelegramSettings(_Section):

@@ -98,6 +98,7 @@ def load_rst(path: Path) -> list[Section]:
             "halt_level": 5,
             "file_insertion_enabled": False,
             "raw_enabled": False,
+            "doctitle_xform": False,
         },
     )
     sections: list[Section] = []
@@ -118,8 +119,7 @@ def load_rst(path: Path) -> list[Section]:
                 title = child.next_node(nodes.title)
                 walk(child, [*trail, title.astext() if title else ""])
 
-    title = doctree.next_node(nodes.title)
-    walk(doctree, [title.astext()] if title and title.parent is doctree else [])
+    walk(doctree, [])
     return sections
 
 
@@ -269,15 +269,15 @@ LOADERS: dict[str, Callable[[Path], list[Section]]] = {
 }
 
 
-def load(path: Path) -> list[Section]:
+def load(path: Path, max_bytes: int = MAX_FILE_BYTES) -> list[Section]:
     loader = LOADERS.get(path.suffix.lower())
     if loader is None:
         raise SkipFile(f"unsupported file type {path.suffix or '(none)'}")
     size = path.stat().st_size
     if size == 0:
         raise SkipFile("empty file")
-    if size > MAX_FILE_BYTES:
-        raise SkipFile(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
+    if size > max_bytes:
+        raise SkipFile(f"larger than the {max_bytes / (1024 * 1024):g} MB limit ({size:,} bytes)")
     sections = [s for s in loader(path) if s.text.strip()]
     if not sections:
         raise SkipFile("no text found")

@@ -27,6 +27,7 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         nprobe=k.nprobe,
         min_score=k.min_score,
         batch_size=k.batch_size,
+        max_file_mb=k.max_file_mb,
     )
 
 

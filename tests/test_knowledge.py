@@ -1,0 +1,432 @@
+"""The knowledge base: real documents in, relevant passages out, nothing lost on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowledge.base import KnowledgeBase, KnowledgeError
+from knowledge.embedder import Embedder
+from knowledge.index import VectorIndex
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    """The real all-MiniLM-L6-v2, loaded once for the whole run."""
+    return Embedder()
+
+
+@pytest.fixture
+def kb(tmp_path, embedder) -> KnowledgeBase:
+    base = KnowledgeBase(tmp_path / "kb", embedder=embedder)
+    yield base
+    base.close()
+
+
+@pytest.fixture(scope="session")
+def faq_file() -> Path:
+    import zaragoza_construction_faq
+
+    return Path(zaragoza_construction_faq.__file__).parent / "data" / "faq-en.jsonl"
+
+
+@pytest.fixture(scope="session")
+def faq_kb(tmp_path_factory, embedder, faq_file) -> KnowledgeBase:
+    base = KnowledgeBase(tmp_path_factory.mktemp("faq"), embedder=embedder)
+    summary = base.add([faq_file])
+    assert summary.chunks_added == 503
+    return base
+
+
+def test_a_paraphrased_question_finds_its_faq_pair_in_the_top_3(faq_kb):
+    cases = [json.loads(line) for line in (DATA / "faq_paraphrases.jsonl").read_text().splitlines()]
+    assert len(cases) >= 30
+    results = faq_kb.search_many([c["question"] for c in cases], k=3)
+    hits = [
+        c["id"] in [p.meta["record"] for p in found]
+        for c, found in zip(cases, results, strict=True)
+    ]
+    misses = [c["question"] for c, hit in zip(cases, hits, strict=True) if not hit]
+    assert sum(hits) / len(hits) >= 0.9, misses
+
+
+def test_passages_carry_text_score_source_and_heading_trail(faq_kb, faq_file):
+    (best,) = faq_kb.search("How long does it take to get a building permit?", k=1)
+    assert best.source == str(faq_file)
+    assert best.headings[:2] == ["faq-en", "bygglov"]
+    assert best.text.startswith("Q: ") and "\nA: " in best.text
+    assert 0.5 < best.score <= 1.0
+    assert best.meta["record"] == "bygglov-002"
+
+
+def test_nothing_relevant_is_an_empty_result_not_a_guess(faq_kb):
+    assert faq_kb.search("Who won the 1998 football world cup final?", k=3) == []
+    assert faq_kb.search("What is the capital of France?", k=3) == []
+
+
+def test_filters_restrict_by_source_and_heading(faq_kb):
+    found = faq_kb.search("deduction", k=5, filters={"heading": "rut-avdrag"}, min_score=0.0)
+    assert found and all("rut-avdrag" in p.headings for p in found)
+    assert faq_kb.search("deduction", k=5, filters={"source": "*.md"}, min_score=0.0) == []
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def test_every_supported_format_is_read_with_its_headings(kb, tmp_path):
+    docs = tmp_path / "docs"
+    write(
+        docs / "guide.md",
+        "# Guide\n\nIntro text.\n\n## Returns\n\nParcels can be returned within 30 days.\n",
+    )
+    write(
+        docs / "manual.rst",
+        "Manual\n======\n\nWarranty\n--------\n\nThe warranty lasts two years.\n",
+    )
+    write(
+        docs / "page.html",
+        "<html><head><title>Shop</title><script>var tracking = 1;</script></head><body>"
+        "<nav>Home | About | Login</nav><main><h1>Shipping</h1><p>We ship to Sweden and Norway.</p>"
+        "</main><footer>© shop</footer></body></html>",
+    )
+    write(docs / "notes.txt", "Opening hours are nine to five on weekdays.")
+    write(
+        docs / "faq.csv",
+        "question,answer\nDo you sell gift cards?,Yes: in any amount from 100 kr.\n",
+    )
+    write(
+        docs / "faq.json",
+        json.dumps(
+            {"items": [{"question": "Can I pay by invoice?", "answer": "Yes, within 14 days."}]}
+        ),
+    )
+    _make_pdf(docs / "leaflet.pdf", "Our stores close at midnight on Fridays.")
+    summary = kb.add([docs])
+    assert summary.failed == []
+    assert len(summary.added) == 7
+    top = lambda q: kb.search(q, k=1)[0]  # noqa: E731
+    assert top("How long can I return a parcel?").headings == ["Guide", "Returns"]
+    assert top("how long is the warranty").headings == ["Manual", "Warranty"]
+    shipping = top("Which countries do you ship to?")
+    assert shipping.headings == ["Shop", "Shipping"]
+    assert "tracking" not in shipping.text and "Login" not in shipping.text
+    assert "gift cards" in top("gift vouchers available?").text
+    assert "invoice" in top("pay later with an invoice").text
+    assert "midnight" in top("when do stores close on Friday").text
+    assert top("when are you open").source.endswith("notes.txt")
+
+
+def _make_pdf(path: Path, text: str) -> None:
+    """A minimal one-page PDF with real text content."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for i, obj in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    path.write_bytes(bytes(out))
+
+
+def test_bad_files_are_skipped_and_listed_never_a_crash(kb, tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "good.txt", "Deliveries arrive within three days.")
+    write(docs / "empty.txt", "")
+    write(docs / "image.png", b"\x89PNG\r\n\x1a\n" + os.urandom(512))
+    write(docs / "binary.txt", b"\x00\x01\x02" * 1000)
+    write(
+        docs / "latin1.txt",
+        "Caf\xe9 cr\xe8me br\xfbl\xe9e is our dessert of the day.".encode("latin-1"),
+    )
+    write(docs / "broken.json", "{not json")
+    write(docs / "broken.pdf", b"%PDF-1.4 garbage")
+    write(
+        docs / "long.md",
+        "# Long\n\n" + ("A sentence about pallets and freight. " * 40 + "\n\n") * 20,
+    )
+    write(docs / "huge.txt", "x" * (3 * 1024 * 1024))
+    kb.max_file_bytes = 1024 * 1024
+    summary = kb.add([docs, tmp_path / "nope.txt"])
+    failed = dict(summary.failed)
+    assert failed[str(docs / "empty.txt")] == "empty file"
+    assert "unsupported file type .png" in failed[str(docs / "image.png")]
+    assert "binary" in failed[str(docs / "binary.txt")]
+    assert "invalid JSON" in failed[str(docs / "broken.json")]
+    assert "PDF" in failed[str(docs / "broken.pdf")]
+    assert "no such file" in failed[str(tmp_path / "nope.txt")]
+    assert "larger than the 1 MB limit" in failed[str(docs / "huge.txt")]
+    assert {Path(p).name for p in summary.added} == {"good.txt", "latin1.txt", "long.md"}
+    assert "crème brûlée" in kb.search("what dessert do you have today", k=1)[0].text
+    long = [p for p in kb.sources() if p["source"].endswith("long.md")][0]
+    assert long["chunks"] >= 20
+    tokens = kb.embedder.count_tokens(
+        [c.text for c in kb.search("pallets freight", k=5, min_score=0)]
+    )
+    assert max(tokens) <= 254
+
+
+def test_ingest_is_incremental_touch_change_delete(kb, tmp_path):
+    docs = tmp_path / "docs"
+    a = write(docs / "a.md", "# A\n\nThe blue widget costs ten euros.")
+    b = write(docs / "b.md", "# B\n\nThe red widget costs twenty euros.")
+    first = kb.add([docs])
+    assert len(first.added) == 2
+    os.utime(a)  # touched, same content
+    second = kb.add([docs])
+    assert sorted(Path(p).name for p in second.unchanged) == ["a.md", "b.md"]
+    assert second.chunks_added == 0
+    write(a, "# A\n\nThe blue widget now costs twelve euros.")
+    third = kb.add([docs])
+    assert [Path(p).name for p in third.updated] == ["a.md"]
+    assert "twelve" in kb.search("price of the blue widget", k=1)[0].text
+    assert all(
+        "ten euros" not in p.text for p in kb.search("blue widget ten euros", k=5, min_score=0)
+    )
+    b.unlink()
+    assert kb.add([docs]).removed == []  # without --sync nothing is removed
+    assert kb.add([docs], sync=True).removed == [str(b)]
+    assert all("red widget" not in p.text for p in kb.search("red widget", k=5, min_score=0))
+    assert kb.stats()["chunks"] == 1
+
+
+def test_remove_and_list(kb, tmp_path):
+    kb.add(
+        [
+            write(tmp_path / "x.txt", "Xylophones are sold on floor two."),
+            write(tmp_path / "y.txt", "Yoyos on floor three."),
+        ]
+    )
+    assert [Path(s["source"]).name for s in kb.sources()] == ["x.txt", "y.txt"]
+    assert kb.remove("*x.txt") == 1
+    assert [Path(s["source"]).name for s in kb.sources()] == ["y.txt"]
+    with pytest.raises(KnowledgeError, match="no ingested source"):
+        kb.remove("nothing-like-this")
+
+
+def test_the_index_switches_to_ivf_past_the_threshold_and_stats_says_so(tmp_path, embedder):
+    kb = KnowledgeBase(tmp_path / "kb", embedder=embedder, ivf_threshold=40, nprobe=8)
+    docs = tmp_path / "docs"
+    for i in range(30):
+        write(
+            docs / f"d{i}.txt", f"Product number {i} is stored in aisle {i % 7} on shelf {i % 5}."
+        )
+    kb.add([docs])
+    assert kb.stats()["index_kind"] == "flat"
+    for i in range(30, 60):
+        write(
+            docs / f"d{i}.txt", f"Product number {i} is stored in aisle {i % 7} on shelf {i % 5}."
+        )
+    kb.add([docs])
+    stats = kb.stats()
+    assert (stats["index_kind"], stats["vectors"], stats["nprobe"]) == ("ivf", 60, 8)
+    assert stats["switched_to_ivf_at"]
+    assert "Product number 42 " in kb.search("where is product number 42", k=3)[0].text + " "
+
+
+def test_a_corrupt_index_is_detected_with_a_rebuild_hint_and_rebuild_repairs_it(kb, tmp_path):
+    kb.add([write(tmp_path / "a.txt", "Refunds take five working days.")])
+    (index_file,) = kb.directory.glob("index-*.faiss")
+    data = index_file.read_bytes()
+    index_file.write_bytes(data[: len(data) // 2])  # half-written
+    fresh = KnowledgeBase(kb.directory, embedder=kb.embedder)
+    with pytest.raises(KnowledgeError, match="rebuild"):
+        fresh.open()
+    fresh.close()
+    repaired = KnowledgeBase(kb.directory, embedder=kb.embedder)
+    repaired._engine = None
+    import sqlalchemy as sa
+
+    repaired._engine = sa.create_engine(f"sqlite:///{kb.directory / 'catalogue.sqlite3'}")
+    repaired.rebuild()
+    assert "five working days" in repaired.search("how long do refunds take", k=1)[0].text
+
+
+def test_a_crash_mid_save_leaves_the_last_good_index_loadable(tmp_path, embedder):
+    """Kill the ingesting process while it writes the index file, at many moments."""
+    directory = tmp_path / "kb"
+    base = KnowledgeBase(directory, embedder=embedder)
+    base.add([write(tmp_path / "first.txt", "The first document talks about anchors.")])
+    base.close()
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from knowledge.base import KnowledgeBase
+        from knowledge.index import VectorIndex
+        slow_save = VectorIndex.save
+        def save(self, path):
+            print("saving", flush=True)
+            return slow_save(self, path)
+        VectorIndex.save = save
+        kb = KnowledgeBase(Path({str(directory)!r}))
+        docs = [Path({str(tmp_path)!r}) / f"more{{i}}.txt" for i in range(40)]
+        for i, d in enumerate(docs):
+            d.write_text(f"Extra document {{i}} about bolts, nuts and washers, size {{i}}.")
+        kb.add(docs)
+        print("done", flush=True)
+        """
+    )
+    for delay in (0.0, 0.005, 0.02, 0.05):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.strip() == "saving":
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        survivor = KnowledgeBase(directory, embedder=embedder)
+        found = survivor.search("anchors", k=1)
+        assert found and "anchors" in found[0].text
+        count = survivor.stats()["vectors"]
+        assert count in (1, 41)  # the old index or the new one — never something in between
+        survivor.close()
+
+
+def test_searches_keep_working_while_an_ingest_runs(kb, tmp_path):
+    kb.add([write(tmp_path / "base.txt", "Invoices are sent on the first of every month.")])
+    docs = [
+        write(tmp_path / "bulk" / f"{i}.txt", f"Bulk note {i}: forklift {i} is serviced yearly.")
+        for i in range(200)
+    ]
+    results: list[int] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def searcher():
+        while not done.is_set():
+            try:
+                found = kb.search("when are invoices sent", k=1)
+                results.append(len(found))
+            except BaseException as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    try:
+        kb.add([tmp_path / "bulk"])
+    finally:
+        done.set()
+        thread.join()
+    assert not errors
+    assert len(results) > 5 and all(n == 1 for n in results)
+    assert kb.stats()["chunks"] == 201
+
+
+def test_another_process_ingest_is_picked_up_by_a_running_reader(kb, tmp_path, embedder):
+    kb.add([write(tmp_path / "a.txt", "Alpha document about apples.")])
+    assert kb.search("apples", k=1)
+    writer = KnowledgeBase(kb.directory, embedder=embedder)
+    writer.add([write(tmp_path / "b.txt", "Beta document about bananas.")])
+    kb._checked = 0.0  # as if a second had passed
+    assert "bananas" in kb.search("bananas", k=1)[0].text
+
+
+def test_vector_index_exact_and_ivf_agree_on_clustered_data():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 32)).astype(np.float32)
+    data = centers[rng.integers(0, 50, 5000)] + 0.1 * rng.normal(size=(5000, 32)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    ids = np.arange(5000, dtype=np.int64)
+    flat = VectorIndex.build(ids, data, dim=32, ivf_threshold=10**9)
+    ivf = VectorIndex.build(ids, data, dim=32, ivf_threshold=100, nprobe=8)
+    assert (flat.info.kind, ivf.info.kind) == ("flat", "ivf")
+    queries = data[:100]
+    _, exact = flat.search(queries, 10)
+    _, approx = ivf.search(queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.9
+
+
+def test_the_knowledge_cli_from_ingest_to_repair(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env["CHINWAG_DATA_DIR"] = str(tmp_path / "data")
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "bot.cli", "knowledge", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+
+    docs = tmp_path / "docs"
+    write(
+        docs / "returns.md",
+        "# Returns\n\nYou can return any parcel within 30 days for a full refund.",
+    )
+    write(docs / "logo.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+    added = cli("add", str(docs), "--json")
+    assert added.returncode == 0, added.stderr
+    summary = json.loads(added.stdout)
+    assert len(summary["added"]) == 1 and summary["failed"][0]["path"].endswith("logo.png")
+    found = json.loads(cli("search", "can I send a parcel back?", "-k", "2", "--json").stdout)
+    assert found[0]["headings"] == ["Returns"] and found[0]["score"] > 0.3
+    assert "nothing relevant" in cli("search", "quantum chromodynamics lecture notes").stdout
+    assert "returns.md" in cli("list").stdout
+    stats = json.loads(cli("stats").stdout)
+    assert (stats["files"], stats["chunks"], stats["index_kind"]) == (1, 1, "flat")
+    (index_file,) = (tmp_path / "data" / "knowledge").glob("index-*.faiss")
+    index_file.write_bytes(b"garbage")
+    broken = cli("stats")
+    assert broken.returncode == 2 and "chinwag knowledge rebuild" in broken.stderr
+    assert cli("rebuild").returncode == 0
+    assert json.loads(cli("stats").stdout)["vectors"] == 1
+    assert "removed 1 chunks" in cli("remove", str(docs / "returns.md")).stdout
+    assert json.loads(cli("stats").stdout)["chunks"] == 0
+
+
+async def test_skills_search_the_knowledge_base_through_the_bot_without_blocking(
+    chinwag_bot, tmp_path, embedder
+):
+    import asyncio
+
+    service = chinwag_bot.services["knowledge"]
+    service.kb.embedder = embedder  # the session's already-loaded model
+    doc = write(tmp_path / "hours.txt", "The help desk answers phone calls from eight to four.")
+    await asyncio.to_thread(service.kb.add, [doc])
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    found = await service.search("when can I call the help desk?", 1)
+    task.cancel()
+    assert "eight to four" in found[0].text
+    assert ticks > 0  # the event loop kept running while the search worked
