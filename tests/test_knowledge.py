@@ -140,7 +140,8 @@ def _make_pdf(path: Path, text: str) -> None:
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
@@ -188,7 +189,7 @@ def test_bad_files_are_skipped_and_listed_never_a_crash(kb, tmp_path):
     assert "larger than the 1 MB limit" in failed[str(docs / "huge.txt")]
     assert {Path(p).name for p in summary.added} == {"good.txt", "latin1.txt", "long.md"}
     assert "crème brûlée" in kb.search("what dessert do you have today", k=1)[0].text
-    long = [p for p in kb.sources() if p["source"].endswith("long.md")][0]
+    long = next(p for p in kb.sources() if p["source"].endswith("long.md"))
     assert long["chunks"] >= 20
     tokens = kb.embedder.count_tokens(
         [c.text for c in kb.search("pallets freight", k=5, min_score=0)]
@@ -315,7 +316,7 @@ def test_a_crash_mid_save_leaves_the_last_good_index_loadable(tmp_path, embedder
 
 def test_searches_keep_working_while_an_ingest_runs(kb, tmp_path):
     kb.add([write(tmp_path / "base.txt", "Invoices are sent on the first of every month.")])
-    docs = [
+    [
         write(tmp_path / "bulk" / f"{i}.txt", f"Bulk note {i}: forklift {i} is serviced yearly.")
         for i in range(200)
     ]
