@@ -33,7 +33,9 @@ from knowledge.embedder import Embedder
 from knowledge.index import VectorIndex
 
 
-def ingest_ratio(embedder: Embedder, repeats: int) -> dict[str, float]:
+def ingest_ratio(
+    embedder: Embedder, repeats: int, question_vectors: bool = True
+) -> dict[str, float]:
     import zaragoza_construction_faq
 
     faq = Path(zaragoza_construction_faq.__file__).parent / "data" / "faq-en.jsonl"
@@ -41,7 +43,7 @@ def ingest_ratio(embedder: Embedder, repeats: int) -> dict[str, float]:
     pipeline, raw, raw_all = [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            kb = KnowledgeBase(Path(tmp), embedder=embedder)
+            kb = KnowledgeBase(Path(tmp), embedder=embedder, faq_question_vectors=question_vectors)
             t0 = time.perf_counter()
             summary = kb.add([faq])
             pipeline.append(summary.chunks_added / (time.perf_counter() - t0))
@@ -67,8 +69,9 @@ def ingest_ratio(embedder: Embedder, repeats: int) -> dict[str, float]:
         encode(texts + questions, batch_size=embedder.batch_size, normalize_embeddings=True)
         raw_all.append(len(texts) / (time.perf_counter() - t0))
     p, r, ra = (float(np.median(x)) for x in (pipeline, raw, raw_all))
+    label = "ingest" if question_vectors else "ingest (no question vectors)"
     print(
-        f"ingest: pipeline {p:.1f} chunks/s, raw encode of the chunk texts {r:.1f} chunks/s "
+        f"{label}: pipeline {p:.1f} chunks/s, raw encode of the chunk texts {r:.1f} chunks/s "
         f"(ratio {p / r:.3f}); raw encode of everything the pipeline embeds (texts + "
         f"{len(questions)} FAQ questions) {ra:.1f} chunks/s (ratio {p / ra:.3f}); "
         f"median of {repeats}, {len(texts)} chunks"
@@ -151,7 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     result: dict[str, float] = {}
     if not args.skip_ingest:
-        result.update(ingest_ratio(Embedder(), args.repeats))
+        embedder = Embedder()
+        result.update(ingest_ratio(embedder, args.repeats))
+        without = ingest_ratio(embedder, args.repeats, question_vectors=False)
+        result["ingest_ratio_without_question_vectors"] = without["ingest_ratio"]
     r100k = index_at_scale(100_000, args.nprobe, args.spread)
     result.update(
         {

@@ -189,9 +189,11 @@ class KnowledgeBase:
         min_score: float = 0.3,
         batch_size: int = 64,
         max_file_mb: float = 200,
+        faq_question_vectors: bool = True,
     ) -> None:
         self.directory = Path(directory)
         self.max_file_bytes = int(max_file_mb * 1024 * 1024)
+        self.faq_question_vectors = faq_question_vectors
         self.embedder = embedder or Embedder(model, device=device, batch_size=batch_size)
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
@@ -338,6 +340,9 @@ class KnowledgeBase:
                     continue
                 pending.append((path, digest, path.stat().st_size, chunks))
             all_chunks = [c for _, _, _, chunks in pending for c in chunks]
+            if not self.faq_question_vectors:
+                for chunk in all_chunks:
+                    chunk.meta.pop("question", None)
             questions = [c.meta["question"] for c in all_chunks if c.meta.get("question")]
             vectors = self._embed([c.text for c in all_chunks] + questions, progress)
             question_vectors = vectors[len(all_chunks) :]

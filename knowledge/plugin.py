@@ -28,6 +28,7 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         min_score=k.min_score,
         batch_size=k.batch_size,
         max_file_mb=k.max_file_mb,
+        faq_question_vectors=k.faq_question_vectors,
     )
 
 

@@ -431,3 +431,15 @@ async def test_skills_search_the_knowledge_base_through_the_bot_without_blocking
     task.cancel()
     assert "eight to four" in found[0].text
     assert ticks > 0  # the event loop kept running while the search worked
+
+
+def test_question_vectors_can_be_switched_off(tmp_path, embedder):
+    faq = write(
+        tmp_path / "faq.csv", "question,answer\nDo you ship abroad?,Yes, to all of Europe.\n"
+    )
+    with_q = KnowledgeBase(tmp_path / "a", embedder=embedder)
+    without_q = KnowledgeBase(tmp_path / "b", embedder=embedder, faq_question_vectors=False)
+    with_q.add([faq])
+    without_q.add([faq])
+    assert (with_q.stats()["vectors"], without_q.stats()["vectors"]) == (2, 1)
+    assert without_q.search("international shipping?", k=1)[0].text.startswith("Q: Do you ship")
