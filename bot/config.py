@@ -92,6 +92,35 @@ class ChatSettings(_Section):
     enabled_skills: list[str] | None = None
 
 
+class AdapterSettings(_Section):
+    path: Path
+    version: str = "1"
+
+
+class ModelsSettings(_Section):
+    """The model runtime (bot/models): one base model with LoRA adapters."""
+
+    backend: Literal["local", "remote"] = "local"
+    #: ``smollm2`` (the packaged SmolLM2-135M-Instruct GGUF), a local folder, a ``.gguf`` file,
+    #: or a Hugging Face model id.
+    base_model: str = "smollm2"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(16, ge=1, le=512)
+    #: How long the worker waits to fill a batch once the first request arrives.
+    max_queue_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    #: Tokens of context; default: the model's own limit.
+    context_window: int | None = Field(None, ge=64)
+    request_timeout_s: float = Field(120.0, gt=0)
+    adapters: dict[str, AdapterSettings] = {}
+    #: Remote backend: an OpenAI-compatible server (vLLM, TGI, llama.cpp server).
+    remote_url: str | None = None
+    remote_api_key: SecretStr | None = None
+    remote_retries: int = Field(3, ge=0)
+
+
 class KnowledgeSettings(_Section):
     """The knowledge index (see knowledge/); skills search it through ``bot.services``."""
 
@@ -155,6 +184,7 @@ class Settings(BaseSettings):
     #: Per-chat overrides keyed ``"platform:chat_id"``.
     chats: dict[str, ChatSettings] = {}
     disabled_plugins: list[str] = []
+    models: ModelsSettings = ModelsSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
@@ -185,8 +215,8 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every configured secret, so log output can be scrubbed of them."""
         found = []
-        for section in (self.telegram, self.discord):
-            token = getattr(section, "token", None)
+        for section in (self.telegram, self.discord, self.models):
+            token = getattr(section, "token", None) or getattr(section, "remote_api_key", None)
             if token is not None and token.get_secret_value():
                 found.append(token.get_secret_value())
         if self.database.url:

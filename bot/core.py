@@ -96,8 +96,12 @@ class Bot:
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
-        #: Services that later subsystems (model runtime, knowledge index) attach for skills.
+        #: Services plugins attach for skills (e.g. ``knowledge``).
         self.services: dict[str, Any] = {}
+        #: The model runtime every model-backed skill uses; the model loads on first use.
+        from bot.models import ModelRuntime
+
+        self.models = ModelRuntime(settings)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -146,6 +150,7 @@ class Bot:
                 await _maybe_await(result)
             except Exception:
                 log.exception("a shutdown hook failed")
+        await self.models.stop()
         await self.store.close()
         self._started = False
 

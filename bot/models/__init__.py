@@ -1,0 +1,21 @@
+"""The model runtime: one base language model with named LoRA adapters, and embeddings."""
+
+from bot.models.runtime import ModelRuntime
+from bot.models.types import (
+    ChatMessages,
+    Generation,
+    GenerationParams,
+    ModelError,
+    RuntimeBusy,
+    UnknownAdapter,
+)
+
+__all__ = [
+    "ChatMessages",
+    "Generation",
+    "GenerationParams",
+    "ModelError",
+    "ModelRuntime",
+    "RuntimeBusy",
+    "UnknownAdapter",
+]

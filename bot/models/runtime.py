@@ -1,0 +1,150 @@
+"""The model runtime the bot owns: every model-backed skill goes through it.
+
+Skills call ``await runtime.generate(messages, adapter="qa")`` and ``await runtime.embed(texts)``;
+no skill loads a model of its own. The base model loads on first use (so a bot without
+model-backed skills never pays for it) in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bot.config import Settings
+from bot.models.embedding import Embedder
+from bot.models.local import LocalBackend
+from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError
+
+log = logging.getLogger(__name__)
+
+
+class ModelRuntime:
+    def __init__(self, settings: Settings, *, backend: LocalBackend | None = None) -> None:
+        self.settings = settings
+        self.config = settings.models
+        self._backend = backend
+        self._starting = asyncio.Lock()
+        self._embedder: Embedder | None = None
+        self.loaded_from_cache: bool | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.settings.data_dir / "models"
+
+    async def start(self) -> LocalBackend:
+        """Load the base model and configured adapters (idempotent; first call does the work)."""
+        if self._backend is not None and self._backend._thread is not None:
+            return self._backend
+        async with self._starting:
+            if self._backend is None:
+                if self.config.backend != "local":
+                    raise ModelError("only the local backend is available in this release")
+                from bot.models.loading import load_base
+
+                cfg = self.config
+                try:
+                    model, tokenizer, name, cached = await asyncio.to_thread(
+                        load_base,
+                        cfg.base_model,
+                        device=cfg.device,
+                        dtype=cfg.dtype,
+                        cache_dir=self.cache_dir,
+                    )
+                except (OSError, ValueError) as exc:
+                    raise ModelError(
+                        f"cannot load the base model {cfg.base_model!r}: {exc}"
+                    ) from None
+                self.loaded_from_cache = cached
+                self._backend = LocalBackend(
+                    model,
+                    tokenizer,
+                    name,
+                    max_batch_size=cfg.max_batch_size,
+                    max_queue_wait_ms=cfg.max_queue_wait_ms,
+                    max_queue=cfg.max_queue,
+                    context_window=cfg.context_window,
+                )
+            if self._backend._thread is None:
+                self._backend.start()
+                for name, adapter in self.config.adapters.items():
+                    await self._backend.load_adapter(name, adapter.path, adapter.version)
+        return self._backend
+
+    async def stop(self) -> None:
+        if self._backend is not None:
+            await asyncio.to_thread(self._backend.stop)
+
+    def _params(
+        self, max_new_tokens: int | None, temperature: float, top_p: float, stop: Any
+    ) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=tuple(stop or ()),
+        )
+
+    async def generate(
+        self,
+        messages: ChatMessages,
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: tuple[str, ...] | list[str] = (),
+    ) -> Generation:
+        backend = await self.start()
+        params = self._params(max_new_tokens, temperature, top_p, stop)
+        async with asyncio.timeout(self.config.request_timeout_s):
+            return await backend.generate(messages, params, adapter)
+
+    async def stream(
+        self,
+        messages: ChatMessages,
+        adapter: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: tuple[str, ...] | list[str] = (),
+    ) -> AsyncIterator[str]:
+        """Yield text as it is generated (batched with everyone else's requests)."""
+        backend = await self.start()
+        params = self._params(max_new_tokens, temperature, top_p, stop)
+        chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        task = asyncio.create_task(backend.generate(messages, params, adapter, stream=chunks))
+        try:
+            while True:
+                piece = await chunks.get()
+                if piece is None:
+                    break
+                yield piece
+            await task  # surface errors
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            self._embedder = Embedder(
+                self.settings.knowledge.model, device=self.settings.knowledge.device
+            )
+        return await asyncio.to_thread(self._embedder.encode, texts)
+
+    async def load_adapter(self, name: str, path: Path | str, version: str) -> None:
+        """Load (or hot-swap to) ``version`` of adapter ``name`` from a peft adapter folder."""
+        backend = await self.start()
+        await backend.load_adapter(name, Path(path), version)
+
+    async def unload_adapter(self, name: str) -> None:
+        backend = await self.start()
+        await backend.unload_adapter(name)
+
+    def adapters(self) -> dict[str, str]:
+        return self._backend.adapters() if self._backend is not None else {}

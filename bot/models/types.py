@@ -1,0 +1,53 @@
+"""What the model runtime takes and gives back, whichever backend serves it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Chat messages in the chat-template sense:
+#: ``{"role": "system"|"user"|"assistant", "content": str}``.
+ChatMessages = list[dict[str, str]]
+
+
+class ModelError(Exception):
+    """A request failed in the model (out of memory, bad input, server error); others go on."""
+
+
+class RuntimeBusy(ModelError):
+    """The queue is full: answer "busy" now rather than wait without limit."""
+
+
+class UnknownAdapter(ModelError):
+    """No adapter by that name is loaded."""
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 → greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def sampling_key(self) -> tuple[bool, float, float]:
+        """Requests with the same key can share one ``generate`` call."""
+        greedy = self.temperature <= 0
+        return (greedy, 0.0 if greedy else self.temperature, 1.0 if greedy else self.top_p)
+
+
+@dataclass(slots=True)
+class Generation:
+    """One generated reply and where it came from (logged with the bot's reply)."""
+
+    text: str
+    model: str
+    adapter: str | None
+    adapter_version: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    #: Oldest turns dropped to fit the context window (never the system prompt or the last turn).
+    trimmed_turns: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,221 @@
+"""The model runtime: batching, adapters, hot-swap on a tiny model; real generation on SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+
+from bot.config import load_settings
+from bot.models import ModelError, ModelRuntime, RuntimeBusy, UnknownAdapter
+from bot.models.local import LocalBackend
+from bot.models.types import GenerationParams
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """SmolLM2's real tokenizer and chat template (from the packaged GGUF, once per run)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from bot.models.loading import PACKAGED
+
+    package, filename = PACKAGED["smollm2"]
+    path = importlib.util.find_spec(package).submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=filename)
+    tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model(tokenizer, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_adapter(tokenizer, path: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights, saved in peft's standard format."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(tokenizer)
+    torch.manual_seed(seed)  # after the base model, which seeds itself
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+async def backend(tokenizer):
+    b = LocalBackend(
+        tiny_model(tokenizer),
+        tokenizer,
+        "tiny",
+        max_batch_size=8,
+        max_queue_wait_ms=20,
+        context_window=512,
+    )
+    b.start()
+    yield b
+    await asyncio.to_thread(b.stop)
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+GREEDY = GenerationParams(max_new_tokens=8)
+
+
+async def test_concurrent_requests_are_generated_together_and_match_one_at_a_time(backend):
+    alone = [await backend.generate(ask(f"question {i}"), GREEDY) for i in range(6)]
+    batches_before = backend.stats["batches"]
+    together = await asyncio.gather(
+        *(backend.generate(ask(f"question {i}"), GREEDY) for i in range(6))
+    )
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert backend.stats["batches"] - batches_before < 6
+    assert max(g.timings["batch_size"] for g in together) > 1
+
+
+async def test_two_adapters_in_one_batch_give_what_each_gives_alone(backend, tokenizer, tmp_path):
+    await backend.load_adapter("a", make_adapter(tokenizer, tmp_path / "a", 1), "1")
+    await backend.load_adapter("b", make_adapter(tokenizer, tmp_path / "b", 2), "1")
+    prompts = [("a", "hello"), ("b", "hello"), (None, "hello"), ("a", "other"), ("b", "other")]
+    alone = [await backend.generate(ask(p), GREEDY, adapter) for adapter, p in prompts]
+    mixed = await asyncio.gather(
+        *(backend.generate(ask(p), GREEDY, adapter) for adapter, p in prompts)
+    )
+    assert [g.text for g in mixed] == [g.text for g in alone]
+    assert len({alone[0].text, alone[1].text, alone[2].text}) == 3  # adapters really change output
+    assert [(g.adapter, g.adapter_version) for g in mixed][:3] == [
+        ("a", "1"),
+        ("b", "1"),
+        (None, None),
+    ]
+
+
+async def test_hot_swap_under_load_loses_no_request(backend, tokenizer, tmp_path):
+    v1 = make_adapter(tokenizer, tmp_path / "v1", 1)
+    v2 = make_adapter(tokenizer, tmp_path / "v2", 2)
+    await backend.load_adapter("qa", v1, "1")
+    first = [asyncio.create_task(backend.generate(ask(f"q{i}"), GREEDY, "qa")) for i in range(20)]
+    await asyncio.sleep(0)
+    await backend.load_adapter("qa", v2, "2")  # while the first wave is queued or running
+    second = [asyncio.create_task(backend.generate(ask(f"q{i}"), GREEDY, "qa")) for i in range(20)]
+    results = await asyncio.gather(*first, *second)
+    assert len(results) == 40
+    assert {g.adapter_version for g in results[:20]} == {"1"}
+    assert {g.adapter_version for g in results[20:]} == {"2"}
+    assert backend.adapters() == {"qa": "2"}
+    await asyncio.sleep(0.1)
+    assert [name for name in backend.model.peft_config] == ["qa__v2"]  # v1 unloaded once idle
+
+
+async def test_an_unknown_adapter_is_an_error_naming_the_known_ones(backend, tokenizer, tmp_path):
+    await backend.load_adapter("qa", make_adapter(tokenizer, tmp_path / "qa", 1), "1")
+    with pytest.raises(UnknownAdapter, match="loaded: qa"):
+        await backend.generate(ask("hi"), GREEDY, "dialogue")
+
+
+async def test_a_prompt_longer_than_the_context_is_trimmed_from_the_oldest_turns(backend):
+    long_turn = "word " * 120
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        messages += [
+            {"role": "user", "content": f"{i} {long_turn}"},
+            {"role": "assistant", "content": "ok"},
+        ]
+    messages.append({"role": "user", "content": "and the newest question"})
+    result = await backend.generate(messages, GREEDY)
+    assert result.trimmed_turns > 0
+    assert result.prompt_tokens <= 512 - GREEDY.max_new_tokens
+    with pytest.raises(ModelError, match="longer than the model's context window"):
+        await backend.generate([{"role": "user", "content": "word " * 1000}], GREEDY)
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_worker_keeps_serving(
+    backend, monkeypatch
+):
+    original = backend.model.generate
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(backend.model, "generate", explode)
+    with pytest.raises(ModelError, match="out of memory"):
+        await backend.generate(ask("hi"), GREEDY)
+    monkeypatch.setattr(backend.model, "generate", original)
+    assert (await backend.generate(ask("hi"), GREEDY)).completion_tokens > 0
+
+
+async def test_a_full_queue_answers_busy_at_once(tokenizer):
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", max_queue=2)  # worker not started
+    b._thread = object()  # accept requests without serving them
+    waiting = [asyncio.create_task(b.generate(ask("x"), GREEDY)) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeBusy, match="busy"):
+        await b.generate(ask("x"), GREEDY)
+    for task in waiting:
+        task.cancel()
+
+
+async def test_streaming_yields_the_same_text_in_pieces(backend):
+    whole = await backend.generate(ask("stream me"), GenerationParams(max_new_tokens=12))
+    pieces: asyncio.Queue = asyncio.Queue()
+    result = await backend.generate(
+        ask("stream me"), GenerationParams(max_new_tokens=12), stream=pieces
+    )
+    got = []
+    while (piece := pieces.get_nowait()) is not None:
+        got.append(piece)
+    assert "".join(got).strip() == whole.text == result.text
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def smollm(tmp_path_factory):
+    settings = load_settings(
+        overrides={"data_dir": tmp_path_factory.mktemp("models"), "models": {"device": "cpu"}}
+    )
+    runtime = ModelRuntime(settings)
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_embedded_smollm2_answers_a_question(smollm):
+    result = await smollm.generate(
+        ask("What is the capital of France? Answer in one word."), max_new_tokens=12
+    )
+    assert "Paris" in result.text
+    assert (result.model, result.adapter, result.finish_reason) == ("smollm2", None, "stop")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_converted_weights_are_cached_for_the_next_start(smollm):
+    second = ModelRuntime(smollm.settings)
+    await second.start()
+    try:
+        assert second.loaded_from_cache is True
+        assert smollm.loaded_from_cache is False
+    finally:
+        await second.stop()
