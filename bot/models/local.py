@@ -108,6 +108,7 @@ class LocalBackend:
         self._refs: Counter[str] = Counter()
         self._retired: set[str] = set()
         self._pending = 0
+        self._peft = False
         self.stats: Counter[str] = Counter()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class LocalBackend:
                 self.model.load_adapter(str(path), adapter_name=internal)
             else:
                 self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=internal)
+            self._peft = True
             self.model.eval()
             with self._lock:
                 old = self._adapters.get(name)
@@ -363,9 +365,7 @@ class LocalBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(temperature=temperature, top_p=top_p)
-        from peft import PeftModel
-
-        if isinstance(self.model, PeftModel):
+        if self._peft:  # importing peft costs seconds: only once an adapter was loaded
             kwargs["adapter_names"] = [j.internal or BASE for j in jobs]
         if any(j.stream is not None for j in jobs):
             kwargs["streamer"] = _BatchStreamer(tok, jobs)
