@@ -127,6 +127,10 @@ class LocalBackend:
             self._thread = None
 
     @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
     def device(self) -> str:
         return str(next(self.model.parameters()).device)
 

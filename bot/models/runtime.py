@@ -18,13 +18,16 @@ import numpy as np
 from bot.config import Settings
 from bot.models.embedding import Embedder
 from bot.models.local import LocalBackend
+from bot.models.remote import RemoteBackend
 from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError
 
 log = logging.getLogger(__name__)
 
+Backend = LocalBackend | RemoteBackend
+
 
 class ModelRuntime:
-    def __init__(self, settings: Settings, *, backend: LocalBackend | None = None) -> None:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
         self.settings = settings
         self.config = settings.models
         self._backend = backend
@@ -36,48 +39,71 @@ class ModelRuntime:
     def cache_dir(self) -> Path:
         return self.settings.data_dir / "models"
 
-    async def start(self) -> LocalBackend:
-        """Load the base model and configured adapters (idempotent; first call does the work)."""
-        if self._backend is not None and self._backend._thread is not None:
+    async def start(self) -> Backend:
+        """Load the base model (or connect to the server) and the configured adapters.
+
+        Idempotent: the first call does the work, later ones return at once.
+        """
+        if self._backend is not None and self._backend.running:
             return self._backend
         async with self._starting:
+            cfg = self.config
             if self._backend is None:
-                if self.config.backend != "local":
-                    raise ModelError("only the local backend is available in this release")
-                from bot.models.loading import load_base
-
-                cfg = self.config
-                try:
-                    model, tokenizer, name, cached = await asyncio.to_thread(
-                        load_base,
-                        cfg.base_model,
-                        device=cfg.device,
-                        dtype=cfg.dtype,
-                        cache_dir=self.cache_dir,
-                    )
-                except (OSError, ValueError) as exc:
-                    raise ModelError(
-                        f"cannot load the base model {cfg.base_model!r}: {exc}"
-                    ) from None
-                self.loaded_from_cache = cached
-                self._backend = LocalBackend(
-                    model,
-                    tokenizer,
-                    name,
-                    max_batch_size=cfg.max_batch_size,
-                    max_queue_wait_ms=cfg.max_queue_wait_ms,
-                    max_queue=cfg.max_queue,
-                    context_window=cfg.context_window,
-                )
-            if self._backend._thread is None:
-                self._backend.start()
-                for name, adapter in self.config.adapters.items():
+                self._backend = await self._create()
+            if not self._backend.running:
+                if isinstance(self._backend, LocalBackend):
+                    self._backend.start()
+                else:
+                    await self._backend.start()
+                for name, adapter in cfg.adapters.items():
                     await self._backend.load_adapter(name, adapter.path, adapter.version)
         return self._backend
 
+    async def _create(self) -> Backend:
+        cfg = self.config
+        if cfg.backend == "remote":
+            from bot.models.remote import RemoteBackend
+
+            if not cfg.remote_url:
+                raise ModelError("models.backend is 'remote' but models.remote_url is not set")
+            key = cfg.remote_api_key.get_secret_value() if cfg.remote_api_key else None
+            return RemoteBackend(
+                cfg.remote_url,
+                model=cfg.base_model,
+                api_key=key,
+                timeout_s=cfg.request_timeout_s,
+                retries=cfg.remote_retries,
+            )
+        from bot.models.loading import load_base
+
+        try:
+            model, tokenizer, name, cached = await asyncio.to_thread(
+                load_base,
+                cfg.base_model,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                cache_dir=self.cache_dir,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None
+        self.loaded_from_cache = cached
+        return LocalBackend(
+            model,
+            tokenizer,
+            name,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_wait_ms=cfg.max_queue_wait_ms,
+            max_queue=cfg.max_queue,
+            context_window=cfg.context_window,
+        )
+
     async def stop(self) -> None:
-        if self._backend is not None:
+        if self._backend is None:
+            return
+        if isinstance(self._backend, LocalBackend):
             await asyncio.to_thread(self._backend.stop)
+        else:
+            await self._backend.stop()
 
     def _params(
         self, max_new_tokens: int | None, temperature: float, top_p: float, stop: Any

@@ -1,0 +1,246 @@
+"""The remote backend: any OpenAI-compatible chat completions server.
+
+vLLM (``--enable-lora``) is the one to name for users who outgrow one machine; TGI and
+llama.cpp's server speak the same protocol. The adapter is the request's ``model`` field.
+Adapters are loaded at runtime through vLLM's ``/v1/load_lora_adapter`` (the server needs
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) under a versioned name, so a hot-swap never changes
+the weights behind a request already in flight — the same contract as the local backend.
+
+Transient failures (connection refused or reset, timeouts, 429, 5xx) are retried with
+exponential backoff and jitter (tenacity); a stream that breaks after its first token is not
+retried (the user has already seen part of the answer) and fails with a clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError, UnknownAdapter
+
+log = logging.getLogger(__name__)
+
+
+class _Transient(Exception):
+    """Worth retrying."""
+
+
+class RemoteBackend:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/v1"):
+            self.url += "/v1"
+        self.model_name = model
+        self.api_key = api_key
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._session: aiohttp.ClientSession | None = None
+        self._adapters: dict[str, tuple[str, str]] = {}
+
+    @property
+    def running(self) -> bool:
+        return self._session is not None
+
+    async def start(self) -> None:
+        if self._session is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def adapters(self) -> dict[str, str]:
+        return {name: version for name, (_, version) in self._adapters.items()}
+
+    def _served_name(self, adapter: str | None) -> tuple[str, str | None]:
+        if adapter is None:
+            return self.model_name, None
+        current = self._adapters.get(adapter)
+        if current is None:
+            known = ", ".join(sorted(self._adapters)) or "none"
+            raise UnknownAdapter(f"no adapter named {adapter!r} is loaded (loaded: {known})")
+        return current
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential_jitter(multiplier=self.backoff_s, max=10 * self.backoff_s),
+            retry=retry_if_exception_type(_Transient),
+            reraise=True,
+        )
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        try:
+            response = await self._session.post(f"{self.url}{path}", json=payload)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from exc
+        if response.status == 429 or response.status >= 500:
+            body = await response.text()
+            response.release()
+            raise _Transient(f"HTTP {response.status}: {body[:200]}")
+        if response.status >= 400:
+            body = await response.text()
+            response.release()
+            if response.status == 404 and "model" in body.lower():
+                raise UnknownAdapter(
+                    f"the server does not serve {payload.get('model')!r}: {body[:200]}"
+                )
+            raise ModelError(
+                f"the model server refused the request (HTTP {response.status}): {body[:300]}"
+            )
+        return response
+
+    async def generate(
+        self,
+        messages: ChatMessages,
+        params: GenerationParams,
+        adapter: str | None = None,
+        stream: asyncio.Queue[str | None] | None = None,
+    ) -> Generation:
+        await self.start()
+        served, version = self._served_name(adapter)
+        payload: dict[str, Any] = {
+            "model": served,
+            "messages": messages,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": stream is not None,
+        }
+        if params.stop:
+            payload["stop"] = list(params.stop)
+        started = time.perf_counter()
+        try:
+            if stream is None:
+                data = await self._complete(payload)
+                choice = data["choices"][0]
+                text = choice["message"]["content"] or ""
+                finish = choice.get("finish_reason") or "stop"
+                usage = data.get("usage") or {}
+            else:
+                text, finish, usage = await self._stream(payload, stream)
+        except _Transient as exc:
+            raise ModelError(
+                f"the model server at {self.url} is unavailable after "
+                f"{self.retries + 1} attempts: {exc}"
+            ) from None
+        finally:
+            if stream is not None:
+                stream.put_nowait(None)
+        return Generation(
+            text=text.strip(),
+            model=self.model_name,
+            adapter=adapter,
+            adapter_version=version,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            finish_reason="length" if finish == "length" else "stop",
+            timings={"generate_s": time.perf_counter() - started},
+            extra={"served_model": served},
+        )
+
+    async def _complete(self, payload: dict[str, Any]) -> dict[str, Any]:
+        async for attempt in self._retrying():
+            with attempt:
+                response = await self._post("/chat/completions", payload)
+                try:
+                    return await response.json()
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    raise _Transient(f"response cut off: {exc}") from exc
+                finally:
+                    response.release()
+        raise AssertionError("unreachable")
+
+    async def _stream(
+        self, payload: dict[str, Any], out: asyncio.Queue[str | None]
+    ) -> tuple[str, str, dict[str, Any]]:
+        pieces: list[str] = []
+        finish = "stop"
+        async for attempt in self._retrying():
+            with attempt:
+                response = await self._post("/chat/completions", payload)
+                try:
+                    async for raw in response.content:
+                        line = raw.decode("utf-8", "replace").strip()
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return "".join(pieces), finish, {"completion_tokens": len(pieces)}
+                        event = json.loads(data)
+                        choice = (event.get("choices") or [{}])[0]
+                        delta = (choice.get("delta") or {}).get("content")
+                        if delta:
+                            pieces.append(delta)
+                            out.put_nowait(delta)
+                        finish = choice.get("finish_reason") or finish
+                except (
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError,
+                    ConnectionResetError,
+                ) as exc:
+                    if pieces:
+                        raise ModelError(
+                            f"the model server dropped the stream after {len(pieces)} pieces: {exc}"
+                        ) from None
+                    raise _Transient(f"stream broken before the first token: {exc}") from exc
+                finally:
+                    response.release()
+                if pieces:
+                    raise ModelError(
+                        "the model server ended the stream without [DONE] after "
+                        f"{len(pieces)} pieces"
+                    )
+                raise _Transient("the stream ended before any token")
+        raise AssertionError("unreachable")
+
+    async def load_adapter(self, name: str, path: Path, version: str) -> None:
+        await self.start()
+        served = f"{name}-v{version}"
+        async for attempt in self._retrying():
+            with attempt:
+                response = await self._post(
+                    "/load_lora_adapter", {"lora_name": served, "lora_path": str(path)}
+                )
+                response.release()
+        old = self._adapters.get(name)
+        self._adapters[name] = (served, version)
+        if old is not None and old[0] != served:
+            # Requests already sent carry the old name; the server finishes them first.
+            try:
+                response = await self._post("/unload_lora_adapter", {"lora_name": old[0]})
+                response.release()
+            except (ModelError, _Transient) as exc:
+                log.warning("could not unload %s from the model server: %s", old[0], exc)
+
+    async def unload_adapter(self, name: str) -> None:
+        current = self._adapters.pop(name, None)
+        if current is None:
+            raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+        response = await self._post("/unload_lora_adapter", {"lora_name": current[0]})
+        response.release()

@@ -1,0 +1,157 @@
+"""The remote backend against a local OpenAI-compatible server process.
+
+The stand-in server (tests/fake_openai_server.py) runs as a separate process on a real socket
+and speaks the chat-completions protocol the way vLLM does, including runtime LoRA loading; it
+can be told to fail, to be slow, or to die in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bot.models import ModelError, UnknownAdapter
+from bot.models.remote import RemoteBackend
+from bot.models.types import GenerationParams
+
+SERVER = Path(__file__).with_name("fake_openai_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(SERVER), str(port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    url = f"http://127.0.0.1:{port}"
+
+    def control(**settings):
+        req = urllib.request.Request(f"{url}/control", data=json.dumps(settings).encode(), method="POST")
+        return json.loads(urllib.request.urlopen(req).read())
+
+    yield url, control, proc
+    proc.kill()
+    proc.wait()
+
+
+def ask(text):
+    return [{"role": "user", "content": text}]
+
+
+P = GenerationParams(max_new_tokens=16)
+
+
+async def test_chat_completion_with_the_adapter_as_the_model_name(server, tmp_path):
+    url, control, _ = server
+    backend = RemoteBackend(url, model="smollm2", retries=0)
+    try:
+        plain = await backend.generate(ask("hello"), P)
+        assert plain.text == "echo(smollm2): hello"
+        assert (plain.model, plain.adapter, plain.completion_tokens) == ("smollm2", None, 2)
+        await backend.load_adapter("qa", tmp_path / "qa-7", "7")
+        tuned = await backend.generate(ask("hello"), P, "qa")
+        assert tuned.text == "echo(qa-v7): hello"
+        assert (tuned.adapter, tuned.adapter_version) == ("qa", "7")
+        await backend.load_adapter("qa", tmp_path / "qa-8", "8")  # hot-swap
+        assert (await backend.generate(ask("x"), P, "qa")).text == "echo(qa-v8): x"
+        assert control()["adapters"] == {"qa-v8": str(tmp_path / "qa-8")}
+        with pytest.raises(UnknownAdapter, match="loaded: qa"):
+            await backend.generate(ask("x"), P, "dialogue")
+    finally:
+        await backend.stop()
+
+
+async def test_streaming_yields_pieces_then_the_whole_reply(server):
+    url, _, _ = server
+    backend = RemoteBackend(url, model="smollm2", retries=0)
+    pieces: asyncio.Queue = asyncio.Queue()
+    try:
+        result = await backend.generate(ask("one two three"), P, stream=pieces)
+    finally:
+        await backend.stop()
+    got = []
+    while (piece := pieces.get_nowait()) is not None:
+        got.append(piece)
+    assert len(got) > 1
+    assert "".join(got).strip() == result.text == "echo(smollm2): one two three"
+
+
+async def test_rate_limits_and_server_errors_are_retried_with_backoff(server):
+    url, control, _ = server
+    control(fail_next=3, fail_status=503)
+    backend = RemoteBackend(url, model="smollm2", retries=3, backoff_s=0.01)
+    try:
+        assert (await backend.generate(ask("hi"), P)).text == "echo(smollm2): hi"
+        control(fail_next=1, fail_status=429)
+        assert (await backend.generate(ask("again"), P)).text == "echo(smollm2): again"
+        control(fail_next=10, fail_status=500)
+        with pytest.raises(ModelError, match="unavailable after 4 attempts"):
+            await backend.generate(ask("hi"), P)
+    finally:
+        await backend.stop()
+
+
+async def test_a_bad_request_is_not_retried_and_says_why(server):
+    url, control, _ = server
+    control(fail_next=1, fail_status=400)
+    backend = RemoteBackend(url, model="smollm2", retries=3, backoff_s=0.01)
+    try:
+        with pytest.raises(ModelError, match="HTTP 400"):
+            await backend.generate(ask("hi"), P)
+        assert control()["requests"] == 1
+    finally:
+        await backend.stop()
+
+
+async def test_a_server_that_is_down_is_a_clear_error():
+    backend = RemoteBackend(f"http://127.0.0.1:{free_port()}", model="smollm2", retries=1, backoff_s=0.01)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(ModelError, match="unavailable after 2 attempts"):
+            await backend.generate(ask("hi"), P)
+        assert time.perf_counter() - started < 10
+    finally:
+        await backend.stop()
+
+
+async def test_a_server_dying_mid_stream_fails_that_request_clearly(server):
+    url, control, proc = server
+    control(die_mid_stream=True)
+    backend = RemoteBackend(url, model="smollm2", retries=2, backoff_s=0.01)
+    pieces: asyncio.Queue = asyncio.Queue()
+    try:
+        with pytest.raises(ModelError, match="dropped the stream after 2 pieces"):
+            await backend.generate(ask("a b c d e f"), P, stream=pieces)
+    finally:
+        await backend.stop()
+    assert pieces.get_nowait() is not None  # the user saw the start of the answer
+    proc.wait(timeout=10)  # the server process really died
+
+
+async def test_the_runtime_uses_the_remote_backend_from_configuration(server, tmp_path):
+    from bot.config import load_settings
+    from bot.models import ModelRuntime
+
+    url, _, _ = server
+    settings = load_settings(
+        overrides={"data_dir": tmp_path, "models": {"backend": "remote", "remote_url": url, "base_model": "smollm2"}}
+    )
+    runtime = ModelRuntime(settings)
+    try:
+        assert (await runtime.generate(ask("hi"))).text == "echo(smollm2): hi"
+        assert "".join([p async for p in runtime.stream(ask("a b"))]).strip() == "echo(smollm2): a b"
+    finally:
+        await runtime.stop()
