@@ -27,18 +27,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
     state["requests"] += 1
     if state["fail_next"] > 0:
         state["fail_next"] -= 1
-        return web.json_response({"error": {"message": "injected failure"}}, status=state["fail_status"])
+        return web.json_response(
+            {"error": {"message": "injected failure"}}, status=state["fail_status"]
+        )
     body = await request.json()
     model = body["model"]
     if model != "smollm2" and model not in state["adapters"]:
-        return web.json_response({"error": {"message": f"The model `{model}` does not exist."}}, status=404)
+        return web.json_response(
+            {"error": {"message": f"The model `{model}` does not exist."}}, status=404
+        )
     prompt = body["messages"][-1]["content"]
     text = f"echo({model}): {prompt}"
     words = text.split(" ")
     if not body.get("stream"):
         return web.json_response(
             {
-                "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [
+                    {"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
                 "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words)},
             }
         )

@@ -34,12 +34,16 @@ def free_port() -> int:
 @pytest.fixture
 def server():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(SERVER), str(port)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), str(port)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     url = f"http://127.0.0.1:{port}"
 
     def control(**settings):
-        req = urllib.request.Request(f"{url}/control", data=json.dumps(settings).encode(), method="POST")
+        req = urllib.request.Request(
+            f"{url}/control", data=json.dumps(settings).encode(), method="POST"
+        )
         return json.loads(urllib.request.urlopen(req).read())
 
     yield url, control, proc
@@ -117,7 +121,9 @@ async def test_a_bad_request_is_not_retried_and_says_why(server):
 
 
 async def test_a_server_that_is_down_is_a_clear_error():
-    backend = RemoteBackend(f"http://127.0.0.1:{free_port()}", model="smollm2", retries=1, backoff_s=0.01)
+    backend = RemoteBackend(
+        f"http://127.0.0.1:{free_port()}", model="smollm2", retries=1, backoff_s=0.01
+    )
     try:
         started = time.perf_counter()
         with pytest.raises(ModelError, match="unavailable after 2 attempts"):
@@ -147,11 +153,16 @@ async def test_the_runtime_uses_the_remote_backend_from_configuration(server, tm
 
     url, _, _ = server
     settings = load_settings(
-        overrides={"data_dir": tmp_path, "models": {"backend": "remote", "remote_url": url, "base_model": "smollm2"}}
+        overrides={
+            "data_dir": tmp_path,
+            "models": {"backend": "remote", "remote_url": url, "base_model": "smollm2"},
+        }
     )
     runtime = ModelRuntime(settings)
     try:
         assert (await runtime.generate(ask("hi"))).text == "echo(smollm2): hi"
-        assert "".join([p async for p in runtime.stream(ask("a b"))]).strip() == "echo(smollm2): a b"
+        assert (
+            "".join([p async for p in runtime.stream(ask("a b"))]).strip() == "echo(smollm2): a b"
+        )
     finally:
         await runtime.stop()
