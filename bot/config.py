@@ -43,7 +43,8 @@ class BotSettings(_Section):
     name: str = "chinwag"
     #: The platform username, for ``/cmd@username`` in groups; adapters fill it in when known.
     username: str | None = None
-    fallback: str = "fallback"
+    #: The skill that answers when no other does: retrieval-augmented conversation.
+    fallback: str = "dialogue"
     max_message_chars: int = Field(4000, gt=0, le=1_000_000)
     max_concurrency: int = Field(64, gt=0)
     skill_timeout_s: float = Field(30.0, gt=0)
@@ -115,10 +116,17 @@ class ModelsSettings(_Section):
     context_window: int | None = Field(None, ge=64)
     request_timeout_s: float = Field(120.0, gt=0)
     adapters: dict[str, AdapterSettings] = {}
+    #: Converted base-model weights (GGUF → safetensors); default ``<data_dir>/models``.
+    cache_dir: Path | None = None
+    #: Where trained adapter versions live; default ``<data_dir>/adapters``.
+    registry_dir: Path | None = None
     #: Remote backend: an OpenAI-compatible server (vLLM, TGI, llama.cpp server).
     remote_url: str | None = None
     remote_api_key: SecretStr | None = None
     remote_retries: int = Field(3, ge=0)
+    #: Classifiers (sentiment…): requests from all chats gathered this long into one batch.
+    classify_wait_ms: float = Field(2.0, ge=0)
+    classify_max_batch: int = Field(64, ge=1)
 
 
 class KnowledgeSettings(_Section):

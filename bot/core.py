@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: ``send(message, replies)``: an adapter's way of delivering replies; it may set
 #: ``reply.metadata["platform_message_id"]`` so feedback on that message can be traced back.
 Sender = Callable[[Message, list[Reply]], Awaitable[None]]
+#: ``push(chat_id, reply)``: an adapter's way of sending a message nobody asked for
+#: (escalation notices, reminders); registered per platform in ``Bot.outboxes``.
+Pusher = Callable[[str, Reply], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -98,6 +101,8 @@ class Bot:
         self._started = False
         #: Services plugins attach for skills (e.g. ``knowledge``).
         self.services: dict[str, Any] = {}
+        #: Per platform, how to send a message unprompted; adapters register themselves here.
+        self.outboxes: dict[str, Pusher] = {}
         #: The model runtime every model-backed skill uses; the model loads on first use.
         from bot.models import ModelRuntime
 
@@ -200,17 +205,19 @@ class Bot:
                     enabled=section.enabled if section else True,
                 )
             )
-        for name in settings.skills:
-            if name not in seen:
-                log.warning(
-                    "configuration has a [skills.%s] section but no such skill loaded", name
-                )
         self.skills = entries
         self.router = Router([e for e in entries if e.enabled], settings.bot.fallback)
         if settings.bot.fallback and self.router.fallback is None:
             log.warning("fallback skill %r is not loaded", settings.bot.fallback)
         self.observers = collect(self.pm, "register_observers")
         self.filters = collect(self.pm, "register_reply_filters")
+        # Observers and filters may read a [skills.<their name>] section too (e.g. safety).
+        seen.update(getattr(r.obj, "name", "") for r in (*self.observers, *self.filters))
+        for name in settings.skills:
+            if name not in seen:
+                log.warning(
+                    "configuration has a [skills.%s] section but no such skill loaded", name
+                )
 
     @staticmethod
     def _skill_config(skill: Any, name: str, section: Any) -> Any:
@@ -254,6 +261,52 @@ class Bot:
                 return False
         chat = self._chat_settings.get((message.platform, message.chat_id))
         return not (chat and entry.name in chat.get("disabled_skills", ()))
+
+    def chat_settings(self, platform: str, chat_id: str) -> dict[str, Any]:
+        """Settings stored for one chat (skill switches, ``/reset`` marks…); a copy."""
+        return dict(self._chat_settings.get((platform, chat_id), {}))
+
+    async def update_chat_settings(self, platform: str, chat_id: str, **changes: Any) -> None:
+        """Merge ``changes`` into the chat's stored settings; survives restarts."""
+        current = self.chat_settings(platform, chat_id)
+        current.update(changes)
+        await self.store.set_chat_settings(platform, chat_id, current)
+        self._chat_settings[(platform, chat_id)] = current
+
+    async def push(self, platform: str, chat_id: str, reply: Reply | str) -> bool:
+        """Send a message nobody asked for (a notice to admins, a reminder); logged.
+
+        Returns ``False`` (and logs why) when no adapter for ``platform`` is running.
+        """
+        if isinstance(reply, str):
+            reply = Reply(reply, kind="notice")
+        outbox = self.outboxes.get(platform)
+        if outbox is None:
+            log.warning(
+                "cannot push to %s:%s: no %s adapter is running", platform, chat_id, platform
+            )
+            return False
+        origin = Message(platform=platform, chat_id=chat_id, user_id="", text="")
+        if reply.skill is None:
+            reply.skill = "core:push"
+        try:
+            self.store.log_outbound_nowait(origin, [reply], 0.0)
+        except StoreError:
+            log.exception("could not log a pushed message")
+        try:
+            await outbox(chat_id, reply)
+        except Exception:
+            log.exception("pushing to %s:%s failed", platform, chat_id)
+            return False
+        return True
+
+    async def escalate(self, event: Any) -> None:
+        """Hand ``event`` (an :class:`~bot.messages.Escalation`) to every ``escalate`` hook."""
+        for result in call_lifecycle(self.pm, "escalate", bot=self, event=event):
+            try:
+                await _maybe_await(result)
+            except Exception:
+                log.exception("an escalate hook failed")
 
     async def set_skill_enabled(
         self, platform: str, chat_id: str, skill: str, enabled: bool

@@ -42,6 +42,15 @@ def register_commands(cli: typer.Typer) -> None:
 
 
 @hookspec
+def escalate(bot: Any, event: Any) -> Any:
+    """A conversation needs a human (``event`` is a :class:`bot.messages.Escalation`).
+
+    Called once per escalation, e.g. by the sentiment skill after several negative messages
+    in a row; may return an awaitable. The built-in implementation notifies admin chats.
+    """
+
+
+@hookspec
 def startup(bot: Any) -> Any:
     """Called once the bot is ready; may return an awaitable."""
 

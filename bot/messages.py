@@ -108,3 +108,18 @@ class Reply:
     #: Milliseconds from receipt to the reply being ready, set by the core.
     latency_ms: float | None = None
     id: int | None = None
+
+
+@dataclass(slots=True)
+class Escalation:
+    """A conversation that needs a human: handed to every ``escalate`` hook."""
+
+    platform: str
+    chat_id: str
+    user_id: str
+    user_name: str
+    reason: str
+    #: The messages that triggered it, oldest first.
+    messages: list[str] = field(default_factory=list)
+    chat_title: str = ""
+    at: datetime = field(default_factory=utcnow)

@@ -8,7 +8,7 @@ Fixtures:
 
 ``chinwag_config``
     dict of configuration overrides (override the fixture to change them). By default: a
-    temporary data directory and no rate limit.
+    temporary data directory, no rate limit, and no first-start sentiment training.
 ``chinwag_plugins``
     extra plugin objects (modules or instances with ``@hookimpl`` methods) to load beside the
     installed ones — how a plugin's own tests load the plugin under test.
@@ -86,17 +86,21 @@ class ChatUser:
         return "\n".join(r.text for r in await self.send(text))
 
 
-def chinwag_test_settings(tmp_path: Path, overrides: dict[str, Any] | None = None) -> Any:
+def chinwag_test_settings(
+    tmp_path: Path, overrides: dict[str, Any] | None = None, model_cache: Path | None = None
+) -> Any:
+    from bot.config import _deep_merge
+
     base: dict[str, Any] = {
         "data_dir": tmp_path / "chinwag-data",
         "rate_limit": {"enabled": False},
+        # Converting the packaged GGUF takes ~25 s: do it once per machine, not per test.
+        "models": {"cache_dir": model_cache} if model_cache else {},
+        # Training the first sentiment adapter takes minutes: tests that want labels point
+        # models.registry_dir at a trained registry (or switch this back on).
+        "skills": {"sentiment": {"train_if_missing": False}},
     }
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return load_settings(path=None, overrides=base)
+    return load_settings(path=None, overrides=_deep_merge(base, overrides or {}))
 
 
 @pytest.fixture
@@ -109,13 +113,22 @@ def chinwag_plugins() -> list[Any]:
     return []
 
 
+@pytest.fixture(scope="session")
+def chinwag_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted model weights shared by every test of the run (and later runs)."""
+    return tmp_path_factory.getbasetemp().parent / "chinwag-model-cache"
+
+
 if pytest_asyncio is not None:
 
     @pytest_asyncio.fixture
     async def chinwag_bot(
-        tmp_path: Path, chinwag_config: dict[str, Any], chinwag_plugins: list[Any]
+        tmp_path: Path,
+        chinwag_config: dict[str, Any],
+        chinwag_plugins: list[Any],
+        chinwag_model_cache: Path,
     ) -> AsyncIterator[Bot]:
-        settings = chinwag_test_settings(tmp_path, chinwag_config)
+        settings = chinwag_test_settings(tmp_path, chinwag_config, chinwag_model_cache)
         bot = Bot(settings, plugins=chinwag_plugins)
         await bot.start()
         try:

@@ -56,6 +56,23 @@ class SkillsPlugin:
             register(skill)
 
 
+CORE = {"bot": {"fallback": "fallback"}}
+
+
+def core_settings(tmp_path, overrides: dict | None = None):
+    """Test settings for the core's specifications: the model-free fallback answers."""
+    from bot.config import _deep_merge
+    from bot.testing import chinwag_test_settings
+
+    return chinwag_test_settings(tmp_path, _deep_merge(CORE, overrides or {}))
+
+
+@pytest.fixture
+def chinwag_config() -> dict:
+    """The core's specifications use the model-free fallback; skill tests pick their own."""
+    return dict(CORE)
+
+
 @pytest.fixture
 def echo() -> EchoSkill:
     return EchoSkill()

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from bot import Attachment
+from tests.conftest import core_settings
 
 
 async def test_an_empty_message_gets_a_hint_not_silence(chat, chinwag_bot):
@@ -25,7 +26,9 @@ async def test_a_sticker_or_photo_without_text_gets_told_we_read_text(chat):
     assert "only read text" in replies[0].text
 
 
-@pytest.mark.parametrize("chinwag_config", [{"bot": {"max_message_chars": 4000}}])
+@pytest.mark.parametrize(
+    "chinwag_config", [{"bot": {"fallback": "fallback", "max_message_chars": 4000}}]
+)
 async def test_a_megabyte_of_text_is_truncated_with_a_notice_and_its_length_logged(
     chat, chinwag_bot, echo
 ):
@@ -90,7 +93,7 @@ async def test_a_skill_that_hangs_times_out_with_an_apology(chat, caplog):
 async def test_a_skill_that_returns_garbage_is_treated_as_a_failure(tmp_path):
     from bot import Skill
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
     from tests.conftest import SkillsPlugin
 
     class Garbage(Skill):
@@ -100,7 +103,7 @@ async def test_a_skill_that_returns_garbage_is_treated_as_a_failure(tmp_path):
         async def handle(self, message, ctx):
             return 42
 
-    async with Bot(chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(Garbage())]) as bot:
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(Garbage())]) as bot:
         replies = await ChatUser(bot).send("/garbage")
     assert replies[0].kind == "error"
 
@@ -111,10 +114,9 @@ async def test_unknown_command_answers_instead_of_silence(chat):
 
 async def test_a_missing_data_directory_is_created(tmp_path):
     from bot.core import Bot
-    from bot.testing import chinwag_test_settings
 
     deep = tmp_path / "a" / "b" / "c"
-    async with Bot(chinwag_test_settings(tmp_path, {"data_dir": deep})):
+    async with Bot(core_settings(tmp_path, {"data_dir": deep})):
         pass
     assert (deep / "chinwag.sqlite3").exists()
 
@@ -122,11 +124,10 @@ async def test_a_missing_data_directory_is_created(tmp_path):
 async def test_a_data_directory_that_cannot_be_created_is_a_clear_startup_error(tmp_path):
     from bot.core import Bot
     from bot.store import StoreError
-    from bot.testing import chinwag_test_settings
 
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    bot = Bot(chinwag_test_settings(tmp_path, {"data_dir": blocker / "data"}))
+    bot = Bot(core_settings(tmp_path, {"data_dir": blocker / "data"}))
     with pytest.raises(StoreError, match="cannot create the data directory"):
         await bot.start()
 
@@ -134,17 +135,14 @@ async def test_a_data_directory_that_cannot_be_created_is_a_clear_startup_error(
 async def test_a_read_only_database_is_a_clear_startup_error(tmp_path):
     from bot.core import Bot
     from bot.store import StoreError
-    from bot.testing import chinwag_test_settings
 
     db = tmp_path / "ro.sqlite3"
-    async with Bot(
-        chinwag_test_settings(tmp_path, {"database": {"url": f"sqlite+aiosqlite:///{db}"}})
-    ):
+    async with Bot(core_settings(tmp_path, {"database": {"url": f"sqlite+aiosqlite:///{db}"}})):
         pass
     # Tests may run as root, which ignores file modes; SQLite's read-only open is the same
     # condition as far as chinwag can tell.
     url = f"sqlite+aiosqlite:///file:{db}?mode=ro&uri=true"
-    bot = Bot(chinwag_test_settings(tmp_path, {"database": {"url": url}}))
+    bot = Bot(core_settings(tmp_path, {"database": {"url": url}}))
     with pytest.raises(StoreError, match="read-only"):
         await bot.start()
 

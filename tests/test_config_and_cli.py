@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import ConfigError, load_settings
+from tests.conftest import core_settings
 
 CHINWAG = [sys.executable, "-m", "bot.cli"]
 
@@ -18,6 +19,9 @@ CHINWAG = [sys.executable, "-m", "bot.cli"]
 def run_cli(*args, stdin="", env=None, tmp_path: Path):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     full_env["CHINWAG_DATA_DIR"] = str(tmp_path / "data")
+    # The CLI's specifications: the model-free fallback, no first-start sentiment training.
+    full_env["CHINWAG_BOT__FALLBACK"] = "fallback"
+    full_env["CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING"] = "false"
     full_env.update(env or {})
     return subprocess.run(
         [*CHINWAG, *args],
@@ -69,9 +73,8 @@ def test_a_broken_config_stops_startup_with_exit_code_2(tmp_path):
 
 def test_a_skill_section_is_validated_by_the_skills_own_model(tmp_path):
     from bot.core import Bot
-    from bot.testing import chinwag_test_settings
 
-    settings = chinwag_test_settings(tmp_path, {"skills": {"help": {"colour": "red"}}})
+    settings = core_settings(tmp_path, {"skills": {"help": {"colour": "red"}}})
     with pytest.raises(ConfigError, match=r"skills\.help\.colour: unknown key"):
         Bot(settings)._load_skills()
 

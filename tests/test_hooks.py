@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from bot import Reply, Skill, hookimpl, hookspecs
 from bot.core import Bot
-from bot.testing import ChatUser, chinwag_test_settings
+from bot.testing import ChatUser
+from tests.conftest import core_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = sorted(
@@ -106,7 +107,7 @@ class EveryHook:
 
 async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_path):
     plugin = EveryHook()
-    bot = Bot(chinwag_test_settings(tmp_path), plugins=[plugin], load_entry_points=False)
+    bot = Bot(core_settings(tmp_path), plugins=[plugin], load_entry_points=False)
     await bot.start()
     assert plugin.events == ["startup:1"]
     user = ChatUser(bot, user_name="Ann")
@@ -135,7 +136,7 @@ async def test_a_startup_hook_that_fails_aborts_startup_and_closes_the_store(tmp
         def startup(self, bot):
             raise RuntimeError("cannot reach the CRM")
 
-    bot = Bot(chinwag_test_settings(tmp_path), plugins=[Broken()])
+    bot = Bot(core_settings(tmp_path), plugins=[Broken()])
     with pytest.raises(RuntimeError, match="CRM"):
         await bot.start()
     assert bot.store.engine is None
@@ -145,8 +146,6 @@ async def test_two_plugins_registering_the_same_skill_name_is_a_clear_error(tmp_
     from bot.config import ConfigError
     from tests.conftest import SkillsPlugin
 
-    bot = Bot(
-        chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(Greeter()), SkillsPlugin(Greeter())]
-    )
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(Greeter()), SkillsPlugin(Greeter())])
     with pytest.raises(ConfigError, match="greeter"):
         await bot.start()

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from bot import Context, Message, Reply, Skill, hookimpl
-from tests.conftest import SkillsPlugin
+from tests.conftest import SkillsPlugin, core_settings
 
 
 class LoggedBeforeHandled(Skill):
@@ -24,11 +24,9 @@ class LoggedBeforeHandled(Skill):
 
 async def test_every_message_is_logged_durably_before_a_skill_sees_it(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
-    async with Bot(
-        chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(LoggedBeforeHandled())]
-    ) as bot:
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(LoggedBeforeHandled())]) as bot:
         assert await ChatUser(bot).ask("/introspect") == "stored"
 
 
@@ -55,9 +53,9 @@ async def test_the_same_platform_message_delivered_twice_is_handled_once(chat, c
 
 async def test_redelivery_is_caught_even_after_a_restart(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
-    settings = chinwag_test_settings(tmp_path)
+    settings = core_settings(tmp_path)
     async with Bot(settings, plugins=[SkillsPlugin()]) as bot:
         assert await bot.handle(ChatUser(bot).message("/echo a", message_id="7"))
     async with Bot(settings, plugins=[SkillsPlugin()]) as bot:
@@ -84,10 +82,10 @@ class Recorder(Skill):
 
 async def test_messages_of_one_chat_are_answered_in_arrival_order(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
     rec = Recorder()
-    async with Bot(chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(rec)]) as bot:
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(rec)]) as bot:
         user = ChatUser(bot)
         await asyncio.gather(*(user.send(f"/rec {i}") for i in range(20)))
     assert rec.order == [f"chat-1:{i}" for i in range(20)]
@@ -96,10 +94,10 @@ async def test_messages_of_one_chat_are_answered_in_arrival_order(tmp_path):
 
 async def test_different_chats_run_concurrently_up_to_the_configured_bound(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
     rec = Recorder()
-    settings = chinwag_test_settings(tmp_path, {"bot": {"max_concurrency": 4}})
+    settings = core_settings(tmp_path, {"bot": {"max_concurrency": 4}})
     async with Bot(settings, plugins=[SkillsPlugin(rec)]) as bot:
         users = [ChatUser(bot, chat_id=f"c{i}", user_id=f"u{i}") for i in range(12)]
         await asyncio.gather(*(u.send("/rec 10") for u in users))
@@ -181,10 +179,10 @@ class CrashingFilterPlugin:
 
 async def test_a_crashing_reply_filter_withholds_the_reply_instead_of_leaking_it(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
     plugins = [SkillsPlugin(), CrashingFilterPlugin()]
-    async with Bot(chinwag_test_settings(tmp_path), plugins=plugins) as bot:
+    async with Bot(core_settings(tmp_path), plugins=plugins) as bot:
         replies = await ChatUser(bot).send("/echo private data")
     assert len(replies) == 1
     assert "private data" not in replies[0].text
@@ -217,10 +215,10 @@ async def test_a_failed_delivery_is_recorded_and_the_bot_keeps_serving(chat, chi
 
 async def test_stop_lets_in_flight_messages_finish(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
     rec = Recorder()
-    bot = Bot(chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(rec)])
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(rec)])
     await bot.start()
     task = asyncio.create_task(ChatUser(bot).send("/rec 10"))
     await asyncio.sleep(0.001)

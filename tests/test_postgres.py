@@ -22,8 +22,8 @@ import pytest
 from bot.core import Bot
 from bot.messages import Message, Reply, utcnow
 from bot.store import ConversationStore
-from bot.testing import ChatUser, chinwag_test_settings
-from tests.conftest import SkillsPlugin
+from bot.testing import ChatUser
+from tests.conftest import SkillsPlugin, core_settings
 
 
 def _pg_bin() -> Path | None:
@@ -139,7 +139,7 @@ async def test_the_store_works_the_same_on_postgresql(fresh_pg):
 
 
 async def test_a_bot_runs_end_to_end_on_postgresql(tmp_path, fresh_pg):
-    settings = chinwag_test_settings(tmp_path, {"database": {"url": fresh_pg}})
+    settings = core_settings(tmp_path, {"database": {"url": fresh_pg}})
     async with Bot(settings, plugins=[SkillsPlugin()]) as bot:
         user = ChatUser(bot)
         assert await user.ask("/echo over postgres") == "over postgres"

@@ -8,6 +8,7 @@ import pytest
 
 from bot.logs import SecretFilter, setup_logging
 from bot.ratelimit import RateLimiter, Verdict
+from tests.conftest import CORE
 
 
 async def test_forget_deletes_the_senders_history_but_not_other_peoples(chinwag_chat, chinwag_bot):
@@ -24,7 +25,7 @@ async def test_forget_deletes_the_senders_history_but_not_other_peoples(chinwag_
 
 
 @pytest.mark.parametrize(
-    "chinwag_config", [{"rate_limit": {"enabled": True, "per_second": 0.001, "burst": 3}}]
+    "chinwag_config", [{**CORE, "rate_limit": {"enabled": True, "per_second": 0.001, "burst": 3}}]
 )
 async def test_a_flood_gets_one_slow_down_and_is_not_processed(chat, chinwag_bot, echo):
     replies = [await chat.send(f"echo {i}") for i in range(10)]
@@ -37,7 +38,7 @@ async def test_a_flood_gets_one_slow_down_and_is_not_processed(chat, chinwag_bot
 
 
 @pytest.mark.parametrize(
-    "chinwag_config", [{"rate_limit": {"enabled": True, "per_second": 0.001, "burst": 1}}]
+    "chinwag_config", [{**CORE, "rate_limit": {"enabled": True, "per_second": 0.001, "burst": 1}}]
 )
 async def test_admins_and_other_users_are_not_slowed_by_someone_elses_flood(chinwag_chat):
     flooder = chinwag_chat(user_id="f")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot import Command, Context, Message, Reply, Skill
-from tests.conftest import SkillsPlugin
+from tests.conftest import CORE, SkillsPlugin, core_settings
 
 
 class Scored(Skill):
@@ -71,21 +71,21 @@ async def test_free_text_nobody_claims_goes_to_the_fallback(chat):
 )
 async def test_best_score_above_threshold_wins_and_ties_go_to_priority(tmp_path, skills, winner):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
-    async with Bot(chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(*skills)]) as bot:
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(*skills)]) as bot:
         replies = await ChatUser(bot).send("anything")
     assert replies[0].skill == winner
 
 
-@pytest.mark.parametrize("chinwag_config", [{"skills": {"echo": {"enabled": False}}}])
+@pytest.mark.parametrize("chinwag_config", [{**CORE, "skills": {"echo": {"enabled": False}}}])
 async def test_a_skill_disabled_in_the_config_never_answers(chat):
     assert (await chat.send("echo hi"))[0].skill == "fallback"
     assert "I don't know the command /echo" in await chat.ask("/echo hi")
 
 
 @pytest.mark.parametrize(
-    "chinwag_config", [{"chats": {"test:quiet": {"disabled_skills": ["echo"]}}}]
+    "chinwag_config", [{**CORE, "chats": {"test:quiet": {"disabled_skills": ["echo"]}}}]
 )
 async def test_a_skill_can_be_disabled_for_one_chat_only(chinwag_chat):
     quiet = chinwag_chat(chat_id="quiet")
@@ -97,9 +97,9 @@ async def test_a_skill_can_be_disabled_for_one_chat_only(chinwag_chat):
 
 async def test_admins_switch_skills_per_chat_and_it_survives_a_restart(tmp_path):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
-    settings = chinwag_test_settings(tmp_path, {"admins": {"test": ["boss"]}})
+    settings = core_settings(tmp_path, {"admins": {"test": ["boss"]}})
     async with Bot(settings, plugins=[SkillsPlugin()]) as bot:
         boss = ChatUser(bot, user_id="boss")
         assert "off" in await boss.ask("/disable echo")
@@ -141,10 +141,8 @@ class Clash(Skill):
 
 async def test_a_command_claimed_twice_goes_to_the_higher_priority_skill(tmp_path, caplog):
     from bot.core import Bot
-    from bot.testing import ChatUser, chinwag_test_settings
+    from bot.testing import ChatUser
 
-    async with Bot(
-        chinwag_test_settings(tmp_path), plugins=[SkillsPlugin(), SkillsPlugin(Clash())]
-    ) as bot:
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(), SkillsPlugin(Clash())]) as bot:
         assert await ChatUser(bot).ask("/echo hi") == "clash"
     assert "shadowed" in caplog.text

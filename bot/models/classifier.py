@@ -60,9 +60,9 @@ class LoadedClassifier:
 
     def __init__(self, entry: AdapterVersion, device: str = "auto") -> None:
         from peft import PeftModel
-        from transformers import AutoModelForSequenceClassification
 
         from bot.models.embedding import resolve_model
+        from bot.models.encoder_head import EncoderClassifier
 
         meta = entry.meta
         self.entry = entry
@@ -70,9 +70,7 @@ class LoadedClassifier:
         self.base_model = str(meta.get("base_model", "all-MiniLM-L6-v2"))
         self.max_length = int(meta.get("max_length", 128))
         self.device = _device(device)
-        base = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(self.base_model), num_labels=len(self.labels)
-        )
+        base = EncoderClassifier(resolve_model(self.base_model), len(self.labels))
         model = PeftModel.from_pretrained(base, str(entry.path))
         self.model = model.merge_and_unload().to(self.device).eval()
         self.tokenizer = load_encoder_tokenizer(self.base_model)
@@ -88,7 +86,8 @@ class LoadedClassifier:
                 padding=True,
                 return_tensors="pt",
             ).to(self.device)
-            return torch.softmax(self.model(**enc).logits.float(), -1).cpu().numpy()
+            logits = self.model(enc["input_ids"], enc["attention_mask"])["logits"]
+            return torch.softmax(logits.float(), -1).cpu().numpy()
 
 
 @dataclass(slots=True)

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from bot.config import Settings
+from bot.models.classifier import Classification, ClassifierPool
 from bot.models.embedding import Embedder
 from bot.models.local import LocalBackend
+from bot.models.registry import AdapterRegistry
 from bot.models.remote import RemoteBackend
 from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError
 
@@ -34,10 +36,20 @@ class ModelRuntime:
         self._starting = asyncio.Lock()
         self._embedder: Embedder | None = None
         self.loaded_from_cache: bool | None = None
+        #: Trained adapter versions and which one is in service (data_dir/adapters).
+        self.registry = AdapterRegistry(
+            self.config.registry_dir or AdapterRegistry.for_data_dir(settings.data_dir).root
+        )
+        self.classifiers = ClassifierPool(
+            self.registry,
+            device=self.config.device,
+            max_batch=self.config.classify_max_batch,
+            wait_ms=self.config.classify_wait_ms,
+        )
 
     @property
     def cache_dir(self) -> Path:
-        return self.settings.data_dir / "models"
+        return self.config.cache_dir or self.settings.data_dir / "models"
 
     async def start(self) -> Backend:
         """Load the base model (or connect to the server) and the configured adapters.
@@ -57,6 +69,13 @@ class ModelRuntime:
                     await self._backend.start()
                 for name, adapter in cfg.adapters.items():
                     await self._backend.load_adapter(name, adapter.path, adapter.version)
+                # Then every generative adapter the trainers promoted (configured ones win).
+                for name in self.registry.names():
+                    if name in cfg.adapters:
+                        continue
+                    current = self.registry.current(name)
+                    if current is not None and current.kind == "generative":
+                        await self._backend.load_adapter(name, current.path, current.version)
         return self._backend
 
     async def _create(self) -> Backend:
@@ -98,6 +117,7 @@ class ModelRuntime:
         )
 
     async def stop(self) -> None:
+        await self.classifiers.close()
         if self._backend is None:
             return
         if isinstance(self._backend, LocalBackend):
@@ -162,6 +182,26 @@ class ModelRuntime:
                 self.settings.knowledge.model, device=self.settings.knowledge.device
             )
         return await asyncio.to_thread(self._embedder.encode, texts)
+
+    async def classify(
+        self, texts: list[str], classifier: str = "sentiment"
+    ) -> list[Classification]:
+        """Label ``texts`` with the named classifier (batched with other chats' requests).
+
+        Raises :class:`~bot.models.classifier.NoClassifier` when none is in service yet.
+        """
+        return await self.classifiers.classify(classifier, texts)
+
+    def adapter_for(self, name: str) -> str | None:
+        """``name`` when that adapter is loaded, else ``None`` (the base model serves)."""
+        return name if name in self.adapters() else None
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for the base model (an estimate until the model is loaded)."""
+        tokenizer = getattr(self._backend, "tokenizer", None)
+        if tokenizer is None:
+            return max(1, len(text) // 4)
+        return len(tokenizer.encode(text, add_special_tokens=False))
 
     async def load_adapter(self, name: str, path: Path | str, version: str) -> None:
         """Load (or hot-swap to) ``version`` of adapter ``name`` from a peft adapter folder."""

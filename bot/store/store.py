@@ -919,13 +919,24 @@ class ConversationStore:
             return {(r.platform, r.platform_chat_id): r.settings or {} for r in rows}
 
     async def last_turns(
-        self, platform: str, chat_id: str, limit: int = 10, *, before_id: int | None = None
+        self,
+        platform: str,
+        chat_id: str,
+        limit: int = 10,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
     ) -> list[StoredMessage]:
-        """The last ``limit`` messages of a chat (both directions), oldest first."""
+        """The last ``limit`` messages of a chat (both directions), oldest first.
+
+        ``after_id`` excludes everything up to and including that message (``/reset``).
+        """
         m = schema.messages
         q = sa.select(m).where(m.c.platform == platform, m.c.chat_id == chat_id)
         if before_id is not None:
             q = q.where(m.c.id < before_id)
+        if after_id is not None:
+            q = q.where(m.c.id > after_id)
         q = q.order_by(m.c.id.desc()).limit(limit)
         async with (await self._reader()).connect() as conn:
             rows = (await conn.execute(q)).all()

@@ -1,0 +1,113 @@
+"""Text helpers the model-backed skills share: is a generated answer supported by the passages
+it was given, which passage sentences best answer a question, and how to keep instructions
+hidden in documents from steering the model.
+
+Lexical on purpose: it must run in microseconds on every reply, and for "did the model invent
+this?" content-word overlap with the sources is a strong, explainable signal (the same measure
+``chinwag eval`` reports as groundedness).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_WORD = re.compile(r"[^\W_]+(?:[.,'’-][^\W_]+)*", re.UNICODE)
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+|\n+")
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further
+    had has have having he her here hers herself him himself his how i if in into is it its
+    itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself yourselves
+    also may might must shall yes ok okay one get got like well really""".split()
+)
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def content_words(text: str) -> list[str]:
+    """Words that carry meaning: no stop words, and numbers always count."""
+    return [w for w in words(text) if w not in STOPWORDS and (len(w) > 2 or w[0].isdigit())]
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+
+
+def support(answer: str, passages: Iterable[str]) -> float:
+    """Share of the answer's content words found in the passages (1.0 = fully grounded).
+
+    An answer with no content words (empty, "Yes.") is unsupported: it says nothing checkable.
+    """
+    said = content_words(answer)
+    if not said:
+        return 0.0
+    known: set[str] = set()
+    for p in passages:
+        known.update(content_words(p))
+    # Light stemming so "permits" is supported by "permit".
+    stems = {w.rstrip("s") for w in known}
+    hits = sum(1 for w in said if w in known or w.rstrip("s") in stems)
+    return hits / len(said)
+
+
+def faq_answer(text: str) -> str:
+    """The answer part of a FAQ chunk (``Q: … A: …``); other chunks unchanged."""
+    m = re.search(r"(?:^|\n)A:\s*(.*)", text, re.S)
+    return m.group(1).strip() if m else text.strip()
+
+
+def faq_question(text: str) -> str | None:
+    m = re.match(r"\s*Q:\s*(.*?)\s*(?:\nA:|$)", text, re.S)
+    return m.group(1).strip() if m else None
+
+
+def best_sentences(question: str, text: str, limit: int = 2) -> list[str]:
+    """The sentences of ``text`` that best answer ``question``, in their original order.
+
+    Ranked by content-word overlap with the question, ties to the earlier sentence (answers
+    usually lead with the key fact). The first sentence is always a candidate so that a
+    question phrased in other words still gets the lead sentence.
+    """
+    found = sentences(text)
+    if len(found) <= limit:
+        return found
+    q = set(content_words(question))
+    qs = {w.rstrip("s") for w in q}
+
+    def score(i: int) -> float:
+        cw = content_words(found[i])
+        overlap = sum(1 for w in set(cw) if w in q or w.rstrip("s") in qs)
+        return overlap + (0.75 if i == 0 else 0.0) - i * 0.01
+
+    ranked = sorted(range(len(found)), key=score, reverse=True)[:limit]
+    return [found[i] for i in sorted(ranked)]
+
+
+_DIRECTIVE = re.compile(
+    r"\b(ignore|disregard|forget|override)\b.{0,40}\b(instruction|instructions|prompt|rules|above|previous)\b"
+    r"|\byou are now\b|\bact as\b|\bsystem prompt\b|\bnew instructions?\b"
+    r"|\b(reply|respond|answer|say)\b.{0,20}\bonly\b.{0,30}\bwith\b",
+    re.I,
+)
+
+
+def neutralize_instructions(text: str) -> tuple[str, int]:
+    """Drop sentences of a document that address the model ("ignore your instructions…").
+
+    Documents are reference material, never instructions; a small model cannot be trusted to
+    tell the difference, so directives are removed before the passage reaches the prompt.
+    Returns the cleaned text and how many sentences were dropped.
+    """
+    kept, dropped = [], 0
+    for s in sentences(text):
+        if _DIRECTIVE.search(s):
+            dropped += 1
+        else:
+            kept.append(s)
+    return " ".join(kept), dropped

@@ -1,0 +1,228 @@
+"""Grounded question answering from the knowledge index (``/ask``, and questions by score).
+
+The answer must come from the passages: the model (``qa`` adapter, or the base model until one
+is trained) writes it from the retrieved passages, and when what it wrote is not supported by
+them (content-word overlap below ``min_support``) the skill quotes the passage sentences that
+best answer the question instead. Every answer cites its sources; when nothing relevant is
+found the skill says so rather than guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bot import Command, Context, Message, Reply, Skill, Source, hookimpl
+from skills.grounding import (
+    best_sentences,
+    faq_answer,
+    faq_question,
+    neutralize_instructions,
+    support,
+)
+
+log = logging.getLogger(__name__)
+
+
+class QAConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    #: Cosine similarity a passage needs to count as an answer source (the knowledge index's
+    #: own ``min_score`` is looser: it also feeds dialogue). Measured in docs/skills.md.
+    min_score: float = Field(0.5, ge=-1, le=1)
+    top_k: int = Field(3, ge=1, le=20)
+    #: Cite further passages scoring within this margin of the best one.
+    cite_margin: float = Field(0.08, ge=0, le=1)
+    max_sources: int = Field(2, ge=1, le=10)
+    #: Let the model write the answer; off: always quote the best sentences (fast, no model).
+    generate: bool = True
+    adapter: str = "qa"
+    max_new_tokens: int = Field(96, ge=8, le=1024)
+    #: Share of the generated answer's content words that must appear in the passages.
+    min_support: float = Field(0.8, ge=0, le=1)
+    quote_sentences: int = Field(2, ge=1, le=10)
+    passage_chars: int = Field(900, ge=100)
+
+
+QUESTION_WORDS = frozenset(
+    """what who whom whose which when where why how is are am was were do does did can could
+    should would will shall may might must has have had isn't aren't don't doesn't didn't can't
+    won't wouldn't shouldn't""".split()
+)
+_ASKING = re.compile(
+    r"\b(tell me|explain|i (?:want|need|would like) to know|i wonder|any idea|do you know)\b", re.I
+)
+
+SYSTEM = (
+    "You answer questions using only the reference passages you are given. "
+    "Answer in one or two sentences with the facts from the passages. "
+    "If the passages do not contain the answer, say you don't know."
+)
+
+
+def question_likeness(text: str) -> float:
+    """1 for a clear question, less for indirect ones, 0 for statements (cheap, no model)."""
+    t = text.strip()
+    if not t:
+        return 0.0
+    if t.endswith("?"):
+        return 1.0
+    first = t.split(None, 1)[0].lower().strip(",.!:;")
+    if first in QUESTION_WORDS:
+        return 0.8
+    if _ASKING.search(t):
+        return 0.7
+    return 0.0
+
+
+class QASkill(Skill):
+    name = "qa"
+    description = "Answers questions from the knowledge base, with sources."
+    commands = (Command("ask", "Ask the knowledge base a question", usage="/ask QUESTION"),)
+    config_model = QAConfig
+    priority = 50
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self._cache: OrderedDict[int, list[Any]] = OrderedDict()
+
+    async def _search(self, ctx: Context, question: str, cfg: QAConfig) -> list[Any]:
+        kb = ctx.bot.services.get("knowledge")
+        if kb is None:
+            return []
+        return await kb.search(question, cfg.top_k, min_score=cfg.min_score)
+
+    async def score(self, message: Message, ctx: Context) -> float:
+        q = question_likeness(message.text)
+        if q == 0.0 or "knowledge" not in ctx.bot.services:
+            return 0.0
+        cfg: QAConfig = ctx.config
+        try:
+            passages = await self._search(ctx, message.text, cfg)
+        except Exception:
+            log.exception("qa: knowledge search failed while scoring")
+            return 0.0
+        if message.id is not None:
+            self._cache[message.id] = passages
+            while len(self._cache) > 512:
+                self._cache.popitem(last=False)
+        if not passages:
+            return 0.0
+        return q * (0.55 + 0.45 * passages[0].score)
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        cfg: QAConfig = ctx.config
+        question = (ctx.args if ctx.command else message.text).strip()
+        if not question:
+            return Reply("Ask me something after the command, e.g. /ask how long does it take?")
+        kb = ctx.bot.services.get("knowledge")
+        if kb is None:
+            return Reply(
+                "I have no knowledge base to answer from. An operator can add documents with "
+                "`chinwag knowledge add PATH`.",
+                kind="notice",
+            )
+        cached = self._cache.pop(message.id, None) if not ctx.command else None
+        try:
+            passages = cached if cached is not None else await self._search(ctx, question, cfg)
+        except Exception as exc:
+            log.exception("qa: knowledge search failed")
+            return Reply(
+                "My knowledge base is unavailable right now, so I can't look that up. "
+                "The operator can see why in the logs.",
+                kind="error",
+                metadata={"error": type(exc).__name__},
+            )
+        if not passages:
+            return await self._abstain(question, kb)
+        return await self._answer(question, passages, ctx, cfg)
+
+    async def _abstain(self, question: str, kb: Any) -> Reply:
+        try:
+            stats = await kb.stats()
+            where = f"the knowledge base ({stats.get('sources', 0)} documents)"
+        except Exception:
+            where = "the knowledge base"
+        shown = question if len(question) <= 120 else question[:117] + "…"
+        return Reply(
+            f"I don't know. I searched {where} for “{shown}” and found nothing relevant "
+            "enough to answer from, so I won't guess.",
+            metadata={"abstained": True, "query": question},
+        )
+
+    async def _answer(
+        self, question: str, passages: list[Any], ctx: Context, cfg: QAConfig
+    ) -> Reply:
+        top = passages[0]
+        cited = [p for p in passages if p.score >= top.score - cfg.cite_margin][: cfg.max_sources]
+        texts = [neutralize_instructions(p.text)[0][: cfg.passage_chars] for p in cited]
+        meta: dict[str, Any] = {
+            "passages": [p.chunk_id for p in cited],
+            "retrieval_scores": [round(p.score, 4) for p in cited],
+        }
+        answer: str | None = None
+        generation = None
+        if cfg.generate:
+            runtime = ctx.bot.models
+            adapter = runtime.adapter_for(cfg.adapter)
+            prompt = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
+            try:
+                generation = await runtime.generate(
+                    [
+                        {"role": "system", "content": SYSTEM},
+                        {
+                            "role": "user",
+                            "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
+                        },
+                    ],
+                    adapter,
+                    max_new_tokens=cfg.max_new_tokens,
+                )
+                meta["support"] = round(support(generation.text, texts), 3)
+                if meta["support"] >= cfg.min_support and "don't know" not in generation.text:
+                    answer = generation.text.strip()
+            except Exception as exc:
+                log.warning("qa: generation failed (%s); quoting the passage instead", exc)
+                meta["model_error"] = type(exc).__name__
+        if answer is None:
+            answer = " ".join(best_sentences(question, faq_answer(texts[0]), cfg.quote_sentences))
+            meta["mode"] = "quoted"
+            generation = None
+        else:
+            meta["mode"] = "generated"
+        sources = [Source(_title(p), p.source, round(p.score, 4)) for p in cited]
+        lines = "\n".join(f"[{i + 1}] {s.title}" for i, s in enumerate(sources))
+        reply = Reply(
+            f"{answer}\n\nSources:\n{lines}",
+            rateable=True,
+            sources=sources,
+            metadata=meta,
+        )
+        if generation is not None:
+            reply.model = generation.model
+            reply.adapter = generation.adapter
+            reply.adapter_version = generation.adapter_version
+        return reply
+
+
+def _title(passage: Any) -> str:
+    """ "How long does a permit take? (faq-en.jsonl › bygglov)" — the question or heading
+    trail, then where it lives."""
+    name = Path(passage.source).name
+    question = faq_question(passage.text)
+    headings = [h for h in passage.headings if h]
+    if question:
+        trail = " › ".join([name, *headings[1:-1]]) if len(headings) > 1 else name
+        return f"{question} ({trail})"
+    trail = " › ".join(headings) if headings else ""
+    return f"{trail} ({name})" if trail else name
+
+
+@hookimpl
+def register_skills(register):
+    register(QASkill())

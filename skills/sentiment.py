@@ -1,0 +1,261 @@
+"""Sentiment on every inbound message, ``/mood``, and escalation to a human.
+
+An observer labels each message negative / neutral / positive through the runtime's
+``sentiment`` classifier (MiniLM + LoRA, batched across chats) and stores the label with the
+message. Several negative messages in a row from one user call the ``escalate`` hook once; the
+built-in implementation below notifies the configured admin chats. When no sentiment adapter
+exists yet, the first start trains one (trainers/sentiment.py), showing progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bot import Command, Context, Escalation, Message, Reply, Skill, hookimpl
+from bot.models.classifier import NoClassifier, describe
+
+log = logging.getLogger(__name__)
+
+EMOJI = {"negative": "😞", "neutral": "😐", "positive": "😊"}
+
+
+class SentimentConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    classifier: str = "sentiment"
+    #: Train the first adapter at start-up when none exists (takes minutes; progress shown).
+    train_if_missing: bool = True
+    #: Options for that first training (see trainers/sentiment.py: epochs, rank, …).
+    training: dict[str, Any] = {}
+    #: Negative messages in a row from one user that call the escalate hook; 0 disables.
+    escalate_after: int = Field(3, ge=0)
+    #: A message counts as negative for escalation only with at least this confidence.
+    negative_min_score: float = Field(0.5, ge=0, le=1)
+    #: Chats the built-in escalation notice goes to, as "platform:chat_id".
+    notify: list[str] = []
+    #: Messages ``/mood`` summarises.
+    mood_window: int = Field(20, ge=1, le=500)
+
+
+@dataclass(slots=True)
+class _Streak:
+    count: int = 0
+    texts: list[str] = field(default_factory=list)
+
+
+class SentimentSkill(Skill):
+    """Both a skill (``/mood``) and an observer (labels every message)."""
+
+    name = "sentiment"
+    description = "Reads the mood of the conversation and calls a human when it turns sour."
+    commands = (Command("mood", "How this chat has been feeling lately"),)
+    config_model = SentimentConfig
+    priority = 60
+    threshold = 2.0  # commands only
+
+    # One object serves every Bot in the process (plugins are modules), so per-bot state —
+    # the configuration and the negative streaks — lives on the bot, never on the skill.
+
+    @staticmethod
+    def _config(bot: Any) -> SentimentConfig:
+        entry = bot.skill("sentiment")
+        return entry.config if entry is not None and entry.config else SentimentConfig()
+
+    @staticmethod
+    def _streaks(bot: Any) -> OrderedDict[str, _Streak]:
+        return bot.services.setdefault("sentiment.streaks", OrderedDict())
+
+    async def setup(self, bot: Any, config: SentimentConfig) -> None:
+        registry = bot.models.registry
+        if registry.current(config.classifier) is not None or not config.train_if_missing:
+            if registry.current(config.classifier) is None:
+                log.warning(
+                    "no %r classifier in service and train_if_missing is off: messages "
+                    "will not be labelled",
+                    config.classifier,
+                )
+            return
+        await asyncio.to_thread(_train_first_adapter, registry, config)
+
+    # -- observer --------------------------------------------------------------------------
+
+    async def observe(self, message: Message, ctx: Context) -> None:
+        text = message.text.strip()
+        if not text or text.startswith("/"):
+            return
+        config = self._config(ctx.bot)
+        try:
+            (result,) = await ctx.bot.models.classify([text], config.classifier)
+        except NoClassifier:
+            if not ctx.bot.services.get("sentiment.warned"):
+                log.warning("sentiment: no classifier in service; messages are not labelled")
+                ctx.bot.services["sentiment.warned"] = True
+            return
+        message.metadata["sentiment"] = describe(result)
+        await self._track(message, result.label, result.score, ctx, config)
+
+    async def _track(
+        self, message: Message, label: str, score: float, ctx: Context, config: SentimentConfig
+    ) -> None:
+        after = config.escalate_after
+        if after <= 0:
+            return
+        streaks = self._streaks(ctx.bot)
+        key = f"{message.chat_key}:{message.user_id}"
+        streak = streaks.pop(key, None) or _Streak()
+        streaks[key] = streak
+        while len(streaks) > 10_000:
+            streaks.popitem(last=False)
+        if label != "negative" or score < config.negative_min_score:
+            streak.count, streak.texts = 0, []
+            return
+        streak.count += 1
+        streak.texts = [*streak.texts, message.text][-after:]
+        if streak.count == after:  # exactly once per run of negative messages
+            message.metadata["escalated"] = True
+            await ctx.bot.escalate(
+                Escalation(
+                    platform=message.platform,
+                    chat_id=message.chat_id,
+                    user_id=message.user_id,
+                    user_name=message.user_name,
+                    chat_title=message.chat_title,
+                    reason=f"{after} negative messages in a row",
+                    messages=list(streak.texts),
+                )
+            )
+
+    # -- /mood -----------------------------------------------------------------------------
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        window = ctx.config.mood_window
+        turns = await ctx.bot.store.last_turns(
+            message.platform, message.chat_id, window * 3, before_id=message.id
+        )
+        labelled = [
+            t.meta["sentiment"]
+            for t in turns
+            if t.direction == "in" and isinstance(t.meta.get("sentiment"), dict)
+        ][-window:]
+        if not labelled:
+            return Reply("I haven't read enough messages here to tell the mood yet.")
+        counts = {k: sum(1 for s in labelled if s["label"] == k) for k in EMOJI}
+        values = [_valence(s) for s in labelled]
+        average = sum(values) / len(values)
+        trend = ""
+        if len(values) >= 4:
+            half = len(values) // 2
+            delta = sum(values[half:]) / (len(values) - half) - sum(values[:half]) / half
+            trend = (
+                ", getting better"
+                if delta > 0.2
+                else ", getting worse"
+                if delta < -0.2
+                else ", steady"
+            )
+        parts = " · ".join(f"{EMOJI[k]} {counts[k]} {k}" for k in EMOJI)
+        return Reply(
+            f"Mood of the last {len(labelled)} messages: {parts} (average {average:+.2f}{trend}).",
+            metadata={"mood": counts, "average": round(average, 3)},
+        )
+
+
+def _valence(s: dict[str, Any]) -> float:
+    scores = s.get("scores") or {}
+    return float(scores.get("positive", 0.0)) - float(scores.get("negative", 0.0))
+
+
+def _train_first_adapter(registry: Any, config: SentimentConfig) -> None:
+    from trainers.sentiment import SentimentTrainConfig, train_sentiment
+
+    train_config = SentimentTrainConfig(**config.training)
+    log.info("no sentiment adapter yet: training the first one (a few minutes, once)")
+    progress = _progress_printer()
+    try:
+        train_sentiment(registry, train_config, progress=progress)
+    finally:
+        progress.close()
+
+
+class _progress_printer:  # noqa: N801 - used like a function
+    """Progress of the first training: a rich bar on a terminal, log lines otherwise."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("sentiment: {task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self._bar.start()
+            self._tasks: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self._bar is not None:
+            task = self._tasks.get(stage)
+            if task is None:
+                task = self._tasks[stage] = self._bar.add_task(stage, total=total)
+            self._bar.update(task, completed=done, total=total)
+            return
+        pct = int(100 * done / total) if total else 100
+        if pct // 10 != self._last.get(stage, -1) // 10 or done == total:
+            self._last[stage] = pct
+            log.info("sentiment training: %s %d/%d (%d%%)", stage, done, total, pct)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+SKILL = SentimentSkill()
+
+
+@hookimpl
+def register_skills(register):
+    register(SKILL)
+
+
+@hookimpl
+def register_observers(register):
+    register(SKILL)
+
+
+@hookimpl
+def escalate(bot, event: Escalation):
+    """The built-in escalation: a notice to every chat in ``[skills.sentiment] notify``."""
+    entry = bot.skill("sentiment")
+    targets = entry.config.notify if entry is not None and entry.config is not None else []
+    if not targets:
+        log.warning(
+            "escalation in %s:%s (%s) but [skills.sentiment] notify lists no admin chats",
+            event.platform,
+            event.chat_id,
+            event.reason,
+        )
+        return None
+    who = event.user_name or event.user_id
+    where = f"{event.platform}:{event.chat_id}" + (
+        f" ({event.chat_title})" if event.chat_title else ""
+    )
+    quoted = "\n".join(f"  “{t[:200]}”" for t in event.messages)
+    text = f"⚠️ {who} in {where} may need a human: {event.reason}.\n{quoted}"
+
+    async def send() -> None:
+        for target in targets:
+            platform, _, chat_id = target.partition(":")
+            await bot.push(platform, chat_id, Reply(text, kind="notice", skill="sentiment"))
+
+    return send()
