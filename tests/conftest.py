@@ -4,6 +4,7 @@ chinwag's own pytest plugin (``bot.testing``), the same one operators use."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,52 @@ def echo() -> EchoSkill:
 @pytest.fixture
 def chinwag_plugins(echo: EchoSkill) -> list:
     return [SkillsPlugin(echo, BoomSkill(), SlowSkill())]
+
+
+# -- real models and data, loaded once per run --------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2, loaded once for the whole run."""
+    from knowledge.embedder import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def faq_file() -> Path:
+    import zaragoza_construction_faq
+
+    return Path(zaragoza_construction_faq.__file__).parent / "data" / "faq-en.jsonl"
+
+
+@pytest.fixture(scope="session")
+def faq_kb(tmp_path_factory, embedder, faq_file):
+    """The 503-pair construction FAQ, ingested once; skills point ``knowledge.directory`` here."""
+    from knowledge.base import KnowledgeBase
+
+    base = KnowledgeBase(tmp_path_factory.mktemp("faq"), embedder=embedder)
+    summary = base.add([faq_file])
+    assert summary.chunks_added == 503
+    return base
+
+
+@pytest.fixture(scope="session")
+def sentiment_registry(tmp_path_factory) -> Path:
+    """An adapter registry holding a real, quickly trained ``sentiment`` classifier.
+
+    Trained on a 600-message sample for one epoch (~40 s on 2 cores): weaker than the default
+    configuration (docs/models.md has the full figures) but a real LoRA classifier end to end.
+    """
+    from bot.models.registry import AdapterRegistry
+    from trainers.sentiment import SentimentTrainConfig, train_sentiment
+
+    root = tmp_path_factory.mktemp("adapters")
+    config = SentimentTrainConfig(
+        max_train_examples=600, head_init_examples=600, max_eval_examples=300, epochs=1
+    )
+    train_sentiment(AdapterRegistry(root), config)
+    return root

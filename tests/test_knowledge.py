@@ -16,16 +16,9 @@ import numpy as np
 import pytest
 
 from knowledge.base import KnowledgeBase, KnowledgeError
-from knowledge.embedder import Embedder
 from knowledge.index import VectorIndex
 
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="session")
-def embedder() -> Embedder:
-    """The real all-MiniLM-L6-v2, loaded once for the whole run."""
-    return Embedder()
 
 
 @pytest.fixture
@@ -33,21 +26,6 @@ def kb(tmp_path, embedder) -> KnowledgeBase:
     base = KnowledgeBase(tmp_path / "kb", embedder=embedder)
     yield base
     base.close()
-
-
-@pytest.fixture(scope="session")
-def faq_file() -> Path:
-    import zaragoza_construction_faq
-
-    return Path(zaragoza_construction_faq.__file__).parent / "data" / "faq-en.jsonl"
-
-
-@pytest.fixture(scope="session")
-def faq_kb(tmp_path_factory, embedder, faq_file) -> KnowledgeBase:
-    base = KnowledgeBase(tmp_path_factory.mktemp("faq"), embedder=embedder)
-    summary = base.add([faq_file])
-    assert summary.chunks_added == 503
-    return base
 
 
 def test_a_paraphrased_question_finds_its_faq_pair_in_the_top_3(faq_kb):

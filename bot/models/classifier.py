@@ -122,6 +122,8 @@ class ClassifierPool:
         self._served: dict[str, _Served] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="chinwag-classify")
         self._load_lock = threading.Lock()
+        #: Requests and forward passes so far: items / batches is the batching factor.
+        self.stats = {"items": 0, "batches": 0}
 
     def available(self, name: str) -> bool:
         return self.registry.current(name) is not None
@@ -188,6 +190,8 @@ class ClassifierPool:
                 batch.append(req)
                 size += len(req.texts)
             texts = [t for r in batch for t in r.texts]
+            self.stats["items"] += len(texts)
+            self.stats["batches"] += 1
             try:
                 clf, probs = await loop.run_in_executor(self._executor, self._run, served, texts)
             except Exception as exc:

@@ -942,6 +942,26 @@ class ConversationStore:
             rows = (await conn.execute(q)).all()
         return [_row_to_message(r) for r in reversed(rows)]
 
+    async def feedback_for(self, message_id: int) -> list[FeedbackRow]:
+        """Every rating and correction of one bot reply, oldest first."""
+        f = schema.feedback
+        q = sa.select(f).where(f.c.message_id == message_id).order_by(f.c.id)
+        async with (await self._reader()).connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [
+            FeedbackRow(
+                r.id,
+                r.message_id,
+                r.platform,
+                r.user_id,
+                r.rating,
+                r.correction,
+                r.source,
+                _aware(r.created_at),  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+
     async def get_message(self, message_id: int) -> StoredMessage | None:
         m = schema.messages
         async with (await self._reader()).connect() as conn:
