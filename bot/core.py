@@ -131,7 +131,9 @@ class Bot:
             for (platform, chat_id), chat_settings in (await self.store.chat_settings()).items():
                 self._chat_settings[(platform, chat_id)] = chat_settings
             for entry in self.skills:
-                await _maybe_await(entry.skill.setup(self, entry.config))
+                setup = getattr(entry.skill, "setup", None)  # skills are duck-typed
+                if setup is not None:
+                    await _maybe_await(setup(self, entry.config))
             for result in call_lifecycle(self.pm, "startup", bot=self):
                 await _maybe_await(result)
         except BaseException:

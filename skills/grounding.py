@@ -13,7 +13,9 @@ import re
 from collections.abc import Iterable
 
 _WORD = re.compile(r"[^\W_]+(?:[.,'’-][^\W_]+)*", re.UNICODE)
-_SENTENCE = re.compile(r"(?<=[.!?…])\s+|\n+")
+# A sentence ends at . ! ? … followed by a capital or a quote: "6 kap. 7 §", "e.g. a", "ch. 8:2"
+# stay whole.
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+(?=[\"'“‘(\[]?[A-ZÅÄÖÉÜ])|\n+")
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further
@@ -54,6 +56,19 @@ def support(answer: str, passages: Iterable[str]) -> float:
     stems = {w.rstrip("s") for w in known}
     hits = sum(1 for w in said if w in known or w.rstrip("s") in stems)
     return hits / len(said)
+
+
+def new_facts(answer: str, question: str, passages: Iterable[str]) -> int:
+    """Content words the answer takes from the passages beyond what the question said.
+
+    "ROT is only available to those eligible for it" is fully supported by a passage about
+    ROT eligibility and says nothing; counting what it adds tells the two apart.
+    """
+    asked = {w.rstrip("s") for w in content_words(question)}
+    known: set[str] = set()
+    for p in passages:
+        known.update(w.rstrip("s") for w in content_words(faq_answer(p)))
+    return len({w.rstrip("s") for w in content_words(answer)} & known - asked)
 
 
 def faq_answer(text: str) -> str:
@@ -104,10 +119,14 @@ def neutralize_instructions(text: str) -> tuple[str, int]:
     tell the difference, so directives are removed before the passage reaches the prompt.
     Returns the cleaned text and how many sentences were dropped.
     """
-    kept, dropped = [], 0
-    for s in sentences(text):
-        if _DIRECTIVE.search(s):
-            dropped += 1
-        else:
-            kept.append(s)
-    return " ".join(kept), dropped
+    lines, dropped = [], 0
+    for line in text.split("\n"):  # keep the structure ("Q: …\nA: …", headings)
+        kept = []
+        for s in sentences(line):
+            if _DIRECTIVE.search(s):
+                dropped += 1
+            else:
+                kept.append(s)
+        if kept or not line.strip():
+            lines.append(" ".join(kept))
+    return "\n".join(lines).strip(), dropped

@@ -9,6 +9,7 @@ found the skill says so rather than guess.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from skills.grounding import (
     faq_answer,
     faq_question,
     neutralize_instructions,
+    new_facts,
     support,
 )
 
@@ -34,7 +36,7 @@ class QAConfig(BaseModel):
 
     #: Cosine similarity a passage needs to count as an answer source (the knowledge index's
     #: own ``min_score`` is looser: it also feeds dialogue). Measured in docs/skills.md.
-    min_score: float = Field(0.5, ge=-1, le=1)
+    min_score: float = Field(0.45, ge=-1, le=1)
     top_k: int = Field(3, ge=1, le=20)
     #: Cite further passages scoring within this margin of the best one.
     cite_margin: float = Field(0.08, ge=0, le=1)
@@ -42,11 +44,16 @@ class QAConfig(BaseModel):
     #: Let the model write the answer; off: always quote the best sentences (fast, no model).
     generate: bool = True
     adapter: str = "qa"
-    max_new_tokens: int = Field(96, ge=8, le=1024)
+    max_new_tokens: int = Field(64, ge=8, le=1024)
+    #: A generation slower than this (a busy CPU) is abandoned for the quoted answer.
+    generate_timeout_s: float = Field(15.0, gt=0)
     #: Share of the generated answer's content words that must appear in the passages.
-    min_support: float = Field(0.8, ge=0, le=1)
+    min_support: float = Field(0.75, ge=0, le=1)
+    #: ...and at least this many content words from the passages that the question lacked
+    #: (a supported but empty answer — "X is available to those eligible" — is quoted over).
+    min_new_facts: int = Field(3, ge=0)
     quote_sentences: int = Field(2, ge=1, le=10)
-    passage_chars: int = Field(900, ge=100)
+    passage_chars: int = Field(600, ge=100)
 
 
 QUESTION_WORDS = frozenset(
@@ -172,20 +179,31 @@ class QASkill(Skill):
             adapter = runtime.adapter_for(cfg.adapter)
             prompt = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
             try:
-                generation = await runtime.generate(
-                    [
-                        {"role": "system", "content": SYSTEM},
-                        {
-                            "role": "user",
-                            "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
-                        },
-                    ],
-                    adapter,
-                    max_new_tokens=cfg.max_new_tokens,
-                )
+                async with asyncio.timeout(cfg.generate_timeout_s):
+                    generation = await runtime.generate(
+                        [
+                            {"role": "system", "content": SYSTEM},
+                            {
+                                "role": "user",
+                                "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
+                            },
+                        ],
+                        adapter,
+                        max_new_tokens=cfg.max_new_tokens,
+                    )
                 meta["support"] = round(support(generation.text, texts), 3)
-                if meta["support"] >= cfg.min_support and "don't know" not in generation.text:
+                meta["new_facts"] = new_facts(generation.text, question, texts)
+                if (
+                    meta["support"] >= cfg.min_support
+                    and meta["new_facts"] >= cfg.min_new_facts
+                    and "don't know" not in generation.text.lower()
+                ):
                     answer = generation.text.strip()
+            except TimeoutError:
+                log.warning(
+                    "qa: generation took over %.0fs; quoting instead", cfg.generate_timeout_s
+                )
+                meta["model_error"] = "timeout"
             except Exception as exc:
                 log.warning("qa: generation failed (%s); quoting the passage instead", exc)
                 meta["model_error"] = type(exc).__name__

@@ -88,6 +88,17 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
+_DATE_OR_RANGE = re.compile(
+    r"\d{4}-\d{2}-\d{2}|\d{1,3}(?:[ ,.]\d{3})+(?:\s*-\s*\d{1,3}(?:[ ,.]\d{3})+)?"
+)
+
+
+def _phone_like(value: str) -> bool:
+    """8–15 digits that are not a date or an amount ("2024-10-01", "25,000-50,000")."""
+    digits = re.sub(r"\D", "", value)
+    return 8 <= len(digits) <= 15 and not _DATE_OR_RANGE.fullmatch(value.strip())
+
+
 def redact(text: str, *, pii: bool = True, secrets: bool = True) -> tuple[str, list[str]]:
     """Replace secrets and personal data in ``text``; returns the text and what was found."""
     found: list[str] = []
@@ -108,7 +119,7 @@ def redact(text: str, *, pii: bool = True, secrets: bool = True) -> tuple[str, l
         text = sub("email", PII["email"], text)
         text = sub("card", PII["card"], text, lambda v: _luhn(re.sub(r"\D", "", v)))
         text = sub("iban", PII["iban"], text)
-        text = sub("phone", PII["phone"], text, lambda v: 8 <= len(re.sub(r"\D", "", v)) <= 15)
+        text = sub("phone", PII["phone"], text, _phone_like)
     return text, found
 
 

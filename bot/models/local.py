@@ -350,7 +350,11 @@ class LocalBackend:
         class RowStop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 n = input_ids.shape[1] - prompt_len
-                done = torch.tensor([n >= m for m in limits], device=input_ids.device)
+                # A row whose caller gave up (timeout, disconnect) stops costing compute.
+                done = torch.tensor(
+                    [n >= m or j.future.cancelled() for m, j in zip(limits, jobs, strict=True)],
+                    device=input_ids.device,
+                )
                 for i, row_stops in enumerate(stops):
                     if row_stops and not done[i]:
                         tail = tok.decode(input_ids[i, prompt_len:][-16:], skip_special_tokens=True)
