@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bot import Reply, Skill, hookimpl, hookspecs
+from bot import Escalation, Reply, Skill, hookimpl, hookspecs
 from bot.core import Bot
 from bot.testing import ChatUser
 from tests.conftest import core_settings
@@ -25,6 +25,7 @@ HOOKS = sorted(
 
 def test_the_contract_has_the_hooks_we_document():
     assert HOOKS == [
+        "escalate",
         "register_commands",
         "register_observers",
         "register_reply_filters",
@@ -101,6 +102,13 @@ class EveryHook:
         return started()
 
     @hookimpl
+    def escalate(self, bot, event):
+        async def escalated():
+            self.events.append(f"escalate:{event.user_id}:{event.reason}")
+
+        return escalated()
+
+    @hookimpl
     def shutdown(self, bot):
         self.events.append("shutdown")
 
@@ -114,8 +122,9 @@ async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_pa
     replies = await user.send("/greet")
     assert [r.text for r in replies] == ["hello Ann —bot"]
     assert user.sent[-1].metadata["tagged"] is True
+    await bot.escalate(Escalation("test", "chat-1", "user-1", "Ann", "asked for a human"))
     await bot.stop()
-    assert plugin.events == ["startup:1", "shutdown"]
+    assert plugin.events == ["startup:1", "escalate:user-1:asked for a human", "shutdown"]
 
 
 def test_register_commands_adds_a_cli_subcommand():

@@ -375,3 +375,67 @@ async def test_a_model_failure_is_a_clear_reply_and_other_skills_keep_working(
     assert qa.skill == "qa" and qa.metadata["mode"] == "quoted" and "weeks" in qa.text
     assert qa.metadata["model_error"] == "ModelError"
     assert "/ask" in await user.ask("/help")
+
+
+# -- whole conversations and the first start --------------------------------------------------
+
+
+async def test_a_customer_conversation_from_question_to_escalation(
+    chinwag_bot, chinwag_chat, recorder, faq_questions
+):
+    """One user, one chat: a FAQ answer with its source, an off-topic question that gets no
+    invented citation, a rating that is stored, then anger that calls a human exactly once."""
+    user = chinwag_chat(user_id="cust", chat_id="support-1", user_name="Kim")
+    (answer,) = await user.send("How long is a building permit valid?")
+    assert answer.skill == "qa" and answer.sources
+    assert answer.sources[0].title.startswith(faq_questions["bbr-pbl-021"])
+    (off,) = await user.send("Who painted the Mona Lisa?")
+    assert "Sources:" not in off.text and not (off.skill == "qa" and off.sources)
+    assert "👍" in await user.ask("/good")
+    for text in NEGATIVE:
+        await user.send(text)
+    await chinwag_bot.store.flush()
+    assert [r.rating for r in await chinwag_bot.store.feedback_for(answer.id)] == [1]
+    assert len(recorder.events) == 1 and recorder.events[0].user_name == "Kim"
+    turns = await chinwag_bot.store.last_turns("test", "support-1", 50)
+    labelled = [
+        t.meta["sentiment"]["label"] for t in turns if t.direction == "in" and "sentiment" in t.meta
+    ]
+    assert labelled.count("negative") >= 3
+
+
+async def test_the_first_start_trains_a_sentiment_adapter_when_none_exists(tmp_path, caplog):
+    from bot.core import Bot
+    from bot.testing import ChatUser, chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "bot": {"fallback": "fallback"},
+            "skills": {
+                "sentiment": {
+                    "train_if_missing": True,
+                    "training": {
+                        "max_train_examples": 64,
+                        "head_init_examples": 200,
+                        "max_eval_examples": 50,
+                        "epochs": 1,
+                    },
+                }
+            },
+        },
+    )
+    caplog.set_level("INFO", logger="skills.sentiment")
+    async with Bot(settings) as bot:
+        current = bot.models.registry.current("sentiment")
+        assert current is not None and current.version == "v1"
+        assert (current.path / "adapter_config.json").exists()
+        assert current.meta["metrics"]["n"] == 50
+        await ChatUser(bot).send("hello there")
+        await bot.store.flush()
+        (inbound,) = [
+            t for t in await bot.store.last_turns("test", "chat-1", 5) if t.direction == "in"
+        ]
+        assert inbound.meta["sentiment"]["adapter_version"] == "v1"
+    progress = [r.getMessage() for r in caplog.records if "sentiment training" in r.getMessage()]
+    assert any("train" in m and "100%" in m for m in progress)
