@@ -96,6 +96,20 @@ async def test_concurrent_requests_are_generated_together_and_match_one_at_a_tim
     assert max(g.timings["batch_size"] for g in together) > 1
 
 
+async def test_requests_whose_callers_gave_up_do_not_disturb_the_rest_of_the_batch(backend):
+    alone = [await backend.generate(ask(f"question {i}"), GREEDY) for i in range(6)]
+    tasks = [asyncio.create_task(backend.generate(ask(f"question {i}"), GREEDY)) for i in range(6)]
+    await asyncio.sleep(0)  # queued, not yet batched
+    tasks[1].cancel()
+    tasks[4].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError) and isinstance(
+        done[4], asyncio.CancelledError
+    )
+    kept = [0, 2, 3, 5]
+    assert [done[i].text for i in kept] == [alone[i].text for i in kept]
+
+
 async def test_two_adapters_in_one_batch_give_what_each_gives_alone(backend, tokenizer, tmp_path):
     await backend.load_adapter("a", make_adapter(tokenizer, tmp_path / "a", 1), "1")
     await backend.load_adapter("b", make_adapter(tokenizer, tmp_path / "b", 2), "1")

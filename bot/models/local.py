@@ -329,7 +329,11 @@ class LocalBackend:
         tok = self.tokenizer
         prompts: list[list[int]] = []
         trims: list[int] = []
+        ready: list[_Job] = []
         for job in jobs:
+            if job.future.done():  # the caller gave up while the job waited in the queue
+                self._finish_stream(job)
+                continue
             try:
                 ids, trimmed = self._prompt(job.messages, job.params.max_new_tokens)
             except ModelError as exc:
@@ -338,7 +342,8 @@ class LocalBackend:
                 continue
             prompts.append(ids)
             trims.append(trimmed)
-        jobs = [j for j in jobs if not j.future.done()]
+            ready.append(job)
+        jobs = ready
         if not jobs:
             return
         device = self.device
