@@ -57,10 +57,12 @@ async def main() -> None:
         )
         burst_s = time.perf_counter() - t0
         cited = facts = generated = 0
+        routed: dict[str, int] = {}
         for case, (reply,) in zip(cases, replies, strict=True):
             cited += any(s.title.startswith(questions[case["id"]]) for s in reply.sources)
             facts += case["fact"].lower() in reply.text.lower()
             generated += reply.metadata.get("mode") == "generated"
+            routed[reply.skill] = routed.get(reply.skill, 0) + 1
         offs = [ChatUser(bot, chat_id=f"o{i}", user_id=f"o{i}") for i in range(len(off))]
         off_replies = await asyncio.gather(
             *(u.send(f"/ask {q}") for u, q in zip(offs, off, strict=True))
@@ -78,6 +80,7 @@ async def main() -> None:
         "abstained_off_corpus": round(abstained / len(off), 3),
         "generated_share_burst": round(generated / n, 3),
         "burst_questions": n,
+        "burst_routed": routed,
         "burst_s": round(burst_s, 2),
         "single_p50_s": round(statistics.median(single), 2),
         "single_p95_s": round(pct(single, 0.95), 2),

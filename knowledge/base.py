@@ -206,19 +206,37 @@ class KnowledgeBase:
         self._checked = 0.0
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._open_lock = threading.Lock()
+        #: Set once the catalogue is open *and* the current index is loaded.
+        self._ready = False
 
     # -- opening -------------------------------------------------------------------------------
 
     @property
     def engine(self) -> sa.Engine:
         if self._engine is None:
-            self.open()
+            with self._open_lock:
+                self._open_catalogue()
         assert self._engine is not None
         return self._engine
 
     def open(self) -> KnowledgeBase:
-        if self._engine is not None:
+        """Open the catalogue and load the current index (a corrupt one raises, with a hint)."""
+        if self._ready:
             return self
+        # Searches arrive from many threads at once: without the lock a second thread saw the
+        # catalogue open but the index not yet loaded, and answered "nothing relevant".
+        with self._open_lock:
+            if not self._ready:
+                self._open_catalogue()
+                self._load_current()
+                self._ready = True
+        return self
+
+    def _open_catalogue(self) -> None:
+        """The SQLite catalogue alone: enough to rebuild a broken index."""
+        if self._engine is not None:
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -233,13 +251,13 @@ class KnowledgeBase:
 
         _meta.create_all(engine)
         self._engine = engine
-        self._load_current()
-        return self
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
+        with self._open_lock:
+            self._ready = False
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
 
     def _state(self, conn: sa.Connection) -> dict[str, str]:
         return {k: v for k, v in conn.execute(sa.select(state_t.c.key, state_t.c.value)).all()}
@@ -567,7 +585,7 @@ class KnowledgeBase:
 
     def rebuild(self, *, reembed: bool = False, progress: Progress | None = None) -> dict[str, Any]:
         """Recreate the index from the catalogue (re-running the model with ``reembed``)."""
-        self.open()
+        self.engine  # noqa: B018 - the catalogue only: the index may be the broken part
         with self._write_lock, (self.directory / ".write.lock").open("a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:

@@ -421,3 +421,22 @@ def test_question_vectors_can_be_switched_off(tmp_path, embedder):
     without_q.add([faq])
     assert (with_q.stats()["vectors"], without_q.stats()["vectors"]) == (2, 1)
     assert without_q.search("international shipping?", k=1)[0].text.startswith("Q: Do you ship")
+
+
+def test_the_first_searches_arriving_at_once_all_see_the_index(faq_kb, embedder):
+    """Many chats asking at the moment the bot starts: none may be told "nothing relevant"
+    because the index was still loading."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fresh = KnowledgeBase(faq_kb.directory, embedder=embedder)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(
+                pool.map(
+                    lambda _: fresh.search("How long does it take to get a building permit?", k=1),
+                    range(16),
+                )
+            )
+    finally:
+        fresh.close()
+    assert all(len(r) == 1 for r in results)

@@ -60,6 +60,8 @@ class SentimentTrainConfig(BaseModel):
     max_eval_examples: int | None = Field(None, ge=10)
     #: Examples whose frozen embeddings fit the head before LoRA training starts.
     head_init_examples: int = Field(4000, ge=10)
+    #: Measure held-out accuracy after every epoch (costs one pass over the held-out split).
+    curve: bool = True
     #: Neutral sentences kept per plot summary (balances the three classes).
     neutral_per_plot: int = Field(5, ge=1)
 
@@ -264,10 +266,27 @@ def train_sentiment(
         def __getitem__(self, i: int) -> dict[str, Any]:
             return {**{k: v[i] for k, v in self.enc.items()}, "labels": self.labels[i]}
 
+    held_out_y = np.array([e.label for e in test])
+    curve: list[dict[str, float]] = []
+
     class _Progress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if progress:
                 progress("train", state.global_step, state.max_steps)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            # Held-out accuracy after each epoch: the learning curve the report plots, and
+            # the evidence for the default number of epochs.
+            if not config.curve:
+                return
+            probs = predict_proba(model, tokenizer, [e.text for e in test], config.max_length)
+            curve.append(
+                {
+                    "epoch": round(float(state.epoch or 0), 2),
+                    "accuracy": float((probs.argmax(1) == held_out_y).mean()),
+                }
+            )
+            model.train()
 
     from transformers import DataCollatorWithPadding
 
@@ -325,6 +344,7 @@ def train_sentiment(
         "head_init_accuracy": round(head_accuracy, 4),
         "metrics": metrics,
         "train_loss": losses,
+        "held_out_curve": curve,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
     }
     entry = registry.publish("sentiment", model.save_pretrained, meta)
