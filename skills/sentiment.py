@@ -10,6 +10,7 @@ exists yet, the first start trains one (trainers/sentiment.py), showing progress
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections import OrderedDict
@@ -32,6 +33,9 @@ class SentimentConfig(BaseModel):
     classifier: str = "sentiment"
     #: Train the first adapter at start-up when none exists (takes minutes; progress shown).
     train_if_missing: bool = True
+    #: Train in a child process while the bot already answers (labels start once it is done);
+    #: off: start-up waits for the adapter.
+    train_in_background: bool = True
     #: Options for that first training (see trainers/sentiment.py: epochs, rank, …).
     training: dict[str, Any] = {}
     #: Negative messages in a row from one user that call the escalate hook; 0 disables.
@@ -74,15 +78,30 @@ class SentimentSkill(Skill):
 
     async def setup(self, bot: Any, config: SentimentConfig) -> None:
         registry = bot.models.registry
-        if registry.current(config.classifier) is not None or not config.train_if_missing:
-            if registry.current(config.classifier) is None:
-                log.warning(
-                    "no %r classifier in service and train_if_missing is off: messages "
-                    "will not be labelled",
-                    config.classifier,
-                )
+        if registry.current(config.classifier) is not None:
+            bot.services["sentiment.warming"] = asyncio.create_task(
+                bot.models.classifiers.warm(config.classifier)
+            )
             return
-        await asyncio.to_thread(_train_first_adapter, registry, config)
+        if not config.train_if_missing:
+            log.warning(
+                "no %r classifier in service and train_if_missing is off: messages will not "
+                "be labelled",
+                config.classifier,
+            )
+            return
+
+        async def train_then_load() -> bool:
+            ok = await train_in_subprocess(registry.root, config)
+            return ok and await bot.models.classifiers.warm(config.classifier)
+
+        training = train_then_load()
+        if config.train_in_background:
+            # The bot answers meanwhile; labels start once the adapter is promoted (the
+            # runtime picks promotions up by itself).
+            bot.services["sentiment.training"] = asyncio.create_task(training)
+        else:
+            await training
 
     # -- observer --------------------------------------------------------------------------
 
@@ -172,52 +191,51 @@ def _valence(s: dict[str, Any]) -> float:
     return float(scores.get("positive", 0.0)) - float(scores.get("negative", 0.0))
 
 
-def _train_first_adapter(registry: Any, config: SentimentConfig) -> None:
-    from trainers.sentiment import SentimentTrainConfig, train_sentiment
+async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bool:
+    """Train the first adapter in a child process (``python -m trainers.sentiment``).
 
-    train_config = SentimentTrainConfig(**config.training)
-    log.info("no sentiment adapter yet: training the first one (a few minutes, once)")
-    progress = _progress_printer()
+    A child process, not a thread: training saturates the CPU and holds the GIL in places, and
+    it must never stall the event loop or take the bot down if it crashes. Progress lines are
+    logged every 10 %; returns whether an adapter is in service afterwards.
+    """
+    import json
+
+    log.info("no sentiment adapter yet: training the first one (minutes, once)")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "trainers.sentiment",
+        "--registry",
+        str(registry_root),
+        "--options",
+        json.dumps(config.training),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    shown: dict[str, int] = {}
     try:
-        train_sentiment(registry, train_config, progress=progress)
-    finally:
-        progress.close()
-
-
-class _progress_printer:  # noqa: N801 - used like a function
-    """Progress of the first training: a rich bar on a terminal, log lines otherwise."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-        self._bar = None
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("sentiment: {task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-            self._bar.start()
-            self._tasks: dict[str, Any] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self._bar is not None:
-            task = self._tasks.get(stage)
-            if task is None:
-                task = self._tasks[stage] = self._bar.add_task(stage, total=total)
-            self._bar.update(task, completed=done, total=total)
-            return
-        pct = int(100 * done / total) if total else 100
-        if pct // 10 != self._last.get(stage, -1) // 10 or done == total:
-            self._last[stage] = pct
-            log.info("sentiment training: %s %d/%d (%d%%)", stage, done, total, pct)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            parts = line.split()
+            if parts[:1] == ["progress"] and len(parts) == 4:
+                stage, done, total = parts[1], int(parts[2]), int(parts[3])
+                pct = 100 * done // total if total else 100
+                if pct // 10 != shown.get(stage, -1) // 10 or done == total:
+                    shown[stage] = pct
+                    log.info("sentiment training: %s %d/%d (%d%%)", stage, done, total, pct)
+            elif line:
+                log.info("sentiment training: %s", line)
+        _, err = await proc.communicate()
+    except asyncio.CancelledError:
+        proc.terminate()  # the registry is untouched: versions are published atomically
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        log.error("sentiment training failed (exit %s): %s", proc.returncode, " | ".join(tail))
+        return False
+    return True
 
 
 SKILL = SentimentSkill()
@@ -231,6 +249,24 @@ def register_skills(register):
 @hookimpl
 def register_observers(register):
     register(SKILL)
+
+
+@hookimpl
+def shutdown(bot):
+    warming = bot.services.pop("sentiment.warming", None)
+    if warming is not None and not warming.done():
+        warming.cancel()
+    task = bot.services.pop("sentiment.training", None)
+    if task is None or task.done():
+        return None
+    log.warning("stopping while the first sentiment adapter trains; it restarts next time")
+
+    async def stop_training() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return stop_training()
 
 
 @hookimpl

@@ -404,7 +404,7 @@ async def test_a_customer_conversation_from_question_to_escalation(
     assert labelled.count("negative") >= 3
 
 
-async def test_the_first_start_trains_a_sentiment_adapter_when_none_exists(tmp_path, caplog):
+async def test_the_first_start_trains_a_sentiment_adapter_while_the_bot_answers(tmp_path, caplog):
     from bot.core import Bot
     from bot.testing import ChatUser, chinwag_test_settings
 
@@ -427,15 +427,32 @@ async def test_the_first_start_trains_a_sentiment_adapter_when_none_exists(tmp_p
     )
     caplog.set_level("INFO", logger="skills.sentiment")
     async with Bot(settings) as bot:
+        user = ChatUser(bot)
+        assert bot.models.registry.current("sentiment") is None
+        (early,) = await user.send("hello there")  # answered while the adapter trains
+        assert early.skill == "fallback" and "sentiment" not in user.sent[-1].metadata
+        assert await asyncio.wait_for(bot.services["sentiment.training"], 300) is True
         current = bot.models.registry.current("sentiment")
-        assert current is not None and current.version == "v1"
-        assert (current.path / "adapter_config.json").exists()
+        assert current.version == "v1" and (current.path / "adapter_config.json").exists()
         assert current.meta["metrics"]["n"] == 50
-        await ChatUser(bot).send("hello there")
-        await bot.store.flush()
-        (inbound,) = [
-            t for t in await bot.store.last_turns("test", "chat-1", 5) if t.direction == "in"
-        ]
-        assert inbound.meta["sentiment"]["adapter_version"] == "v1"
+        await user.send("what a lovely day")
+        assert user.sent[-1].metadata["sentiment"]["adapter_version"] == "v1"
     progress = [r.getMessage() for r in caplog.records if "sentiment training" in r.getMessage()]
-    assert any("train" in m and "100%" in m for m in progress)
+    assert any("train" in m and "(100%)" in m for m in progress)
+    assert any(m.startswith("sentiment training: done v1") for m in progress)
+
+
+async def test_stopping_during_the_first_training_leaves_no_half_adapter(tmp_path):
+    from bot.core import Bot
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path,
+        {"bot": {"fallback": "fallback"}, "skills": {"sentiment": {"train_if_missing": True}}},
+    )
+    async with Bot(settings) as bot:
+        task = bot.services["sentiment.training"]
+        await asyncio.sleep(3)  # the child process is loading data and the encoder
+    assert task.done()
+    registry = bot.models.registry
+    assert registry.current("sentiment") is None and registry.versions("sentiment") == []

@@ -358,3 +358,44 @@ def train_sentiment(
         len(test),
     )
     return entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trainers.sentiment --registry DIR [--options JSON]``: train and promote.
+
+    The bot runs this in a child process on first start, so training never competes with the
+    event loop; progress goes to stdout as ``progress STAGE DONE TOTAL`` lines, the result as a
+    final ``done VERSION ACCURACY`` line. A second trainer for the same registry exits at once.
+    """
+    import argparse
+    import fcntl
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m trainers.sentiment")
+    parser.add_argument("--registry", type=Path, required=True)
+    parser.add_argument("--options", default="{}", help="SentimentTrainConfig fields as JSON")
+    args = parser.parse_args(argv)
+    config = SentimentTrainConfig(**json.loads(args.options))
+    registry = AdapterRegistry(args.registry)
+    lock_dir = args.registry / "sentiment"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with (lock_dir / ".train.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("busy another process is training the sentiment adapter", flush=True)
+            return 3
+        if registry.current("sentiment") is not None:
+            print(f"done {registry.current('sentiment').version} existing", flush=True)
+            return 0
+
+        def report(stage: str, done: int, total: int) -> None:
+            print(f"progress {stage} {done} {total}", flush=True)
+
+        entry = train_sentiment(registry, config, progress=report)
+        print(f"done {entry.version} {entry.meta['metrics']['accuracy']:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -144,6 +144,18 @@ class ClassifierPool:
         await served.queue.put(_Request(list(texts), future))
         return await future
 
+    async def warm(self, name: str) -> bool:
+        """Load the version in service now, so the first message does not pay for it
+        (loading takes seconds; observers have a 2-second budget). ``False``: none exists."""
+        served = self._served.get(name)
+        if served is None:
+            served = self._served[name] = _Served(name)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._current, served)
+        except NoClassifier:
+            return False
+        return True
+
     def _current(self, served: _Served) -> LoadedClassifier:
         """Load or hot-swap to the version in service (runs on the worker thread)."""
         now = time.monotonic()
