@@ -21,8 +21,9 @@ from skills.grounding import neutralize_instructions, sentences
 log = logging.getLogger(__name__)
 
 DEFAULT_PERSONA = (
-    "You are {name}, a friendly and helpful assistant in a chat. Reply briefly (one to three "
-    "sentences), in the language the user writes in. Be honest when you don't know something."
+    "You are {name}, a friendly general-purpose assistant chatting with people in a messaging "
+    "app. Reply to the user's last message directly and briefly (one to three sentences), in "
+    "the language they write in. Be honest when you don't know something."
 )
 
 
