@@ -157,6 +157,17 @@ class TelegramSettings(_Section):
     api_base: str | None = None
 
 
+class HttpSettings(_Section):
+    """The HTTP API (bot/adapters/http.py)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Bearer tokens accepted; set them through the environment
+    #: (``CHINWAG_HTTP__TOKENS='["…"]'``). Required when enabled.
+    tokens: list[SecretStr] = []
+
+
 class DiscordSettings(_Section):
     token: SecretStr | None = None
 
@@ -196,6 +207,7 @@ class Settings(BaseSettings):
     knowledge: KnowledgeSettings = KnowledgeSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
+    http: HttpSettings = HttpSettings()
 
     @field_validator("admins", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ from bot.plugins import PluginInfo, Registered, call_lifecycle, collect, make_ma
 from bot.ratelimit import RateLimiter, Verdict
 from bot.router import Router, SkillEntry, parse_command, suggest
 from bot.sanitize import clean_text, to_text
-from bot.skill import Command, Context
+from bot.skill import TOKEN_SINK, Command, Context
 from bot.store import ConversationStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,10 @@ class Bot:
         from bot.models import ModelRuntime
 
         self.models = ModelRuntime(settings)
+        from bot.metrics import Metrics
+
+        self.metrics = Metrics()
+        self.metrics.track(lambda: self._inflight, self.models.queue_depth)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -326,12 +330,25 @@ class Bot:
 
     # -- the pipeline --------------------------------------------------------------------------
 
-    async def handle(self, message: Message, send: Sender | None = None) -> list[Reply]:
+    async def handle(
+        self,
+        message: Message,
+        send: Sender | None = None,
+        *,
+        on_token: Callable[[str], Awaitable[None]] | None = None,
+    ) -> list[Reply]:
         """Process one inbound message; returns the replies (already sent when ``send`` is given).
 
+        ``on_token`` receives generated text as skills produce it (for platforms that stream).
         Returns ``[]`` for a redelivered message, for a flood past its warning, and for a
         command addressed to another bot.
         """
+        if on_token is not None:
+            token = TOKEN_SINK.set(on_token)
+            try:
+                return await self.handle(message, send)
+            finally:
+                TOKEN_SINK.reset(token)
         if not self._started:
             raise RuntimeError("Bot.handle called before Bot.start()")
         key = message.chat_key
@@ -558,12 +575,18 @@ class Bot:
         self, message: Message, replies: list[Reply], started: float, send: Sender | None
     ) -> list[Reply]:
         latency_ms = (time.perf_counter() - started) * 1000
+        metrics = self.metrics
+        metrics.messages.labels(message.platform).inc()
         for r in replies:
             r.latency_ms = latency_ms
             if r.reply_to is None:
                 r.reply_to = message.message_id
             if r.skill is None:
                 r.skill = "core"
+            metrics.replies.labels(r.skill, r.kind).inc()
+            metrics.latency.labels(r.skill).observe(latency_ms / 1000)
+            if r.kind == "error":
+                metrics.errors.labels(r.skill).inc()
         if replies:
             try:
                 self.store.log_outbound_nowait(message, replies, latency_ms)

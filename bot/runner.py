@@ -6,7 +6,9 @@ console chat runs, so ``make run`` on a fresh machine gives a working bot in the
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 
 from bot.config import ConfigError, Settings
@@ -32,11 +34,42 @@ async def serve(settings: Settings) -> None:
             f"{'it' if len(platforms) == 1 else 'them'} yet; remove the token(s) to use the "
             "console chat"
         )
-    from bot.adapters.console import ConsoleChat
-
+    if settings.http.enabled and not settings.http.tokens:
+        # Checked before anything starts: an open API would answer anyone.
+        raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
     async with Bot(settings) as bot:
+        if settings.http.enabled:
+            from bot.adapters.http import HttpServer
+
+            server = HttpServer(
+                bot,
+                settings.http.host,
+                settings.http.port,
+                [t.get_secret_value() for t in settings.http.tokens],
+            )
+            await server.start()
+            try:
+                await _until_stopped()
+            finally:
+                await server.stop()  # in-flight requests finish first
+            return
+        from bot.adapters.console import ConsoleChat
+
         console = ConsoleChat(bot)
         if sys.stdin.isatty():
             await console.run_interactive()
         else:
             await console.run_pipe()
+
+
+async def _until_stopped() -> None:
+    """Wait for SIGINT or SIGTERM (a container stop), then return for a graceful shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

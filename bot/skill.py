@@ -7,6 +7,8 @@ the attributes below; anything missing falls back to the base class's default.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -28,6 +30,13 @@ class Command:
     usage: str = ""
 
 
+#: Where generated text goes as it is produced, for the message being handled (set by
+#: ``Bot.handle(..., on_token=...)``; a context variable so every concurrent message has its own).
+TOKEN_SINK: ContextVar[Callable[[str], Awaitable[None]] | None] = ContextVar(
+    "chinwag_token_sink", default=None
+)
+
+
 @dataclass(slots=True)
 class Context:
     """Everything a skill may use while answering one message.
@@ -42,6 +51,17 @@ class Context:
     args: str = ""
     is_admin: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the platform shows text as it is generated (then skills ``emit`` pieces)."""
+        return TOKEN_SINK.get() is not None
+
+    async def emit(self, piece: str) -> None:
+        """Hand a piece of generated text to a streaming client; a no-op otherwise."""
+        sink = TOKEN_SINK.get()
+        if sink is not None and piece:
+            await sink(piece)
 
     async def history(self, message: Message, limit: int = 10) -> list[Any]:
         """The chat's last ``limit`` turns before this message, oldest first."""

@@ -79,14 +79,21 @@ class DialogueSkill(Skill):
             *history,
             {"role": "user", "content": message.text},
         ]
-        gen = await runtime.generate(
-            prompt,
-            runtime.adapter_for(cfg.adapter),
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            stop=("\nUser:", "\nuser:", "<|im_start|>"),
-        )
+        adapter = runtime.adapter_for(cfg.adapter)
+        options = {
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "stop": ("\nUser:", "\nuser:", "<|im_start|>"),
+        }
+        if ctx.streaming:
+            pieces = []
+            async for piece in runtime.stream(prompt, adapter, **options):
+                pieces.append(piece)
+                await ctx.emit(piece)
+            gen = runtime.describe("".join(pieces), adapter)
+        else:
+            gen = await runtime.generate(prompt, adapter, **options)
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"

@@ -192,6 +192,23 @@ class ModelRuntime:
         """
         return await self.classifiers.classify(classifier, texts)
 
+    def describe(self, text: str, adapter: str | None) -> Generation:
+        """Provenance for streamed text (``stream`` yields text only)."""
+        name = getattr(self._backend, "model_name", None) or self.config.base_model
+        return Generation(
+            text=text.strip(),
+            model=name,
+            adapter=adapter,
+            adapter_version=self.adapters().get(adapter) if adapter else None,
+            prompt_tokens=0,
+            completion_tokens=self.count_tokens(text) if text else 0,
+            finish_reason="stop",
+        )
+
+    def queue_depth(self) -> float:
+        """Generation requests waiting or running (0 before the model is loaded)."""
+        return float(getattr(self._backend, "_pending", 0) or 0)
+
     def adapter_for(self, name: str) -> str | None:
         """``name`` when that adapter is loaded, else ``None`` (the base model serves)."""
         return name if name in self.adapters() else None

@@ -1,0 +1,211 @@
+"""The HTTP API over a real socket: what a web chat widget or another service sees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bot import Command, Context, Message, Reply, Skill
+from bot.adapters.http import make_app
+from bot.core import Bot
+from tests.conftest import EchoSkill, SkillsPlugin, core_settings
+
+TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class Streamer(Skill):
+    name = "streamer"
+    commands = (Command("story"),)
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        for piece in ("Once ", "upon ", "a time."):
+            await ctx.emit(piece)
+        return Reply("Once upon a time.", rateable=True, model="test-model")
+
+
+@pytest.fixture
+async def client(tmp_path):
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill(), Streamer())])
+    await bot.start()
+    async with TestClient(TestServer(make_app(bot, [TOKEN]))) as c:
+        c.bot = bot
+        yield c
+    await bot.stop()
+
+
+def sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+async def test_a_message_round_trip_returns_the_replies_as_json(client):
+    resp = await client.post(
+        "/v1/messages", json={"chat_id": "w1", "user_id": "ann", "text": "/echo hi"}, headers=AUTH
+    )
+    assert resp.status == 200
+    (reply,) = (await resp.json())["replies"]
+    assert (reply["text"], reply["skill"], reply["kind"]) == ("hi", "echo", "answer")
+    assert isinstance(reply["id"], int) and reply["latency_ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
+)
+async def test_requests_without_the_right_bearer_token_are_refused(client, headers):
+    resp = await client.post(
+        "/v1/messages", json={"chat_id": "w1", "user_id": "ann", "text": "hi"}, headers=headers
+    )
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert (await client.get("/metrics", headers=headers)).status == 401
+    assert await client.bot.store.count_messages() == 0  # nothing was processed
+
+
+async def test_bad_bodies_are_a_400_naming_the_field(client):
+    resp = await client.post("/v1/messages", data=b"\xff not json", headers=AUTH)
+    assert resp.status == 400 and "JSON" in (await resp.json())["error"]
+    resp = await client.post("/v1/messages", json={"chat_id": "w1", "text": "hi"}, headers=AUTH)
+    assert resp.status == 400 and (await resp.json())["error"].startswith("user_id:")
+
+
+async def test_streaming_sends_tokens_then_the_reply_then_done(client):
+    resp = await client.post(
+        "/v1/messages/stream",
+        json={"chat_id": "w2", "user_id": "ann", "text": "/story"},
+        headers=AUTH,
+    )
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = sse(await resp.text())
+    assert [e for e, _ in events] == ["token", "token", "token", "reply", "done"]
+    assert "".join(d["text"] for e, d in events if e == "token") == "Once upon a time."
+    assert events[3][1]["text"] == "Once upon a time." and events[3][1]["rateable"]
+
+
+async def test_feedback_on_a_reply_is_stored_and_unknown_replies_are_a_404(client):
+    resp = await client.post(
+        "/v1/messages", json={"chat_id": "w3", "user_id": "bo", "text": "/story"}, headers=AUTH
+    )
+    reply_id = (await resp.json())["replies"][0]["id"]
+    await client.bot.store.flush()
+    resp = await client.post(
+        "/v1/feedback", json={"reply_id": reply_id, "user_id": "bo", "rating": 1}, headers=AUTH
+    )
+    assert resp.status == 201
+    assert [f.rating for f in await client.bot.store.feedback_for(reply_id)] == [1]
+    resp = await client.post(
+        "/v1/feedback", json={"reply_id": 12345, "user_id": "bo", "rating": -1}, headers=AUTH
+    )
+    assert resp.status == 404
+    resp = await client.post(
+        "/v1/feedback", json={"reply_id": reply_id, "user_id": "bo", "rating": 5}, headers=AUTH
+    )
+    assert resp.status == 400 and "rating" in (await resp.json())["error"]
+
+
+async def test_health_is_open_and_metrics_count_messages_and_latency_per_skill(client):
+    health = await client.get("/healthz")
+    assert health.status == 200 and "echo" in (await health.json())["skills"]
+    for text in ("/echo a", "/echo b", "/story"):
+        await client.post(
+            "/v1/messages", json={"chat_id": "w4", "user_id": "cy", "text": text}, headers=AUTH
+        )
+    body = await (await client.get("/metrics", headers=AUTH)).text()
+    assert 'chinwag_messages_total{platform="http"} 3.0' in body
+    assert 'chinwag_replies_total{kind="answer",skill="echo"} 2.0' in body
+    assert 'chinwag_reply_latency_seconds_count{skill="streamer"} 1.0' in body
+    assert "chinwag_inflight_messages 0.0" in body
+    assert "chinwag_model_queue_depth" in body
+
+
+async def test_the_dialogue_skill_streams_real_generated_tokens(tmp_path, chinwag_model_cache):
+    settings = core_settings(
+        tmp_path,
+        {
+            "bot": {"fallback": "dialogue"},
+            "models": {"cache_dir": str(chinwag_model_cache)},
+            "skills": {"dialogue": {"max_new_tokens": 16, "temperature": 0}},
+        },
+    )
+    async with Bot(settings) as bot, TestClient(TestServer(make_app(bot, [TOKEN]))) as c:
+        resp = await c.post(
+            "/v1/messages/stream",
+            json={"chat_id": "w5", "user_id": "di", "text": "Hi! How are you today?"},
+            headers=AUTH,
+        )
+        events = sse(await resp.text())
+    tokens = [d["text"] for e, d in events if e == "token"]
+    (reply,) = [d for e, d in events if e == "reply"]
+    assert len(tokens) > 1 and reply["skill"] == "dialogue" and reply["model"] == "smollm2"
+    assert reply["text"].strip() and reply["text"].split()[0] in "".join(tokens)
+
+
+def test_chinwag_run_serves_the_api_and_stops_gracefully_on_sigterm(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(tmp_path / "data"),
+        CHINWAG_BOT__FALLBACK="fallback",
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_HTTP__ENABLED="true",
+        CHINWAG_HTTP__PORT=str(port),
+        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "never came up"
+                time.sleep(0.2)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/messages",
+            data=json.dumps({"chat_id": "c", "user_id": "u", "text": "/help"}).encode(),
+            headers={**AUTH, "Content-Type": "application/json"},
+        )
+        replies = json.loads(urllib.request.urlopen(req, timeout=30).read())["replies"]
+        assert replies[0]["skill"] == "help"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "HTTP API listening" in proc.stderr.read()
+
+
+def test_enabling_the_api_without_a_token_is_a_configuration_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(CHINWAG_DATA_DIR=str(tmp_path / "data"), CHINWAG_HTTP__ENABLED="true")
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "http.tokens is empty" in result.stderr
