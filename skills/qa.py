@@ -151,8 +151,8 @@ class QASkill(Skill):
 
     async def _abstain(self, question: str, kb: Any) -> Reply:
         try:
-            stats = await kb.stats()
-            where = f"the knowledge base ({stats.get('sources', 0)} documents)"
+            files = int((await kb.stats()).get("files", 0))
+            where = f"the knowledge base ({files} document{'' if files == 1 else 's'})"
         except Exception:
             where = "the knowledge base"
         shown = question if len(question) <= 120 else question[:117] + "…"
@@ -211,6 +211,8 @@ class QASkill(Skill):
             answer = " ".join(best_sentences(question, faq_answer(texts[0]), cfg.quote_sentences))
             meta["mode"] = "quoted"
             generation = None
+            if not answer.strip():  # the passage held nothing but instructions to the model
+                return await self._abstain(question, ctx.bot.services["knowledge"])
         else:
             meta["mode"] = "generated"
         sources = [Source(_title(p), p.source, round(p.score, 4)) for p in cited]

@@ -83,6 +83,7 @@ async def test_off_corpus_questions_are_abstained_not_guessed(chinwag_chat):
     assert sum(abstained) / len(abstained) >= 0.9
     first = replies[0][0].text
     assert first.startswith("I don't know.") and "What is the capital of France?" in first
+    assert "the knowledge base (1 document)" in first
 
 
 async def test_an_off_topic_question_gets_no_invented_citation(chat):
