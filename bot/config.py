@@ -154,7 +154,12 @@ class KnowledgeSettings(_Section):
 
 class TelegramSettings(_Section):
     token: SecretStr | None = None
+    #: A self-hosted Bot API server (``http://localhost:8081``); default api.telegram.org.
     api_base: str | None = None
+    #: Pacing under Telegram's limits: seconds between messages to one chat / one group.
+    min_interval_s: float = Field(1.0, ge=0)
+    group_interval_s: float = Field(3.0, ge=0)
+    polling_timeout: int = Field(30, ge=0, le=60)
 
 
 class HttpSettings(_Section):

@@ -28,31 +28,51 @@ def configured_platforms(settings: Settings) -> list[str]:
 
 async def serve(settings: Settings) -> None:
     platforms = configured_platforms(settings)
-    if platforms:
+    if "discord" in platforms:
         raise ConfigError(
-            f"{', '.join(platforms)} configured, but this release has no adapter for "
-            f"{'it' if len(platforms) == 1 else 'them'} yet; remove the token(s) to use the "
-            "console chat"
+            "discord is configured, but this release has no Discord adapter yet; remove the "
+            "token to run the others"
         )
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
     async with Bot(settings) as bot:
-        if settings.http.enabled:
-            from bot.adapters.http import HttpServer
+        servers: list = []
+        try:
+            if settings.http.enabled:
+                from bot.adapters.http import HttpServer
 
-            server = HttpServer(
-                bot,
-                settings.http.host,
-                settings.http.port,
-                [t.get_secret_value() for t in settings.http.tokens],
-            )
-            await server.start()
-            try:
+                servers.append(
+                    HttpServer(
+                        bot,
+                        settings.http.host,
+                        settings.http.port,
+                        [t.get_secret_value() for t in settings.http.tokens],
+                    )
+                )
+            if "telegram" in platforms:
+                from bot.adapters.telegram import TelegramAdapter
+
+                tg = settings.telegram
+                assert tg.token is not None
+                servers.append(
+                    TelegramAdapter(
+                        bot,
+                        tg.token.get_secret_value(),
+                        api_base=tg.api_base,
+                        min_interval_s=tg.min_interval_s,
+                        group_interval_s=tg.group_interval_s,
+                        polling_timeout=tg.polling_timeout,
+                    )
+                )
+            if servers:
+                for server in servers:
+                    await server.start()
                 await _until_stopped()
-            finally:
-                await server.stop()  # in-flight requests finish first
-            return
+                return
+        finally:
+            for server in reversed(servers):
+                await server.stop()  # in-flight work finishes first
         from bot.adapters.console import ConsoleChat
 
         console = ConsoleChat(bot)

@@ -1,0 +1,285 @@
+"""Telegram through aiogram 3: long polling, replies threaded to what they answer, 👍/👎 buttons.
+
+The adapter turns aiogram updates into the core's :class:`~bot.messages.Message` and the core's
+replies into ``sendMessage`` calls; no skill knows it serves Telegram. What Telegram imposes is
+handled here:
+
+- 4,096 characters per message: longer replies are split at paragraph, then sentence, then word
+  boundaries, and sent as plain text (no parse mode), so user text can never break markup;
+- rate limits: a 429 is waited out for its ``retry_after`` and retried, 5xx and network errors
+  retried with backoff (tenacity); sends to one chat are paced (``min_interval_s``);
+- redelivered updates are answered once (the core de-duplicates by chat and message id);
+- in groups the bot answers commands, mentions and replies to its own messages only;
+- stickers, photos, voice… get a polite "I read text only" instead of silence.
+
+The Bot API base URL is configurable (``telegram.api_base``) for self-hosted Bot API servers —
+and for the local stand-in server the tests drive the real aiogram client against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from typing import Any
+
+from aiogram import Bot as TelegramBot
+from aiogram import Dispatcher, F
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
+from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
+from aiogram.types import (
+    BotCommand,
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    ReplyParameters,
+)
+from aiogram.types import Message as TelegramMessage
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from bot.core import Bot
+from bot.messages import Attachment, Message, Reply
+
+log = logging.getLogger(__name__)
+PLATFORM = "telegram"
+LIMIT = 4096
+TEXT_ONLY = "I read text only for now — please type your message. Send /help to see what I can do."
+
+
+def split_text(text: str, limit: int = LIMIT) -> list[str]:
+    """Pieces of at most ``limit`` characters, cut at the most natural boundary available."""
+    text = text.strip()
+    if len(text) <= limit:
+        return [text] if text else []
+    pieces: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = -1
+        for pattern in (r"\n\s*\n", r"\n", r"(?<=[.!?…])\s", r"\s"):
+            matches = list(re.finditer(pattern, window))
+            if matches and matches[-1].start() > limit // 3:
+                cut = matches[-1].start()
+                break
+        if cut <= 0:
+            cut = limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest:
+        pieces.append(rest)
+    return pieces
+
+
+class TelegramAdapter:
+    def __init__(
+        self,
+        bot: Bot,
+        token: str,
+        *,
+        api_base: str | None = None,
+        min_interval_s: float = 1.0,
+        group_interval_s: float = 3.0,
+        retries: int = 5,
+        polling_timeout: int = 30,
+    ) -> None:
+        self.bot = bot
+        api = TelegramAPIServer.from_base(api_base) if api_base else PRODUCTION
+        self.tg = TelegramBot(token, session=AiohttpSession(api=api))
+        self.dp = Dispatcher()
+        self.dp.message.register(self.on_message)
+        self.dp.callback_query.register(self.on_feedback, F.data.startswith("fb:"))
+        self.min_interval_s = min_interval_s
+        self.group_interval_s = group_interval_s
+        self.retries = retries
+        self.polling_timeout = polling_timeout
+        self.me: Any = None
+        self._next_send: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.me = await self._call(self.tg.get_me)
+        if self.me.username and not self.bot.settings.bot.username:
+            self.bot.settings.bot.username = self.me.username
+        commands = [
+            BotCommand(command=name, description=(cmd.description or name)[:256])
+            for name, entry in sorted(self.bot.router.commands.items())
+            for cmd in [entry.commands[name]]
+            if not cmd.admin_only and re.fullmatch(r"[a-z0-9_]{1,32}", name)
+        ]
+        await self._call(self.tg.set_my_commands, commands=commands)
+        self.bot.outboxes[PLATFORM] = self.push
+        self._task = asyncio.create_task(
+            self.dp.start_polling(
+                self.tg,
+                handle_signals=False,
+                close_bot_session=False,
+                polling_timeout=self.polling_timeout,
+            ),
+            name="telegram-polling",
+        )
+        log.info("Telegram: polling as @%s", self.me.username)
+
+    async def stop(self) -> None:
+        self.bot.outboxes.pop(PLATFORM, None)
+        if self._task is not None:
+            with contextlib.suppress(RuntimeError):
+                await self.dp.stop_polling()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.tg.session.close()
+
+    # -- inbound ---------------------------------------------------------------------------------
+
+    def _addressed(self, msg: TelegramMessage) -> tuple[bool, bool, bool]:
+        """(answer it?, mentions the bot?, replies to the bot?)"""
+        username = (self.me.username or "").lower() if self.me else ""
+        text = (msg.text or msg.caption or "").lower()
+        mentioned = bool(username) and f"@{username}" in text
+        to_bot = bool(
+            msg.reply_to_message
+            and msg.reply_to_message.from_user
+            and self.me
+            and msg.reply_to_message.from_user.id == self.me.id
+        )
+        if msg.chat.type == "private":
+            return True, mentioned, to_bot
+        return text.startswith("/") or mentioned or to_bot, mentioned, to_bot
+
+    async def on_message(self, msg: TelegramMessage) -> None:
+        answer, mentioned, to_bot = self._addressed(msg)
+        if not answer or msg.from_user is None:
+            return
+        text = msg.text
+        if text is None:
+            await self._send(msg.chat.id, TEXT_ONLY, msg.message_id)
+            return
+        if mentioned and self.me and self.me.username:
+            text = re.sub(rf"@{re.escape(self.me.username)}\b", "", text, flags=re.I).strip()
+        message = Message(
+            PLATFORM,
+            str(msg.chat.id),
+            str(msg.from_user.id),
+            text,
+            message_id=str(msg.message_id),
+            user_name=msg.from_user.full_name,
+            chat_kind="private" if msg.chat.type == "private" else "group",
+            chat_title=msg.chat.title or "",
+            reply_to=str(msg.reply_to_message.message_id) if msg.reply_to_message else None,
+            reply_to_bot=to_bot,
+            mentions_bot=mentioned,
+            attachments=[Attachment("photo")] if msg.photo else [],
+        )
+        typing = asyncio.create_task(self._typing(msg.chat.id))
+        try:
+            await self.bot.handle(message, send=self.send)
+        finally:
+            typing.cancel()
+
+    async def _typing(self, chat_id: int) -> None:
+        """ "typing…" while a skill works (Telegram shows it for ~5 s per call)."""
+        with contextlib.suppress(Exception):
+            while True:
+                await self.tg.send_chat_action(chat_id, "typing")
+                await asyncio.sleep(4.5)
+
+    async def on_feedback(self, cb: CallbackQuery) -> None:
+        try:
+            _, reply_id, rating = (cb.data or "").split(":")
+            await self.bot.store.add_feedback(
+                int(reply_id), PLATFORM, str(cb.from_user.id), int(rating)
+            )
+        except (ValueError, TypeError):
+            await self._call(cb.answer, "Sorry, I couldn't record that.")
+            return
+        await self._call(cb.answer, "Thanks for the feedback!")
+        if cb.message is not None:
+            with contextlib.suppress(Exception):
+                await self._call(
+                    self.tg.edit_message_reply_markup,
+                    chat_id=cb.message.chat.id,
+                    message_id=cb.message.message_id,
+                    reply_markup=None,
+                )
+
+    # -- outbound --------------------------------------------------------------------------------
+
+    async def send(self, message: Message, replies: list[Reply]) -> None:
+        chat_id = int(message.chat_id)
+        reply_to = int(message.message_id) if message.message_id else None
+        for reply in replies:
+            sent = await self._send(chat_id, reply.text, reply_to, reply)
+            if sent is not None:
+                reply.metadata["platform_message_id"] = str(sent.message_id)
+
+    async def push(self, chat_id: str, reply: Reply) -> None:
+        await self._send(int(chat_id), reply.text, None, reply)
+
+    async def _send(
+        self, chat_id: int, text: str, reply_to: int | None, reply: Reply | None = None
+    ) -> Any:
+        pieces = split_text(text) or ["…"]
+        last = None
+        for i, piece in enumerate(pieces):
+            markup = None
+            if reply is not None and reply.rateable and reply.id and i == len(pieces) - 1:
+                markup = InlineKeyboardMarkup(
+                    inline_keyboard=[
+                        [
+                            InlineKeyboardButton(text="👍", callback_data=f"fb:{reply.id}:1"),
+                            InlineKeyboardButton(text="👎", callback_data=f"fb:{reply.id}:-1"),
+                        ]
+                    ]
+                )
+            await self._pace(chat_id)
+            last = await self._call(
+                self.tg.send_message,
+                chat_id=chat_id,
+                text=piece,
+                reply_parameters=ReplyParameters(
+                    message_id=reply_to, allow_sending_without_reply=True
+                )
+                if reply_to and i == 0
+                else None,
+                reply_markup=markup,
+            )
+        return last
+
+    async def _pace(self, chat_id: int) -> None:
+        """At most one message per ``min_interval_s`` per chat (groups: ``group_interval_s``)."""
+        interval = self.group_interval_s if chat_id < 0 else self.min_interval_s
+        now = time.monotonic()
+        at = max(now, self._next_send.get(chat_id, 0.0))
+        self._next_send[chat_id] = at + interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call the Bot API: 429 waited out, 5xx and network errors retried with backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                async for retry in AsyncRetrying(
+                    retry=retry_if_exception_type((TelegramServerError, TelegramNetworkError)),
+                    wait=wait_exponential(multiplier=0.2, max=10) + wait_random(0, 0.2),
+                    stop=stop_after_attempt(self.retries + 1),
+                    reraise=True,
+                ):
+                    with retry:
+                        return await fn(*args, **kwargs)
+            except TelegramRetryAfter as exc:
+                if attempt == self.retries:
+                    raise
+                log.warning("Telegram asks to wait %ss (429)", exc.retry_after)
+                await asyncio.sleep(exc.retry_after)
+        raise AssertionError("unreachable")

@@ -1,0 +1,124 @@
+"""Telegram: the real aiogram Bot and Dispatcher against a local Bot API stand-in over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from bot import Command, Context, Message, Reply, Skill
+from bot.adapters.telegram import TEXT_ONLY, TelegramAdapter, split_text
+from bot.core import Bot
+from tests.conftest import EchoSkill, SkillsPlugin, core_settings
+from tests.fake_telegram import FakeTelegram
+
+
+class Essay(Skill):
+    name = "essay"
+    commands = (Command("essay", "A long answer"), Command("rated", "A rateable answer"))
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        if ctx.command == "rated":
+            return Reply("Generated answer.", rateable=True, model="m")
+        paragraph = "This sentence is part of a long essay about building permits. " * 20
+        return Reply("\n\n".join([paragraph.strip()] * 6))
+
+
+@pytest.fixture
+async def telegram(tmp_path):
+    fake = FakeTelegram()
+    server = TestServer(fake.app())
+    await server.start_server()
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill(), Essay())])
+    await bot.start()
+    adapter = TelegramAdapter(
+        bot,
+        "123:TEST",
+        api_base=str(server.make_url("")).rstrip("/"),
+        min_interval_s=0,
+        group_interval_s=0,
+        polling_timeout=1,
+    )
+    await adapter.start()
+    fake.bot = bot
+    yield fake
+    await adapter.stop()
+    await bot.stop()
+    await server.close()
+
+
+async def test_a_conversation_round_trip_with_commands_registered(telegram):
+    commands = {c["command"] for c in telegram.sent("setMyCommands")[0]["commands"]}
+    assert {"echo", "essay", "help"} <= commands
+    update = telegram.user_says("/echo hello from Telegram")
+    (sent,) = await telegram.wait_for("sendMessage")
+    assert sent["text"] == "hello from Telegram" and sent["chat_id"] == "100"
+    assert sent["reply_parameters"]["message_id"] == update["message"]["message_id"]
+    assert telegram.sent("sendChatAction")[0]["action"] == "typing"
+
+
+async def test_a_long_reply_is_split_under_the_limit_at_paragraphs(telegram):
+    telegram.user_says("/essay")
+    await asyncio.sleep(0.5)
+    sent = await telegram.wait_for("sendMessage", 2)
+    assert all(len(s["text"]) <= 4096 for s in sent)
+    assert all(s["text"].endswith(".") for s in sent)
+    assert "reply_parameters" in sent[0] and "reply_parameters" not in sent[1]
+
+
+def test_splitting_prefers_paragraphs_then_sentences():
+    text = ("a" * 3000) + "\n\n" + ("b" * 2000) + ". " + ("c" * 3000)
+    pieces = split_text(text)
+    assert [len(p) for p in pieces] == [3000, 2001, 3000]
+
+
+async def test_a_429_is_waited_out_and_retried(telegram):
+    telegram.fail("sendMessage", 429, retry_after=1)
+    telegram.user_says("/echo patience")
+    sent = await telegram.wait_for("sendMessage", 2)
+    assert sent[-1]["text"] == "patience"  # the second attempt went through
+
+
+async def test_a_server_error_then_success_is_retried(telegram):
+    telegram.fail("sendMessage", 500, times=2)
+    telegram.user_says("/echo again")
+    sent = await telegram.wait_for("sendMessage", 3)
+    assert sent[-1]["text"] == "again"
+
+
+async def test_a_redelivered_update_is_answered_once(telegram):
+    update = telegram.user_says("/echo once")
+    telegram.updates.append(dict(update, update_id=update["update_id"] + 100))  # same message
+    telegram._new.set()
+    await telegram.wait_for("sendMessage")
+    await asyncio.sleep(1.0)
+    assert [s["text"] for s in telegram.sent()] == ["once"]
+
+
+async def test_a_rating_button_stores_feedback_and_is_answered(telegram):
+    telegram.user_says("/rated")
+    (sent,) = await telegram.wait_for("sendMessage")
+    buttons = sent["reply_markup"]["inline_keyboard"][0]
+    assert [b["text"] for b in buttons] == ["👍", "👎"]
+    telegram.user_presses(buttons[0]["callback_data"])
+    (answer,) = await telegram.wait_for("answerCallbackQuery")
+    assert "Thanks" in answer["text"]
+    reply_id = int(buttons[0]["callback_data"].split(":")[1])
+    await telegram.bot.store.flush()
+    assert [f.rating for f in await telegram.bot.store.feedback_for(reply_id)] == [1]
+
+
+async def test_group_messages_need_a_command_a_mention_or_a_reply(telegram):
+    telegram.user_says("echo just chatting", chat_id=-5, chat_type="group")
+    telegram.user_says("@chinwag_bot echo you there?", chat_id=-5, chat_type="group")
+    telegram.user_says("echo replying to you", chat_id=-5, chat_type="group", reply_to_bot=True)
+    await telegram.wait_for("sendMessage", 2)
+    await asyncio.sleep(0.5)
+    assert sorted(s["text"] for s in telegram.sent()) == ["echo replying to you", "echo you there?"]
+
+
+async def test_a_sticker_gets_a_polite_text_only_answer(telegram):
+    telegram.user_says(None, sticker=True)
+    (sent,) = await telegram.wait_for("sendMessage")
+    assert sent["text"] == TEXT_ONLY
