@@ -160,6 +160,16 @@ class TelegramSettings(_Section):
     min_interval_s: float = Field(1.0, ge=0)
     group_interval_s: float = Field(3.0, ge=0)
     polling_timeout: int = Field(30, ge=0, le=60)
+    #: ``webhook`` for deployments behind a load balancer with several workers.
+    mode: Literal["polling", "webhook"] = "polling"
+    #: The public HTTPS URL Telegram posts updates to (webhook mode).
+    webhook_url: str | None = None
+    webhook_host: str = "0.0.0.0"
+    webhook_port: int = Field(8443, ge=0, le=65535)
+    webhook_path: str = "/telegram"
+    #: Checked on every update (``X-Telegram-Bot-Api-Secret-Token``); required for webhooks.
+    webhook_secret: SecretStr | None = None
+    max_connections: int = Field(40, ge=1, le=100)
 
 
 class HttpSettings(_Section):

@@ -24,7 +24,7 @@ from bot.plugins import PluginInfo, Registered, call_lifecycle, collect, make_ma
 from bot.ratelimit import RateLimiter, Verdict
 from bot.router import Router, SkillEntry, parse_command, suggest
 from bot.sanitize import clean_text, to_text
-from bot.skill import TOKEN_SINK, Command, Context
+from bot.skill import INBOUND_STORED, TOKEN_SINK, Command, Context
 from bot.store import ConversationStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -386,11 +386,17 @@ class Bot:
                     skill="core",
                 )
             )
+        stored = INBOUND_STORED.get()
         try:
-            if not await self.store.log_inbound(message):
+            fresh = await self.store.log_inbound(message)
+            if stored is not None and not stored.done():
+                stored.set_result(True)
+            if not fresh:
                 log.info("ignoring redelivered message %s", message.dedup_key)
                 return []
         except StoreError:
+            if stored is not None and not stored.done():
+                stored.set_result(False)
             log.exception("could not log an inbound message; not processing it")
             return await self._deliver(
                 message,

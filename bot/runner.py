@@ -63,6 +63,18 @@ async def serve(settings: Settings) -> None:
                         min_interval_s=tg.min_interval_s,
                         group_interval_s=tg.group_interval_s,
                         polling_timeout=tg.polling_timeout,
+                        webhook={
+                            "url": tg.webhook_url,
+                            "host": tg.webhook_host,
+                            "port": tg.webhook_port,
+                            "path": tg.webhook_path,
+                            "secret": tg.webhook_secret.get_secret_value()
+                            if tg.webhook_secret
+                            else None,
+                            "max_connections": tg.max_connections,
+                        }
+                        if tg.mode == "webhook"
+                        else None,
                     )
                 )
             if servers:

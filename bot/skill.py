@@ -37,6 +37,11 @@ TOKEN_SINK: ContextVar[Callable[[str], Awaitable[None]] | None] = ContextVar(
 )
 
 
+#: Resolved once the message being handled is durably stored (or found to be a redelivery):
+#: webhook adapters acknowledge an update only then, so a crash never loses one.
+INBOUND_STORED: ContextVar[Any] = ContextVar("chinwag_inbound_stored", default=None)
+
+
 @dataclass(slots=True)
 class Context:
     """Everything a skill may use while answering one message.

@@ -101,6 +101,7 @@ class FakeTelegram:
         return update
 
     def fail(self, method: str, status: int, times: int = 1, retry_after: int | None = None):
+        """Answer ``method`` with ``status`` (0: drop the connection) the next ``times`` calls."""
         body: dict[str, Any] = {"ok": False, "error_code": status, "description": f"fake {status}"}
         if retry_after is not None:
             body["parameters"] = {"retry_after": retry_after}
@@ -135,6 +136,10 @@ class FakeTelegram:
         queued = self.failures.get(method)
         if queued:
             status, body = queued.pop(0)
+            if status == 0:  # a dropped connection: no answer at all
+                assert request.transport is not None
+                request.transport.close()
+                raise ConnectionResetError("dropped by the fake server")
             return web.json_response(body, status=status)
         result = await getattr(self, f"m_{method}", self.m_default)(params)
         return web.json_response({"ok": True, "result": result})

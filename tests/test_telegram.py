@@ -87,6 +87,13 @@ async def test_a_server_error_then_success_is_retried(telegram):
     assert sent[-1]["text"] == "again"
 
 
+async def test_a_dropped_connection_is_retried(telegram):
+    telegram.fail("sendMessage", 0, times=1)  # status 0: close the connection, no answer
+    telegram.user_says("/echo still here")
+    sent = await telegram.wait_for("sendMessage", 2)
+    assert sent[-1]["text"] == "still here"
+
+
 async def test_a_redelivered_update_is_answered_once(telegram):
     update = telegram.user_says("/echo once")
     telegram.updates.append(dict(update, update_id=update["update_id"] + 100))  # same message
@@ -122,3 +129,64 @@ async def test_a_sticker_gets_a_polite_text_only_answer(telegram):
     telegram.user_says(None, sticker=True)
     (sent,) = await telegram.wait_for("sendMessage")
     assert sent["text"] == TEXT_ONLY
+
+
+async def test_webhook_mode_refuses_a_wrong_secret_and_acks_after_storing(tmp_path):
+    import socket
+
+    from aiohttp import ClientSession
+
+    fake = FakeTelegram()
+    server = TestServer(fake.app())
+    await server.start_server()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill())])
+    await bot.start()
+    adapter = TelegramAdapter(
+        bot,
+        "123:TEST",
+        api_base=str(server.make_url("")).rstrip("/"),
+        min_interval_s=0,
+        webhook={
+            "url": "https://bot.example.com/telegram",
+            "host": "127.0.0.1",
+            "port": port,
+            "path": "/telegram",
+            "secret": "hook-secret",
+            "max_connections": 80,
+        },
+    )
+    await adapter.start()
+    try:
+        (hook,) = fake.sent("setWebhook")
+        assert (hook["url"], hook["secret_token"], hook["max_connections"]) == (
+            "https://bot.example.com/telegram",
+            "hook-secret",
+            "80",
+        )
+        update = fake.user_says("/echo via webhook")
+        url = f"http://127.0.0.1:{port}/telegram"
+        async with ClientSession() as http:
+            wrong = await http.post(
+                url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "guess"}
+            )
+            assert wrong.status == 401
+            assert await bot.store.count_messages() == 0
+            right = await http.post(
+                url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "hook-secret"}
+            )
+            assert right.status == 200
+            assert await bot.store.count_messages("in") == 1  # stored before the ack
+            again = await http.post(
+                url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "hook-secret"}
+            )
+            assert again.status == 200
+        await fake.wait_for("sendMessage")
+        await asyncio.sleep(0.3)
+        assert [s["text"] for s in fake.sent()] == ["via webhook"]  # the redelivery: once
+    finally:
+        await adapter.stop()
+        await bot.stop()
+        await server.close()

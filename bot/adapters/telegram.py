@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import re
 import time
@@ -36,8 +37,11 @@ from aiogram.types import (
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     ReplyParameters,
+    Update,
 )
 from aiogram.types import Message as TelegramMessage
+from aiohttp import web
+from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -46,8 +50,10 @@ from tenacity import (
     wait_random,
 )
 
+from bot.config import ConfigError
 from bot.core import Bot
 from bot.messages import Attachment, Message, Reply
+from bot.skill import INBOUND_STORED
 
 log = logging.getLogger(__name__)
 PLATFORM = "telegram"
@@ -90,6 +96,7 @@ class TelegramAdapter:
         group_interval_s: float = 3.0,
         retries: int = 5,
         polling_timeout: int = 30,
+        webhook: dict[str, Any] | None = None,
     ) -> None:
         self.bot = bot
         api = TelegramAPIServer.from_base(api_base) if api_base else PRODUCTION
@@ -104,6 +111,10 @@ class TelegramAdapter:
         self.me: Any = None
         self._next_send: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
+        #: ``{"url", "host", "port", "path", "secret", "max_connections"}`` for webhook mode.
+        self.webhook = webhook
+        self._runner: web.AppRunner | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -119,6 +130,9 @@ class TelegramAdapter:
         ]
         await self._call(self.tg.set_my_commands, commands=commands)
         self.bot.outboxes[PLATFORM] = self.push
+        if self.webhook is not None:
+            await self._start_webhook(self.webhook)
+            return
         self._task = asyncio.create_task(
             self.dp.start_polling(
                 self.tg,
@@ -130,8 +144,63 @@ class TelegramAdapter:
         )
         log.info("Telegram: polling as @%s", self.me.username)
 
+    async def _start_webhook(self, hook: dict[str, Any]) -> None:
+        if not hook.get("secret") or not hook.get("url"):
+            raise ConfigError(
+                "telegram.mode is 'webhook' but telegram.webhook_url or telegram.webhook_secret "
+                "is not set"
+            )
+        app = web.Application()
+        app.router.add_post(hook["path"], self._on_webhook)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, hook["host"], hook["port"]).start()
+        await self._call(
+            self.tg.set_webhook,
+            url=hook["url"],
+            secret_token=hook["secret"],
+            max_connections=hook.get("max_connections", 40),
+            allowed_updates=["message", "callback_query"],
+        )
+        log.info("Telegram: webhook %s as @%s", hook["url"], self.me.username)
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        """Acknowledge an update only once its message is stored (or it needed no storing).
+
+        Telegram redelivers unacknowledged updates; the core answers a redelivery once.
+        """
+        assert self.webhook is not None
+        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+        if not hmac.compare_digest(given.encode(), str(self.webhook["secret"]).encode()):
+            return web.Response(status=401, text="wrong secret token")
+        try:
+            update = Update.model_validate(await request.json(), context={"bot": self.tg})
+        except (ValueError, ValidationError):
+            return web.Response(status=400, text="not a Telegram update")
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        token = INBOUND_STORED.set(stored)
+        try:
+            task = asyncio.create_task(self.dp.feed_update(self.tg, update))
+        finally:
+            INBOUND_STORED.reset(token)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        # Updates the core never stores (a button press, a group message not for us) are
+        # acknowledged when handled.
+        task.add_done_callback(lambda _t: stored.done() or stored.set_result(True))
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(stored), 30)
+        except TimeoutError:
+            ok = False
+        return web.Response(status=200 if ok else 503)
+
     async def stop(self) -> None:
         self.bot.outboxes.pop(PLATFORM, None)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._task is not None:
             with contextlib.suppress(RuntimeError):
                 await self.dp.stop_polling()
