@@ -190,3 +190,40 @@ async def test_webhook_mode_refuses_a_wrong_secret_and_acks_after_storing(tmp_pa
         await adapter.stop()
         await bot.stop()
         await server.close()
+
+
+async def test_chinwag_run_with_a_token_serves_telegram_and_stops_on_sigterm(tmp_path):
+    import os
+    import signal
+    import sys
+
+    fake = FakeTelegram()
+    server = TestServer(fake.app())
+    await server.start_server()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(tmp_path / "data"),
+        CHINWAG_BOT__FALLBACK="fallback",
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_TELEGRAM__TOKEN="123456:TEST-TOKEN-abcdefghijklmnopqrstuvwxyz",
+        CHINWAG_TELEGRAM__API_BASE=str(server.make_url("")).rstrip("/"),
+        CHINWAG_TELEGRAM__POLLING_TIMEOUT="1",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot.cli", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        await fake.wait_for("getUpdates", within=60)
+        fake.user_says("/help")
+        (sent,) = await fake.wait_for("sendMessage", within=60)
+        assert "/forget" in sent["text"]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await server.close()
+    err = (await proc.stderr.read()).decode()
+    assert "Telegram: polling as @chinwag_bot" in err
+    assert "TEST-TOKEN" not in err  # the token never reaches the log
