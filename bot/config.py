@@ -160,6 +160,8 @@ class TelegramSettings(_Section):
     min_interval_s: float = Field(1.0, ge=0)
     group_interval_s: float = Field(3.0, ge=0)
     polling_timeout: int = Field(30, ge=0, le=60)
+    #: An edited message: ``ignore`` it, or ``rehandle`` it as a new message.
+    edited: Literal["ignore", "rehandle"] = "ignore"
     #: ``webhook`` for deployments behind a load balancer with several workers.
     mode: Literal["polling", "webhook"] = "polling"
     #: The public HTTPS URL Telegram posts updates to (webhook mode).

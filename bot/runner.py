@@ -63,6 +63,7 @@ async def serve(settings: Settings) -> None:
                         min_interval_s=tg.min_interval_s,
                         group_interval_s=tg.group_interval_s,
                         polling_timeout=tg.polling_timeout,
+                        edited=tg.edited,
                         webhook={
                             "url": tg.webhook_url,
                             "host": tg.webhook_host,

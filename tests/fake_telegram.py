@@ -79,6 +79,13 @@ class FakeTelegram:
         self._new.set()
         return update
 
+    def user_edits(self, update: dict[str, Any], text: str) -> dict[str, Any]:
+        message = dict(update["message"], text=text, edit_date=int(time.time()) + 1)
+        edited = {"update_id": next(self._update_ids), "edited_message": message}
+        self.updates.append(edited)
+        self._new.set()
+        return edited
+
     def user_presses(self, data: str, *, chat_id: int = 100, user_id: int = 7, message_id: int = 1):
         update = {
             "update_id": next(self._update_ids),

@@ -125,6 +125,14 @@ async def test_group_messages_need_a_command_a_mention_or_a_reply(telegram):
     assert sorted(s["text"] for s in telegram.sent()) == ["echo replying to you", "echo you there?"]
 
 
+async def test_edited_messages_are_ignored_by_default(telegram):
+    update = telegram.user_says("/echo first")
+    await telegram.wait_for("sendMessage")
+    telegram.user_edits(update, "/echo edited")
+    await asyncio.sleep(1.0)
+    assert [s["text"] for s in telegram.sent()] == ["first"]
+
+
 async def test_a_sticker_gets_a_polite_text_only_answer(telegram):
     telegram.user_says(None, sticker=True)
     (sent,) = await telegram.wait_for("sendMessage")
@@ -227,3 +235,31 @@ async def test_chinwag_run_with_a_token_serves_telegram_and_stops_on_sigterm(tmp
     err = (await proc.stderr.read()).decode()
     assert "Telegram: polling as @chinwag_bot" in err
     assert "TEST-TOKEN" not in err  # the token never reaches the log
+
+
+async def test_edited_messages_can_be_configured_to_be_answered_again(tmp_path):
+    fake = FakeTelegram()
+    server = TestServer(fake.app())
+    await server.start_server()
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill())])
+    await bot.start()
+    adapter = TelegramAdapter(
+        bot,
+        "123:TEST",
+        api_base=str(server.make_url("")).rstrip("/"),
+        min_interval_s=0,
+        polling_timeout=1,
+        edited="rehandle",
+    )
+    await adapter.start()
+    try:
+        update = fake.user_says("/echo first")
+        await fake.wait_for("sendMessage")
+        fake.user_edits(update, "/echo second thoughts")
+        sent = await fake.wait_for("sendMessage", 2)
+        assert [s["text"] for s in sent] == ["first", "second thoughts"]
+        assert sent[1]["reply_parameters"]["message_id"] == update["message"]["message_id"]
+    finally:
+        await adapter.stop()
+        await bot.stop()
+        await server.close()

@@ -97,6 +97,7 @@ class TelegramAdapter:
         retries: int = 5,
         polling_timeout: int = 30,
         webhook: dict[str, Any] | None = None,
+        edited: str = "ignore",
     ) -> None:
         self.bot = bot
         api = TelegramAPIServer.from_base(api_base) if api_base else PRODUCTION
@@ -104,6 +105,8 @@ class TelegramAdapter:
         self.dp = Dispatcher()
         self.dp.message.register(self.on_message)
         self.dp.callback_query.register(self.on_feedback, F.data.startswith("fb:"))
+        if edited == "rehandle":
+            self.dp.edited_message.register(self.on_message)
         self.min_interval_s = min_interval_s
         self.group_interval_s = group_interval_s
         self.retries = retries
@@ -160,7 +163,7 @@ class TelegramAdapter:
             url=hook["url"],
             secret_token=hook["secret"],
             max_connections=hook.get("max_connections", 40),
-            allowed_updates=["message", "callback_query"],
+            allowed_updates=["message", "edited_message", "callback_query"],
         )
         log.info("Telegram: webhook %s as @%s", hook["url"], self.me.username)
 
@@ -236,12 +239,14 @@ class TelegramAdapter:
             return
         if mentioned and self.me and self.me.username:
             text = re.sub(rf"@{re.escape(self.me.username)}\b", "", text, flags=re.I).strip()
+        # An edit keeps its message id: key it by the edit time so it is handled, once.
+        message_id = str(msg.message_id) + (f":edit:{msg.edit_date}" if msg.edit_date else "")
         message = Message(
             PLATFORM,
             str(msg.chat.id),
             str(msg.from_user.id),
             text,
-            message_id=str(msg.message_id),
+            message_id=message_id,
             user_name=msg.from_user.full_name,
             chat_kind="private" if msg.chat.type == "private" else "group",
             chat_title=msg.chat.title or "",
@@ -286,7 +291,7 @@ class TelegramAdapter:
 
     async def send(self, message: Message, replies: list[Reply]) -> None:
         chat_id = int(message.chat_id)
-        reply_to = int(message.message_id) if message.message_id else None
+        reply_to = int(message.message_id.split(":")[0]) if message.message_id else None
         for reply in replies:
             sent = await self._send(chat_id, reply.text, reply_to, reply)
             if sent is not None:
