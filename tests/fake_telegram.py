@@ -27,6 +27,7 @@ class FakeTelegram:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     failures: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
+    acked: list[tuple[int, int]] = field(default_factory=list)
     _new: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
     _update_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -159,6 +160,10 @@ class FakeTelegram:
 
     async def m_getUpdates(self, params: dict[str, Any]) -> Any:
         offset = int(params.get("offset", 0) or 0)
+        store = getattr(getattr(self, "bot", None), "store", None)
+        if offset and store is not None:
+            # What the bot had durably stored at the moment it acknowledged updates < offset.
+            self.acked.append((offset, await store.count_messages("in")))
         timeout = min(float(params.get("timeout", 0) or 0), 1.0)
         pending = [u for u in self.updates if u["update_id"] >= offset]
         if not pending and timeout:

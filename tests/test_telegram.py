@@ -58,6 +58,14 @@ async def test_a_conversation_round_trip_with_commands_registered(telegram):
     assert telegram.sent("sendChatAction")[0]["action"] == "typing"
 
 
+async def test_an_update_is_acknowledged_only_after_its_message_is_stored(telegram):
+    update = telegram.user_says("/echo keep me")
+    await telegram.wait_for("sendMessage")
+    await asyncio.sleep(1.5)  # the next long poll carries the acknowledgement
+    acks = [stored for offset, stored in telegram.acked if offset > update["update_id"]]
+    assert acks and acks[0] >= 1
+
+
 async def test_a_long_reply_is_split_under_the_limit_at_paragraphs(telegram):
     telegram.user_says("/essay")
     await asyncio.sleep(0.5)

@@ -58,6 +58,7 @@ from bot.skill import INBOUND_STORED
 log = logging.getLogger(__name__)
 PLATFORM = "telegram"
 LIMIT = 4096
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 TEXT_ONLY = "I read text only for now — please type your message. Send /help to see what I can do."
 
 
@@ -136,16 +137,57 @@ class TelegramAdapter:
         if self.webhook is not None:
             await self._start_webhook(self.webhook)
             return
-        self._task = asyncio.create_task(
-            self.dp.start_polling(
-                self.tg,
-                handle_signals=False,
-                close_bot_session=False,
-                polling_timeout=self.polling_timeout,
-            ),
-            name="telegram-polling",
-        )
+        self._task = asyncio.create_task(self._poll(), name="telegram-polling")
         log.info("Telegram: polling as @%s", self.me.username)
+
+    async def _poll(self) -> None:
+        """Long polling that acknowledges updates only once they are stored.
+
+        Telegram considers updates below ``offset`` delivered; the next ``getUpdates`` carries
+        the new offset only after every update of this batch has its inbound row committed (a
+        few milliseconds — skills run on, concurrently). A crash in between means redelivery,
+        which the core answers once. (aiogram's own polling advances the offset first.)
+        """
+        offset: int | None = None
+        while True:
+            try:
+                updates = await self._call(
+                    self.tg.get_updates,
+                    offset=offset,
+                    timeout=self.polling_timeout,
+                    allowed_updates=ALLOWED_UPDATES,
+                    request_timeout=self.polling_timeout + 15,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Telegram: getUpdates failed; retrying in 2 s")
+                await asyncio.sleep(2)
+                continue
+            acks = []
+            for update in updates:
+                acks.append(self._dispatch(update))
+                offset = update.update_id + 1
+            if acks:
+                await asyncio.gather(
+                    *(asyncio.wait_for(asyncio.shield(a), 30) for a in acks),
+                    return_exceptions=True,
+                )
+
+    def _dispatch(self, update: Update) -> asyncio.Future[bool]:
+        """Handle ``update`` in its own task; the future resolves once it is stored."""
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        token = INBOUND_STORED.set(stored)
+        try:
+            task = asyncio.create_task(self.dp.feed_update(self.tg, update))
+        finally:
+            INBOUND_STORED.reset(token)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+        # Updates the core never stores (a button press, a group message not for us) count as
+        # acknowledged once handled.
+        task.add_done_callback(lambda _t: stored.done() or stored.set_result(True))
+        return stored
 
     async def _start_webhook(self, hook: dict[str, Any]) -> None:
         if not hook.get("secret") or not hook.get("url"):
@@ -163,7 +205,7 @@ class TelegramAdapter:
             url=hook["url"],
             secret_token=hook["secret"],
             max_connections=hook.get("max_connections", 40),
-            allowed_updates=["message", "edited_message", "callback_query"],
+            allowed_updates=ALLOWED_UPDATES,
         )
         log.info("Telegram: webhook %s as @%s", hook["url"], self.me.username)
 
@@ -180,17 +222,7 @@ class TelegramAdapter:
             update = Update.model_validate(await request.json(), context={"bot": self.tg})
         except (ValueError, ValidationError):
             return web.Response(status=400, text="not a Telegram update")
-        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        token = INBOUND_STORED.set(stored)
-        try:
-            task = asyncio.create_task(self.dp.feed_update(self.tg, update))
-        finally:
-            INBOUND_STORED.reset(token)
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
-        # Updates the core never stores (a button press, a group message not for us) are
-        # acknowledged when handled.
-        task.add_done_callback(lambda _t: stored.done() or stored.set_result(True))
+        stored = self._dispatch(update)
         try:
             ok = await asyncio.wait_for(asyncio.shield(stored), 30)
         except TimeoutError:
@@ -202,14 +234,13 @@ class TelegramAdapter:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._task is not None:
-            with contextlib.suppress(RuntimeError):
-                await self.dp.stop_polling()
+            self._task.cancel()  # stops taking updates; handled ones finish below
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
         await self.tg.session.close()
 
     # -- inbound ---------------------------------------------------------------------------------
