@@ -457,3 +457,25 @@ async def test_stopping_during_the_first_training_leaves_no_half_adapter(tmp_pat
     assert task.done()
     registry = bot.models.registry
     assert registry.current("sentiment") is None and registry.versions("sentiment") == []
+
+
+async def test_the_base_model_and_a_classifier_can_load_at_the_same_time(
+    tmp_path, sentiment_registry, chinwag_model_cache
+):
+    """Start-up warms the classifier while the first message loads the base model; transformers
+    builds both on the meta device, and concurrent loads once left meta tensors behind."""
+    from bot.models import ModelRuntime
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path, {"models": {"registry_dir": str(sentiment_registry)}}, chinwag_model_cache
+    )
+    for _ in range(2):
+        runtime = ModelRuntime(settings)
+        try:
+            await asyncio.gather(runtime.start(), runtime.classifiers.warm("sentiment"))
+            gen = await runtime.generate([{"role": "user", "content": "Hi"}], max_new_tokens=4)
+            (label,) = await runtime.classify(["what a lovely day"])
+            assert gen.completion_tokens > 0 and label.label in ("negative", "neutral", "positive")
+        finally:
+            await runtime.stop()

@@ -63,6 +63,7 @@ class LoadedClassifier:
 
         from bot.models.embedding import resolve_model
         from bot.models.encoder_head import EncoderClassifier
+        from bot.models.loading import LOAD_LOCK
 
         meta = entry.meta
         self.entry = entry
@@ -70,10 +71,11 @@ class LoadedClassifier:
         self.base_model = str(meta.get("base_model", "all-MiniLM-L6-v2"))
         self.max_length = int(meta.get("max_length", 128))
         self.device = _device(device)
-        base = EncoderClassifier(resolve_model(self.base_model), len(self.labels))
-        model = PeftModel.from_pretrained(base, str(entry.path))
-        self.model = model.merge_and_unload().to(self.device).eval()
-        self.tokenizer = load_encoder_tokenizer(self.base_model)
+        with LOAD_LOCK:
+            base = EncoderClassifier(resolve_model(self.base_model), len(self.labels))
+            model = PeftModel.from_pretrained(base, str(entry.path))
+            self.model = model.merge_and_unload().to(self.device).eval()
+            self.tokenizer = load_encoder_tokenizer(self.base_model)
 
     def predict(self, texts: list[str]) -> np.ndarray:
         import torch

@@ -51,7 +51,10 @@ class Embedder:
                         import torch
 
                         device = "cuda" if torch.cuda.is_available() else "cpu"
-                    self._model = SentenceTransformer(path, device=device)
+                    from bot.models.loading import LOAD_LOCK
+
+                    with LOAD_LOCK:
+                        self._model = SentenceTransformer(path, device=device)
         return self._model
 
     @property

@@ -21,7 +21,10 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.encoder = AutoModel.from_pretrained(encoder_path)
+        from bot.models.loading import LOAD_LOCK
+
+        with LOAD_LOCK:  # see LOAD_LOCK: concurrent loads can leave meta tensors
+            self.encoder = AutoModel.from_pretrained(encoder_path)
         self.head = nn.Linear(self.encoder.config.hidden_size, num_labels)
         # peft reads ``config`` (model type, tied weights) from the model it wraps.
         self.config = self.encoder.config

