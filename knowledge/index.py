@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from bot.files import atomic_write
 
 
 class IndexCorrupt(Exception):
@@ -125,23 +125,8 @@ class VectorIndex:
 
     def save(self, path: Path) -> str:
         """Write atomically; returns the file's SHA-256."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = faiss.serialize_index(self.index).tobytes()
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod

@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.files import atomic_write, fsync_dir
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^v(\d+)$")
 META_FILE = "chinwag.json"
@@ -45,32 +47,6 @@ class AdapterVersion:
     @property
     def kind(self) -> str:
         return str(self.meta.get("kind", "generative"))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class AdapterRegistry:
@@ -161,7 +137,7 @@ class AdapterRegistry:
                         os.fsync(fh.fileno())
             target = base / version
             os.rename(tmp, target)
-            _fsync_dir(base)
+            fsync_dir(base)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -170,7 +146,7 @@ class AdapterRegistry:
     def promote(self, name: str, version: str, *, reason: str = "") -> AdapterVersion:
         entry = self.get(name, version)
         previous = self.current(name)
-        _atomic_write(self._dir(name) / "CURRENT", version + "\n")
+        atomic_write(self._dir(name) / "CURRENT", version + "\n")
         self._history(
             name,
             {
@@ -200,7 +176,7 @@ class AdapterRegistry:
         if not stack:
             raise RegistryError(f"adapter {name!r} has no earlier version to roll back to")
         target = stack[-1]
-        _atomic_write(self._dir(name) / "CURRENT", target + "\n")
+        atomic_write(self._dir(name) / "CURRENT", target + "\n")
         self._history(name, {"action": "rollback", "version": target, "previous": current.version})
         return self.get(name, target)
 

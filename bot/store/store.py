@@ -168,6 +168,19 @@ def _sqlite_insert_messages(
     return inserted
 
 
+def _row_to_feedback(r: Any) -> FeedbackRow:
+    return FeedbackRow(
+        r.id,
+        r.message_id,
+        r.platform,
+        r.user_id,
+        r.rating,
+        r.correction,
+        r.source,
+        _aware(r.created_at),  # type: ignore[arg-type]
+    )
+
+
 def _row_to_message(row: Any) -> StoredMessage:
     return StoredMessage(
         id=row.id,
@@ -948,19 +961,7 @@ class ConversationStore:
         q = sa.select(f).where(f.c.message_id == message_id).order_by(f.c.id)
         async with (await self._reader()).connect() as conn:
             rows = (await conn.execute(q)).all()
-        return [
-            FeedbackRow(
-                r.id,
-                r.message_id,
-                r.platform,
-                r.user_id,
-                r.rating,
-                r.correction,
-                r.source,
-                _aware(r.created_at),  # type: ignore[arg-type]
-            )
-            for r in rows
-        ]
+        return [_row_to_feedback(r) for r in rows]
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         m = schema.messages
@@ -1011,18 +1012,7 @@ class ConversationStore:
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 for r in (await conn.execute(sa.select(f).where(f.c.message_id.in_(chunk)))).all():
-                    fb.setdefault(r.message_id, []).append(
-                        FeedbackRow(
-                            r.id,
-                            r.message_id,
-                            r.platform,
-                            r.user_id,
-                            r.rating,
-                            r.correction,
-                            r.source,
-                            _aware(r.created_at),  # type: ignore[arg-type]
-                        )
-                    )
+                    fb.setdefault(r.message_id, []).append(_row_to_feedback(r))
         convs: dict[tuple[str, str], Conversation] = {}
         for r in rows:
             conv = convs.get((r.platform, r.chat_id))
