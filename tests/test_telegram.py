@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -25,27 +26,32 @@ class Essay(Skill):
         return Reply("\n\n".join([paragraph.strip()] * 6))
 
 
-@pytest.fixture
-async def telegram(tmp_path):
+@contextlib.asynccontextmanager
+async def running(tmp_path, *skills, **options):
+    """A bot with ``skills`` behind the real adapter, talking to a fresh Bot API stand-in."""
     fake = FakeTelegram()
     server = TestServer(fake.app())
     await server.start_server()
-    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill(), Essay())])
+    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(*skills)])
     await bot.start()
+    options = {"min_interval_s": 0, "group_interval_s": 0, "polling_timeout": 1, **options}
     adapter = TelegramAdapter(
-        bot,
-        "123:TEST",
-        api_base=str(server.make_url("")).rstrip("/"),
-        min_interval_s=0,
-        group_interval_s=0,
-        polling_timeout=1,
+        bot, "123:TEST", api_base=str(server.make_url("")).rstrip("/"), **options
     )
     await adapter.start()
     fake.bot = bot
-    yield fake
-    await adapter.stop()
-    await bot.stop()
-    await server.close()
+    try:
+        yield fake
+    finally:
+        await adapter.stop()
+        await bot.stop()
+        await server.close()
+
+
+@pytest.fixture
+async def telegram(tmp_path):
+    async with running(tmp_path, EchoSkill(), Essay()) as fake:
+        yield fake
 
 
 async def test_a_conversation_round_trip_with_commands_registered(telegram):
@@ -152,30 +158,19 @@ async def test_webhook_mode_refuses_a_wrong_secret_and_acks_after_storing(tmp_pa
 
     from aiohttp import ClientSession
 
-    fake = FakeTelegram()
-    server = TestServer(fake.app())
-    await server.start_server()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill())])
-    await bot.start()
-    adapter = TelegramAdapter(
-        bot,
-        "123:TEST",
-        api_base=str(server.make_url("")).rstrip("/"),
-        min_interval_s=0,
-        webhook={
-            "url": "https://bot.example.com/telegram",
-            "host": "127.0.0.1",
-            "port": port,
-            "path": "/telegram",
-            "secret": "hook-secret",
-            "max_connections": 80,
-        },
-    )
-    await adapter.start()
-    try:
+    webhook = {
+        "url": "https://bot.example.com/telegram",
+        "host": "127.0.0.1",
+        "port": port,
+        "path": "/telegram",
+        "secret": "hook-secret",
+        "max_connections": 80,
+    }
+    async with running(tmp_path, EchoSkill(), webhook=webhook) as fake:
+        bot = fake.bot
         (hook,) = fake.sent("setWebhook")
         assert (hook["url"], hook["secret_token"], hook["max_connections"]) == (
             "https://bot.example.com/telegram",
@@ -202,10 +197,6 @@ async def test_webhook_mode_refuses_a_wrong_secret_and_acks_after_storing(tmp_pa
         await fake.wait_for("sendMessage")
         await asyncio.sleep(0.3)
         assert [s["text"] for s in fake.sent()] == ["via webhook"]  # the redelivery: once
-    finally:
-        await adapter.stop()
-        await bot.stop()
-        await server.close()
 
 
 async def test_chinwag_run_with_a_token_serves_telegram_and_stops_on_sigterm(tmp_path):
@@ -246,28 +237,10 @@ async def test_chinwag_run_with_a_token_serves_telegram_and_stops_on_sigterm(tmp
 
 
 async def test_edited_messages_can_be_configured_to_be_answered_again(tmp_path):
-    fake = FakeTelegram()
-    server = TestServer(fake.app())
-    await server.start_server()
-    bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(EchoSkill())])
-    await bot.start()
-    adapter = TelegramAdapter(
-        bot,
-        "123:TEST",
-        api_base=str(server.make_url("")).rstrip("/"),
-        min_interval_s=0,
-        polling_timeout=1,
-        edited="rehandle",
-    )
-    await adapter.start()
-    try:
+    async with running(tmp_path, EchoSkill(), edited="rehandle") as fake:
         update = fake.user_says("/echo first")
         await fake.wait_for("sendMessage")
         fake.user_edits(update, "/echo second thoughts")
         sent = await fake.wait_for("sendMessage", 2)
         assert [s["text"] for s in sent] == ["first", "second thoughts"]
         assert sent[1]["reply_parameters"]["message_id"] == update["message"]["message_id"]
-    finally:
-        await adapter.stop()
-        await bot.stop()
-        await server.close()
