@@ -13,7 +13,7 @@ import contextvars
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -186,7 +186,26 @@ class HttpSettings(_Section):
 
 
 class DiscordSettings(_Section):
+    """The Discord adapter (bot/adapters/discord.py)."""
+
     token: SecretStr | None = None
+    #: REST base and gateway URL, for API proxies; default discord.com and gateway.discord.gg.
+    api_base: str | None = None
+    gateway_url: str | None = None
+    #: Guild channels (their threads included) the bot may answer in; empty: every channel.
+    channels: list[int] = []
+    #: Guild channels where the bot answers every message, not only mentions and replies.
+    open_channels: list[int] = []
+    #: Answer every message in threads the bot started.
+    answer_in_own_threads: bool = True
+    #: Register the skills' commands as slash commands at start.
+    sync_commands: bool = True
+    #: Sync slash commands to this guild only (instant; handy while developing) instead of
+    #: globally.
+    command_guild: int | None = None
+    #: ``AutoShardedClient`` for large bots; ``shard_count`` empty asks Discord for the number.
+    sharded: bool = False
+    shard_count: int | None = Field(None, ge=1)
 
 
 _FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
@@ -202,6 +221,26 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return _FILE_DATA.get() or {}
+
+
+class _PlatformTokens(PydanticBaseSettingsSource):
+    """``TELEGRAM_TOKEN`` and ``DISCORD_TOKEN``, the names every bot tutorial uses.
+
+    Below the ``CHINWAG_…`` variables in precedence and above the file, so a deployment that
+    already exports them needs no renaming.
+    """
+
+    NAMES: ClassVar[dict[str, str]] = {"telegram": "TELEGRAM_TOKEN", "discord": "DISCORD_TOKEN"}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {
+            section: {"token": os.environ[name]}
+            for section, name in self.NAMES.items()
+            if os.environ.get(name)
+        }
 
 
 class Settings(BaseSettings):
@@ -243,7 +282,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _FileSource(settings_cls), file_secret_settings
+        return (
+            init_settings,
+            env_settings,
+            _PlatformTokens(settings_cls),
+            _FileSource(settings_cls),
+            file_secret_settings,
+        )
 
     @property
     def database_url(self) -> str:

@@ -7,9 +7,11 @@ console chat runs, so ``make run`` on a fresh machine gives a working bot in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 
 from bot.config import ConfigError, Settings
 from bot.core import Bot
@@ -28,11 +30,6 @@ def configured_platforms(settings: Settings) -> list[str]:
 
 async def serve(settings: Settings) -> None:
     platforms = configured_platforms(settings)
-    if "discord" in platforms:
-        raise ConfigError(
-            "discord is configured, but this release has no Discord adapter yet; remove the "
-            "token to run the others"
-        )
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
@@ -78,10 +75,34 @@ async def serve(settings: Settings) -> None:
                         else None,
                     )
                 )
+            if "discord" in platforms:
+                from bot.adapters.discord import DiscordAdapter
+
+                dc = settings.discord
+                assert dc.token is not None
+                servers.append(
+                    DiscordAdapter(
+                        bot,
+                        dc.token.get_secret_value(),
+                        api_base=dc.api_base,
+                        gateway_url=dc.gateway_url,
+                        channels=dc.channels,
+                        open_channels=dc.open_channels,
+                        answer_in_own_threads=dc.answer_in_own_threads,
+                        sync_commands=dc.sync_commands,
+                        command_guild=dc.command_guild,
+                        sharded=dc.sharded,
+                        shard_count=dc.shard_count,
+                    )
+                )
             if servers:
-                for server in servers:
-                    await server.start()
-                await _until_stopped()
+                # Listening before the first start: a SIGTERM while an adapter is still
+                # connecting must mean "shut down gracefully", not the default instant death.
+                with _stop_signals() as stop:
+                    for server in servers:
+                        if not stop.is_set():
+                            await server.start()
+                    await stop.wait()
                 return
         finally:
             for server in reversed(servers):
@@ -95,14 +116,15 @@ async def serve(settings: Settings) -> None:
             await console.run_pipe()
 
 
-async def _until_stopped() -> None:
-    """Wait for SIGINT or SIGTERM (a container stop), then return for a graceful shutdown."""
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[asyncio.Event]:
+    """An event set by SIGINT or SIGTERM (a container stop), for a graceful shutdown."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        yield stop
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

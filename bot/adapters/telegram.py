@@ -50,6 +50,7 @@ from tenacity import (
     wait_random,
 )
 
+from bot.adapters.text import split_text as _split
 from bot.config import ConfigError
 from bot.core import Bot
 from bot.messages import Attachment, Message, Reply
@@ -63,27 +64,8 @@ TEXT_ONLY = "I read text only for now — please type your message. Send /help t
 
 
 def split_text(text: str, limit: int = LIMIT) -> list[str]:
-    """Pieces of at most ``limit`` characters, cut at the most natural boundary available."""
-    text = text.strip()
-    if len(text) <= limit:
-        return [text] if text else []
-    pieces: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        window = rest[:limit]
-        cut = -1
-        for pattern in (r"\n\s*\n", r"\n", r"(?<=[.!?…])\s", r"\s"):
-            matches = list(re.finditer(pattern, window))
-            if matches and matches[-1].start() > limit // 3:
-                cut = matches[-1].start()
-                break
-        if cut <= 0:
-            cut = limit
-        pieces.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    if rest:
-        pieces.append(rest)
-    return pieces
+    """Telegram-sized pieces (plain text: no markup to keep balanced)."""
+    return _split(text, limit)
 
 
 class TelegramAdapter:
