@@ -186,6 +186,63 @@ def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     typer.echo("* admin-only")
 
 
+@app.command()
+def simulate(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Scenario files or directories of them.")
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option(help="Also write the results as JUnit XML (for CI).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Scenarios or users at once.")] = 8,
+    record: Annotated[
+        bool,
+        typer.Option(
+            help="Log into the configured database (ratings become feedback the trainers "
+            "learn from) instead of a temporary one."
+        ),
+    ] = False,
+    users: Annotated[int, typer.Option(min=0, help="Simulated users to run.")] = 0,
+    turns: Annotated[int, typer.Option(min=1, help="Messages per simulated user.")] = 4,
+    persona: Annotated[
+        str, typer.Option(help="replay, asker, complainer, or mixed (all three in turn).")
+    ] = "mixed",
+    questions: Annotated[
+        Path | None, typer.Option(help="Questions for 'asker' users, one per line.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Talk to a running bot's HTTP API instead of in-process.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="CHINWAG_API_TOKEN", help="Bearer token for --url.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the simulated users' choices.")] = 0,
+) -> None:
+    """Run scenario files and/or simulated users through the real bot; exit 1 on any failure."""
+    from bot.simulation.console import run_simulation
+
+    if not paths and not users:
+        raise fail("give scenario files or directories, or --users N")
+    s = settings(default_level="WARNING")
+    code = run_async(
+        lambda: run_simulation(
+            s,
+            paths or [],
+            junit=junit,
+            concurrency=concurrency,
+            record=record,
+            users=users,
+            turns=turns,
+            persona=persona,
+            questions=questions,
+            url=url,
+            token=token,
+            seed=seed,
+        )
+    )
+    raise typer.Exit(code)
+
+
 @app.command("config")
 def show_config() -> None:
     """Print the effective configuration (file + environment + defaults), secrets masked."""

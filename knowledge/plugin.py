@@ -41,6 +41,10 @@ class KnowledgeService:
     async def search(self, query: str, k: int = 5, **kwargs: Any) -> list[Passage]:
         return await asyncio.to_thread(self.kb.search, query, k, **kwargs)
 
+    async def add(self, paths: list[Path], **kwargs: Any) -> Any:
+        """Ingest ``paths`` (scenario files bring their own documents this way)."""
+        return await asyncio.to_thread(self.kb.add, paths, **kwargs)
+
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.kb.stats)
 

@@ -25,6 +25,7 @@ from skills.grounding import (
     faq_question,
     neutralize_instructions,
     new_facts,
+    numbers_kept,
     support,
 )
 
@@ -193,9 +194,11 @@ class QASkill(Skill):
                     )
                 meta["support"] = round(support(generation.text, texts), 3)
                 meta["new_facts"] = new_facts(generation.text, question, texts)
+                meta["numbers_kept"] = numbers_kept(generation.text, texts)
                 if (
                     meta["support"] >= cfg.min_support
                     and meta["new_facts"] >= cfg.min_new_facts
+                    and meta["numbers_kept"]
                     and "don't know" not in generation.text.lower()
                 ):
                     answer = generation.text.strip()
