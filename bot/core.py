@@ -111,12 +111,27 @@ class Bot:
 
         self.metrics = Metrics()
         self.metrics.track(lambda: self._inflight, self.models.queue_depth)
+        #: Background warm-ups started by skills (model loads); :meth:`warmed` waits for them.
+        self.warmups: list[asyncio.Future[Any]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     @property
     def plugins(self) -> list[PluginInfo]:
         return self.plugin_infos
+
+    async def warmed(self, within: float = 300.0) -> bool:
+        """Wait for the skills' warm-ups (model loads) to finish; ``False`` past ``within`` seconds.
+
+        Live traffic never waits for this — the bot answers while models load. Measurements
+        (``chinwag eval``, ``chinwag simulate``, benchmarks) do, so a cold start is not
+        mistaken for the bot's behaviour.
+        """
+        pending = [w for w in self.warmups if not w.done()]
+        if not pending:
+            return True
+        done, _ = await asyncio.wait(pending, timeout=within)
+        return len(done) == len(pending)
 
     async def start(self) -> None:
         """Open the store, load and configure the skills, run startup hooks."""

@@ -79,9 +79,9 @@ class SentimentSkill(Skill):
     async def setup(self, bot: Any, config: SentimentConfig) -> None:
         registry = bot.models.registry
         if registry.current(config.classifier) is not None:
-            bot.services["sentiment.warming"] = asyncio.create_task(
-                bot.models.classifiers.warm(config.classifier)
-            )
+            warming = asyncio.create_task(bot.models.classifiers.warm(config.classifier))
+            bot.services["sentiment.warming"] = warming
+            bot.warmups.append(warming)
             return
         if not config.train_if_missing:
             log.warning(

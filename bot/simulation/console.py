@@ -40,7 +40,7 @@ async def run_simulation(
         typer.echo(f"error: unknown persona {persona!r}", err=True)
         return 2
     with tempfile.TemporaryDirectory(prefix="chinwag-simulate-") as tmp:
-        run_settings = settings if record else _temporary_log(settings, Path(tmp))
+        run_settings = settings if record else runner.scratch_settings(settings, Path(tmp))
         failed = 0
         if scenarios:
             typer.echo(f"running {len(scenarios)} scenarios")
@@ -76,16 +76,6 @@ def _progress(result: runner.ScenarioResult) -> None:
     typer.echo(f"  {mark} {result.scenario.name} ({result.seconds:.1f} s)")
 
 
-def _temporary_log(settings: Settings, tmp: Path) -> Settings:
-    """Same bot — knowledge index, adapters, models — but a throwaway conversation log."""
-    s = settings.model_copy(deep=True)
-    s.knowledge.directory = settings.knowledge.directory or settings.data_dir / "knowledge"
-    s.models.registry_dir = settings.models.registry_dir or settings.data_dir / "adapters"
-    s.database.url = f"sqlite+aiosqlite:///{tmp / 'simulate.sqlite3'}"
-    s.rate_limit.enabled = False
-    return s
-
-
 async def _run_users(
     settings: Settings,
     n: int,
@@ -119,6 +109,7 @@ async def _run_users(
     from bot.core import Bot
 
     async with Bot(settings) as bot:
+        await bot.warmed()
         send, feedback = sim_users.in_process(bot)
         return await sim_users.run_users(
             send,

@@ -170,6 +170,16 @@ async def run_all(
     return list(await asyncio.gather(*(one(s) for s in scenarios)))
 
 
+def scratch_settings(settings: Any, tmp: Path) -> Any:
+    """Same bot — knowledge index, adapters, models — but a throwaway conversation log."""
+    s = settings.model_copy(deep=True)
+    s.knowledge.directory = settings.knowledge.directory or settings.data_dir / "knowledge"
+    s.models.registry_dir = settings.models.registry_dir or settings.data_dir / "adapters"
+    s.database.url = f"sqlite+aiosqlite:///{tmp / 'simulate.sqlite3'}"
+    s.rate_limit.enabled = False
+    return s
+
+
 async def simulate(
     settings: Any,
     scenarios: list[Scenario],
@@ -193,6 +203,7 @@ async def simulate(
             run_settings = settings.model_copy(deep=True)
             run_settings.knowledge.directory = workdir / f"knowledge-{n}"
         async with Bot(run_settings) as bot:
+            await bot.warmed()
             if docs:
                 service = bot.services.get("knowledge")
                 if service is None:

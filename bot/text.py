@@ -1,0 +1,57 @@
+"""Lexical text measures shared by skills and evaluation: words, sentences, and groundedness.
+
+Lexical on purpose: they run in microseconds on every reply, and for "did the model invent
+this?" content-word overlap with the sources is a strong, explainable signal. The QA skill's
+support check and ``chinwag eval``'s groundedness are this one function, so the number an
+operator reads is the number the skill acted on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+_WORD = re.compile(r"[^\W_]+(?:[.,'’-][^\W_]+)*", re.UNICODE)
+# A sentence ends at . ! ? … followed by a capital or a quote: "6 kap. 7 §", "e.g. a", "ch. 8:2"
+# stay whole.
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+(?=[\"'“‘(\[]?[A-ZÅÄÖÉÜ])|\n+")
+STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further
+    had has have having he her here hers herself him himself his how i if in into is it its
+    itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them
+    themselves then there these they this those through to too under until up very was we were
+    what when where which while who whom why will with would you your yours yourself yourselves
+    also may might must shall yes ok okay one get got like well really""".split()
+)
+
+
+def words(text: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(text)]
+
+
+def content_words(text: str) -> list[str]:
+    """Words that carry meaning: no stop words, and numbers always count."""
+    return [w for w in words(text) if w not in STOPWORDS and (len(w) > 2 or w[0].isdigit())]
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+
+
+def support(answer: str, passages: Iterable[str]) -> float:
+    """Share of the answer's content words found in the passages (1.0 = fully grounded).
+
+    An answer with no content words (empty, "Yes.") is unsupported: it says nothing checkable.
+    """
+    said = content_words(answer)
+    if not said:
+        return 0.0
+    known: set[str] = set()
+    for p in passages:
+        known.update(content_words(p))
+    # Light stemming so "permits" is supported by "permit".
+    stems = {w.rstrip("s") for w in known}
+    hits = sum(1 for w in said if w in known or w.rstrip("s") in stems)
+    return hits / len(said)
