@@ -177,6 +177,12 @@ def scratch_settings(settings: Any, tmp: Path) -> Any:
     s.models.registry_dir = settings.models.registry_dir or settings.data_dir / "adapters"
     s.database.url = f"sqlite+aiosqlite:///{tmp / 'simulate.sqlite3'}"
     s.rate_limit.enabled = False
+    # A measurement must not change what it measures: no first-start training into the
+    # operator's registry (the classifier in service, if any, is what gets evaluated).
+    from bot.config import SkillSettings
+
+    sentiment = s.skills.get("sentiment") or SkillSettings()
+    s.skills["sentiment"] = sentiment.model_copy(update={"train_if_missing": False})
     return s
 
 
