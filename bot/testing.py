@@ -104,3 +104,83 @@ if pytest_asyncio is not None:
     @pytest_asyncio.fixture
     async def chat(chinwag_chat: Callable[..., ChatUser]) -> ChatUser:
         return chinwag_chat()
+
+
+# -- scenario files as tests ---------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "chinwag_scenarios",
+        "glob patterns of scenario files collected as tests",
+        type="args",
+        default=["*.scenario.yaml", "*.scenario.yml"],
+    )
+    parser.addini(
+        "chinwag_scenario_config",
+        "a chinwag.toml the scenario tests' bot uses (relative to the rootdir)",
+        default="",
+    )
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    from fnmatch import fnmatch
+
+    patterns = parent.config.getini("chinwag_scenarios")
+    if any(fnmatch(file_path.name, p) for p in patterns):
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ScenarioFile(pytest.File):
+    """A scenario file: one test per scenario in it."""
+
+    def collect(self) -> Any:
+        from bot.simulation.scenarios import ScenarioError, load_file
+
+        try:
+            scenarios = load_file(self.path)
+        except ScenarioError as exc:
+            raise self.CollectError(str(exc)) from None
+        for scenario in scenarios:
+            yield ScenarioItem.from_parent(self, name=scenario.name, scenario=scenario)
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+class ScenarioItem(pytest.Item):
+    """One scenario, run through a fresh bot on a temporary data directory."""
+
+    def __init__(self, *, scenario: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scenario = scenario
+
+    def runtest(self) -> None:
+        import asyncio
+        import tempfile
+
+        from bot.simulation.runner import simulate
+
+        config = self.config.getini("chinwag_scenario_config")
+        overrides: dict[str, Any] = {}
+        if config:
+            import tomllib
+
+            overrides = tomllib.loads((self.config.rootpath / config).read_text("utf-8"))
+        factory = getattr(self.config, "_tmp_path_factory", None)  # pytest's tmp_path plugin
+        cache = factory.getbasetemp().parent / "chinwag-model-cache" if factory else None
+        with tempfile.TemporaryDirectory(prefix="chinwag-scenario-") as tmp:
+            settings = chinwag_test_settings(Path(tmp), overrides, cache)
+            (result,) = asyncio.run(simulate(settings, [self.scenario], workdir=Path(tmp)))
+        if not result.passed:
+            raise ScenarioFailed(result.transcript())
+
+    def repr_failure(self, excinfo: Any, style: Any = None) -> str:
+        if isinstance(excinfo.value, ScenarioFailed):
+            return f"scenario {self.scenario.name!r} failed:\n{excinfo.value}"
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, (self.scenario.line or 1) - 1, f"scenario: {self.scenario.name}"

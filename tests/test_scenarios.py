@@ -225,3 +225,34 @@ async def test_simulated_users_talk_rate_and_their_ratings_become_feedback(tmp_p
     assert replay and all(isinstance(t, str) and t for t in replay)  # real chitchat lines
     assert rate("hello", []) == -1 and rate("hi", [{"text": "hi", "kind": "answer"}]) == -1
     assert rate("hi", [{"text": "Hello! How can I help?", "kind": "answer"}]) == 1
+
+
+def test_the_pytest_plugin_collects_scenario_files_as_tests(tmp_path):
+    write(
+        tmp_path,
+        """
+        name: help works
+        turns:
+          - say: /help
+            expect: {skill: help}
+        ---
+        name: wants a source
+        turns:
+          - say: /help
+            expect: {cites: true}
+        """,
+        "bot.scenario.yaml",
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+    assert "scenario 'wants a source' failed" in done.stdout
+    assert "✗ reply cites no source" in done.stdout
