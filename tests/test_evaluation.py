@@ -205,3 +205,73 @@ def test_eval_writes_figures_and_a_self_contained_html_report_and_compares_runs(
 
     broken = chinwag(tmp_path, "eval", "qa", "--data", labelled, env=env)
     assert broken.returncode == 2 and f"{labelled}:1: not JSON" in broken.stderr
+
+
+# -- the LLM-as-judge panel ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def judge_server():
+    """An OpenAI-compatible stand-in whose judging rule each test picks."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    state = {"rule": "fair", "prompts": []}
+
+    def verdict(prompt: str) -> str:
+        a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:\n", 1)[0]
+        if state["rule"] == "biased":
+            return "A: 8/10, B: 5/10"  # always prefers whatever comes first
+        if state["rule"] == "mute":
+            return "I would rather not say."
+        return "A: 9/10, B: 3/10" if "12" in a else "A: 3/10, B: 9/10"
+
+    async def chat(request):
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        state["prompts"].append(prompt)
+        text = verdict(prompt) if "final scores" in prompt else "I lean towards one answer."
+        return web.json_response(
+            {"choices": [{"message": {"content": text}, "finish_reason": "stop"}], "usage": {}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    server = TestServer(app)
+    await server.start_server()
+    state["url"] = str(server.make_url("/v1"))
+    yield state
+    await server.close()
+
+
+async def test_the_panel_debates_and_prefers_the_right_answer_in_both_orders(judge_server):
+    from trainers.judge import JudgePanel
+
+    panel = JudgePanel(judge_server["url"], "judge")
+    try:
+        v = await panel.compare("How many books?", "You can borrow 12 books.", "Some books.")
+    finally:
+        await panel.close()
+    assert v.winner == "a" and v.position_consistent and (v.a, v.b) == (9.0, 3.0)
+    assert [d["judge"] for d in v.discussion[:3]] == ["critic", "user advocate", "subject expert"]
+    # Each judge read the ones before it (ChatEval's one-by-one debate).
+    third = judge_server["prompts"][2]
+    assert "critic: I lean" in third and "user advocate: I lean" in third
+
+
+async def test_a_judge_biased_towards_the_first_answer_ends_in_a_tie(judge_server):
+    from trainers.judge import JudgePanel, judge_against_references
+
+    judge_server["rule"] = "biased"
+    panel = JudgePanel(judge_server["url"], "judge")
+    try:
+        v = await panel.compare("Q?", "first", "second")
+        assert v.winner == "tie" and not v.position_consistent and v.a == v.b == 6.5
+        judge_server["rule"] = "mute"
+        result = await judge_against_references(
+            panel, [{"question": "Q?", "reply": "x", "reference": "y"}]
+        )
+    finally:
+        await panel.close()
+    assert result["judge_unreadable"] == 6  # 3 judges × 2 orders, none readable
+    assert result["judge_vs_reference"] == 0.5  # no readable verdict is no win

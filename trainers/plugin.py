@@ -108,7 +108,14 @@ def _run(suites: dict[str, Suite], out: Path | None, baseline: Path | None) -> N
 _HEADLINE = {
     "sentiment": ("accuracy", "macro_f1", "roc_auc"),
     "retrieval": ("recall@1", "recall@5", "mrr"),
-    "qa": ("containment", "f1", "citation_accuracy", "abstention_precision", "abstention_recall"),
+    "qa": (
+        "containment",
+        "f1",
+        "citation_accuracy",
+        "abstention_precision",
+        "abstention_recall",
+        "judge_vs_reference",
+    ),
     "dialogue": ("distinct_1", "distinct_2", "repetition_rate", "groundedness"),
     "scenarios": ("passed", "n", "pass_rate"),
 }
@@ -138,7 +145,28 @@ def _sentiment_suite(data: Path | None, limit: int) -> Suite:
     return suite
 
 
-def _qa_suites(data: Path) -> dict[str, Suite]:
+JudgeUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--judge-url",
+        help="An OpenAI-compatible server for the LLM-as-judge panel (off by default).",
+    ),
+]
+JudgeModel = Annotated[str, typer.Option("--judge-model", help="The judges' model name.")]
+JudgeKey = Annotated[
+    str | None, typer.Option("--judge-key", envvar="CHINWAG_JUDGE_API_KEY", help="Its API key.")
+]
+
+
+def _panel(url: str | None, model: str, key: str | None) -> Any:
+    if url is None:
+        return None
+    from trainers.judge import JudgePanel
+
+    return JudgePanel(url, model, api_key=key)
+
+
+def _qa_suites(data: Path, panel: Any = None) -> dict[str, Suite]:
     from trainers.evaluate import eval_qa, eval_retrieval, read_qa_jsonl
 
     rows = read_qa_jsonl(data)  # bad rows are reported before anything loads
@@ -147,7 +175,16 @@ def _qa_suites(data: Path) -> dict[str, Suite]:
         return await eval_retrieval(bot, rows, progress=progress)
 
     async def qa(bot: Any, progress: Any, _tmp: Path) -> dict[str, Any]:
-        return await eval_qa(bot, rows, progress)
+        result = await eval_qa(bot, rows, progress)
+        if panel is not None:
+            from trainers.judge import judge_against_references
+
+            try:
+                cases = [c for c in result["cases"] if c.get("reference")]
+                result.update(await judge_against_references(panel, cases))
+            finally:
+                await panel.close()
+        return result
 
     return {"retrieval": retrieval, "qa": qa}
 
@@ -199,13 +236,17 @@ def eval_all(
     ] = None,
     dialogue_prompts: Annotated[int, typer.Option(help="Chitchat openers for dialogue.")] = 20,
     sentiment_limit: Annotated[int, typer.Option(help="Held-out sentiment examples.")] = 600,
+    judge_url: JudgeUrl = None,
+    judge_model: JudgeModel = "judge",
+    judge_key: JudgeKey = None,
 ) -> None:
     """Run the default evaluation suite (or one suite: see the sub-commands)."""
     if ctx.invoked_subcommand is not None:
         return
     suites: dict[str, Suite] = {"sentiment": _sentiment_suite(None, sentiment_limit)}
     if qa_data is not None:
-        suites.update(_guard(lambda: _qa_suites(qa_data)))
+        panel = _panel(judge_url, judge_model, judge_key)
+        suites.update(_guard(lambda: _qa_suites(qa_data, panel)))
     suites["dialogue"] = _dialogue_suite(None, dialogue_prompts)
     if scenarios:
         _guard(lambda: _check_scenarios(scenarios))
@@ -243,9 +284,14 @@ def eval_qa_cmd(
     ],
     out: Out = None,
     baseline: Baseline = None,
+    judge_url: JudgeUrl = None,
+    judge_model: JudgeModel = "judge",
+    judge_key: JudgeKey = None,
 ) -> None:
-    """Retrieval recall@k/MRR and answer containment/F1, citations and abstention."""
-    _run(_guard(lambda: _qa_suites(data)), out, baseline)
+    """Retrieval recall@k/MRR and answer containment/F1, citations and abstention; with
+    ``--judge-url``, an LLM judge panel compares answers with the references."""
+    panel = _panel(judge_url, judge_model, judge_key)
+    _run(_guard(lambda: _qa_suites(data, panel)), out, baseline)
 
 
 @eval_app.command("dialogue")
