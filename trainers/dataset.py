@@ -1,0 +1,244 @@
+"""Training data from the conversation log: what the generative adapters learn each cycle.
+
+For every reply a generative skill (``dialogue``, ``qa``) sent, the feedback decides:
+
+- an operator's correction (``/correct``) → an example with the corrected reply;
+- a 👎 from anyone → dropped, and it wins over 👍 (one unhappy user is a reason to doubt it);
+- a reply the safety filter flagged (redacted or withheld) → dropped;
+- a 👍 → an example with the reply as sent;
+- no rating → not used: silence is not approval.
+
+Each example is the conversation before the reply (up to ``context_turns`` earlier turns, in
+order) followed by the reply, as chat messages the base model's template formats. Before
+anything is written, every text is redacted (emails, phone and card numbers, secrets, URLs with
+credentials — :mod:`bot.privacy`), users who asked to be forgotten are left out (and taken out
+of earlier cycles' data reused for replay), and duplicates are removed. The split is by
+conversation, so no held-out example shares a chat with a training one; a replay share of
+earlier cycles' training data is mixed in against forgetting. A manifest records counts,
+sources, the reasons examples were dropped and a hash of the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bot.files import atomic_write
+from bot.privacy import redact
+from bot.store.store import Conversation, StoredMessage
+
+GENERATIVE = ("dialogue", "qa")
+
+
+@dataclass
+class Example:
+    adapter: str
+    conversation: str  # sha256 of platform:chat — the split key, not the chat id itself
+    users: list[str]  # sha256 of platform:user_id — so a later /forget can remove it
+    messages: list[dict[str, str]]
+    source: str  # "thumbs_up" | "correction" | "replay"
+
+    def key(self) -> str:
+        return _hash(self.adapter, json.dumps(self.messages, sort_keys=True))
+
+
+@dataclass
+class Dataset:
+    train: list[Example] = field(default_factory=list)
+    held_out: list[Example] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def for_adapter(self, name: str) -> tuple[list[Example], list[Example]]:
+        return (
+            [e for e in self.train if e.adapter == name],
+            [e for e in self.held_out if e.adapter == name],
+        )
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+
+
+def user_hash(platform: str, user_id: str) -> str:
+    return _hash(platform, user_id)
+
+
+def _clean(text: str) -> str:
+    return redact(text, pii=True, secrets=True)[0].strip()
+
+
+def _verdict(reply: StoredMessage, feedback: list[Any]) -> tuple[str | None, str]:
+    """(target text or None, source or drop reason) for one logged reply."""
+    corrections = [f for f in feedback if f.correction and f.source == "operator"]
+    if corrections:
+        return corrections[-1].correction, "correction"
+    if any(f.rating < 0 for f in feedback):
+        return None, "thumbs_down"
+    safety = (reply.meta or {}).get("safety") or {}
+    if safety.get("flagged") or safety.get("blocked"):
+        return None, "safety_flagged"
+    if any(f.rating > 0 for f in feedback):
+        return reply.text, "thumbs_up"
+    return None, "unrated"
+
+
+def examples_from(
+    conversations: Iterable[Conversation],
+    *,
+    forgotten: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+    adapters: tuple[str, ...] = GENERATIVE,
+    context_turns: int = 4,
+) -> tuple[list[Example], Counter[str]]:
+    """Examples (not yet split or de-duplicated) and the reasons replies were not used."""
+    out: list[Example] = []
+    dropped: Counter[str] = Counter()
+    for conv in conversations:
+        by_id = {m.id: m for m in conv.messages}
+        history: list[StoredMessage] = []
+        skipped: set[int] = set()
+        for m in conv.messages:
+            if (m.direction == "in" and (conv.platform, m.user_id or "") in forgotten) or (
+                m.direction == "out" and m.reply_to_id in skipped
+            ):
+                skipped.add(m.id)  # someone who asked to be forgotten, and the replies to them
+                continue
+            history.append(m)
+            if m.direction != "out" or m.skill not in adapters:
+                continue
+            target, why = _verdict(m, conv.feedback.get(m.id, []))
+            if target is None:
+                dropped[why] += 1
+                continue
+            asked = by_id.get(m.reply_to_id) if m.reply_to_id else None
+            if asked is None:
+                dropped["no_question"] += 1
+                continue
+            before = [h for h in history[:-1] if h.id < asked.id][-2 * context_turns :]
+            messages = [
+                {"role": "user" if h.direction == "in" else "assistant", "content": _clean(h.text)}
+                for h in before
+                if h.text.strip()
+            ]
+            messages += [
+                {"role": "user", "content": _clean(asked.text)},
+                {"role": "assistant", "content": _clean(target)},
+            ]
+            users = sorted(
+                {user_hash(conv.platform, h.user_id) for h in [*before, asked] if h.user_id}
+            )
+            out.append(
+                Example(m.skill or "", _hash(conv.platform, conv.chat_id), users, messages, why)
+            )
+    return out, dropped
+
+
+def split(
+    examples: list[Example], held_out: float, seed: int = 13
+) -> tuple[list[Example], list[Example]]:
+    """By conversation: all of a chat's examples land on the same side."""
+    train, test = [], []
+    for e in examples:
+        bucket = int(_hash(str(seed), e.conversation)[:8], 16) / 16**8
+        (test if bucket < held_out else train).append(e)
+    return train, test
+
+
+def dedupe(examples: Iterable[Example]) -> list[Example]:
+    seen: set[str] = set()
+    out = []
+    for e in examples:
+        if (k := e.key()) not in seen:
+            seen.add(k)
+            out.append(e)
+    return out
+
+
+def read_examples(path: Path) -> list[Example]:
+    if not path.exists():
+        return []
+    return [
+        Example(**json.loads(line))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+
+
+def replay_examples(
+    datasets_dir: Path,
+    current: str,
+    n: int,
+    forgotten_hashes: set[str],
+    seed: int,
+) -> list[Example]:
+    """Up to ``n`` training examples from earlier cycles, minus anyone forgotten since."""
+    pool: list[Example] = []
+    for d in sorted(p for p in datasets_dir.glob("*") if p.is_dir() and p.name != current):
+        pool.extend(
+            e for e in read_examples(d / "train.jsonl") if not set(e.users) & forgotten_hashes
+        )
+    pool = [e for e in pool if e.source != "replay"]  # replay the originals only
+    random.Random(seed).shuffle(pool)
+    return [Example(**{**asdict(e), "source": "replay"}) for e in pool[:n]]
+
+
+def build(
+    conversations: list[Conversation],
+    out_dir: Path,
+    *,
+    forgotten: dict[tuple[str, str], datetime] | set[tuple[str, str]],
+    since: datetime | None,
+    until: datetime,
+    held_out: float = 0.1,
+    replay_share: float = 0.2,
+    context_turns: int = 4,
+    adapters: tuple[str, ...] = GENERATIVE,
+    seed: int = 13,
+) -> Dataset:
+    """Build, redact, split and write one cycle's dataset under ``out_dir`` (atomically)."""
+    gone = set(forgotten)
+    found, dropped = examples_from(
+        conversations, forgotten=gone, adapters=adapters, context_turns=context_turns
+    )
+    unique = dedupe(found)
+    if len(found) > len(unique):
+        dropped["duplicate"] += len(found) - len(unique)
+    train, test = split(unique, held_out, seed)
+    replay = replay_examples(
+        out_dir.parent,
+        out_dir.name,
+        int(len(train) * replay_share),
+        {user_hash(p, u) for p, u in gone},
+        seed,
+    )
+    train = dedupe(train + replay)
+    ds = Dataset(train, test, dropped)
+    lines = {
+        "train.jsonl": "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in train),
+        "held_out.jsonl": "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in test),
+    }
+    ds.manifest = {
+        "cycle": out_dir.name,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat(),
+        "conversations": len(conversations),
+        "train": len(train),
+        "held_out": len(test),
+        "by_adapter": dict(Counter(e.adapter for e in train + test)),
+        "by_source": dict(Counter(e.source for e in train + test)),
+        "dropped": dict(dropped),
+        "replay_share": replay_share,
+        "redaction": "bot.privacy.redact (pii + secrets)",
+        "sha256": hashlib.sha256("".join(lines.values()).encode()).hexdigest(),
+    }
+    for name, text in lines.items():
+        atomic_write(out_dir / name, text)
+    atomic_write(out_dir / "manifest.json", json.dumps(ds.manifest, indent=2))
+    return ds
