@@ -108,7 +108,7 @@ def run() -> None:
     from bot.runner import serve
 
     s = settings()
-    run_async(lambda: serve(s))
+    run_async(lambda: serve(s, config_path=state.config))
 
 
 @app.command()

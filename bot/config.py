@@ -256,6 +256,9 @@ class Settings(BaseSettings):
     admins: dict[str, list[str]] = {"console": ["local"]}
     rate_limit: RateLimitSettings = RateLimitSettings()
     skills: dict[str, SkillSettings] = {}
+    #: The training cycle (``[trainers]``, ``[trainers.lora]``): validated by the trainers'
+    #: plugin at start — see docs/training.md.
+    trainers: dict[str, Any] = {}
     #: Per-chat overrides keyed ``"platform:chat_id"``.
     chats: dict[str, ChatSettings] = {}
     disabled_plugins: list[str] = []

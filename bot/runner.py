@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 from bot.config import ConfigError, Settings
 from bot.core import Bot
@@ -28,12 +30,12 @@ def configured_platforms(settings: Settings) -> list[str]:
     return found
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
     platforms = configured_platforms(settings)
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
-    async with Bot(settings) as bot:
+    async with Bot(settings) as bot, _training_schedule(settings, config_path):
         servers: list = []
         try:
             if settings.http.enabled:
@@ -114,6 +116,34 @@ async def serve(settings: Settings) -> None:
             await console.run_interactive()
         else:
             await console.run_pipe()
+
+
+@contextlib.asynccontextmanager
+async def _training_schedule(
+    settings: Settings, config_path: Path | None
+) -> AsyncIterator[asyncio.subprocess.Process | None]:
+    """The nightly training schedule, in a child process (``chinwag train``) for as long as the
+    bot runs: training never shares the bot's event loop, memory or fate."""
+    schedule = (settings.trainers or {}).get("schedule", "default")
+    if not schedule:
+        yield None
+        return
+    cmd = [sys.executable, "-m", "bot.cli"]
+    if config_path is not None:
+        cmd += ["--config", str(config_path)]
+    env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
+    child = await asyncio.create_subprocess_exec(*cmd, "train", env=env)
+    log.info("training schedule: process %d", child.pid)
+    try:
+        yield child
+    finally:
+        if child.returncode is None:
+            child.terminate()
+            try:
+                await asyncio.wait_for(child.wait(), 10)
+            except TimeoutError:
+                child.kill()
+                await child.wait()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The trainers as a chinwag plugin: ``chinwag eval …`` (and, with issue #7, ``chinwag train``).
+"""The trainers as a chinwag plugin: ``chinwag eval …``, ``chinwag train``, ``chinwag adapters …``.
 
 ``chinwag eval`` with no sub-command runs the default suite (sentiment on the classifier's
 held-out movies, dialogue on real conversation openers, plus QA/retrieval when ``--qa-data`` is
@@ -30,11 +30,6 @@ Out = Annotated[
 Baseline = Annotated[
     Path | None, typer.Option("--baseline", help="An earlier report.json to compare with.")
 ]
-
-
-@hookimpl
-def register_commands(cli: typer.Typer) -> None:
-    cli.add_typer(eval_app, name="eval")
 
 
 Suite = Callable[[Any, Any, Path], Awaitable[dict[str, Any]]]
@@ -314,3 +309,185 @@ def eval_scenarios_cmd(
     """Pass rate of scenario files, in the report beside the other figures."""
     _guard(lambda: _check_scenarios(paths))
     _run({"scenarios": _scenario_suite(paths)}, out, baseline)
+
+
+# -- training and the adapter registry ----------------------------------------------------------
+
+adapters_app = typer.Typer(help="Trained adapter versions: list, inspect, promote, roll back.")
+
+
+@hookimpl
+def register_commands(cli: typer.Typer) -> None:
+    cli.add_typer(eval_app, name="eval")
+    cli.add_typer(adapters_app, name="adapters")
+    cli.command("train")(train)
+
+
+@hookimpl
+def startup(bot: Any) -> None:
+    """A broken ``[trainers]`` section stops the bot at start, not at 3 am."""
+    cycle_config(bot.settings)
+
+
+def cycle_config(settings: Any) -> Any:
+    from pydantic import ValidationError
+
+    from bot.config import ConfigError
+    from trainers.cycle import CycleConfig
+
+    try:
+        return CycleConfig.model_validate(settings.trainers or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"trainers.{where}: {err['msg']}") from None
+
+
+def _registry() -> Any:
+    from bot.cli import settings
+    from bot.models.registry import AdapterRegistry
+
+    s = settings(default_level="WARNING")
+    return AdapterRegistry(s.models.registry_dir or AdapterRegistry.for_data_dir(s.data_dir).root)
+
+
+def _registry_call(fn: Callable[[], Any]) -> Any:
+    from bot.cli import fail
+    from bot.models.registry import RegistryError
+
+    try:
+        return fn()
+    except RegistryError as exc:
+        raise fail(str(exc), 1) from None
+
+
+@adapters_app.command("list")
+def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every adapter, its versions, and which one is in service."""
+    registry = _registry()
+    rows = []
+    for name in registry.names():
+        current = registry.current(name)
+        for v in registry.versions(name):
+            rows.append(
+                {
+                    "adapter": name,
+                    "version": v.version,
+                    "in_service": bool(current and current.version == v.version),
+                    "kind": v.kind,
+                    "created": v.meta.get("created"),
+                    "metrics": v.meta.get("metrics", {}),
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no adapters yet")
+    for r in rows:
+        mark = "*" if r["in_service"] else " "
+        figures = ", ".join(
+            f"{k} {v:.4f}" for k, v in r["metrics"].items() if isinstance(v, int | float)
+        )
+        typer.echo(f"{mark} {r['adapter']:<12} {r['version']:<5} {r['created'] or ''}  {figures}")
+    if rows:
+        typer.echo("* in service")
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, version: Annotated[str | None, typer.Argument()] = None) -> None:
+    """One version's metadata (the one in service by default) and the adapter's history."""
+    registry = _registry()
+
+    def show() -> dict[str, Any]:
+        entry = registry.get(name, version) if version else registry.current(name)
+        if entry is None:
+            from bot.models.registry import RegistryError
+
+            raise RegistryError(f"adapter {name!r} has no version in service")
+        return {
+            "path": str(entry.path),
+            "meta": entry.meta,
+            "history": registry.history(name),
+        }
+
+    typer.echo(json.dumps(_registry_call(show), indent=2, default=str))
+
+
+@adapters_app.command("promote")
+def adapters_promote(name: str, version: str) -> None:
+    """Put VERSION in service; a running bot swaps to it within seconds."""
+    entry = _registry_call(lambda: _registry().promote(name, version, reason="by hand"))
+    typer.echo(f"{name} {entry.version} is in service")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(name: str) -> None:
+    """Put the version that was in service before the current one back."""
+    entry = _registry_call(lambda: _registry().rollback(name))
+    typer.echo(f"{name} rolled back to {entry.version}")
+
+
+def train(
+    now: Annotated[bool, typer.Option("--now", help="Run one cycle now and exit.")] = False,
+) -> None:
+    """Run the training cycle: now (``--now``), or on the configured schedule."""
+    from bot.cli import fail, settings
+
+    s = settings()
+    try:
+        config = cycle_config(s)
+    except Exception as exc:
+        raise fail(str(exc)) from None
+    if now:
+        raise typer.Exit(_cycle_now(s, config))
+    from trainers.schedule import run_schedule
+
+    if not config.schedule:
+        raise fail("trainers.schedule is empty: nothing to schedule (use --now)")
+    run_schedule(s, config)
+
+
+def _cycle_now(s: Any, config: Any) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from trainers.cycle import CycleBusy, run_cycle
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        try:
+            report = run_cycle(s, config, progress=progress)
+        except CycleBusy as exc:
+            typer.echo(f"error: {exc}", err=True)
+            return 3
+    d = report["dataset"]
+    typer.echo(
+        f"dataset: {d['train']} train, {d['held_out']} held out "
+        f"from {d['conversations']} conversations; dropped {d['dropped']}"
+    )
+    for name, r in report["adapters"].items():
+        line = f"{name}: {r['decision']}"
+        if r.get("version"):
+            line += f" {r['version']}"
+        if r.get("candidate"):
+            line += " (held-out loss {:.4f} → {:.4f}, regression {:.4f} → {:.4f})".format(
+                r["baseline"]["held_out"]["loss"],
+                r["candidate"]["held_out"]["loss"],
+                r["baseline"]["regression"]["loss"],
+                r["candidate"]["regression"]["loss"],
+            )
+        if r.get("why"):
+            line += f" — {r['why']}"
+        typer.echo(line)
+    typer.echo(f"report: {Path(s.data_dir) / 'trainers' / 'reports' / report['cycle']}/report.html")
+    return 0

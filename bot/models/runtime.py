@@ -8,6 +8,7 @@ model-backed skills never pays for it) in a worker thread, never on the event lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +41,9 @@ class ModelRuntime:
         self.registry = AdapterRegistry(
             self.config.registry_dir or AdapterRegistry.for_data_dir(settings.data_dir).root
         )
+        #: Seconds between looks at the registry for promotions and rollbacks.
+        self.follow_interval_s = 1.0
+        self._follow: asyncio.Task[None] | None = None
         self.classifiers = ClassifierPool(
             self.registry,
             device=self.config.device,
@@ -76,7 +80,35 @@ class ModelRuntime:
                     current = self.registry.current(name)
                     if current is not None and current.kind == "generative":
                         await self._backend.load_adapter(name, current.path, current.version)
+                self._follow = asyncio.create_task(self._follow_registry(), name="adapters")
         return self._backend
+
+    async def _follow_registry(self) -> None:
+        """Swap to the generative adapter version the registry has in service, without restart.
+
+        A promotion (``chinwag train``, ``chinwag adapters promote``) or a rollback rewrites
+        ``CURRENT``; within ``follow_interval_s`` the new version is loaded beside the old one,
+        new requests use it, and requests already running finish on the version they started
+        with. A version that fails to load is logged and the old one keeps serving.
+        """
+        seen = {name: self.registry.stamp(name) for name in self.registry.names()}
+        while True:
+            await asyncio.sleep(self.follow_interval_s)
+            for name in self.registry.names():
+                stamp = self.registry.stamp(name)
+                if name in self.config.adapters or seen.get(name) == stamp:
+                    continue
+                seen[name] = stamp
+                current = self.registry.current(name)
+                if current is None or current.kind != "generative":
+                    continue
+                if self.adapters().get(name) == current.version or self._backend is None:
+                    continue
+                try:
+                    await self._backend.load_adapter(name, current.path, current.version)
+                    log.info("adapter %s: now serving %s", name, current.version)
+                except Exception:
+                    log.exception("adapter %s: could not load %s", name, current.version)
 
     async def _create(self) -> Backend:
         cfg = self.config
@@ -117,6 +149,11 @@ class ModelRuntime:
         )
 
     async def stop(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow
+            self._follow = None
         await self.classifiers.close()
         if self._backend is None:
             return

@@ -1,0 +1,239 @@
+"""The nightly cycle end to end on the embedded SmolLM2: real LoRA training on a simulated log,
+a gate on real losses, the registry, hot swap in a running bot, and what a crash leaves behind.
+
+Configurations are tiny (a few optimiser steps, short sequences) so the whole file runs in a
+couple of minutes on two CPU cores; the machinery is the one a full cycle uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bot import Context, Message, Reply, Skill
+from bot.core import Bot
+from bot.models.registry import AdapterRegistry
+from bot.simulation.chat import ChatUser
+from bot.testing import chinwag_test_settings
+from tests.conftest import SkillsPlugin
+from trainers.cycle import CycleBusy, CycleConfig, cycle_lock, run_cycle
+
+TINY = {
+    "adapters": ["companion"],
+    "held_out": 0.2,
+    "regression_size": 8,
+    "lora": {
+        "max_steps": 4,
+        "batch_size": 4,
+        "gradient_accumulation": 1,
+        "max_length": 96,
+        "min_examples": 10,
+        "rank": 8,
+    },
+}
+
+
+class Companion(Skill):
+    """A generative skill's stand-in whose replies are the other human's real lines."""
+
+    name = "companion"
+
+    def __init__(self, poisoned: bool = False) -> None:
+        self.script: dict[str, str] = {}
+        self.poisoned = poisoned
+
+    async def score(self, message: Message, ctx: Context) -> float:
+        return 1.0
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        text = "lol" if self.poisoned else self.script.get(message.text, "ok")
+        return Reply(text, rateable=True, model="m")
+
+
+def settings_for(root: Path, cache: Path, **trainers):
+    return chinwag_test_settings(
+        root, {"bot": {"fallback": "fallback"}, "trainers": {**TINY, **trainers}}, cache
+    )
+
+
+async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30) -> None:
+    """Users from chitchat-dataset talk to the bot; a scripted rule rates the replies."""
+    import chitchat_dataset
+
+    skill = Companion(poisoned)
+    conversations = list(chitchat_dataset.Dataset().values())[:chats]
+    async with Bot(settings, plugins=[SkillsPlugin(skill)]) as bot:
+        for i, conv in enumerate(conversations):
+            blocks = [" ".join(u["text"] for u in b) for b in conv["messages"] if b]
+            user = ChatUser(bot, chat_id=f"chat{i}", user_id=f"user{i}")
+            for j, (said, answer) in enumerate(zip(blocks[0:4:2], blocks[1:5:2], strict=False)):
+                skill.script[said] = answer
+                if j == 0 and i % 10 == 3:
+                    said = f"{said} mail me at user{i}@example.com"
+                    skill.script[said] = answer
+                (reply,) = await user.send(said)
+                rating = -1 if i % 10 == 7 else 1  # every tenth chat is unhappy
+                await bot.store.add_feedback(reply.id, "test", f"user{i}", rating)
+        await bot.store.flush()
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory):
+    """One real cycle on a healthy simulated log, shared by the specifications below."""
+    root = tmp_path_factory.mktemp("cycle")
+    cache = tmp_path_factory.getbasetemp().parent / "chinwag-model-cache"
+    settings = settings_for(root, cache)
+    asyncio.run(simulate_log(settings))
+    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+    return settings, report
+
+
+def test_the_dataset_keeps_rated_replies_and_leaves_out_thumbs_down_and_pii(healthy):
+    settings, report = healthy
+    manifest = report["dataset"]
+    assert manifest["dropped"]["thumbs_down"] == 6  # 3 unhappy chats × 2 turns
+    written = "".join(
+        p.read_text() for p in (Path(settings.data_dir) / "datasets").rglob("*.jsonl")
+    )
+    assert "@example.com" not in written and "[redacted]" in written
+    assert manifest["train"] + manifest["held_out"] == 48
+
+
+def test_the_candidate_is_a_peft_adapter_that_loads(healthy):
+    from peft import PeftConfig
+
+    settings, report = healthy
+    result = report["adapters"]["companion"]
+    registry = AdapterRegistry.for_data_dir(settings.data_dir)
+    entry = registry.get("companion", result["version"])
+    assert (entry.path / "adapter_model.safetensors").exists()
+    assert PeftConfig.from_pretrained(str(entry.path)).r == 8
+    assert entry.meta["dataset_sha256"] == report["dataset"]["sha256"]
+    assert (entry.path / "report" / "report.html").read_text().count("data:image/png") >= 2
+
+
+def test_the_gate_compares_real_losses_and_decides_by_them(healthy):
+    _settings, report = healthy
+    r = report["adapters"]["companion"]
+    for side in ("baseline", "candidate"):
+        for split in ("held_out", "regression"):
+            assert 0 < r[side][split]["loss"] < 20 and r[side][split]["tokens"] > 0
+    assert r["baseline"]["held_out"]["loss"] != r["candidate"]["held_out"]["loss"]
+    better = all(r["candidate"][k]["loss"] <= r["baseline"][k]["loss"] for k in r["candidate"])
+    assert r["decision"] == ("promoted" if better else "rejected")
+    assert r["train_tokens_per_s"] > 0 and r["curve"]
+
+
+def test_a_candidate_trained_on_poisoned_replies_is_rejected(tmp_path, chinwag_model_cache):
+    settings = settings_for(
+        tmp_path, chinwag_model_cache, lora={**TINY["lora"], "learning_rate": 2e-3, "max_steps": 6}
+    )
+    asyncio.run(simulate_log(settings, poisoned=True, chats=20))
+    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+    r = report["adapters"]["companion"]
+    assert r["decision"] == "rejected", r
+    assert "regression loss" in r["why"]
+    assert AdapterRegistry.for_data_dir(settings.data_dir).current("companion") is None
+
+
+def test_too_little_data_skips_with_a_clear_reason(tmp_path, chinwag_model_cache):
+    settings = settings_for(tmp_path, chinwag_model_cache)
+    asyncio.run(simulate_log(settings, chats=2))
+    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+    assert report["adapters"]["companion"]["decision"] == "skipped"
+    assert "fewer than min_examples 10" in report["adapters"]["companion"]["why"]
+
+
+def test_only_one_cycle_runs_at_a_time(tmp_path):
+    settings = settings_for(tmp_path, tmp_path)
+    with cycle_lock(settings), pytest.raises(CycleBusy):
+        run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+
+
+async def test_a_promotion_and_a_rollback_are_served_without_restart(healthy, tmp_path):
+    settings, report = healthy
+    registry = AdapterRegistry.for_data_dir(settings.data_dir)
+    first = registry.get("companion", report["adapters"]["companion"]["version"])
+    second = registry.publish(
+        "companion",
+        lambda folder: [
+            (folder / f.name).write_bytes(f.read_bytes()) for f in first.path.glob("adapter_*")
+        ],
+        {**first.meta, "note": "a copy, to have a second version"},
+    )
+    registry.promote("companion", first.version)
+    bot = Bot(settings)
+    await bot.start()
+    try:
+        bot.models.follow_interval_s = 0.1
+        await bot.models.start()
+        assert bot.models.adapters()["companion"] == first.version
+        registry.promote("companion", second.version)
+        await _until(lambda: bot.models.adapters().get("companion") == second.version)
+        registry.rollback("companion")
+        await _until(lambda: bot.models.adapters().get("companion") == first.version)
+        generation = await bot.models.generate(
+            [{"role": "user", "content": "hi"}], adapter="companion", max_new_tokens=3
+        )
+        assert generation.adapter_version == first.version  # logged on every reply
+    finally:
+        await bot.stop()
+
+
+async def _until(condition, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
+    tmp_path, chinwag_model_cache
+):
+    lora = {**TINY["lora"], "max_steps": 40, "save_steps": 1}
+    settings = settings_for(tmp_path, chinwag_model_cache, lora=lora)
+    asyncio.run(simulate_log(settings, chats=20))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(settings.data_dir),
+        CHINWAG_MODELS__CACHE_DIR=str(chinwag_model_cache),
+        CHINWAG_BOT__FALLBACK="fallback",
+        CHINWAG_TRAINERS=json.dumps({**TINY, "lora": lora}),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = Path(settings.data_dir) / "trainers" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.rglob("checkpoint-2")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    registry = AdapterRegistry.for_data_dir(settings.data_dir)
+    assert registry.versions("companion") == [] and registry.current("companion") is None
+
+    env["CHINWAG_TRAINERS"] = json.dumps({**TINY, "lora": {**lora, "max_steps": 4}})
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = list((Path(settings.data_dir) / "trainers" / "reports").glob("*/report.json"))
+    (report,) = [json.loads(p.read_text()) for p in reports]
+    assert report["adapters"]["companion"]["resumed_from"].startswith("checkpoint-")
+    assert "companion:" in done.stdout and "report:" in done.stdout

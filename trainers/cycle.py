@@ -1,0 +1,348 @@
+"""One training cycle: ``logs → dataset → LoRA training → evaluation → gate → registry``.
+
+Runs in its own process (``chinwag train --now``, or the nightly schedule ``chinwag run``
+starts), never inside the bot: a training run can use every core and all the memory it likes and
+still cannot stall the event loop or take the bot down with it. The running bot notices a
+promotion through the registry and swaps the adapter without a restart.
+
+Safety properties, each tested:
+
+- only one cycle at a time: an OS file lock, which the kernel releases when a crashed cycle's
+  process dies — a crash never leaves it stuck;
+- a crash or kill mid-training leaves the registry and the adapter in service untouched (a
+  candidate is published only once complete, and promoted only after the gate); the next run
+  resumes from the last checkpoint;
+- the gate scores the candidate and the adapter in service (the base model when none) on the
+  same held-out replies, and promotes only when the candidate is not worse by more than
+  ``margin``: a candidate trained on poisoned data is rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bot.files import atomic_write
+from bot.models.registry import AdapterRegistry
+from trainers.lora import LoraConfig
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+class CycleBusy(RuntimeError):
+    """Another cycle holds the lock."""
+
+
+class CycleConfig(BaseModel):
+    """``[trainers]`` in the configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str] = ["dialogue", "qa"]
+    held_out: float = Field(0.1, gt=0, lt=0.5)
+    replay_share: float = Field(0.2, ge=0)
+    context_turns: int = Field(4, ge=0)
+    #: The candidate may be at most this much worse (relative held-out loss) and still be
+    #: promoted; 0 means "not worse".
+    margin: float = Field(0.0, ge=0)
+    lora: LoraConfig = LoraConfig()
+    #: Size of the fixed regression set (human replies from chitchat-dataset) every candidate
+    #: is also scored on.
+    regression_size: int = Field(48, ge=1)
+    #: Cron expression and time zone of the nightly cycle ``chinwag run`` schedules.
+    schedule: str | None = "0 3 * * *"
+    timezone: str = "UTC"
+
+
+def trainers_dir(settings: Any) -> Path:
+    return Path(settings.data_dir) / "trainers"
+
+
+@contextlib.contextmanager
+def cycle_lock(settings: Any) -> Iterator[None]:
+    path = trainers_dir(settings) / "cycle.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CycleBusy("another training cycle is running") from None
+        yield
+
+
+def _state(settings: Any) -> dict[str, Any]:
+    path = trainers_dir(settings) / "state.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+async def _read_log(settings: Any, since: datetime) -> tuple[list[Any], dict[Any, Any]]:
+    from bot.store import ConversationStore
+
+    store = ConversationStore(settings.database_url)
+    await store.open(migrate=True)
+    try:
+        return await store.conversations(since), await store.forgotten_users()
+    finally:
+        await store.close()
+
+
+def run_cycle(
+    settings: Any,
+    config: CycleConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run one cycle; returns its report (also written under ``data_dir/trainers/reports``)."""
+    from trainers.dataset import build
+
+    config = config or CycleConfig()
+    say = progress or (lambda stage, done, total: None)
+    with cycle_lock(settings):
+        state = _state(settings)
+        until = datetime.now(UTC)
+        since = datetime.fromisoformat(state["until"]) if state.get("until") else None
+        # An interrupted cycle is finished under its own id, so its checkpoints are reused.
+        cycle_id = (state.get("running") if resume else None) or until.strftime("%Y%m%d-%H%M%S")
+        atomic_write(
+            trainers_dir(settings) / "state.json", json.dumps({**state, "running": cycle_id})
+        )
+        say("log", 0, 1)
+        conversations, forgotten = asyncio.run(
+            _read_log(settings, since or datetime(1970, 1, 1, tzinfo=UTC))
+        )
+        say("log", 1, 1)
+        dataset = build(
+            conversations,
+            Path(settings.data_dir) / "datasets" / cycle_id,
+            forgotten=forgotten,
+            since=since,
+            until=until,
+            held_out=config.held_out,
+            replay_share=config.replay_share,
+            context_turns=config.context_turns,
+            adapters=tuple(config.adapters),
+            seed=config.lora.seed,
+        )
+        registry = AdapterRegistry(
+            settings.models.registry_dir or AdapterRegistry.for_data_dir(settings.data_dir).root
+        )
+        report: dict[str, Any] = {
+            "cycle": cycle_id,
+            "since": since.isoformat() if since else None,
+            "until": until.isoformat(),
+            "dataset": dataset.manifest,
+            "adapters": {},
+        }
+        for name in config.adapters:
+            train, held = dataset.for_adapter(name)
+            report["adapters"][name] = _train_one(
+                settings, config, registry, name, train, held, dataset.manifest, cycle_id, say
+            )
+        report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        out = trainers_dir(settings) / "reports" / cycle_id
+        _write_reports(report, out)
+        atomic_write(
+            trainers_dir(settings) / "state.json",
+            json.dumps({"until": until.isoformat(), "last_cycle": cycle_id}),
+        )
+        return report
+
+
+def _train_one(
+    settings: Any,
+    config: CycleConfig,
+    registry: AdapterRegistry,
+    name: str,
+    train: list[Any],
+    held: list[Any],
+    manifest: dict[str, Any],
+    cycle_id: str,
+    say: Progress,
+) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from trainers.lora import load_for_training, reply_loss, train_lora
+    from trainers.regression import regression_examples
+
+    lora = config.lora
+    if len(train) < lora.min_examples:
+        msg = (
+            f"skipped: {len(train)} training examples, fewer than min_examples {lora.min_examples}"
+        )
+        log.info("%s: %s", name, msg)
+        return {"decision": "skipped", "why": msg, "train": len(train), "held_out": len(held)}
+    if not held:
+        return {"decision": "skipped", "why": "no held-out examples", "train": len(train)}
+    cache = settings.models.cache_dir or Path(settings.data_dir) / "models"
+    started = time.perf_counter()
+    model, tokenizer = load_for_training(settings.models.base_model, cache, settings.models.device)
+    current = registry.current(name)
+    fixed = regression_examples(config.regression_size)
+
+    def score(m: Any) -> dict[str, Any]:
+        return {
+            "held_out": reply_loss(m, tokenizer, held, lora.max_length),
+            "regression": reply_loss(m, tokenizer, fixed, lora.max_length),
+        }
+
+    say("baseline", 0, 1)
+    if current is not None:
+        served = PeftModel.from_pretrained(model, str(current.path), adapter_name="current")
+        baseline = score(served)
+        model = served.unload()  # the plain base model again, for the candidate
+    else:
+        baseline = score(model)
+    say("baseline", 1, 1)
+    checkpoints = trainers_dir(settings) / "checkpoints" / cycle_id / name
+    resumed = sorted(
+        (p.name for p in checkpoints.glob("checkpoint-*")), key=lambda n: int(n.split("-")[-1])
+    )
+    candidate, curve, stats = train_lora(
+        model, tokenizer, train, lora, checkpoints, progress=say
+    )
+    say("evaluate", 0, 1)
+    scored = score(candidate)
+    say("evaluate", 1, 1)
+    # Every gated figure must hold: this cycle's held-out replies, and the fixed regression set
+    # that poisoned data (a whole cycle of "lol") cannot also poison.
+    worse = [
+        f"{k} loss {scored[k]['loss']:.4f} > {baseline[k]['loss']:.4f}"
+        + (f" × (1 + {config.margin:g})" if config.margin else "")
+        for k in ("held_out", "regression")
+        if scored[k]["loss"] > baseline[k]["loss"] * (1 + config.margin)
+    ]
+    passed = not worse
+    result: dict[str, Any] = {
+        "train": len(train),
+        "held_out": len(held),
+        "regression": len(fixed),
+        "in_service": current.version if current else None,
+        "baseline": baseline,
+        "candidate": scored,
+        "loss_delta": {k: scored[k]["loss"] - baseline[k]["loss"] for k in scored},
+        "margin": config.margin,
+        "curve": curve,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "resumed_from": resumed[-1] if resumed else None,
+        **stats,
+    }
+    meta = {
+        "kind": "generative",
+        "base_model": settings.models.base_model,
+        "cycle": cycle_id,
+        "dataset_sha256": manifest.get("sha256"),
+        "metrics": {
+            "held_out_loss": scored["held_out"]["loss"],
+            "held_out_perplexity": scored["held_out"]["perplexity"],
+            "regression_loss": scored["regression"]["loss"],
+        },
+        "baseline": {
+            "version": result["in_service"],
+            "held_out_loss": baseline["held_out"]["loss"],
+            "regression_loss": baseline["regression"]["loss"],
+        },
+        "lora": lora.model_dump(),
+        "promoted": passed,
+    }
+    entry = registry.publish(name, lambda folder: candidate.save_pretrained(folder), meta)
+    result["version"] = entry.version
+    if passed:
+        registry.promote(
+            name,
+            entry.version,
+            reason="held-out loss {:.4f} ≤ {:.4f}, regression loss {:.4f} ≤ {:.4f}".format(
+                scored["held_out"]["loss"],
+                baseline["held_out"]["loss"],
+                scored["regression"]["loss"],
+                baseline["regression"]["loss"],
+            ),
+        )
+        result["decision"] = "promoted"
+    else:
+        result["decision"] = "rejected"
+        result["why"] = f"worse than {result['in_service'] or 'the base model'}: " + "; ".join(
+            worse
+        )
+    _write_reports({"adapter": name, **result}, entry.path / "report")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    log.info("%s: %s (%s)", name, result["decision"], entry.version)
+    return result
+
+
+def _write_reports(report: dict[str, Any], out: Path) -> None:
+    """JSON and HTML (loss curves, held-out loss before/after) beside the data."""
+    import html
+
+    from trainers.report import _fig_to_img, _plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
+    adapters = report.get("adapters") or {report.get("adapter", "adapter"): report}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>chinwag training</title>",
+        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto}"
+        "td,th{border:1px solid #ddd;padding:.2em .6em}table{border-collapse:collapse}</style>",
+        f"</head><body><h1>Training cycle {html.escape(str(report.get('cycle', '')))}</h1>",
+    ]
+    plt = _plt()
+    for name, r in adapters.items():
+        parts.append(f"<h2>{html.escape(name)}: {html.escape(str(r.get('decision')))}</h2>")
+        if r.get("why"):
+            parts.append(f"<p>{html.escape(r['why'])}</p>")
+        if r.get("curve"):
+            fig, ax = plt.subplots(figsize=(5.5, 3))
+            ax.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]])
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss")
+            ax.set_title("Training loss")
+            parts.append(_fig_to_img(fig, f"{name} training loss"))
+        if r.get("baseline") and r.get("candidate"):
+            sets = ("held_out", "regression")
+            fig, ax = plt.subplots(figsize=(5, 3))
+            x = range(len(sets))
+            ax.bar(
+                [i - 0.2 for i in x],
+                [r["baseline"][k]["loss"] for k in sets],
+                0.4,
+                label="in service",
+                color="#999",
+            )
+            ax.bar(
+                [i + 0.2 for i in x],
+                [r["candidate"][k]["loss"] for k in sets],
+                0.4,
+                label="candidate",
+                color="#4c78a8",
+            )
+            ax.set_xticks(list(x), sets)
+            ax.set_ylabel("reply loss")
+            ax.set_title("Gate: lower is better")
+            ax.legend()
+            parts.append(_fig_to_img(fig, f"{name} gate"))
+            parts.append(
+                "<table><tr><th>set</th><th>in service</th><th>candidate</th></tr>"
+                + "".join(
+                    f"<tr><td>{k}</td><td>{r['baseline'][k]['loss']:.4f}</td>"
+                    f"<td>{r['candidate'][k]['loss']:.4f}</td></tr>"
+                    for k in sets
+                )
+                + "</table>"
+            )
+    parts.append("</body></html>")
+    atomic_write(out / "report.html", "".join(parts))

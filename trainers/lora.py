@@ -1,0 +1,240 @@
+"""LoRA fine-tuning of the base model on logged conversations, and the held-out loss the gate
+compares.
+
+transformers' ``Trainer`` with a peft LoRA adapter: loss on the rated reply's tokens only (the
+context is input, not something to imitate — earlier bot turns were never rated), seeded, bf16 on
+CUDA and fp32 on CPU, checkpoints every ``save_steps`` so an interrupted run resumes where it
+stopped. The result is saved in peft's own format, which vLLM's ``--lora-modules`` loads as is.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainers.dataset import Example
+
+Progress = Callable[[str, int, int], None]
+
+
+class LoraConfig(BaseModel):
+    """``[trainers.lora]``: the adapter's shape and how it is trained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=256)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    #: ``all-linear`` (peft's shorthand) or a list of module names.
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    #: Stop after this many optimiser steps (overrides ``epochs``); for smoke runs and tests.
+    max_steps: int | None = Field(None, ge=1)
+    max_length: int = Field(512, ge=32)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation: int = Field(2, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    save_steps: int = Field(50, ge=1)
+    seed: int = 13
+    #: Below this many training examples the cycle skips the adapter (too little to learn).
+    min_examples: int = Field(20, ge=1)
+
+
+def encode(
+    messages: Sequence[dict[str, str]], tokenizer: Any, max_length: int
+) -> dict[str, list[int]]:
+    """Token ids of the whole conversation and labels that are -100 except the final reply.
+
+    Truncation drops the oldest context first: the reply being learned is never cut.
+    """
+    prompt = tokenizer.apply_chat_template(
+        list(messages[:-1]), add_generation_prompt=True, tokenize=False
+    )
+    reply = messages[-1]["content"].strip() + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"][:max_length]
+    keep = max(0, max_length - len(reply_ids))
+    prompt_ids = prompt_ids[-keep:] if keep else []
+    return {
+        "input_ids": prompt_ids + reply_ids,
+        "labels": [-100] * len(prompt_ids) + reply_ids,
+    }
+
+
+def _collate(tokenizer: Any) -> Callable[[list[dict[str, list[int]]]], dict[str, Any]]:
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def collate(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids, labels, mask = [], [], []
+        for b in batch:
+            n = len(b["input_ids"])
+            ids.append(b["input_ids"] + [pad] * (width - n))
+            labels.append(b["labels"] + [-100] * (width - n))
+            mask.append([1] * n + [0] * (width - n))
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+
+    return collate
+
+
+def reply_loss(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int, batch_size: int = 8
+) -> dict[str, float | int]:
+    """Token-weighted mean loss (and perplexity) on the examples' replies."""
+    import torch
+
+    encoded = [encode(e.messages, tokenizer, max_length) for e in examples]
+    collate = _collate(tokenizer)
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size])
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[
+                "logits"
+            ]
+            shift_logits = logits[:, :-1].float()
+            shift_labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            tokens += int((shift_labels != -100).sum())
+    mean = total / tokens if tokens else float("nan")
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": tokens}
+
+
+def load_for_training(base_model: str, cache_dir: Path, device: str = "auto") -> tuple[Any, Any]:
+    """A private copy of the base model (the serving one is never touched), fp32 on CPU and
+    bf16 on CUDA where supported."""
+    from bot.models.loading import load_base, pick_device
+
+    dev = pick_device(device)
+    dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    model, tokenizer, _name, _cached = load_base(
+        base_model, device=dev, dtype=dtype, cache_dir=cache_dir
+    )
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    config: LoraConfig,
+    checkpoint_dir: Path,
+    *,
+    progress: Progress | None = None,
+) -> tuple[Any, list[dict[str, float]], dict[str, float]]:
+    """Fit a LoRA adapter on ``train``; returns the peft model, the loss curve and throughput.
+
+    Checkpoints go to ``checkpoint_dir``; when it holds one from an interrupted run of the same
+    cycle, training resumes from it.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    set_seed(config.seed)
+    peft_model = get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    encoded = [encode(e.messages, tokenizer, config.max_length) for e in train]
+
+    class _Data(Dataset):
+        def __len__(self) -> int:
+            return len(encoded)
+
+        def __getitem__(self, i: int) -> dict[str, list[int]]:
+            return encoded[i]
+
+    curve: list[dict[str, float]] = []
+
+    class _Watch(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                curve.append({"step": state.global_step, "loss": float(logs["loss"])})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress:
+                progress("train", state.global_step, state.max_steps)
+
+    cuda = torch.cuda.is_available() and str(model.device).startswith("cuda")
+    per_step = config.batch_size * config.gradient_accumulation
+    total = config.max_steps or math.ceil(math.ceil(len(encoded) / per_step) * config.epochs)
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        warmup_steps=int(total * config.warmup_ratio),
+        logging_steps=1,
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=_Data(),
+        data_collator=_collate(tokenizer),
+        callbacks=[_Watch()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the curve and progress callbacks report instead
+    resume = any(checkpoint_dir.glob("checkpoint-*"))
+    if resume and progress:
+        progress("resume", 1, 1)
+    start_step = resume_step(checkpoint_dir) if resume else 0
+    started = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - started
+    peft_model.eval()
+    # Tokens actually run through the model (padding excluded), for the throughput figure.
+    steps = out.global_step - start_step
+    mean_len = sum(len(e["input_ids"]) for e in encoded) / max(1, len(encoded))
+    tokens = steps * per_step * mean_len
+    stats = {
+        "train_steps": out.global_step,
+        "train_tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+    }
+    return peft_model, curve, stats
+
+
+def resume_step(checkpoint_dir: Path) -> int:
+    steps = [int(p.name.split("-")[-1]) for p in checkpoint_dir.glob("checkpoint-*")]
+    return max(steps, default=0)
