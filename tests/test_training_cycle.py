@@ -69,10 +69,13 @@ async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30) -> 
     import chitchat_dataset
 
     skill = Companion(poisoned)
-    conversations = list(chitchat_dataset.Dataset().values())[:chats]
+    talks = (
+        [" ".join(u["text"] for u in b) for b in conv["messages"] if b]
+        for conv in chitchat_dataset.Dataset().values()
+    )
+    conversations = [blocks for blocks in talks if len(blocks) >= 4][:chats]
     async with Bot(settings, plugins=[SkillsPlugin(skill)]) as bot:
-        for i, conv in enumerate(conversations):
-            blocks = [" ".join(u["text"] for u in b) for b in conv["messages"] if b]
+        for i, blocks in enumerate(conversations):
             user = ChatUser(bot, chat_id=f"chat{i}", user_id=f"user{i}")
             for j, (said, answer) in enumerate(zip(blocks[0:4:2], blocks[1:5:2], strict=False)):
                 skill.script[said] = answer
@@ -104,7 +107,7 @@ def test_the_dataset_keeps_rated_replies_and_leaves_out_thumbs_down_and_pii(heal
         p.read_text() for p in (Path(settings.data_dir) / "datasets").rglob("*.jsonl")
     )
     assert "@example.com" not in written and "[redacted]" in written
-    assert manifest["train"] + manifest["held_out"] == 48
+    assert manifest["train"] + manifest["held_out"] == 60 - 6
 
 
 def test_the_candidate_is_a_peft_adapter_that_loads(healthy):

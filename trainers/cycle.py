@@ -177,7 +177,12 @@ def _train_one(
 ) -> dict[str, Any]:
     from peft import PeftModel
 
-    from trainers.lora import load_for_training, reply_loss, train_lora
+    from trainers.lora import (
+        last_complete_checkpoint,
+        load_for_training,
+        reply_loss,
+        train_lora,
+    )
     from trainers.regression import regression_examples
 
     lora = config.lora
@@ -210,12 +215,8 @@ def _train_one(
         baseline = score(model)
     say("baseline", 1, 1)
     checkpoints = trainers_dir(settings) / "checkpoints" / cycle_id / name
-    resumed = sorted(
-        (p.name for p in checkpoints.glob("checkpoint-*")), key=lambda n: int(n.split("-")[-1])
-    )
-    candidate, curve, stats = train_lora(
-        model, tokenizer, train, lora, checkpoints, progress=say
-    )
+    resumed = last_complete_checkpoint(checkpoints)
+    candidate, curve, stats = train_lora(model, tokenizer, train, lora, checkpoints, progress=say)
     say("evaluate", 0, 1)
     scored = score(candidate)
     say("evaluate", 1, 1)
@@ -239,7 +240,7 @@ def _train_one(
         "margin": config.margin,
         "curve": curve,
         "train_seconds": round(time.perf_counter() - started, 1),
-        "resumed_from": resumed[-1] if resumed else None,
+        "resumed_from": resumed.name if resumed else None,
         **stats,
     }
     meta = {

@@ -216,12 +216,12 @@ def train_lora(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the curve and progress callbacks report instead
-    resume = any(checkpoint_dir.glob("checkpoint-*"))
-    if resume and progress:
+    resume = last_complete_checkpoint(checkpoint_dir)
+    if resume is not None and progress:
         progress("resume", 1, 1)
-    start_step = resume_step(checkpoint_dir) if resume else 0
+    start_step = int(resume.name.split("-")[-1]) if resume else 0
     started = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=True if resume else None)
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     peft_model.eval()
     # Tokens actually run through the model (padding excluded), for the throughput figure.
@@ -235,6 +235,17 @@ def train_lora(
     return peft_model, curve, stats
 
 
-def resume_step(checkpoint_dir: Path) -> int:
-    steps = [int(p.name.split("-")[-1]) for p in checkpoint_dir.glob("checkpoint-*")]
-    return max(steps, default=0)
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint a killed run finished writing; half-written ones are removed.
+
+    ``Trainer`` writes the weights first and ``trainer_state.json`` last, so a kill in between
+    leaves a folder its own resume logic would pick and then fail on.
+    """
+    import shutil
+
+    found = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / "trainer_state.json").exists()]
+    for p in found:
+        if p not in complete:
+            shutil.rmtree(p, ignore_errors=True)
+    return complete[-1] if complete else None

@@ -91,23 +91,24 @@ class ModelRuntime:
         new requests use it, and requests already running finish on the version they started
         with. A version that fails to load is logged and the old one keeps serving.
         """
-        seen = {name: self.registry.stamp(name) for name in self.registry.names()}
+        failed: dict[str, str] = {}
         while True:
             await asyncio.sleep(self.follow_interval_s)
             for name in self.registry.names():
-                stamp = self.registry.stamp(name)
-                if name in self.config.adapters or seen.get(name) == stamp:
+                if name in self.config.adapters or self._backend is None:
                     continue
-                seen[name] = stamp
-                current = self.registry.current(name)
+                current = self.registry.current(name)  # one small file read
                 if current is None or current.kind != "generative":
                     continue
-                if self.adapters().get(name) == current.version or self._backend is None:
+                if self.adapters().get(name) == current.version or failed.get(name) == (
+                    current.version
+                ):
                     continue
                 try:
                     await self._backend.load_adapter(name, current.path, current.version)
                     log.info("adapter %s: now serving %s", name, current.version)
                 except Exception:
+                    failed[name] = current.version
                     log.exception("adapter %s: could not load %s", name, current.version)
 
     async def _create(self) -> Backend:
