@@ -61,6 +61,9 @@ class CycleConfig(BaseModel):
     #: Size of the fixed regression set (human replies from chitchat-dataset) every candidate
     #: is also scored on.
     regression_size: int = Field(48, ge=1)
+    #: Scheduling priority of the cycle process (``nice``): the bot's replies come first when
+    #: both want the CPU. 0 disables.
+    nice: int = Field(15, ge=0, le=19)
     #: Cron expression and time zone of the nightly cycle ``chinwag run`` schedules.
     schedule: str | None = "0 3 * * *"
     timezone: str = "UTC"

@@ -231,8 +231,20 @@ def train_lora(
     stats = {
         "train_steps": out.global_step,
         "train_tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "peak_memory_mb": round(_peak_memory_mb(cuda), 1),
     }
     return peft_model, curve, stats
+
+
+def _peak_memory_mb(cuda: bool) -> float:
+    """Peak GPU memory allocated on CUDA; otherwise the process's peak resident memory."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:

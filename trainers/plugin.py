@@ -440,6 +440,10 @@ def train(
     except Exception as exc:
         raise fail(str(exc)) from None
     if now:
+        if config.nice:
+            import os
+
+            os.nice(config.nice)  # serving first: the bot outranks training for the CPU
         raise typer.Exit(_cycle_now(s, config))
     from trainers.schedule import run_schedule
 

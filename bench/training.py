@@ -1,0 +1,188 @@
+"""Training: LoRA throughput and peak memory on the embedded model, and what a training cycle
+does to the running bot's reply latency — measured side by side in one run.
+
+1. A simulated log: users from chitchat-dataset talk to a scripted skill, every reply rated.
+2. ``chinwag train --now`` alone, default LoRA shape (rank 16, all-linear, batch 4 × 2
+   accumulation, max length 512) for ``--steps`` steps → tokens/s and peak memory.
+3. The bot (real dialogue skill, SmolLM2) answers ``--messages`` messages one after another,
+   idle → p50/p95.
+4. The same messages while a second cycle trains in its own (niced) process → p50/p95.
+
+Last line: JSON with ``train_tokens_per_s`` and ``reply_p95_ratio_during_training``.
+
+    .venv/bin/python bench/training.py [--steps 8] [--messages 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def child_env(data_dir: Path, cache: Path, trainers: dict) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(data_dir),
+        CHINWAG_MODELS__CACHE_DIR=str(cache),
+        CHINWAG_BOT__FALLBACK="fallback",
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_TRAINERS=json.dumps(trainers),
+    )
+    return env
+
+
+async def simulate_log(data_dir: Path, cache: Path, chats: int) -> None:
+    import chitchat_dataset
+
+    from bot import Reply, Skill, hookimpl
+    from bot.core import Bot
+    from bot.simulation.chat import ChatUser
+    from bot.testing import chinwag_test_settings
+
+    script: dict[str, str] = {}
+
+    class Companion(Skill):
+        name = "companion"
+
+        async def score(self, message, ctx):
+            return 1.0
+
+        async def handle(self, message, ctx):
+            return Reply(script.get(message.text, "ok"), rateable=True, model="m")
+
+    class Plugin:
+        @hookimpl
+        def register_skills(self, register):
+            register(Companion())
+
+    settings = chinwag_test_settings(data_dir, {"bot": {"fallback": "fallback"}}, cache)
+    settings.data_dir = data_dir
+    talks = (
+        [" ".join(u["text"] for u in b) for b in c["messages"] if b]
+        for c in chitchat_dataset.Dataset().values()
+    )
+    conversations = [t for t in talks if len(t) >= 6][:chats]
+    async with Bot(settings, plugins=[Plugin()]) as bot:
+        for i, blocks in enumerate(conversations):
+            user = ChatUser(bot, chat_id=f"c{i}", user_id=f"u{i}")
+            for said, answer in zip(blocks[0:6:2], blocks[1:7:2], strict=False):
+                script[said] = answer
+                (reply,) = await user.send(said)
+                await bot.store.add_feedback(reply.id, "test", f"u{i}", 1)
+        await bot.store.flush()
+
+
+async def reply_latencies(data_dir: Path, cache: Path, prompts: list[str]) -> list[float]:
+    from bot.core import Bot
+    from bot.simulation.chat import ChatUser
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        data_dir, {"skills": {"dialogue": {"max_new_tokens": 32}}}, cache
+    )
+    async with Bot(settings) as bot:
+        await bot.warmed()
+        await ChatUser(bot, chat_id="warm").send("hello")  # loads the model
+        out = []
+        for i, text in enumerate(prompts):
+            started = time.perf_counter()
+            await ChatUser(bot, chat_id=f"bench-{i}-{time.time()}").send(text)
+            out.append((time.perf_counter() - started) * 1000)
+        return out
+
+
+def p95(values: list[float]) -> float:
+    return sorted(values)[min(len(values) - 1, int(0.95 * len(values)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--messages", type=int, default=12)
+    parser.add_argument("--chats", type=int, default=60)
+    args = parser.parse_args()
+
+    from bot.simulation.users import _chitchat
+
+    work = Path(tempfile.mkdtemp(prefix="chinwag-bench-training-"))
+    cache = Path(tempfile.gettempdir()) / "chinwag-model-cache"
+    log_dir = work / "log"
+    print(f"simulating {args.chats} rated conversations …", flush=True)
+    asyncio.run(simulate_log(log_dir, cache, args.chats))
+    trainers = {"adapters": ["companion"], "lora": {"max_steps": args.steps, "min_examples": 10}}
+
+    alone = work / "alone"
+    shutil.copytree(log_dir, alone)
+    print(f"training alone ({args.steps} steps, default LoRA shape) …", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=child_env(alone, cache, trainers),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    (report_path,) = (alone / "trainers" / "reports").glob("*/report.json")
+    result = json.loads(report_path.read_text())["adapters"]["companion"]
+    print(
+        f"  {result['train_tokens_per_s']:.0f} tokens/s, peak memory "
+        f"{result['peak_memory_mb']:.0f} MB, {result['train_steps']} steps "
+        f"({result['decision']})"
+    )
+
+    prompts = [c[0] for c in _chitchat()[200 : 200 + args.messages]]
+    print(f"reply latency, idle ({len(prompts)} messages) …", flush=True)
+    idle = asyncio.run(reply_latencies(work / "serve-idle", cache, prompts))
+
+    busy_dir = work / "busy"
+    shutil.copytree(log_dir, busy_dir)
+    long_run = {**trainers, "lora": {**trainers["lora"], "max_steps": 10_000}}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=child_env(busy_dir, cache, long_run),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        checkpoints = busy_dir / "trainers" / "checkpoints"
+        deadline = time.monotonic() + 300
+        while not any(checkpoints.rglob("*")) and time.monotonic() < deadline:
+            time.sleep(0.5)  # until training proper has started
+        time.sleep(5)
+        print("reply latency, during training …", flush=True)
+        busy = asyncio.run(reply_latencies(work / "serve-busy", cache, prompts))
+        still_training = child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
+    figures = {
+        "train_tokens_per_s": result["train_tokens_per_s"],
+        "train_peak_memory_mb": result["peak_memory_mb"],
+        "reply_p50_ms_idle": round(statistics.median(idle), 1),
+        "reply_p95_ms_idle": round(p95(idle), 1),
+        "reply_p50_ms_during_training": round(statistics.median(busy), 1),
+        "reply_p95_ms_during_training": round(p95(busy), 1),
+        "reply_p95_ratio_during_training": round(p95(busy) / p95(idle), 2),
+        "training_ran_throughout": still_training,
+        "targets": {"train_tokens_per_s": ">= 300", "reply_p95_ratio_during_training": "<= 1.5"},
+    }
+    for k, v in figures.items():
+        if k != "targets":
+            print(f"  {k}: {v}")
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
