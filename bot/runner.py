@@ -132,7 +132,9 @@ async def _training_schedule(
     if config_path is not None:
         cmd += ["--config", str(config_path)]
     env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
-    child = await asyncio.create_subprocess_exec(*cmd, "train", env=env)
+    child = await asyncio.create_subprocess_exec(
+        *cmd, "train", env=env, stdin=asyncio.subprocess.DEVNULL
+    )
     log.info("training schedule: process %d", child.pid)
     try:
         yield child

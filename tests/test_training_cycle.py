@@ -240,3 +240,11 @@ def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
     (report,) = [json.loads(p.read_text()) for p in reports]
     assert report["adapters"]["companion"]["resumed_from"].startswith("checkpoint-")
     assert "companion:" in done.stdout and "report:" in done.stdout
+
+
+async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_path):
+    from bot.config import ConfigError
+
+    settings = settings_for(tmp_path, tmp_path, lora={"rank": 0})
+    with pytest.raises(ConfigError, match=r"trainers\.lora\.rank"):
+        await Bot(settings).start()
