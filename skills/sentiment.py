@@ -59,7 +59,15 @@ class SentimentSkill(Skill):
 
     name = "sentiment"
     description = "Reads the mood of the conversation and calls a human when it turns sour."
-    commands = (Command("mood", "How this chat has been feeling lately"),)
+    commands = (
+        Command("mood", "How this chat has been feeling lately"),
+        Command(
+            "label",
+            "Confirm or correct the sentiment of the previous message (negative, neutral, "
+            "positive)",
+            admin_only=True,
+        ),
+    )
     config_model = SentimentConfig
     priority = 60
     threshold = 2.0  # commands only
@@ -154,6 +162,8 @@ class SentimentSkill(Skill):
     # -- /mood -----------------------------------------------------------------------------
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
+        if ctx.command == "label":
+            return await self._label(message, ctx)
         window = ctx.config.mood_window
         turns = await ctx.bot.store.last_turns(
             message.platform, message.chat_id, window * 3, before_id=message.id
@@ -184,6 +194,32 @@ class SentimentSkill(Skill):
             f"Mood of the last {len(labelled)} messages: {parts} (average {average:+.2f}{trend}).",
             metadata={"mood": counts, "average": round(average, 3)},
         )
+
+
+    async def _label(self, message: Message, ctx: Context) -> Reply:
+        """``/label positive``: the operator's label for the previous user message.
+
+        Stored as feedback on that message (``source = "label"``); the training cycle learns
+        from these beside the original data, so the classifier adapts to this bot's users.
+        """
+        label = ctx.args.strip().lower()
+        if label not in EMOJI:
+            return Reply("Usage: /label negative|neutral|positive", kind="notice")
+        turns = await ctx.bot.store.last_turns(
+            message.platform, message.chat_id, 20, before_id=message.id
+        )
+        target = next(
+            (t for t in reversed(turns) if t.direction == "in" and not t.text.startswith("/")),
+            None,
+        )
+        if target is None:
+            return Reply("There's no earlier message here to label.", kind="notice")
+        await ctx.bot.store.add_feedback(
+            target.id, message.platform, message.user_id, 0, correction=label, source="label"
+        )
+        was = (target.meta.get("sentiment") or {}).get("label")
+        verdict = "confirmed" if was == label else f"corrected from {was}" if was else "labelled"
+        return Reply(f"{EMOJI[label]} {verdict}: “{target.text[:80]}” is {label}.")
 
 
 def _valence(s: dict[str, Any]) -> float:

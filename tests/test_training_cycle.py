@@ -248,3 +248,54 @@ async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_
     settings = settings_for(tmp_path, tmp_path, lora={"rank": 0})
     with pytest.raises(ConfigError, match=r"trainers\.lora\.rank"):
         await Bot(settings).start()
+
+
+async def test_operator_labels_retrain_the_sentiment_classifier_through_the_gate(
+    tmp_path, sentiment_registry, chinwag_model_cache
+):
+    import shutil
+
+    registry_dir = tmp_path / "adapters"
+    shutil.copytree(sentiment_registry, registry_dir)
+    tiny = {
+        "max_train_examples": 200,
+        "max_eval_examples": 60,
+        "epochs": 1,
+        "head_init_examples": 200,
+        "curve": False,
+    }
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "bot": {"fallback": "fallback"},
+            "models": {"registry_dir": str(registry_dir)},
+            "trainers": {"adapters": ["sentiment"], "sentiment": tiny},
+        },
+        chinwag_model_cache,
+    )
+    lines = {
+        "The support team fixed everything in minutes, brilliant!": "positive",
+        "My order arrived broken and nobody answers my emails.": "negative",
+        "I will pick it up on Thursday.": "neutral",
+    }
+    async with Bot(settings) as bot:
+        bot.add_admin("test", "ops")
+        for i, (text, label) in enumerate(lines.items()):
+            for j in range(4):
+                chat = f"chat-{i}-{j}"
+                said = f"{text} {['', 'Really.', 'Honestly.', 'Again.'][j]}".strip()
+                await ChatUser(bot, chat_id=chat, user_id=f"u{i}{j}").send(said)
+                (ack,) = await ChatUser(bot, chat_id=chat, user_id="ops").send(f"/label {label}")
+                assert label in ack.text
+        await bot.store.flush()
+    current = AdapterRegistry(registry_dir).current("sentiment")
+    config = CycleConfig.model_validate(settings.trainers)
+    report = await asyncio.to_thread(run_cycle, settings, config)  # a cycle is its own process
+    r = report["adapters"]["sentiment"]
+    assert r["train_labels"] + r["held_out_labels"] == 12  # distinct messages, one label each
+    assert r["in_service"] == current.version
+    assert set(r["candidate"]) == {"accuracy", "macro_f1", "roc_auc"} == set(r["baseline"])
+    kept = all(r["candidate"][k] >= r["baseline"][k] for k in r["candidate"])
+    assert r["decision"] == ("promoted" if kept else "rejected")
+    again = await asyncio.to_thread(run_cycle, settings, config)
+    assert again["adapters"]["sentiment"]["decision"] == "skipped"  # no new labels

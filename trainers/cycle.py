@@ -50,7 +50,7 @@ class CycleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    adapters: list[str] = ["dialogue", "qa"]
+    adapters: list[str] = ["dialogue", "qa", "sentiment"]
     held_out: float = Field(0.1, gt=0, lt=0.5)
     replay_share: float = Field(0.2, ge=0)
     context_turns: int = Field(4, ge=0)
@@ -58,6 +58,9 @@ class CycleConfig(BaseModel):
     #: promoted; 0 means "not worse".
     margin: float = Field(0.0, ge=0)
     lora: LoraConfig = LoraConfig()
+    #: The sentiment classifier's training (``trainers.sentiment.SentimentTrainConfig``
+    #: fields); it retrains only in cycles that bring operator labels (``/label``).
+    sentiment: dict[str, Any] = {}
     #: Size of the fixed regression set (human replies from chitchat-dataset) every candidate
     #: is also scored on.
     regression_size: int = Field(48, ge=1)
@@ -154,6 +157,11 @@ def run_cycle(
         }
         for name in config.adapters:
             train, held = dataset.for_adapter(name)
+            if name == "sentiment":
+                report["adapters"][name] = _train_sentiment(
+                    config, registry, train, held, dataset.manifest, cycle_id, say
+                )
+                continue
             report["adapters"][name] = _train_one(
                 settings, config, registry, name, train, held, dataset.manifest, cycle_id, say
             )
@@ -289,6 +297,72 @@ def _train_one(
     return result
 
 
+def _train_sentiment(
+    config: CycleConfig,
+    registry: AdapterRegistry,
+    train: list[Any],
+    held: list[Any],
+    manifest: dict[str, Any],
+    cycle_id: str,
+    say: Progress,
+) -> dict[str, Any]:
+    """Retrain the classifier with the operators' labels beside the original data; gate on
+    accuracy, macro-F1 and ROC-AUC against the version in service, on the same held-out set."""
+    from bot.models.classifier import LoadedClassifier
+    from trainers.metrics import classification_report
+    from trainers.sentiment import LABELS, SentimentTrainConfig, held_out_set, train_sentiment
+    from trainers.sentiment import Example as Labelled
+
+    if not train and not held:
+        return {"decision": "skipped", "why": "no operator-labelled messages since the last cycle"}
+    cfg = SentimentTrainConfig.model_validate(config.sentiment)
+
+    def convert(examples: list[Any]) -> list[Labelled]:
+        return [
+            Labelled(
+                e.messages[0]["content"], LABELS.index(e.messages[1]["content"]), e.conversation
+            )
+            for e in examples
+        ]
+
+    extra_train, extra_test = convert(train), convert(held)
+    current = registry.current("sentiment")
+    entry = train_sentiment(
+        registry, cfg, promote=False, progress=say, extra_train=extra_train, extra_test=extra_test
+    )
+    texts, y = held_out_set(cfg, extra_test)
+    scored = classification_report(y, LoadedClassifier(entry, "cpu").predict(texts), LABELS)
+    gated = ("accuracy", "macro_f1", "roc_auc")
+    result: dict[str, Any] = {
+        "train_labels": len(train),
+        "held_out_labels": len(held),
+        "held_out": len(texts),
+        "in_service": current.version if current else None,
+        "candidate": {k: scored[k] for k in gated},
+        "version": entry.version,
+        "margin": config.margin,
+    }
+    worse: list[str] = []
+    if current is not None:
+        before = classification_report(y, LoadedClassifier(current, "cpu").predict(texts), LABELS)
+        result["baseline"] = {k: before[k] for k in gated}
+        worse = [
+            f"{k} {scored[k]:.4f} < {before[k]:.4f}"
+            for k in gated
+            if scored[k] is not None
+            and before[k] is not None
+            and scored[k] < before[k] - config.margin
+        ]
+    if worse:
+        result["decision"] = "rejected"
+        result["why"] = f"worse than {current.version}: " + "; ".join(worse)  # type: ignore[union-attr]
+    else:
+        registry.promote("sentiment", entry.version, reason=f"cycle {cycle_id}: gate passed")
+        result["decision"] = "promoted"
+    _write_reports({"adapter": "sentiment", **result}, entry.path / "report")
+    return result
+
+
 def _write_reports(report: dict[str, Any], out: Path) -> None:
     """JSON and HTML (loss curves, held-out loss before/after) beside the data."""
     import html
@@ -316,7 +390,17 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
             ax.set_ylabel("training loss")
             ax.set_title("Training loss")
             parts.append(_fig_to_img(fig, f"{name} training loss"))
-        if r.get("baseline") and r.get("candidate"):
+        if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier's figures
+            before = r.get("baseline") or {}
+            parts.append(
+                "<table><tr><th>figure</th><th>in service</th><th>candidate</th></tr>"
+                + "".join(
+                    f"<tr><td>{k}</td><td>{before.get(k, '–')}</td><td>{v}</td></tr>"
+                    for k, v in r["candidate"].items()
+                )
+                + "</table>"
+            )
+        elif r.get("baseline") and r.get("candidate"):
             sets = ("held_out", "regression")
             fig, ax = plt.subplots(figsize=(5, 3))
             x = range(len(sets))

@@ -140,6 +140,42 @@ def examples_from(
     return out, dropped
 
 
+LABELS = ("negative", "neutral", "positive")
+
+
+def labelled_messages(
+    conversations: Iterable[Conversation],
+    *,
+    forgotten: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+) -> list[Example]:
+    """Users' messages an operator labelled (``/label``), for the sentiment classifier.
+
+    The latest label wins; the example's one message carries the text (redacted) and the
+    label as ``{"role": "label", "content": …}``.
+    """
+    out = []
+    for conv in conversations:
+        for m in conv.messages:
+            if m.direction != "in" or (conv.platform, m.user_id or "") in forgotten:
+                continue
+            labels = [f.correction for f in conv.feedback.get(m.id, []) if f.source == "label"]
+            if not labels or labels[-1] not in LABELS:
+                continue
+            out.append(
+                Example(
+                    "sentiment",
+                    _hash(conv.platform, conv.chat_id),
+                    [user_hash(conv.platform, m.user_id)] if m.user_id else [],
+                    [
+                        {"role": "user", "content": _clean(m.text)},
+                        {"role": "label", "content": labels[-1]},
+                    ],
+                    "label",
+                )
+            )
+    return out
+
+
 def split(
     examples: list[Example], held_out: float, seed: int = 13
 ) -> tuple[list[Example], list[Example]]:
@@ -207,6 +243,8 @@ def build(
     found, dropped = examples_from(
         conversations, forgotten=gone, adapters=adapters, context_turns=context_turns
     )
+    if "sentiment" in adapters:
+        found += labelled_messages(conversations, forgotten=gone)
     unique = dedupe(found)
     if len(found) > len(unique):
         dropped["duplicate"] += len(found) - len(unique)

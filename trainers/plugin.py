@@ -483,7 +483,9 @@ def _cycle_now(s: Any, config: Any) -> int:
         line = f"{name}: {r['decision']}"
         if r.get("version"):
             line += f" {r['version']}"
-        if r.get("candidate"):
+        if r.get("candidate") and "held_out" not in r["candidate"]:
+            line += " (" + ", ".join(f"{k} {v:.3f}" for k, v in r["candidate"].items() if v) + ")"
+        elif r.get("candidate"):
             line += " (held-out loss {:.4f} → {:.4f}, regression {:.4f} → {:.4f})".format(
                 r["baseline"]["held_out"]["loss"],
                 r["candidate"]["held_out"]["loss"],

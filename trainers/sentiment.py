@@ -212,6 +212,20 @@ def predict_proba(model, tokenizer, texts: Sequence[str], max_length: int, batch
     return np.concatenate(out) if out else np.zeros((0, len(LABELS)))
 
 
+def held_out_set(
+    config: SentimentTrainConfig, extra_test: Sequence[Example] = ()
+) -> tuple[list[str], list[int]]:
+    """The exact held-out examples :func:`train_sentiment` scores a candidate on (same split,
+    same sample), so the gate can score the adapter in service on them too."""
+    _, test = split_by_group(
+        load_rotten_tomatoes(neutral_per_plot=config.neutral_per_plot),
+        config.held_out,
+        config.seed,
+    )
+    test = _sample(test, config.max_eval_examples, config.seed) + list(extra_test)
+    return [e.text for e in test], [e.label for e in test]
+
+
 def train_sentiment(
     registry: AdapterRegistry,
     config: SentimentTrainConfig | None = None,
@@ -219,6 +233,8 @@ def train_sentiment(
     promote: bool = True,
     progress: Progress | None = None,
     work_dir: Path | None = None,
+    extra_train: Sequence[Example] = (),
+    extra_test: Sequence[Example] = (),
 ) -> AdapterVersion:
     """Train, evaluate on the held-out split and publish a new ``sentiment`` adapter version.
 
@@ -240,8 +256,8 @@ def train_sentiment(
         progress("data", 0, 1)
     examples = load_rotten_tomatoes(neutral_per_plot=config.neutral_per_plot)
     train, test = split_by_group(examples, config.held_out, config.seed)
-    train = _sample(train, config.max_train_examples, config.seed)
-    test = _sample(test, config.max_eval_examples, config.seed)
+    train = _sample(train, config.max_train_examples, config.seed) + list(extra_train)
+    test = _sample(test, config.max_eval_examples, config.seed) + list(extra_test)
     if progress:
         progress("data", 1, 1)
     tokenizer = load_encoder_tokenizer(config.base_model)

@@ -78,7 +78,7 @@ class Conversation:
     platform: str
     chat_id: str
     messages: list[StoredMessage]
-    #: feedback keyed by the (outbound) message id it rates
+    #: feedback keyed by the message id it is about (ratings on replies, labels on messages)
     feedback: dict[int, list[FeedbackRow]]
 
 
@@ -1007,7 +1007,7 @@ class ConversationStore:
         q = q.order_by(m.c.platform, m.c.chat_id, m.c.id)
         async with (await self._reader()).connect() as conn:
             rows = [_row_to_message(r) for r in (await conn.execute(q)).all()]
-            ids = [r.id for r in rows if r.direction == "out"]
+            ids = [r.id for r in rows]  # replies' ratings, and operators' labels on messages
             fb: dict[int, list[FeedbackRow]] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
