@@ -195,7 +195,6 @@ class SentimentSkill(Skill):
             metadata={"mood": counts, "average": round(average, 3)},
         )
 
-
     async def _label(self, message: Message, ctx: Context) -> Reply:
         """``/label positive``: the operator's label for the previous user message.
 
