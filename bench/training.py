@@ -44,11 +44,10 @@ def child_env(data_dir: Path, cache: Path, trainers: dict) -> dict[str, str]:
 
 
 async def simulate_log(data_dir: Path, cache: Path, chats: int) -> None:
-    import chitchat_dataset
-
     from bot import Reply, Skill, hookimpl
     from bot.core import Bot
     from bot.simulation.chat import ChatUser
+    from bot.simulation.users import chitchat_conversations
     from bot.testing import chinwag_test_settings
 
     script: dict[str, str] = {}
@@ -69,10 +68,7 @@ async def simulate_log(data_dir: Path, cache: Path, chats: int) -> None:
 
     settings = chinwag_test_settings(data_dir, {"bot": {"fallback": "fallback"}}, cache)
     settings.data_dir = data_dir
-    talks = (
-        [" ".join(u["text"] for u in b) for b in c["messages"] if b]
-        for c in chitchat_dataset.Dataset().values()
-    )
+    talks = ([text for _, text in conv] for conv in chitchat_conversations())
     conversations = [t for t in talks if len(t) >= 6][:chats]
     async with Bot(settings, plugins=[Plugin()]) as bot:
         for i, blocks in enumerate(conversations):

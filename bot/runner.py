@@ -82,21 +82,9 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
 
                 dc = settings.discord
                 assert dc.token is not None
-                servers.append(
-                    DiscordAdapter(
-                        bot,
-                        dc.token.get_secret_value(),
-                        api_base=dc.api_base,
-                        gateway_url=dc.gateway_url,
-                        channels=dc.channels,
-                        open_channels=dc.open_channels,
-                        answer_in_own_threads=dc.answer_in_own_threads,
-                        sync_commands=dc.sync_commands,
-                        command_guild=dc.command_guild,
-                        sharded=dc.sharded,
-                        shard_count=dc.shard_count,
-                    )
-                )
+                # Every [discord] key is one of the adapter's keyword arguments, by name.
+                options = dc.model_dump(exclude={"token"})
+                servers.append(DiscordAdapter(bot, dc.token.get_secret_value(), **options))
             if servers:
                 # Listening before the first start: a SIGTERM while an adapter is still
                 # connecting must mean "shut down gracefully", not the default instant death.

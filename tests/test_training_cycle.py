@@ -66,13 +66,10 @@ def settings_for(root: Path, cache: Path, **trainers):
 
 async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30) -> None:
     """Users from chitchat-dataset talk to the bot; a scripted rule rates the replies."""
-    import chitchat_dataset
+    from bot.simulation.users import chitchat_conversations
 
     skill = Companion(poisoned)
-    talks = (
-        [" ".join(u["text"] for u in b) for b in conv["messages"] if b]
-        for conv in chitchat_dataset.Dataset().values()
-    )
+    talks = ([text for _, text in conv] for conv in chitchat_conversations())
     conversations = [blocks for blocks in talks if len(blocks) >= 4][:chats]
     async with Bot(settings, plugins=[SkillsPlugin(skill)]) as bot:
         for i, blocks in enumerate(conversations):

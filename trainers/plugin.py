@@ -9,9 +9,10 @@ own data. Every run writes ``report.json`` and a self-contained ``report.html`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,12 +36,36 @@ Baseline = Annotated[
 Suite = Callable[[Any, Any, Path], Awaitable[dict[str, Any]]]
 
 
+@contextlib.contextmanager
+def stage_bars(
+    console: Any, *, transient: bool = False
+) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage (eval suites,
+    training steps) — the shape every long-running trainers function reports in."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=transient,
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield progress
+
+
 def _run(suites: dict[str, Suite], out: Path | None, baseline: Path | None) -> None:
     """Build the bot once, run ``suites`` on it with progress bars, write and summarise."""
     from datetime import UTC, datetime
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from bot.cli import fail, run_async, settings
     from bot.core import Bot
@@ -70,20 +95,7 @@ def _run(suites: dict[str, Suite], out: Path | None, baseline: Path | None) -> N
                     name: (e.version if (e := bot.models.registry.current(name)) else None)
                     for name in bot.models.registry.names()
                 }
-                with Progress(
-                    TextColumn("{task.description:>10}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    console=console,
-                    transient=True,
-                ) as bars:
-                    tasks: dict[str, Any] = {}
-
-                    def progress(name: str, done: int, total: int) -> None:
-                        if name not in tasks:
-                            tasks[name] = bars.add_task(name, total=total)
-                        bars.update(tasks[name], completed=done, total=total)
-
+                with stage_bars(console, transient=True) as progress:
                     for name, suite in suites.items():
                         report["suites"][name] = await suite(bot, progress, Path(tmp))
         return report
@@ -454,21 +466,11 @@ def train(
 
 def _cycle_now(s: Any, config: Any) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from trainers.cycle import CycleBusy, run_cycle
 
     console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), console=console
-    ) as bars:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.update(tasks[stage], completed=done, total=total)
-
+    with stage_bars(console) as progress:
         try:
             report = run_cycle(s, config, progress=progress)
         except CycleBusy as exc:

@@ -17,19 +17,14 @@ from trainers.dataset import Example
 
 @cache
 def regression_examples(n: int = 48, seed: int = 20231123) -> list[Example]:
-    import chitchat_dataset
+    from bot.simulation.users import chitchat_conversations
 
     rng = random.Random(seed)
-    conversations = list(chitchat_dataset.Dataset().values())
+    conversations = list(chitchat_conversations())
     rng.shuffle(conversations)
     out: list[Example] = []
     for conv in conversations:
-        blocks = [
-            " ".join(u["text"] for u in block).strip()
-            for block in conv.get("messages") or []
-            if block
-        ]
-        blocks = [b for b in blocks if b]
+        blocks = [text.strip() for _, text in conv if text.strip()]
         if len(blocks) < 4:
             continue
         turn = rng.randrange(1, min(len(blocks), 8), 2)  # a reply by the second speaker

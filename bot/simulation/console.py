@@ -3,6 +3,7 @@ conversation so far, a closing ``N passed, N failed`` line, and an exit status C
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -89,35 +90,24 @@ async def _run_users(
 ) -> sim_users.LoadReport:
     qs = sim_users.read_questions(questions)
     typer.echo(f"simulating {n} users × {turns} turns ({persona})")
+    run = functools.partial(
+        sim_users.run_users,
+        users=n,
+        turns=turns,
+        persona=persona,
+        questions=qs,
+        seed=seed,
+        concurrency=concurrency,
+    )
     if url is not None:
         import aiohttp
 
         if not token:
             raise ConfigError("--url needs --token (or CHINWAG_API_TOKEN)")
         async with aiohttp.ClientSession() as session:
-            send, feedback = sim_users.over_http(session, url, token)
-            return await sim_users.run_users(
-                send,
-                feedback,
-                users=n,
-                turns=turns,
-                persona=persona,
-                questions=qs,
-                seed=seed,
-                concurrency=concurrency,
-            )
+            return await run(*sim_users.over_http(session, url, token))
     from bot.core import Bot
 
     async with Bot(settings) as bot:
         await bot.warmed()
-        send, feedback = sim_users.in_process(bot)
-        return await sim_users.run_users(
-            send,
-            feedback,
-            users=n,
-            turns=turns,
-            persona=persona,
-            questions=qs,
-            seed=seed,
-            concurrency=concurrency,
-        )
+        return await run(*sim_users.in_process(bot))

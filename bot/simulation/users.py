@@ -101,21 +101,36 @@ def rate(said: str, replies: Sequence[dict[str, Any]]) -> int:
 
 
 @cache
-def _chitchat() -> list[list[str]]:
-    """The human turns of each chitchat-dataset conversation, by its first speaker."""
+def _dataset() -> dict[str, Any]:
+    """chitchat-dataset's 40 MB of JSON, parsed once per process."""
     import chitchat_dataset
 
-    conversations = []
-    for conv in chitchat_dataset.Dataset().values():
-        messages = conv.get("messages") or []
-        if not messages or not messages[0]:
-            continue
-        first = messages[0][0].get("sender")
-        turns = [
-            " ".join(u["text"] for u in block)
+    return dict(chitchat_dataset.Dataset())
+
+
+@cache
+def chitchat_conversations() -> list[list[tuple[str, str]]]:
+    """Every chitchat-dataset conversation, in the package's order, as ``(sender, text)`` turns
+    (one speaker's consecutive lines joined); empty conversations included, as ``[]``."""
+    return [
+        [
+            (block[0].get("sender", ""), " ".join(u["text"] for u in block))
             for block in messages
-            if block and block[0].get("sender") == first
+            if block
         ]
+        for messages in (conv.get("messages") or [] for conv in _dataset().values())
+    ]
+
+
+@cache
+def _chitchat() -> list[list[str]]:
+    """The human turns of each chitchat-dataset conversation, by its first speaker."""
+    conversations = []
+    for conv in chitchat_conversations():
+        if not conv:
+            continue
+        first = conv[0][0]
+        turns = [text for sender, text in conv if sender == first]
         if len(turns) >= 2:
             conversations.append([t.strip() for t in turns if t.strip()])
     return conversations
@@ -123,9 +138,7 @@ def _chitchat() -> list[list[str]]:
 
 @cache
 def _prompts() -> list[str]:
-    import chitchat_dataset
-
-    return sorted({c["prompt"] for c in chitchat_dataset.Dataset().values() if c.get("prompt")})
+    return sorted({c["prompt"] for c in _dataset().values() if c.get("prompt")})
 
 
 def script(
