@@ -6,6 +6,7 @@ Plugins import from here only (``from bot import Skill, Reply, hookimpl``); ever
 
 from bot.hookspecs import hookimpl
 from bot.messages import Attachment, Escalation, Message, Reply, Source
+from bot.models.types import ModelError, RuntimeBusy, ShuttingDown
 from bot.skill import Command, Context, Observer, ReplyFilter, Skill
 
 __all__ = [
@@ -14,9 +15,12 @@ __all__ = [
     "Context",
     "Escalation",
     "Message",
+    "ModelError",
     "Observer",
     "Reply",
     "ReplyFilter",
+    "RuntimeBusy",
+    "ShuttingDown",
     "Skill",
     "Source",
     "hookimpl",

@@ -46,7 +46,17 @@ class BotSettings(_Section):
     #: The skill that answers when no other does: retrieval-augmented conversation.
     fallback: str = "dialogue"
     max_message_chars: int = Field(4000, gt=0, le=1_000_000)
+    #: Messages whose skill uses the model, handled at once (commands and model-free skills
+    #: are not counted: they never wait behind model work).
     max_concurrency: int = Field(64, gt=0)
+    #: SIGTERM/SIGINT: in-flight model work is cancelled (users get ``shutdown_notice``) and
+    #: the process exits within this many seconds, forced if need be.
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    shutdown_notice: str = "I'm restarting right now — please send that again in a minute."
+    #: "I'm busy" replies; ``{seconds}`` becomes the runtime's estimate of when to retry.
+    busy_message: str = (
+        "I'm busy with a lot of conversations right now — please try again in about {seconds} s."
+    )
     skill_timeout_s: float = Field(30.0, gt=0)
     observer_timeout_s: float = Field(2.0, gt=0)
     filter_timeout_s: float = Field(2.0, gt=0)
@@ -114,7 +124,17 @@ class ModelsSettings(_Section):
     max_new_tokens: int = Field(256, ge=1)
     #: Tokens of context; default: the model's own limit.
     context_window: int | None = Field(None, ge=64)
+    #: The longest any generation may take; skills' own deadlines are usually shorter.
     request_timeout_s: float = Field(120.0, gt=0)
+    #: A request that would wait longer than this before its first token is refused at once
+    #: (the skill answers "busy") instead of queueing behind work it cannot overtake.
+    max_start_wait_s: float = Field(10.0, gt=0)
+    #: Prompt tokens prefilled per decode step when requests join a running batch (bounds how
+    #: long running replies pause for newcomers).
+    prefill_tokens: int = Field(2048, ge=64)
+    #: Torch threads for the model: ``auto`` measures while serving (one core is left to the
+    #: event loop, embedder and classifier), or a fixed number.
+    threads: int | Literal["auto"] = "auto"
     adapters: dict[str, AdapterSettings] = {}
     #: Converted base-model weights (GGUF → safetensors); default ``<data_dir>/models``.
     cache_dir: Path | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from bot.config import ConfigError, Settings, format_validation_error
 from bot.messages import Message, Reply
+from bot.models.types import DEADLINE, RuntimeBusy, ShuttingDown
 from bot.plugins import PluginInfo, Registered, call_lifecycle, collect, make_manager
 from bot.ratelimit import RateLimiter, Verdict
 from bot.router import Router, SkillEntry, parse_command, suggest
@@ -96,6 +98,7 @@ class Bot:
         self._chat_settings: dict[tuple[str, str], dict[str, Any]] = {}
         self._admins = {p: set(ids) for p, ids in settings.admins.items()}
         self._inflight = 0
+        self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._started = False
@@ -163,10 +166,20 @@ class Bot:
             "chinwag started with skills: %s", ", ".join(e.name for e in self.skills) or "none"
         )
 
-    async def stop(self, *, drain_timeout: float = 30.0) -> None:
-        """Let in-flight messages finish, run shutdown hooks, flush and close the store."""
+    async def stop(self, *, drain_timeout: float | None = None) -> None:
+        """Cancel model work, let in-flight messages finish (their users get the shutdown
+        notice), run shutdown hooks, flush and close the store.
+
+        ``drain_timeout`` defaults to most of ``bot.shutdown_timeout_s``.
+        """
         if not self._started:
             return
+        if drain_timeout is None:
+            drain_timeout = self.settings.bot.shutdown_timeout_s * 0.6
+        self._stopping = True
+        # Model work still running would hold the shutdown for minutes: cancel it, so each
+        # waiting user gets the short shutdown notice (logged) instead of silence.
+        await self.models.interrupt()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
@@ -179,6 +192,7 @@ class Bot:
         await self.models.stop()
         await self.store.close()
         self._started = False
+        self._stopping = False
 
     async def __aenter__(self) -> Bot:
         await self.start()
@@ -224,6 +238,7 @@ class Bot:
                     or settings.bot.skill_timeout_s,
                     config=config,
                     enabled=section.enabled if section else True,
+                    uses_model=bool(getattr(skill, "uses_model", False)),
                 )
             )
         self.skills = entries
@@ -321,6 +336,44 @@ class Bot:
             return False
         return True
 
+    def readiness(self) -> dict[str, Any]:
+        """Whether this worker should get traffic: started, not stopping, the model loaded
+        (when a skill needs it) and its queue not saturated — with the figures behind it."""
+        reasons = []
+        if not self._started:
+            reasons.append("not started")
+        if self._stopping:
+            reasons.append("shutting down")
+        if self.models.loading:
+            reasons.append("the model is loading")
+        load = self.models.load()
+        if load and load["pending"] >= self.settings.models.max_queue:
+            reasons.append("the model queue is full")
+        elif load and load["waiting"] >= load["capacity"] and load["step_s"]:
+            start, _ = self.models.estimate_start()
+            if start > self.settings.models.max_start_wait_s:
+                reasons.append(f"the model is saturated (a new reply would start in {start:.0f}s)")
+        return {
+            "ready": not reasons,
+            "reasons": reasons,
+            "in_flight": self._inflight,
+            "model": load,
+        }
+
+    def warm_up_models(self) -> None:
+        """Load the base model now, in the background (``chinwag run`` does this, so the first
+        user does not wait for it and ``/readyz`` says when it is in)."""
+        if not any(e.uses_model and e.enabled for e in self.skills):
+            return
+
+        async def load() -> None:
+            try:
+                await self.models.start()
+            except Exception:
+                log.exception("the model failed to load; model-backed skills will say so")
+
+        self.warmups.append(asyncio.ensure_future(load()))
+
     async def escalate(self, event: Any) -> None:
         """Hand ``event`` (an :class:`~bot.messages.Escalation`) to every ``escalate`` hook."""
         for result in call_lifecycle(self.pm, "escalate", bot=self, event=event):
@@ -374,7 +427,7 @@ class Bot:
         self._inflight += 1
         self._idle.clear()
         try:
-            async with chat_lock.lock, self._semaphore:
+            async with chat_lock.lock:
                 return await self._handle(message, send)
         finally:
             chat_lock.users -= 1
@@ -530,10 +583,28 @@ class Bot:
 
     async def _run_skill(self, entry: SkillEntry, message: Message, ctx: Context) -> list[Reply]:
         t0 = time.perf_counter()
+        deadline = DEADLINE.set(time.monotonic() + entry.timeout_s)
         try:
             async with asyncio.timeout(entry.timeout_s):
-                result = await entry.skill.handle(message, ctx)
+                if entry.uses_model:
+                    async with self._semaphore:
+                        result = await entry.skill.handle(message, ctx)
+                else:
+                    result = await entry.skill.handle(message, ctx)
             replies = _as_replies(result)
+        except RuntimeBusy as exc:
+            entry.stats["busy"] = entry.stats.get("busy", 0) + 1
+            log.info("skill %s: model busy (%s)", entry.name, exc)
+            return [self.busy_reply(exc, entry.name)]
+        except ShuttingDown:
+            return [
+                Reply(
+                    self.settings.bot.shutdown_notice,
+                    kind="notice",
+                    skill=entry.name,
+                    metadata={"error": "shutdown"},
+                )
+            ]
         except TimeoutError:
             entry.stats["errors"] += 1
             log.error("skill %s timed out after %.1fs", entry.name, entry.timeout_s)
@@ -556,6 +627,8 @@ class Bot:
                     metadata={"error": type(exc).__name__},
                 )
             ]
+        finally:
+            DEADLINE.reset(deadline)
         entry.stats["handled"] += 1
         skill_ms = (time.perf_counter() - t0) * 1000
         for r in replies:
@@ -563,6 +636,17 @@ class Bot:
                 r.skill = entry.name
             r.metadata.setdefault("skill_ms", round(skill_ms, 3))
         return replies
+
+    def busy_reply(self, exc: RuntimeBusy, skill: str) -> Reply:
+        """The honest "I'm busy, try again in N s" a skill gives when the model can't answer
+        in time (skills with a cheaper answer, like QA's quote, give that instead)."""
+        seconds = max(1, math.ceil(exc.retry_after_s))
+        return Reply(
+            self.settings.bot.busy_message.replace("{seconds}", str(seconds)),
+            kind="busy",
+            skill=skill,
+            metadata={"busy": True, "retry_after_s": seconds},
+        )
 
     async def _filter(self, replies: list[Reply], message: Message, is_admin: bool) -> list[Reply]:
         if not self.filters or not replies:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 ChatKind = Literal["private", "group", "channel"]
 ReplyFormat = Literal["plain", "markdown"]
-ReplyKind = Literal["answer", "notice", "error"]
+#: ``busy``: the bot could not answer in time and says so (with when to try again).
+ReplyKind = Literal["answer", "notice", "error", "busy"]
 
 
 def utcnow() -> datetime:

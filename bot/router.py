@@ -43,6 +43,7 @@ class SkillEntry:
     timeout_s: float
     config: Any = None
     enabled: bool = True
+    uses_model: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"handled": 0, "errors": 0})
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from bot.config import ConfigError, Settings
 from bot.core import Bot
+from bot.process import die_with_parent, exit_within
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
     async with Bot(settings) as bot, _training_schedule(settings, config_path):
+        bot.warm_up_models()
         servers: list = []
         try:
             if settings.http.enabled:
@@ -93,6 +95,10 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
                         if not stop.is_set():
                             await server.start()
                     await stop.wait()
+                    exit_within(settings.bot.shutdown_timeout_s)
+                    # Model work first: the users waiting on it get the shutdown notice
+                    # while the adapters can still deliver it.
+                    await bot.models.interrupt()
                 return
         finally:
             for server in reversed(servers):
@@ -121,7 +127,7 @@ async def _training_schedule(
         cmd += ["--config", str(config_path)]
     env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
     child = await asyncio.create_subprocess_exec(
-        *cmd, "train", env=env, stdin=asyncio.subprocess.DEVNULL
+        *cmd, "train", env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent
     )
     log.info("training schedule: process %d", child.pid)
     try:

@@ -89,8 +89,13 @@ class Skill:
     config_model: ClassVar[type[BaseModel] | None] = None
     priority: ClassVar[int] = 0
     threshold: ClassVar[float] = 0.5
-    #: seconds; ``None`` means the bot-wide ``skill_timeout_s``.
+    #: seconds; ``None`` means the bot-wide ``skill_timeout_s``. Also the deadline the model
+    #: runtime works to: a reply that could not be ready by then is refused at once.
     timeout_s: ClassVar[float | None] = None
+    #: The skill calls the model runtime. Such skills are bounded by ``bot.max_concurrency``;
+    #: the others (commands, lookups) never queue behind model work. A ``RuntimeBusy`` the
+    #: skill does not catch becomes the bot's honest "busy" reply.
+    uses_model: ClassVar[bool] = False
 
     async def setup(self, bot: Bot, config: Any) -> None:
         """Called once at start-up with the skill's validated configuration."""

@@ -57,7 +57,10 @@ class DialogueSkill(Skill):
     config_model = DialogueConfig
     priority = 10
     threshold = 2.0  # never wins on score: it is the fallback
-    timeout_s = 60.0
+    #: The reply's deadline: the runtime refuses at once what it could not finish by then,
+    #: so a busy bot says so in a second instead of apologising after a minute.
+    timeout_s = 30.0
+    uses_model = True
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
         cfg: DialogueConfig = ctx.config
@@ -79,22 +82,24 @@ class DialogueSkill(Skill):
             *history,
             {"role": "user", "content": message.text},
         ]
-        adapter = runtime.adapter_for(cfg.adapter)
-        options = {
-            "max_new_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-            "stop": ("\nUser:", "\nuser:", "<|im_start|>"),
-        }
-        if ctx.streaming:
-            pieces = []
-            async for piece in runtime.stream(prompt, adapter, **options):
-                pieces.append(piece)
-                await ctx.emit(piece)
-            gen = runtime.describe("".join(pieces), adapter)
-        else:
-            gen = await runtime.generate(prompt, adapter, **options)
+        # After the runtime has started (and loaded the adapters), so the first reply after
+        # a start is the adapter's too. A RuntimeBusy here becomes the core's "busy" reply.
+        adapter = await runtime.resolve_adapter(cfg.adapter)
+        gen = await runtime.generate(
+            prompt,
+            adapter,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop=("\nUser:", "\nuser:", "<|im_start|>"),
+            on_text=ctx.emit if ctx.streaming else None,
+        )
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
+        if gen.finish_reason == "deadline":
+            # Cut off by the deadline: keep the whole sentences it had, drop the fragment.
+            whole = " ".join(s for s in sentences(text) if s.rstrip()[-1:] in ".!?…")
+            text = whole or ""
+            cleaned.append("deadline")
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"
             cleaned.append("empty")
@@ -178,7 +183,8 @@ class DialogueSkill(Skill):
         chosen: list[dict[str, str]] = []
         runtime = ctx.bot.models
         for t in reversed(turns[-cfg.history_turns :]):
-            if t.kind in ("notice", "error") or not t.text.strip() or t.text.startswith("/"):
+            skipped = t.kind in ("notice", "error", "busy") or t.text.startswith("/")
+            if skipped or not t.text.strip():
                 continue
             cost = runtime.count_tokens(t.text) + 4
             if cost > budget:

@@ -9,7 +9,6 @@ found the skill says so rather than guess.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections import OrderedDict
@@ -18,7 +17,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bot import Command, Context, Message, Reply, Skill, Source, hookimpl
+from bot import (
+    Command,
+    Context,
+    Message,
+    Reply,
+    RuntimeBusy,
+    ShuttingDown,
+    Skill,
+    Source,
+    hookimpl,
+)
 from skills.grounding import (
     best_sentences,
     faq_answer,
@@ -95,6 +104,7 @@ class QASkill(Skill):
     config_model = QAConfig
     priority = 50
     threshold = 0.5
+    uses_model = True
 
     def __init__(self) -> None:
         self._cache: OrderedDict[int, list[Any]] = OrderedDict()
@@ -177,21 +187,25 @@ class QASkill(Skill):
         generation = None
         if cfg.generate:
             runtime = ctx.bot.models
-            adapter = runtime.adapter_for(cfg.adapter)
             prompt = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
             try:
-                async with asyncio.timeout(cfg.generate_timeout_s):
-                    generation = await runtime.generate(
-                        [
-                            {"role": "system", "content": SYSTEM},
-                            {
-                                "role": "user",
-                                "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
-                            },
-                        ],
-                        adapter,
-                        max_new_tokens=cfg.max_new_tokens,
-                    )
+                adapter = await runtime.resolve_adapter(cfg.adapter)
+                # A busy runtime refuses at once (RuntimeBusy) and the quote below answers:
+                # the user gets the passage in a second rather than a generated answer late.
+                generation = await runtime.generate(
+                    [
+                        {"role": "system", "content": SYSTEM},
+                        {
+                            "role": "user",
+                            "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
+                        },
+                    ],
+                    adapter,
+                    max_new_tokens=cfg.max_new_tokens,
+                    within_s=cfg.generate_timeout_s,
+                )
+                if generation.finish_reason == "deadline":
+                    raise TimeoutError
                 meta["support"] = round(support(generation.text, texts), 3)
                 meta["new_facts"] = new_facts(generation.text, question, texts)
                 meta["numbers_kept"] = numbers_kept(generation.text, texts)
@@ -207,6 +221,11 @@ class QASkill(Skill):
                     "qa: generation took over %.0fs; quoting instead", cfg.generate_timeout_s
                 )
                 meta["model_error"] = "timeout"
+            except RuntimeBusy as exc:
+                log.info("qa: the model is busy (%s); quoting instead", exc)
+                meta["model_error"] = "busy"
+            except ShuttingDown:
+                meta["model_error"] = "shutdown"
             except Exception as exc:
                 log.warning("qa: generation failed (%s); quoting the passage instead", exc)
                 meta["model_error"] = type(exc).__name__

@@ -92,16 +92,43 @@ async def test_messages_of_one_chat_are_answered_in_arrival_order(tmp_path):
     assert rec.peak == 1
 
 
-async def test_different_chats_run_concurrently_up_to_the_configured_bound(tmp_path):
+class ModelRecorder(Recorder):
+    """Stands for a skill that waits on the model (it says so with ``uses_model``)."""
+
+    name = "model-recorder"
+    commands = ("think",)
+    uses_model = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        await self.release.wait()
+        self.active -= 1
+        return Reply("thought")
+
+
+async def test_model_backed_skills_run_concurrently_up_to_the_configured_bound(tmp_path):
     from bot.core import Bot
     from bot.testing import ChatUser
 
-    rec = Recorder()
+    slow = ModelRecorder()
     settings = core_settings(tmp_path, {"bot": {"max_concurrency": 4}})
-    async with Bot(settings, plugins=[SkillsPlugin(rec)]) as bot:
+    async with Bot(settings, plugins=[SkillsPlugin(slow, Recorder())]) as bot:
         users = [ChatUser(bot, chat_id=f"c{i}", user_id=f"u{i}") for i in range(12)]
-        await asyncio.gather(*(u.send("/rec 10") for u in users))
-    assert rec.peak == 4
+        waiting = [asyncio.create_task(u.send("/think")) for u in users]
+        while slow.peak < 4:
+            await asyncio.sleep(0.01)
+        # The bound is full of model work; a model-free command in another chat still
+        # answers at once instead of queueing behind it.
+        other = ChatUser(bot, chat_id="elsewhere", user_id="x")
+        assert await asyncio.wait_for(other.ask("/rec 1"), 5) == "1"
+        slow.release.set()
+        assert [r[0].text for r in await asyncio.gather(*waiting)] == ["thought"] * 12
+    assert slow.peak == 4
 
 
 class Shouty:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from typing import Any
 
+from bot.process import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,9 @@ def child_env(settings: Any) -> dict[str, str]:
 
 def run_one(settings: Any) -> int:
     log.info("training cycle: starting")
-    done = subprocess.run(cycle_command(), env=child_env(settings), check=False)
+    done = subprocess.run(
+        cycle_command(), env=child_env(settings), check=False, preexec_fn=die_with_parent
+    )
     if done.returncode == 3:
         log.info("training cycle: skipped, the previous one is still running")
     elif done.returncode != 0:

@@ -7,6 +7,8 @@
                                ``done``
     POST /v1/feedback          {"reply_id", "user_id", "rating": 1 | -1, "comment"?}
     GET  /healthz              liveness and what is loaded (no auth: for load balancers)
+    GET  /readyz               readiness (no auth): 200 when the bot is started, the model
+                               loaded and the model queue not saturated, else 503 with why
     GET  /metrics              Prometheus exposition (messages, latency per skill, errors,
                                in-flight messages, model queue depth)
 
@@ -49,7 +51,7 @@ class MessageIn(BaseModel):
 class FeedbackIn(BaseModel):
     model_config = {"extra": "forbid"}
 
-    reply_id: int
+    reply_id: int = Field(ge=1, le=2**63 - 1)  # the store's ids are signed 64-bit
     user_id: str = Field(min_length=1, max_length=128)
     rating: Literal[-1, 1]
     comment: str | None = Field(None, max_length=4000)
@@ -81,6 +83,8 @@ async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web
         data = await request.json()
     except (ValueError, UnicodeDecodeError):
         return _error(400, "the body must be JSON")
+    except RecursionError:
+        return _error(400, "the body is nested too deeply")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -108,7 +112,7 @@ def make_app(bot: Bot, tokens: list[str]) -> web.Application:
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/healthz":
+        if request.path in ("/healthz", "/readyz"):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         given = header[7:].encode() if header.startswith("Bearer ") else b""
@@ -126,6 +130,7 @@ def make_app(bot: Bot, tokens: list[str]) -> web.Application:
     app.router.add_post("/v1/messages/stream", stream_message)
     app.router.add_post("/v1/feedback", post_feedback)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
 
@@ -180,6 +185,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "skills": [e.name for e in bot.skills if e.enabled]})
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """For load balancers: send traffic here only while this worker can answer it."""
+    bot = request.app[BOT_KEY]
+    state = bot.readiness()
+    return web.json_response(state, status=200 if state["ready"] else 503)
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[BOT_KEY].metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
@@ -190,11 +202,18 @@ class HttpServer:
 
     def __init__(self, bot: Bot, host: str, port: int, tokens: list[str]) -> None:
         self.app = make_app(bot, tokens)
+        self.shutdown_timeout_s = bot.settings.bot.shutdown_timeout_s / 3
         self.host, self.port = host, port
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # A client that disconnects cancels its handler, so the model stops working for it.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=self.shutdown_timeout_s,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

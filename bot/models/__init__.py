@@ -7,6 +7,7 @@ from bot.models.types import (
     GenerationParams,
     ModelError,
     RuntimeBusy,
+    ShuttingDown,
     UnknownAdapter,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "ModelError",
     "ModelRuntime",
     "RuntimeBusy",
+    "ShuttingDown",
     "UnknownAdapter",
 ]

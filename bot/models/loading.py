@@ -70,7 +70,11 @@ def pick_dtype(dtype: str, device: str) -> Any:
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16
+        from bot.models.tuning import choose_cpu_dtype
+
+        return choose_cpu_dtype()
     return getattr(torch, dtype)
 
 

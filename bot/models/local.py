@@ -1,11 +1,19 @@
-"""The local backend: one worker thread per device owns the model and batches requests.
+"""The local backend: one worker thread owns the model and decodes every request together.
 
-Requests from any number of conversations go into one queue. The worker takes the first,
-waits up to ``max_queue_wait_ms`` for more (up to ``max_batch_size``), and generates them
-together: left-padded, KV-cached, one ``generate`` call per set of sampling parameters — and
-across adapters, since peft applies a different LoRA adapter to each row of one batch
-(``adapter_names``). The event loop never waits on the model: results come back through
-futures resolved from the worker thread.
+Continuous batching: the worker keeps one batch of running sequences and one KV cache for
+them, and advances all of them by one token per step. Between steps it drops rows whose
+caller stopped waiting (timeout, disconnect, shutdown) and rows that finished, and admits
+waiting requests into the free slots (their prompts prefilled together, then merged into the
+running cache). So a request never waits for the longest reply of a batch it is not in, a
+request nobody is waiting for stops costing compute within one step, and LoRA adapters mix
+in one batch (peft's ``adapter_names``, one adapter per row).
+
+Admission control: every request carries a deadline. From its measured step time, prefill
+speed and reply lengths the worker knows roughly when a new request would start and finish;
+one that cannot finish in time is refused at once with :class:`RuntimeBusy` (and a
+``retry_after_s``), so the skill can answer "busy" honestly instead of letting the user wait
+for an apology. A running row that reaches its deadline ends with what it has
+(``finish_reason="deadline"``).
 
 Adapters are versioned. A request holds the adapter version current when it was submitted;
 loading a new version makes it current for new requests while in-flight ones finish on the old
@@ -15,23 +23,28 @@ one, which is unloaded when its last request completes — hot-swap without a re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
+import math
 import queue
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.models.tuning import ThreadTuner
 from bot.models.types import (
     ChatMessages,
     Generation,
     GenerationParams,
     ModelError,
     RuntimeBusy,
+    ShuttingDown,
     UnknownAdapter,
 )
 
@@ -40,7 +53,7 @@ log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
     messages: ChatMessages
     params: GenerationParams
@@ -50,7 +63,16 @@ class _Job:
     future: asyncio.Future[Generation]
     loop: asyncio.AbstractEventLoop
     stream: asyncio.Queue[str | None] | None = None
-    submitted: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.monotonic()
+    submitted: float = field(default_factory=time.monotonic)
+    # Filled in by the worker.
+    prompt: list[int] = field(default_factory=list)
+    trimmed: int = 0
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0
+    started: float = 0.0
+    first_token: float = 0.0
+    batch_sizes: int = 0
 
 
 @dataclass(slots=True)
@@ -77,7 +99,22 @@ def _resolve(
         else:
             fut.set_result(value)
 
-    loop.call_soon_threadsafe(apply)
+    # A closed loop means nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(apply)
+
+
+class _Batch:
+    """The running rows, their KV cache and attention mask (all left-padded to one length)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[_Job] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [B, L] 1 where a cached position is real
+        self.last: Any = None  # [B, 1] the token each row feeds next
+
+    def __len__(self) -> int:
+        return len(self.jobs)
 
 
 class LocalBackend:
@@ -91,6 +128,9 @@ class LocalBackend:
         max_queue_wait_ms: float = 5.0,
         max_queue: int = 256,
         context_window: int | None = None,
+        prefill_tokens: int = 2048,
+        max_start_wait_s: float | None = None,
+        threads: ThreadTuner | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -98,32 +138,61 @@ class LocalBackend:
         self.max_batch_size = max_batch_size
         self.max_wait = max_queue_wait_ms / 1000
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
+        self.max_start_wait_s = max_start_wait_s
         self.context_window = context_window or int(
             getattr(model.config, "max_position_embeddings", 2048) or 2048
         )
+        self.threads = threads
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # adapter bookkeeping nests (load → delete old)
         self._adapters: dict[str, tuple[str, str]] = {}
         self._refs: Counter[str] = Counter()
         self._retired: set[str] = set()
-        self._pending = 0
+        self._pending = 0  # submitted and not yet finished (waiting or running)
+        self._running = 0
         self._peft = False
+        self._waiting: deque[_Job] = deque()
+        self._batch = _Batch()
+        self._stopping = False
+        self._cache_kw = "cache"
+        self._eos: set[int] = set()
+        # Measured while serving (exponential moving averages), for admission control.
+        self.step_s: float | None = None
+        self.prefill_tok_s: float | None = None
+        self.reply_tokens: float | None = None
         self.stats: Counter[str] = Counter()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
+            forward = inspect.signature(type(self.model).forward).parameters
+            if "cache" not in forward and "past_key_values" in forward:
+                self._cache_kw = "past_key_values"
+            tok = self.tokenizer
+            self._eos = set(_as_list(self.model.generation_config.eos_token_id)) | {
+                tok.eos_token_id
+            }
             self._thread = threading.Thread(
                 target=self._run, name="chinwag-model-worker", daemon=True
             )
             self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Fail every waiting and running request (``ShuttingDown``) and end the worker.
+
+        The worker checks between decode steps, so this returns within one step.
+        """
         if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join()
+            with self._lock:  # no request slips in behind the stop unseen
+                self._stopping = True
+                self._queue.put(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the model worker did not stop within %.0fs", timeout or 0)
             self._thread = None
 
     @property
@@ -134,7 +203,36 @@ class LocalBackend:
     def device(self) -> str:
         return str(next(self.model.parameters()).device)
 
+    def load(self) -> dict[str, float]:
+        """What the worker is doing now: requests waiting and running, and its measured speed."""
+        with self._lock:
+            return {
+                "pending": float(self._pending),
+                "running": float(self._running),
+                "waiting": float(self._pending - self._running),
+                "step_s": self.step_s or 0.0,
+                "capacity": float(self.max_batch_size),
+            }
+
     # -- requests ------------------------------------------------------------------------------
+
+    def estimate(self, params: GenerationParams, prompt_chars: int = 400) -> tuple[float, float]:
+        """Seconds until a new request would start, and until it would finish (0, 0 unknown)."""
+        step = self.step_s
+        if step is None:
+            return 0.0, 0.0
+        slots = self.max_batch_size
+        reply = self.reply_tokens or params.max_new_tokens / 2
+        mine = min(params.max_new_tokens, max(reply, 1.0))
+        prefill = (prompt_chars / 4) / (self.prefill_tok_s or 2000.0)
+        busy = self._pending
+        if busy < slots:
+            start = prefill * max(0, busy - self._running)
+        else:
+            # Rows finish at about ``slots`` per reply length; we start once those ahead did.
+            ahead = busy - slots + 1
+            start = ahead * reply * step / slots
+        return start, start + prefill + mine * step
 
     async def generate(
         self,
@@ -142,13 +240,32 @@ class LocalBackend:
         params: GenerationParams,
         adapter: str | None = None,
         stream: asyncio.Queue[str | None] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Generation:
-        if self._thread is None:
-            raise ModelError("the model worker is not running")
+        """Generate a reply; ``deadline`` is a ``time.monotonic()`` instant it must be done by."""
         with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the bot is shutting down")
+            if self._thread is None:
+                raise ModelError("the model worker is not running")
             if self._pending >= self.max_queue:
                 raise RuntimeBusy(
-                    f"the model is busy ({self._pending} requests waiting); try again shortly"
+                    f"the model is busy ({self._pending} requests waiting); try again shortly",
+                    retry_after_s=self._retry_after(params),
+                )
+            start, finish = self.estimate(params, sum(len(m.get("content", "")) for m in messages))
+            now = time.monotonic()
+            if deadline is not None and finish and now + finish > deadline:
+                raise RuntimeBusy(
+                    f"the model cannot answer in time (about {finish:.0f}s needed, "
+                    f"{max(0.0, deadline - now):.0f}s left)",
+                    retry_after_s=max(1.0, start),
+                )
+            if self.max_start_wait_s is not None and start > self.max_start_wait_s:
+                raise RuntimeBusy(
+                    f"the model is busy (a reply would start in about {start:.0f}s)",
+                    retry_after_s=start,
                 )
             internal = version = None
             if adapter is not None:
@@ -161,15 +278,29 @@ class LocalBackend:
                 internal, version = current
                 self._refs[internal] += 1
             self._pending += 1
-        loop = asyncio.get_running_loop()
-        job = _Job(messages, params, adapter, internal, version, loop.create_future(), loop, stream)
-        self._queue.put(job)
-        try:
-            return await job.future
-        finally:
-            self._release(job)
+            loop = asyncio.get_running_loop()
+            job = _Job(
+                messages,
+                params,
+                adapter,
+                internal,
+                version,
+                loop.create_future(),
+                loop,
+                stream,
+                deadline,
+            )
+            self._queue.put(job)
+        # Cancelling the caller cancels ``job.future``; the worker sees that before its next
+        # step and drops the row. The slot counts as busy until then: it really is.
+        return await job.future
 
-    def _release(self, job: _Job) -> None:
+    def _retry_after(self, params: GenerationParams) -> float:
+        start, _ = self.estimate(params)
+        return max(1.0, start)
+
+    def _done(self, job: _Job) -> None:
+        """Bookkeeping when a request leaves the worker (finished, failed or dropped)."""
         with self._lock:
             self._pending -= 1
             if job.internal is None:
@@ -177,14 +308,12 @@ class LocalBackend:
             self._refs[job.internal] -= 1
             orphan = job.internal in self._retired and self._refs[job.internal] <= 0
         if orphan:
-            self._queue.put(
-                _Control(
-                    lambda: self._delete_adapter(job.internal), job.loop.create_future(), job.loop
-                )
-            )
+            self._delete_adapter(job.internal)
 
     async def control(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the worker thread between batches (model changes go through here)."""
+        """Run ``fn`` on the worker thread between steps (model changes go through here)."""
+        if self._thread is None:
+            return fn()
         loop = asyncio.get_running_loop()
         ctl = _Control(fn, loop.create_future(), loop)
         self._queue.put(ctl)
@@ -202,6 +331,10 @@ class LocalBackend:
                 raise ModelError(f"{path} is not a peft adapter folder (no adapter_config.json)")
             if isinstance(self.model, PeftModel):
                 if internal in self.model.peft_config:
+                    with self._lock:
+                        if self._refs[internal] > 0:  # same version again: already serving
+                            self._adapters[name] = (internal, version)
+                            return
                     self.model.delete_adapter(internal)
                 self.model.load_adapter(str(path), adapter_name=internal)
             else:
@@ -249,31 +382,50 @@ class LocalBackend:
     # -- the worker ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        deferred: list[Any] = []
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                idle = not self._batch.jobs and not self._waiting
+                if not self._take(block=idle):
+                    self._shutdown()
+                    return
+                self._expire()
+                self._admit()
+                if self._batch.jobs:
+                    try:
+                        self._step()
+                    except Exception as exc:  # OOM, a bad adapter: fail these rows, keep serving
+                        self._fail_batch(exc)
+
+    def _take(self, *, block: bool) -> bool:
+        """Move what arrived into the waiting line (controls run now); False on stop."""
+        first = True
+        fill_until = None
         while True:
-            item = deferred.pop(0) if deferred else self._queue.get()
+            try:
+                if block and first:
+                    item = self._queue.get()
+                elif fill_until is not None:
+                    remaining = fill_until - time.monotonic()
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else None
+                    if item is None:
+                        return True
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
             if item is _STOP:
-                return
+                return False
             if isinstance(item, _Control):
                 self._run_control(item)
-                continue
-            batch = [item]
-            deadline = time.perf_counter() + self.max_wait
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if nxt is _STOP or isinstance(nxt, _Control):
-                    deferred.append(nxt)
-                    break
-                batch.append(nxt)
-            self._run_batch(batch)
+            else:
+                self._waiting.append(item)
+                # Idle and a first request arrived: wait briefly for company, so a burst is
+                # prefilled as one batch rather than one request per step.
+                if block and first and self.max_wait > 0:
+                    fill_until = time.monotonic() + self.max_wait
+            first = False
 
     def _run_control(self, ctl: _Control) -> None:
         try:
@@ -285,19 +437,56 @@ class LocalBackend:
                 exc=exc if isinstance(exc, Exception) else ModelError(str(exc)),
             )
 
-    def _run_batch(self, batch: list[_Job]) -> None:
-        groups: dict[tuple[bool, float, float], list[_Job]] = {}
-        for job in batch:
-            groups.setdefault(job.params.sampling_key, []).append(job)
-        for jobs in groups.values():
-            try:
-                self._generate(jobs)
-            except Exception as exc:  # OOM, bad input: fail these requests, keep serving
-                log.exception("generation failed for a batch of %d", len(jobs))
-                err = ModelError(f"generation failed: {type(exc).__name__}: {exc}")
-                for job in jobs:
-                    self._finish_stream(job)
-                    _resolve(job.future, job.loop, exc=err)
+    def _expire(self) -> None:
+        """Drop waiting requests nobody waits for, and refuse those that can no longer finish."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        step = self.step_s or 0.0
+        kept: deque[_Job] = deque()
+        for job in self._waiting:
+            if job.future.done():
+                self._finish_stream(job)
+                self._done(job)
+                continue
+            if job.deadline is not None and step:
+                need = min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
+                if now + need > job.deadline:
+                    self._fail(job, RuntimeBusy("the model could not start this reply in time"))
+                    continue
+            kept.append(job)
+        self._waiting = kept
+
+    def _admit(self) -> None:
+        free = self.max_batch_size - len(self._batch)
+        if free <= 0 or not self._waiting:
+            return
+        joining: list[_Job] = []
+        tokens = 0
+        while self._waiting and len(joining) < free:
+            job = self._waiting[0]
+            if not job.prompt:
+                try:
+                    job.prompt, job.trimmed = self._prompt(job.messages, job.params.max_new_tokens)
+                except ModelError as exc:
+                    self._waiting.popleft()
+                    self._fail(job, exc)
+                    continue
+            # Bound the prefill per step so running rows keep moving (at least one joins).
+            if joining and tokens + len(job.prompt) > self.prefill_tokens:
+                break
+            self._waiting.popleft()
+            joining.append(job)
+            tokens += len(job.prompt)
+        if not joining:
+            return
+        try:
+            self._prefill(joining)
+        except Exception as exc:
+            log.exception("prefill failed for %d requests", len(joining))
+            err = ModelError(f"generation failed: {type(exc).__name__}: {exc}")
+            for job in joining:
+                self._fail(job, err)
 
     def _prompt(self, messages: ChatMessages, max_new: int) -> tuple[list[int], int]:
         """Token ids for the chat, oldest turns dropped until it fits the context window."""
@@ -321,110 +510,277 @@ class LocalBackend:
             del msgs[first]
             trimmed += 1
 
-    def _generate(self, jobs: list[_Job]) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        started = time.perf_counter()
-        tok = self.tokenizer
-        prompts: list[list[int]] = []
-        trims: list[int] = []
-        ready: list[_Job] = []
-        for job in jobs:
-            if job.future.done():  # the caller gave up while the job waited in the queue
-                self._finish_stream(job)
-                continue
-            try:
-                ids, trimmed = self._prompt(job.messages, job.params.max_new_tokens)
-            except ModelError as exc:
-                self._finish_stream(job)
-                _resolve(job.future, job.loop, exc=exc)
-                continue
-            prompts.append(ids)
-            trims.append(trimmed)
-            ready.append(job)
-        jobs = ready
-        if not jobs:
-            return
-        device = self.device
-        enc = tok.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(device)
-        prompt_len = enc["input_ids"].shape[1]
-        limits = [j.params.max_new_tokens for j in jobs]
-        stops = [j.params.stop for j in jobs]
-
-        class RowStop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                n = input_ids.shape[1] - prompt_len
-                # A row whose caller gave up (timeout, disconnect) stops costing compute.
-                done = torch.tensor(
-                    [n >= m or j.future.cancelled() for m, j in zip(limits, jobs, strict=True)],
-                    device=input_ids.device,
-                )
-                for i, row_stops in enumerate(stops):
-                    if row_stops and not done[i]:
-                        tail = tok.decode(input_ids[i, prompt_len:][-16:], skip_special_tokens=True)
-                        if any(s in tail for s in row_stops):
-                            done[i] = True
-                return done
-
-        greedy, temperature, top_p = jobs[0].params.sampling_key
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max(limits),
-            "do_sample": not greedy,
-            "pad_token_id": tok.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([RowStop()]),
-        }
-        if greedy:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(temperature=temperature, top_p=top_p)
+    def _forward(self, jobs: list[_Job], **inputs: Any) -> Any:
         if self._peft:  # importing peft costs seconds: only once an adapter was loaded
-            kwargs["adapter_names"] = [j.internal or BASE for j in jobs]
-        if any(j.stream is not None for j in jobs):
-            kwargs["streamer"] = _BatchStreamer(tok, jobs)
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kwargs)
-        elapsed = time.perf_counter() - started
-        eos = set(_as_list(self.model.generation_config.eos_token_id)) | {tok.eos_token_id}
-        for i, job in enumerate(jobs):
-            new = out[i, prompt_len:].tolist()[: limits[i]]
-            finish = "length"
-            for cut, token in enumerate(new):
-                if token in eos:
-                    new, finish = new[:cut], "stop"
-                    break
-            text = tok.decode(new, skip_special_tokens=True)
-            for s in job.params.stop:
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            self._finish_stream(job)
-            self.stats["tokens"] += len(new)
-            _resolve(
-                job.future,
-                job.loop,
-                Generation(
-                    text=text.strip(),
-                    model=self.model_name,
-                    adapter=job.adapter,
-                    adapter_version=job.version,
-                    prompt_tokens=len(prompts[i]),
-                    completion_tokens=len(new),
-                    finish_reason=finish,  # type: ignore[arg-type]
-                    trimmed_turns=trims[i],
-                    timings={
-                        "queue_s": started - job.submitted,
-                        "generate_s": elapsed,
-                        "batch_size": float(len(jobs)),
-                    },
-                ),
-            )
+            inputs["adapter_names"] = [j.internal or BASE for j in jobs]
+        return self.model(use_cache=True, **inputs)
 
-    @staticmethod
-    def _finish_stream(job: _Job) -> None:
+    def _prefill(self, jobs: list[_Job]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        t0 = time.monotonic()
+        device = self.device
+        width = max(len(j.prompt) for j in jobs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for i, job in enumerate(jobs):
+            n = len(job.prompt)
+            ids[i, width - n :] = torch.tensor(job.prompt)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(
+            jobs,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
+        )
+        first = self._sample(out.logits[:, -1, :], jobs)
+        elapsed = time.monotonic() - t0
+        total = int(mask.sum())
+        rate = total / max(elapsed, 1e-6)
+        old = self.prefill_tok_s
+        self.prefill_tok_s = rate if old is None else 0.8 * old + 0.2 * rate
+        now = time.monotonic()
+        for job in jobs:
+            job.started = t0
+        self.stats["prefills"] += 1
+        self._merge(jobs, cache, mask, first)
+        with self._lock:
+            self._running = len(self._batch)
+        self._accept(first, now)
+
+    def _merge(self, jobs: list[_Job], cache: Any, mask: Any, first: Any) -> None:
+        """Add freshly prefilled rows to the running batch (left-padding the shorter side)."""
+        import torch
+        from torch.nn.functional import pad
+        from transformers import DynamicCache
+
+        b = self._batch
+        if not b.jobs:
+            b.jobs, b.cache, b.mask, b.last = list(jobs), cache, mask, first
+            return
+        old_len, new_len = b.mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def widen(t: Any, have: int) -> Any:  # [B, H, L, D] → [B, H, width, D]
+            return pad(t, (0, 0, width - have, 0)) if have < width else t
+
+        layers = []
+        for old, new in zip(b.cache.layers, cache.layers, strict=True):
+            layers.append(
+                (
+                    torch.cat([widen(old.keys, old_len), widen(new.keys, new_len)]),
+                    torch.cat([widen(old.values, old_len), widen(new.values, new_len)]),
+                )
+            )
+        b.cache = DynamicCache(ddp_cache_data=layers)
+        b.mask = torch.cat([pad(b.mask, (width - old_len, 0)), pad(mask, (width - new_len, 0))])
+        b.last = torch.cat([b.last, first])
+        b.jobs.extend(jobs)
+
+    def _step(self) -> None:
+        import torch
+
+        b = self._batch
+        threads = self.threads.threads_for_next_step() if self.threads else None
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        t0 = time.monotonic()
+        ones = torch.ones((len(b), 1), dtype=b.mask.dtype, device=b.mask.device)
+        b.mask = torch.cat([b.mask, ones], dim=1)
+        position = b.mask.sum(-1, keepdim=True) - 1
+        out = self._forward(
+            b.jobs,
+            input_ids=b.last,
+            attention_mask=b.mask,
+            position_ids=position,
+            **{self._cache_kw: b.cache},
+        )
+        nxt = self._sample(out.logits[:, -1, :], b.jobs)
+        elapsed = time.monotonic() - t0
+        if self.threads is not None and threads is not None:
+            self.threads.record(threads, elapsed, len(b))
+        self.step_s = elapsed if self.step_s is None else 0.9 * self.step_s + 0.1 * elapsed
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(b)
+        self._accept(nxt, time.monotonic())
+
+    def _sample(self, logits: Any, jobs: list[_Job]) -> Any:
+        """Next token per row: greedy, or temperature + nucleus sampling, row by row."""
+        import torch
+
+        greedy = logits.argmax(-1)
+        sampled = [i for i, j in enumerate(jobs) if j.params.temperature > 0]
+        if sampled:
+            rows = logits[sampled].float()
+            temps = torch.tensor(
+                [jobs[i].params.temperature for i in sampled], device=rows.device
+            ).unsqueeze(1)
+            probs = torch.softmax(rows / temps, dim=-1)
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            tops = torch.tensor([jobs[i].params.top_p for i in sampled], device=rows.device)
+            keep = sorted_p.cumsum(-1) - sorted_p < tops.unsqueeze(1)
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+            picked = order.gather(-1, choice).squeeze(1)
+            greedy[sampled] = picked
+        return greedy.unsqueeze(1)
+
+    def _accept(self, tokens: Any, now: float) -> None:
+        """Append each row's new token; finish rows that are done; drop abandoned ones."""
+        b = self._batch
+        column = tokens.squeeze(1).tolist()
+        keep: list[int] = []
+        for i, (job, token) in enumerate(zip(b.jobs, column, strict=True)):
+            if job.future.done():  # the caller stopped waiting: free the slot now
+                self._finish_stream(job)
+                self._done(job)
+                self.stats["abandoned"] += 1
+                continue
+            job.batch_sizes += len(b)
+            finish: str | None = None
+            if token in self._eos:
+                finish = "stop"
+            else:
+                job.tokens.append(token)
+                if not job.first_token:
+                    job.first_token = now
+                self._stream_delta(job)
+                full = len(job.prompt) + len(job.tokens) >= self.context_window
+                if full or len(job.tokens) >= job.params.max_new_tokens:
+                    finish = "length"
+                elif job.params.stop and self._hit_stop(job):
+                    finish = "stop"
+                elif job.deadline is not None and now >= job.deadline:
+                    finish = "deadline"
+            if finish is None:
+                keep.append(i)
+            else:
+                self._complete(job, finish, now)
+        if len(keep) == len(column):
+            b.last = tokens
+        else:
+            self._select(keep)
+            if keep:
+                import torch
+
+                b.last = tokens[torch.tensor(keep, device=tokens.device)]
+        with self._lock:
+            self._running = len(b)
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        b = self._batch
+        if not keep:
+            b.jobs, b.cache, b.mask, b.last = [], None, None, None
+            return
+        idx = torch.tensor(keep, device=b.mask.device)
+        b.cache.batch_select_indices(idx)
+        b.mask = b.mask[idx]
+        b.jobs = [b.jobs[i] for i in keep]
+        # Columns that are padding in every remaining row cost attention for nothing.
+        real = b.mask.any(dim=0).nonzero()
+        start = int(real[0]) if len(real) else 0
+        if start > 0:
+            b.mask = b.mask[:, start:]
+            for layer in b.cache.layers:
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
+
+    def _hit_stop(self, job: _Job) -> bool:
+        tail = self.tokenizer.decode(job.tokens[-16:], skip_special_tokens=True)
+        return any(s and s in tail for s in job.params.stop)
+
+    def _stream_delta(self, job: _Job) -> None:
+        if job.stream is None:
+            return
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # half a multi-byte character: wait for the rest
+        delta = text[job.sent :]
+        if delta:
+            job.sent = len(text)
+            self._put_stream(job, delta)
+
+    def _complete(self, job: _Job, finish: str, now: float) -> None:
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        for s in job.params.stop:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        n = len(job.tokens)
+        self.reply_tokens = n if self.reply_tokens is None else 0.9 * self.reply_tokens + 0.1 * n
+        self.stats["requests"] += 1
+        self.stats["tokens"] += n
+        steps = max(1, n)
+        self._finish_stream(job)
+        self._done(job)
+        _resolve(
+            job.future,
+            job.loop,
+            Generation(
+                text=text.strip(),
+                model=self.model_name,
+                adapter=job.adapter,
+                adapter_version=job.version,
+                prompt_tokens=len(job.prompt),
+                completion_tokens=n,
+                finish_reason=finish,  # type: ignore[arg-type]
+                trimmed_turns=job.trimmed,
+                timings={
+                    "queue_s": job.started - job.submitted,
+                    "ttft_s": (job.first_token or now) - job.submitted,
+                    "generate_s": now - job.started,
+                    "batch_size": job.batch_sizes / steps,
+                },
+            ),
+        )
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        self._finish_stream(job)
+        self._done(job)
+        _resolve(job.future, job.loop, exc=exc)
+
+    def _fail_batch(self, exc: Exception) -> None:
+        log.exception("generation failed for a batch of %d", len(self._batch))
+        err = ModelError(f"generation failed: {type(exc).__name__}: {exc}")
+        for job in self._batch.jobs:
+            self._fail(job, err)
+        self._batch = _Batch()
+        with self._lock:
+            self._running = 0
+
+    def _shutdown(self) -> None:
+        err = ShuttingDown("the bot is shutting down")
+        for job in [*self._batch.jobs, *self._waiting]:
+            self._fail(job, err)
+        self._batch = _Batch()
+        self._waiting.clear()
+        while True:  # whatever raced in after the stop
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                self._fail(item, err)
+            elif isinstance(item, _Control):
+                _resolve(item.future, item.loop, exc=err)
+        with self._lock:
+            self._running = 0
+
+    def _put_stream(self, job: _Job, piece: str | None) -> None:
         if job.stream is not None:
-            job.loop.call_soon_threadsafe(job.stream.put_nowait, None)
+            with contextlib.suppress(RuntimeError):
+                job.loop.call_soon_threadsafe(job.stream.put_nowait, piece)
+
+    def _finish_stream(self, job: _Job) -> None:
+        self._put_stream(job, None)
 
 
 def _as_list(value: Any) -> list[int]:
@@ -433,36 +789,6 @@ def _as_list(value: Any) -> list[int]:
     return list(value) if isinstance(value, list | tuple) else [int(value)]
 
 
-class _BatchStreamer:
-    """A transformers streamer for a whole batch: hands each row's new text to its request."""
-
-    def __init__(self, tokenizer: Any, jobs: list[_Job]) -> None:
-        self.tokenizer = tokenizer
-        self.jobs = jobs
-        self.tokens: list[list[int]] = [[] for _ in jobs]
-        self.sent: list[int] = [0] * len(jobs)
-        self.prompt_seen = False
-        self.eos = tokenizer.eos_token_id
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        column = value.reshape(len(self.jobs), -1)[:, -1].tolist()
-        for i, token in enumerate(column):
-            job = self.jobs[i]
-            if job.stream is None or token in (self.eos, self.tokenizer.pad_token_id):
-                continue
-            if len(self.tokens[i]) >= job.params.max_new_tokens:
-                continue
-            self.tokens[i].append(token)
-            text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # half a multi-byte character: wait for the rest
-            delta = text[self.sent[i] :]
-            if delta:
-                self.sent[i] = len(text)
-                job.loop.call_soon_threadsafe(job.stream.put_nowait, delta)
-
-    def end(self) -> None:
-        pass
+def ceil_s(seconds: float) -> int:
+    """Whole seconds for a user-facing "try again in N s"."""
+    return max(1, math.ceil(seconds))

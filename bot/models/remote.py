@@ -25,10 +25,19 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
-from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError, UnknownAdapter
+from bot.models.types import (
+    ChatMessages,
+    Generation,
+    GenerationParams,
+    ModelError,
+    RuntimeBusy,
+    ShuttingDown,
+    UnknownAdapter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,9 @@ class RemoteBackend:
         self.backoff_s = backoff_s
         self._session: aiohttp.ClientSession | None = None
         self._adapters: dict[str, tuple[str, str]] = {}
+        self._paths: dict[str, Path] = {}  # served name → adapter folder, to reload it
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._interrupted = False
 
     @property
     def running(self) -> bool:
@@ -85,18 +97,27 @@ class RemoteBackend:
             raise UnknownAdapter(f"no adapter named {adapter!r} is loaded (loaded: {known})")
         return current
 
-    def _retrying(self) -> AsyncRetrying:
+    def _retrying(self, deadline: float | None = None) -> AsyncRetrying:
+        stop = stop_after_attempt(self.retries + 1)
+        if deadline is not None:
+            stop = stop | stop_after_delay(max(0.0, deadline - time.monotonic()))
         return AsyncRetrying(
-            stop=stop_after_attempt(self.retries + 1),
+            stop=stop,
             wait=wait_exponential_jitter(multiplier=self.backoff_s, max=10 * self.backoff_s),
             retry=retry_if_exception_type(_Transient),
             reraise=True,
         )
 
-    async def _post(self, path: str, payload: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post(
+        self, path: str, payload: dict[str, Any], deadline: float | None = None
+    ) -> aiohttp.ClientResponse:
         assert self._session is not None
+        kwargs: dict[str, Any] = {}
+        if deadline is not None:
+            left = max(0.05, deadline - time.monotonic())
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=left, sock_connect=min(10.0, left))
         try:
-            response = await self._session.post(f"{self.url}{path}", json=payload)
+            response = await self._session.post(f"{self.url}{path}", json=payload, **kwargs)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise _Transient(f"{type(exc).__name__}: {exc}") from exc
         if response.status == 429 or response.status >= 500:
@@ -106,6 +127,10 @@ class RemoteBackend:
         if response.status >= 400:
             body = await response.text()
             response.release()
+            if response.status in (400, 404) and "does not exist" in body.lower():
+                raise UnknownAdapter(
+                    f"the server does not serve {payload.get('model')!r}: {body[:200]}"
+                )
             if response.status == 404 and "model" in body.lower():
                 raise UnknownAdapter(
                     f"the server does not serve {payload.get('model')!r}: {body[:200]}"
@@ -115,14 +140,74 @@ class RemoteBackend:
             )
         return response
 
+    def interrupt(self) -> None:
+        """Shutting down: cancel the requests in flight (they fail with ShuttingDown)."""
+        self._interrupted = True
+        for task in list(self._inflight):
+            task.cancel()
+
     async def generate(
         self,
         messages: ChatMessages,
         params: GenerationParams,
         adapter: str | None = None,
         stream: asyncio.Queue[str | None] | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> Generation:
+        """One completion; ``deadline`` (``time.monotonic()``) bounds it, retries included."""
+        if self._interrupted:
+            raise ShuttingDown("the bot is shutting down")
+        inner = asyncio.ensure_future(self._generate(messages, params, adapter, stream, deadline))
+        self._inflight.add(inner)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # our caller gave up: so do we
+                inner.cancel()
+                raise
+            raise ShuttingDown("the bot is shutting down") from None
+        finally:
+            self._inflight.discard(inner)
+            if stream is not None and not inner.done():
+                stream.put_nowait(None)
+
+    async def _generate(
+        self,
+        messages: ChatMessages,
+        params: GenerationParams,
+        adapter: str | None,
+        stream: asyncio.Queue[str | None] | None,
+        deadline: float | None,
     ) -> Generation:
         await self.start()
+        try:
+            return await self._generate_once(messages, params, adapter, stream, deadline)
+        except UnknownAdapter:
+            # vLLM restarted (and forgot its adapters) or another worker sharing the server
+            # unloaded this version: load it again by path, once.
+            if adapter is None or not await self._reload(adapter):
+                raise
+            return await self._generate_once(messages, params, adapter, stream, deadline)
+
+    async def _reload(self, adapter: str) -> bool:
+        current = self._adapters.get(adapter)
+        path = self._paths.get(current[0]) if current else None
+        if current is None or path is None:
+            return False
+        log.warning("the model server lost adapter %s; loading it again", current[0])
+        await self._register(current[0], path)
+        return True
+
+    async def _generate_once(
+        self,
+        messages: ChatMessages,
+        params: GenerationParams,
+        adapter: str | None,
+        stream: asyncio.Queue[str | None] | None,
+        deadline: float | None,
+    ) -> Generation:
         served, version = self._served_name(adapter)
         payload: dict[str, Any] = {
             "model": served,
@@ -136,15 +221,21 @@ class RemoteBackend:
             payload["stop"] = list(params.stop)
         started = time.perf_counter()
         try:
+            if deadline is not None and deadline <= time.monotonic():
+                raise RuntimeBusy("no time left for this reply", retry_after_s=5.0)
             if stream is None:
-                data = await self._complete(payload)
+                data = await self._complete(payload, deadline)
                 choice = data["choices"][0]
                 text = choice["message"]["content"] or ""
                 finish = choice.get("finish_reason") or "stop"
                 usage = data.get("usage") or {}
             else:
-                text, finish, usage = await self._stream(payload, stream)
+                text, finish, usage = await self._stream(payload, stream, deadline)
         except _Transient as exc:
+            if deadline is not None and time.monotonic() >= deadline - 0.05:
+                raise RuntimeBusy(
+                    f"the model server did not answer in time: {exc}", retry_after_s=5.0
+                ) from None
             raise ModelError(
                 f"the model server at {self.url} is unavailable after "
                 f"{self.retries + 1} attempts: {exc}"
@@ -164,10 +255,10 @@ class RemoteBackend:
             extra={"served_model": served},
         )
 
-    async def _complete(self, payload: dict[str, Any]) -> dict[str, Any]:
-        async for attempt in self._retrying():
+    async def _complete(self, payload: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        async for attempt in self._retrying(deadline):
             with attempt:
-                response = await self._post("/chat/completions", payload)
+                response = await self._post("/chat/completions", payload, deadline)
                 try:
                     return await response.json()
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -177,13 +268,13 @@ class RemoteBackend:
         raise AssertionError("unreachable")
 
     async def _stream(
-        self, payload: dict[str, Any], out: asyncio.Queue[str | None]
+        self, payload: dict[str, Any], out: asyncio.Queue[str | None], deadline: float | None
     ) -> tuple[str, str, dict[str, Any]]:
         pieces: list[str] = []
         finish = "stop"
-        async for attempt in self._retrying():
+        async for attempt in self._retrying(deadline):
             with attempt:
-                response = await self._post("/chat/completions", payload)
+                response = await self._post("/chat/completions", payload, deadline)
                 try:
                     async for raw in response.content:
                         line = raw.decode("utf-8", "replace").strip()
@@ -219,15 +310,29 @@ class RemoteBackend:
                 raise _Transient("the stream ended before any token")
         raise AssertionError("unreachable")
 
+    async def _register(self, served: str, path: Path) -> None:
+        """Load ``path`` on the server as ``served``; "already loaded" is success, since the
+        versioned name always means the same weights (a restart of ours, or a second worker
+        sharing the server, loaded it first)."""
+        async for attempt in self._retrying():
+            with attempt:
+                try:
+                    response = await self._post(
+                        "/load_lora_adapter", {"lora_name": served, "lora_path": str(path)}
+                    )
+                except ModelError as exc:
+                    if "already been loaded" in str(exc) or "already loaded" in str(exc):
+                        log.info("the model server already has adapter %s", served)
+                        self._paths[served] = path
+                        return
+                    raise
+                response.release()
+        self._paths[served] = path
+
     async def load_adapter(self, name: str, path: Path, version: str) -> None:
         await self.start()
         served = f"{name}-v{version}"
-        async for attempt in self._retrying():
-            with attempt:
-                response = await self._post(
-                    "/load_lora_adapter", {"lora_name": served, "lora_path": str(path)}
-                )
-                response.release()
+        await self._register(served, path)
         old = self._adapters.get(name)
         self._adapters[name] = (served, version)
         if old is not None and old[0] != served:

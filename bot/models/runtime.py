@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,14 @@ from bot.models.embedding import Embedder
 from bot.models.local import LocalBackend
 from bot.models.registry import AdapterRegistry
 from bot.models.remote import RemoteBackend
-from bot.models.types import ChatMessages, Generation, GenerationParams, ModelError
+from bot.models.types import (
+    DEADLINE,
+    ChatMessages,
+    Generation,
+    GenerationParams,
+    ModelError,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ class ModelRuntime:
         #: Seconds between looks at the registry for promotions and rollbacks.
         self.follow_interval_s = 1.0
         self._follow: asyncio.Task[None] | None = None
+        self._interrupted = False
         self.classifiers = ClassifierPool(
             self.registry,
             device=self.config.device,
@@ -60,6 +69,8 @@ class ModelRuntime:
 
         Idempotent: the first call does the work, later ones return at once.
         """
+        if self._interrupted:
+            raise ShuttingDown("the bot is shutting down")
         if self._backend is not None and self._backend.running:
             return self._backend
         async with self._starting:
@@ -139,6 +150,11 @@ class ModelRuntime:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None
         self.loaded_from_cache = cached
+        threads = None
+        if str(next(model.parameters()).device) == "cpu":
+            from bot.models.tuning import ThreadTuner
+
+            threads = ThreadTuner(None if cfg.threads == "auto" else [int(cfg.threads)])
         return LocalBackend(
             model,
             tokenizer,
@@ -147,7 +163,20 @@ class ModelRuntime:
             max_queue_wait_ms=cfg.max_queue_wait_ms,
             max_queue=cfg.max_queue,
             context_window=cfg.context_window,
+            prefill_tokens=cfg.prefill_tokens,
+            max_start_wait_s=cfg.max_start_wait_s,
+            threads=threads,
         )
+
+    async def interrupt(self) -> None:
+        """Shutting down: fail every waiting and running generation with
+        :class:`ShuttingDown` (within one decode step) and refuse new ones."""
+        self._interrupted = True
+        backend = self._backend
+        if isinstance(backend, LocalBackend):
+            await asyncio.to_thread(backend.stop)
+        elif backend is not None:
+            backend.interrupt()
 
     async def stop(self) -> None:
         if self._follow is not None:
@@ -173,6 +202,18 @@ class ModelRuntime:
             stop=tuple(stop or ()),
         )
 
+    def deadline(self, within_s: float | None = None) -> float:
+        """The ``time.monotonic()`` instant a request made now must finish by: the soonest of
+        ``within_s``, the current skill's deadline (set by the core) and ``request_timeout_s``."""
+        now = time.monotonic()
+        options = [now + self.config.request_timeout_s]
+        if within_s is not None:
+            options.append(now + within_s)
+        skill = DEADLINE.get()
+        if skill is not None:
+            options.append(skill)
+        return min(options)
+
     async def generate(
         self,
         messages: ChatMessages,
@@ -182,11 +223,41 @@ class ModelRuntime:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: tuple[str, ...] | list[str] = (),
+        within_s: float | None = None,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> Generation:
+        """One reply. Raises :class:`RuntimeBusy` at once when it could not finish in time.
+
+        ``on_text`` receives the text as it is generated (for platforms that stream). A reply
+        that reaches its deadline comes back with what was ready (``finish_reason ==
+        "deadline"``); cancelling the caller stops the generation within one decode step.
+        """
         backend = await self.start()
         params = self._params(max_new_tokens, temperature, top_p, stop)
-        async with asyncio.timeout(self.config.request_timeout_s):
-            return await backend.generate(messages, params, adapter)
+        deadline = self.deadline(within_s)
+        # The backend ends the row at the deadline itself; this is the backstop.
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + 2.0):
+            if on_text is None:
+                return await backend.generate(messages, params, adapter, deadline=deadline)
+            chunks: asyncio.Queue[str | None] = asyncio.Queue()
+            task = asyncio.create_task(
+                backend.generate(messages, params, adapter, stream=chunks, deadline=deadline)
+            )
+            try:
+                while True:
+                    getter = asyncio.ensure_future(chunks.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():  # refused or failed before any text
+                        getter.cancel()
+                        break
+                    piece = getter.result()
+                    if piece is None:
+                        break
+                    await on_text(piece)
+                return await task
+            finally:
+                if not task.done():
+                    task.cancel()
 
     async def stream(
         self,
@@ -197,17 +268,33 @@ class ModelRuntime:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: tuple[str, ...] | list[str] = (),
+        within_s: float | None = None,
     ) -> AsyncIterator[str]:
-        """Yield text as it is generated (batched with everyone else's requests)."""
-        backend = await self.start()
-        params = self._params(max_new_tokens, temperature, top_p, stop)
-        chunks: asyncio.Queue[str | None] = asyncio.Queue()
-        task = asyncio.create_task(backend.generate(messages, params, adapter, stream=chunks))
+        """Yield text as it is generated (batched with everyone else's requests).
+
+        Leaving the loop early stops the generation. Use ``generate(on_text=...)`` to get
+        the :class:`Generation` (provenance, finish reason) as well.
+        """
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def put(piece: str) -> None:
+            pieces.put_nowait(piece)
+
+        task = asyncio.create_task(
+            self.generate(
+                messages,
+                adapter,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=stop,
+                within_s=within_s,
+                on_text=put,
+            )
+        )
+        task.add_done_callback(lambda _: pieces.put_nowait(None))
         try:
-            while True:
-                piece = await chunks.get()
-                if piece is None:
-                    break
+            while (piece := await pieces.get()) is not None:
                 yield piece
             await task  # surface errors
         finally:
@@ -244,12 +331,44 @@ class ModelRuntime:
         )
 
     def queue_depth(self) -> float:
-        """Generation requests waiting or running (0 before the model is loaded)."""
+        """Generation requests waiting or running — until the work really ends, not until its
+        caller stops waiting (0 before the model is loaded)."""
         return float(getattr(self._backend, "_pending", 0) or 0)
 
+    def load(self) -> dict[str, float]:
+        """The local worker's queue and measured speed (empty for a remote backend)."""
+        backend = self._backend
+        return backend.load() if isinstance(backend, LocalBackend) else {}
+
+    def estimate_start(self, max_new_tokens: int | None = None) -> tuple[float, float]:
+        """Seconds until a new request would start and finish (0, 0 when unknown)."""
+        backend = self._backend
+        if not isinstance(backend, LocalBackend):
+            return 0.0, 0.0
+        return backend.estimate(self._params(max_new_tokens, 0.0, 1.0, ()))
+
+    @property
+    def loading(self) -> bool:
+        """The base model is being loaded right now."""
+        return self._starting.locked()
+
+    @property
+    def ready(self) -> bool:
+        """The base model is loaded (or the server connected) and serving."""
+        return self._backend is not None and self._backend.running
+
     def adapter_for(self, name: str) -> str | None:
-        """``name`` when that adapter is loaded, else ``None`` (the base model serves)."""
+        """``name`` when that adapter is loaded, else ``None`` (the base model serves).
+
+        Before the runtime has started nothing is loaded yet: use :meth:`resolve_adapter`.
+        """
         return name if name in self.adapters() else None
+
+    async def resolve_adapter(self, name: str) -> str | None:
+        """Like :meth:`adapter_for`, after starting the runtime (which loads the adapters), so
+        the first reply after a start uses the adapter too."""
+        await self.start()
+        return self.adapter_for(name)
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` for the base model (an estimate until the model is loaded)."""

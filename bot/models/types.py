@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,12 +11,28 @@ from typing import Any, Literal
 ChatMessages = list[dict[str, str]]
 
 
+#: The ``time.monotonic()`` instant by which the current message's skill must be done; the core
+#: sets it around each skill call and the runtime refuses or cuts work that would end later.
+DEADLINE: ContextVar[float | None] = ContextVar("chinwag_deadline", default=None)
+
+
 class ModelError(Exception):
     """A request failed in the model (out of memory, bad input, server error); others go on."""
 
 
 class RuntimeBusy(ModelError):
-    """The queue is full: answer "busy" now rather than wait without limit."""
+    """The model cannot answer in time: answer "busy" now rather than make the user wait.
+
+    ``retry_after_s`` is the runtime's estimate of when a new request would start.
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(ModelError):
+    """The bot is stopping: model work in flight was cancelled."""
 
 
 class UnknownAdapter(ModelError):
@@ -46,7 +63,8 @@ class Generation:
     adapter_version: str | None
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length"]
+    #: ``deadline``: cut off at the request's deadline (the text is what was ready by then).
+    finish_reason: Literal["stop", "length", "deadline"]
     #: Oldest turns dropped to fit the context window (never the system prompt or the last turn).
     trimmed_turns: int = 0
     timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,133 @@
+"""CPU settings chosen by measurement: dtype at load, torch threads while serving.
+
+On the project's 2-core machines a bf16 matmul (AMX/AVX512-BF16) is several times faster than
+fp32, and two torch threads collapse to a fraction of one thread's speed as soon as anything
+else runs beside the bot. Neither is a safe constant across users' machines, so both are
+measured: the dtype once at load with a matmul of the model's own shape, the thread count
+continuously while serving (``ThreadTuner``), because the neighbours change during the day.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
+    """bfloat16 when this CPU runs a decode-shaped bf16 matmul clearly faster than fp32.
+
+    Only CPUs that advertise native bf16 (AVX512-BF16 or AMX) are tried: elsewhere bf16 is
+    emulated and always slower. The probe takes a few milliseconds.
+    """
+    import torch
+
+    flags = cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return torch.float32
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(intermediate, hidden, dtype=dtype)
+        x = torch.randn(16, hidden, dtype=dtype)
+        timings[dtype] = _time(lambda w=w, x=x: torch.nn.functional.linear(x, w), 20)
+    ratio = timings[torch.float32] / timings[torch.bfloat16]
+    chosen = torch.bfloat16 if ratio >= 1.2 else torch.float32
+    log.info("dtype: %s (bf16 matmul %.1fx fp32 on this CPU)", str(chosen)[6:], ratio)
+    return chosen
+
+
+class ThreadTuner:
+    """Picks the torch intra-op thread count that gives the fastest decode steps *now*.
+
+    The worker reports each step's duration; every ``explore_every`` steps it runs
+    ``probe_steps`` steps on another candidate and keeps whichever was faster (by more than
+    ``margin``), so a neighbour that starts hogging a core moves the bot to fewer threads
+    within seconds, and back when it leaves. The default candidates are one thread, all cores
+    but one (left to the event loop, the embedder and the classifier) and all cores.
+    """
+
+    def __init__(
+        self,
+        candidates: list[int] | None = None,
+        *,
+        explore_every: int = 128,
+        probe_steps: int = 4,
+        margin: float = 0.1,
+    ) -> None:
+        if candidates is None:
+            n = usable_cpus()
+            candidates = sorted({1, max(1, n - 1), n})
+        self.candidates = candidates
+        self.current = candidates[-1] if len(candidates) == 1 else candidates[0]
+        self.explore_every = explore_every
+        self.probe_steps = probe_steps
+        self.margin = margin
+        self._ema: dict[int, float] = {}
+        self._steps = 0
+        self._probing: int | None = None
+        self._probe_times: list[float] = []
+
+    def threads_for_next_step(self) -> int:
+        if len(self.candidates) < 2:
+            return self.current
+        if self._probing is None and self._steps and self._steps % self.explore_every == 0:
+            others = [c for c in self.candidates if c != self.current]
+            self._probing = others[(self._steps // self.explore_every) % len(others)]
+            self._probe_times = []
+        return self._probing if self._probing is not None else self.current
+
+    def record(self, threads: int, seconds: float, batch: int) -> None:
+        # Normalise by batch size a little: a step of 16 rows costs more than one of 1.
+        cost = seconds / (1.0 + 0.02 * (batch - 1))
+        self._steps += 1
+        if self._probing is not None and threads == self._probing:
+            self._probe_times.append(cost)
+            if len(self._probe_times) >= self.probe_steps:
+                probe = sorted(self._probe_times)[len(self._probe_times) // 2]
+                mine = self._ema.get(self.current, float("inf"))
+                if probe < mine * (1 - self.margin):
+                    log.info(
+                        "model threads: %d → %d (%.1f ms vs %.1f ms a step)",
+                        self.current,
+                        self._probing,
+                        probe * 1000,
+                        mine * 1000,
+                    )
+                    self.current = self._probing
+                    self._ema[self.current] = probe
+                self._probing = None
+            return
+        old = self._ema.get(threads)
+        self._ema[threads] = cost if old is None else 0.8 * old + 0.2 * cost
