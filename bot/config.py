@@ -182,6 +182,10 @@ class TelegramSettings(_Section):
     polling_timeout: int = Field(30, ge=0, le=60)
     #: An edited message: ``ignore`` it, or ``rehandle`` it as a new message.
     edited: Literal["ignore", "rehandle"] = "ignore"
+    #: Private chats see generated replies grow (first words at once, then edits paced at
+    #: ``stream_interval_s``); off: the whole reply arrives at once, ``typing…`` meanwhile.
+    stream: bool = True
+    stream_interval_s: float = Field(1.5, ge=0.5)
     #: ``webhook`` for deployments behind a load balancer with several workers.
     mode: Literal["polling", "webhook"] = "polling"
     #: The public HTTPS URL Telegram posts updates to (webhook mode).

@@ -65,6 +65,8 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
                         group_interval_s=tg.group_interval_s,
                         polling_timeout=tg.polling_timeout,
                         edited=tg.edited,
+                        stream=tg.stream,
+                        stream_interval_s=tg.stream_interval_s,
                         webhook={
                             "url": tg.webhook_url,
                             "host": tg.webhook_host,

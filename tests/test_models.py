@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest_asyncio
 import torch
 
 from bot.config import load_settings
-from bot.models import ModelError, ModelRuntime, RuntimeBusy, UnknownAdapter
+from bot.models import ModelError, ModelRuntime, RuntimeBusy, ShuttingDown, UnknownAdapter
 from bot.models.local import LocalBackend
 from bot.models.types import GenerationParams
 
@@ -85,6 +86,12 @@ def ask(text):
 GREEDY = GenerationParams(max_new_tokens=8)
 
 
+async def until(check) -> None:
+    async with asyncio.timeout(30):
+        while not check():  # noqa: ASYNC110 - watching the worker's own counters
+            await asyncio.sleep(0.001)
+
+
 async def test_concurrent_requests_are_generated_together_and_match_one_at_a_time(backend):
     alone = [await backend.generate(ask(f"question {i}"), GREEDY) for i in range(6)]
     prefills_before = backend.stats["prefills"]
@@ -94,6 +101,70 @@ async def test_concurrent_requests_are_generated_together_and_match_one_at_a_tim
     assert [g.text for g in together] == [g.text for g in alone]
     assert backend.stats["prefills"] - prefills_before < 6
     assert max(g.timings["batch_size"] for g in together) > 1
+
+
+async def test_requests_joining_a_running_batch_get_what_they_would_get_alone(backend):
+    """Continuous batching: newcomers are prefilled and merged while others are decoding."""
+    long = GenerationParams(max_new_tokens=40)
+    alone_long = await backend.generate(ask("a long story"), long)
+    alone = [await backend.generate(ask(f"question {i}"), GREEDY) for i in range(4)]
+    first = asyncio.create_task(backend.generate(ask("a long story"), long))
+    await until(lambda: backend.stats["steps"] > 0 and backend.load()["running"] > 0)
+    later = []
+    for i in range(4):
+        later.append(asyncio.create_task(backend.generate(ask(f"question {i}"), GREEDY)))
+        await asyncio.sleep(0.01)
+    joined = await asyncio.gather(*later)
+    assert [g.text for g in joined] == [g.text for g in alone]
+    assert (await first).text == alone_long.text
+    assert max(g.timings["batch_size"] for g in joined) > 1
+
+
+async def test_a_caller_that_stops_waiting_frees_its_slot_within_a_step(backend):
+    task = asyncio.create_task(backend.generate(ask("go on"), GenerationParams(max_new_tokens=400)))
+    await until(lambda: backend.load()["running"] > 0)
+    steps = backend.stats["steps"]
+    task.cancel()
+    await until(lambda: backend.load()["pending"] == 0)
+    assert backend.stats["abandoned"] == 1
+    assert backend.stats["steps"] - steps < 100  # long before its 400 tokens
+
+
+async def test_a_reply_that_cannot_finish_by_its_deadline_is_refused_at_once(backend):
+    await backend.generate(ask("warm"), GREEDY)  # the worker now knows its step time
+    backend.step_s = 0.5  # pretend a slow machine: 8 tokens take about 4 s
+    with pytest.raises(RuntimeBusy) as refused:
+        await backend.generate(ask("hi"), GREEDY, deadline=time.monotonic() + 1.0)
+    assert refused.value.retry_after_s >= 1
+    # With time enough it is served.
+    backend.step_s = 0.001
+    assert (await backend.generate(ask("hi"), GREEDY, deadline=time.monotonic() + 30)).text
+
+
+async def test_a_running_reply_ends_at_its_deadline_with_what_it_has(backend):
+    backend.step_s = None  # unknown speed: admitted
+    gen = await backend.generate(
+        ask("go on"), GenerationParams(max_new_tokens=400), deadline=time.monotonic() + 0.3
+    )
+    assert gen.finish_reason == "deadline"
+    assert 0 < gen.completion_tokens < 400
+
+
+async def test_shutdown_fails_waiting_and_running_requests_with_a_clear_error(tokenizer):
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", max_batch_size=2)
+    b.start()
+    tasks = [
+        asyncio.create_task(b.generate(ask(f"q{i}"), GenerationParams(max_new_tokens=400)))
+        for i in range(5)
+    ]
+    await until(lambda: b.load()["running"] > 0)
+    started = time.monotonic()
+    await asyncio.to_thread(b.stop)
+    assert time.monotonic() - started < 5
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ShuttingDown) for r in results)
+    with pytest.raises(ShuttingDown):
+        await b.generate(ask("late"), GREEDY)
 
 
 async def test_requests_whose_callers_gave_up_do_not_disturb_the_rest_of_the_batch(backend):

@@ -120,8 +120,9 @@ async def test_model_backed_skills_run_concurrently_up_to_the_configured_bound(t
     async with Bot(settings, plugins=[SkillsPlugin(slow, Recorder())]) as bot:
         users = [ChatUser(bot, chat_id=f"c{i}", user_id=f"u{i}") for i in range(12)]
         waiting = [asyncio.create_task(u.send("/think")) for u in users]
-        while slow.peak < 4:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while slow.peak < 4:  # noqa: ASYNC110 - polling the skill's own counter
+                await asyncio.sleep(0.01)
         # The bound is full of model work; a model-free command in another chat still
         # answers at once instead of queueing behind it.
         other = ChatUser(bot, chat_id="elsewhere", user_id="x")

@@ -244,3 +244,55 @@ async def test_edited_messages_can_be_configured_to_be_answered_again(tmp_path):
         sent = await fake.wait_for("sendMessage", 2)
         assert [s["text"] for s in sent] == ["first", "second thoughts"]
         assert sent[1]["reply_parameters"]["message_id"] == update["message"]["message_id"]
+
+
+class Storyteller(Skill):
+    """Emits its reply in pieces over a second or so, as a generating skill does."""
+
+    name = "story"
+    commands = (Command("story", "A streamed answer"),)
+    TEXT = "Once upon a time there was a very patient little bot that answered."
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        for word in self.TEXT.split():
+            await ctx.emit(word + " ")
+            await asyncio.sleep(0.1)
+        text = self.TEXT
+        if ctx.args == "withheld":
+            return Reply("Sorry — I can't send that.", kind="error")
+        return Reply(text, rateable=True, model="m")
+
+
+async def test_a_generated_reply_grows_in_one_message_and_ends_as_the_final_text(tmp_path):
+    async with running(tmp_path, Storyteller(), stream_interval_s=0.5) as fake:
+        fake.user_says("/story")
+        (first,) = await fake.wait_for("sendMessage")
+        # The first words are on screen long before the reply is done...
+        assert first["text"].startswith("Once upon") and first["text"].endswith("…")
+        edits = await fake.wait_for("editMessageText", 2, within=10)
+        await asyncio.sleep(0.3)
+        edits = fake.sent("editMessageText")
+        final = edits[-1]
+        # ...and the same message becomes the final reply, with the rating buttons.
+        assert final["text"] == Storyteller.TEXT
+        assert "fb:" in str(final.get("reply_markup"))
+        assert len(fake.sent("sendMessage")) == 1
+        # Edits are paced: never more than one per interval while streaming.
+        assert len(edits) <= 1 + 1.3 / 0.5 + 1
+
+
+async def test_a_streamed_draft_never_outlives_a_reply_that_replaced_it(tmp_path):
+    async with running(tmp_path, Storyteller(), stream_interval_s=0.5) as fake:
+        fake.user_says("/story withheld")
+        await fake.wait_for("sendMessage")
+        await asyncio.sleep(2.0)
+        assert fake.sent("editMessageText")[-1]["text"] == "Sorry — I can't send that."
+        assert len(fake.sent("sendMessage")) == 1
+
+
+async def test_streaming_can_be_switched_off(tmp_path):
+    async with running(tmp_path, Storyteller(), stream=False) as fake:
+        fake.user_says("/story")
+        (sent,) = await fake.wait_for("sendMessage")
+        assert sent["text"].endswith("answered.")
+        assert fake.sent("editMessageText") == []

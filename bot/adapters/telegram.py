@@ -24,6 +24,7 @@ import hmac
 import logging
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiogram import Bot as TelegramBot
@@ -81,6 +82,8 @@ class TelegramAdapter:
         polling_timeout: int = 30,
         webhook: dict[str, Any] | None = None,
         edited: str = "ignore",
+        stream: bool = True,
+        stream_interval_s: float = 1.5,
     ) -> None:
         self.bot = bot
         api = TelegramAPIServer.from_base(api_base) if api_base else PRODUCTION
@@ -92,6 +95,10 @@ class TelegramAdapter:
             self.dp.edited_message.register(self.on_message)
         self.min_interval_s = min_interval_s
         self.group_interval_s = group_interval_s
+        #: Private chats see a generated reply grow: the first words as soon as they exist,
+        #: then edits at most every ``stream_interval_s`` (under Telegram's edit limits).
+        self.stream = stream
+        self.stream_interval_s = stream_interval_s
         self.retries = retries
         self.polling_timeout = polling_timeout
         self.me: Any = None
@@ -269,10 +276,21 @@ class TelegramAdapter:
             attachments=[Attachment("photo")] if msg.photo else [],
         )
         typing = asyncio.create_task(self._typing(msg.chat.id))
+        draft = _Draft(self, msg.chat.id, msg.message_id) if self._streams(msg) else None
         try:
-            await self.bot.handle(message, send=self.send)
+            if draft is None:
+                await self.bot.handle(message, send=self.send)
+            else:
+                await self.bot.handle(
+                    message, send=lambda m, r: self.send(m, r, draft), on_token=draft.add
+                )
         finally:
             typing.cancel()
+            if draft is not None:
+                await draft.close()
+
+    def _streams(self, msg: TelegramMessage) -> bool:
+        return self.stream and msg.chat.type == "private"
 
     async def _typing(self, chat_id: int) -> None:
         """ "typing…" while a skill works (Telegram shows it for ~5 s per call)."""
@@ -302,13 +320,37 @@ class TelegramAdapter:
 
     # -- outbound --------------------------------------------------------------------------------
 
-    async def send(self, message: Message, replies: list[Reply]) -> None:
+    async def send(
+        self, message: Message, replies: list[Reply], draft: _Draft | None = None
+    ) -> None:
         chat_id = int(message.chat_id)
         reply_to = int(message.message_id.split(":")[0]) if message.message_id else None
         for reply in replies:
-            sent = await self._send(chat_id, reply.text, reply_to, reply)
+            sent = None
+            if draft is not None:
+                await draft.settle()
+            if draft is not None and draft.message_id is not None:
+                # The streamed draft becomes this reply: one message, edited to the final text
+                # (also when a filter replaced it: the partial text must not stay on screen).
+                sent = await draft.finish(reply, self._markup(reply))
+                draft = None
+            if sent is None:
+                sent = await self._send(chat_id, reply.text, reply_to, reply)
             if sent is not None:
                 reply.metadata["platform_message_id"] = str(sent.message_id)
+
+    @staticmethod
+    def _markup(reply: Reply) -> InlineKeyboardMarkup | None:
+        if not (reply.rateable and reply.id):
+            return None
+        return InlineKeyboardMarkup(
+            inline_keyboard=[
+                [
+                    InlineKeyboardButton(text="👍", callback_data=f"fb:{reply.id}:1"),
+                    InlineKeyboardButton(text="👎", callback_data=f"fb:{reply.id}:-1"),
+                ]
+            ]
+        )
 
     async def push(self, chat_id: str, reply: Reply) -> None:
         await self._send(int(chat_id), reply.text, None, reply)
@@ -320,15 +362,8 @@ class TelegramAdapter:
         last = None
         for i, piece in enumerate(pieces):
             markup = None
-            if reply is not None and reply.rateable and reply.id and i == len(pieces) - 1:
-                markup = InlineKeyboardMarkup(
-                    inline_keyboard=[
-                        [
-                            InlineKeyboardButton(text="👍", callback_data=f"fb:{reply.id}:1"),
-                            InlineKeyboardButton(text="👎", callback_data=f"fb:{reply.id}:-1"),
-                        ]
-                    ]
-                )
+            if reply is not None and i == len(pieces) - 1:
+                markup = self._markup(reply)
             await self._pace(chat_id)
             last = await self._call(
                 self.tg.send_message,
@@ -370,3 +405,120 @@ class TelegramAdapter:
                 log.warning("Telegram asks to wait %ss (429)", exc.retry_after)
                 await asyncio.sleep(exc.retry_after)
         raise AssertionError("unreachable")
+
+
+class _Draft:
+    """One reply being generated, shown as it grows: sent once the first words exist, then
+    edited at most every ``stream_interval_s`` (Telegram limits edits; a 429 is waited out by
+    ``_call``). ``finish`` edits it into the final reply, buttons included."""
+
+    MIN_CHARS = 12
+
+    def __init__(self, adapter: TelegramAdapter, chat_id: int, reply_to: int) -> None:
+        self.adapter = adapter
+        self.chat_id = chat_id
+        self.reply_to = reply_to
+        self.text = ""
+        self.shown = ""
+        self.message_id: int | None = None
+        self._pending: asyncio.Task[None] | None = None
+        self._last = 0.0
+        self._lock = asyncio.Lock()
+        self._sending = False
+        self.finished = False
+
+    async def add(self, piece: str) -> None:
+        self.text += piece
+        if len(self.text.strip()) < self.MIN_CHARS or len(self.text) > LIMIT - 2:
+            return
+        if self._pending is None or self._pending.done():
+            wait = max(0.0, self._last + self.adapter.stream_interval_s - time.monotonic())
+            if self.message_id is None:
+                wait = 0.0
+            self._pending = asyncio.create_task(self._show(wait))
+
+    async def _show(self, wait: float) -> None:
+        if wait:
+            await asyncio.sleep(wait)
+        async with self._lock:
+            text = self.text.strip() + " …"
+            if text == self.shown:
+                return
+            self._last = time.monotonic()
+            self._sending = True  # from here on, let it land: a cut call may still arrive
+            try:
+                if self.message_id is None:
+                    await self.adapter._pace(self.chat_id)
+                    sent = await self.adapter._call(
+                        self.adapter.tg.send_message,
+                        chat_id=self.chat_id,
+                        text=text,
+                        reply_parameters=ReplyParameters(
+                            message_id=self.reply_to, allow_sending_without_reply=True
+                        ),
+                    )
+                    self.message_id = sent.message_id
+                else:
+                    await self.adapter._call(
+                        self.adapter.tg.edit_message_text,
+                        chat_id=self.chat_id,
+                        message_id=self.message_id,
+                        text=text,
+                    )
+                self.shown = text
+            except Exception:
+                log.warning("Telegram: could not update a streamed reply", exc_info=True)
+            finally:
+                self._sending = False
+
+    async def settle(self) -> None:
+        """No update in flight afterwards: one being sent lands, one only scheduled is dropped."""
+        task = self._pending
+        if task is None or task.done():
+            return
+        if not self._sending:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    async def finish(self, reply: Reply, markup: Any) -> Any:
+        """Edit the draft into ``reply``; ``None`` when it can't be (send normally then)."""
+        await self.settle()
+        self.finished = True
+        pieces = split_text(reply.text) or ["…"]
+        async with self._lock:
+            try:
+                edited = await self.adapter._call(
+                    self.adapter.tg.edit_message_text,
+                    chat_id=self.chat_id,
+                    message_id=self.message_id,
+                    text=pieces[0],
+                    reply_markup=markup if len(pieces) == 1 else None,
+                )
+            except Exception:
+                log.warning("Telegram: could not finish a streamed reply", exc_info=True)
+                return None
+        last = edited if not isinstance(edited, bool) else None
+        for i, piece in enumerate(pieces[1:], start=1):
+            await self.adapter._pace(self.chat_id)
+            last = await self.adapter._call(
+                self.adapter.tg.send_message,
+                chat_id=self.chat_id,
+                text=piece,
+                reply_markup=markup if i == len(pieces) - 1 else None,
+            )
+        return last if last is not None else _Sent(self.message_id)
+
+    async def close(self) -> None:
+        """The message is handled: a draft no reply took over (all withheld) is removed."""
+        await self.settle()
+        if self.message_id is not None and not self.finished:
+            with contextlib.suppress(Exception):
+                await self.adapter._call(
+                    self.adapter.tg.delete_message, chat_id=self.chat_id, message_id=self.message_id
+                )
+
+
+@dataclass(slots=True)
+class _Sent:
+    message_id: int | None

@@ -550,10 +550,21 @@ class LocalBackend:
         for job in jobs:
             job.started = t0
         self.stats["prefills"] += 1
-        self._merge(jobs, cache, mask, first)
+        batch = len(self._batch) + len(jobs)
+        column = first.squeeze(1).tolist()
+        keep = [
+            i
+            for i, (job, token) in enumerate(zip(jobs, column, strict=True))
+            if not self._consume(job, token, batch, now)
+        ]
+        if keep:
+            if len(keep) != len(jobs):
+                idx = torch.tensor(keep, device=mask.device)
+                cache.batch_select_indices(idx)
+                mask, first = mask[idx], first[idx]
+            self._merge([jobs[i] for i in keep], cache, mask, first)
         with self._lock:
             self._running = len(self._batch)
-        self._accept(first, now)
 
     def _merge(self, jobs: list[_Job], cache: Any, mask: Any, first: Any) -> None:
         """Add freshly prefilled rows to the running batch (left-padding the shorter side)."""
@@ -632,37 +643,43 @@ class LocalBackend:
             greedy[sampled] = picked
         return greedy.unsqueeze(1)
 
+    def _consume(self, job: _Job, token: int, batch: int, now: float) -> bool:
+        """Take one new token for ``job``; True when the row is finished (or abandoned)."""
+        if job.future.done():  # the caller stopped waiting: free the slot now
+            self._finish_stream(job)
+            self._done(job)
+            self.stats["abandoned"] += 1
+            return True
+        job.batch_sizes += batch
+        finish: str | None = None
+        if token in self._eos:
+            finish = "stop"
+        else:
+            job.tokens.append(token)
+            if not job.first_token:
+                job.first_token = now
+            self._stream_delta(job)
+            full = len(job.prompt) + len(job.tokens) >= self.context_window
+            if full or len(job.tokens) >= job.params.max_new_tokens:
+                finish = "length"
+            elif job.params.stop and self._hit_stop(job):
+                finish = "stop"
+            elif job.deadline is not None and now >= job.deadline:
+                finish = "deadline"
+        if finish is None:
+            return False
+        self._complete(job, finish, now)
+        return True
+
     def _accept(self, tokens: Any, now: float) -> None:
-        """Append each row's new token; finish rows that are done; drop abandoned ones."""
+        """Append each running row's new token; finish rows that are done, drop abandoned."""
         b = self._batch
         column = tokens.squeeze(1).tolist()
-        keep: list[int] = []
-        for i, (job, token) in enumerate(zip(b.jobs, column, strict=True)):
-            if job.future.done():  # the caller stopped waiting: free the slot now
-                self._finish_stream(job)
-                self._done(job)
-                self.stats["abandoned"] += 1
-                continue
-            job.batch_sizes += len(b)
-            finish: str | None = None
-            if token in self._eos:
-                finish = "stop"
-            else:
-                job.tokens.append(token)
-                if not job.first_token:
-                    job.first_token = now
-                self._stream_delta(job)
-                full = len(job.prompt) + len(job.tokens) >= self.context_window
-                if full or len(job.tokens) >= job.params.max_new_tokens:
-                    finish = "length"
-                elif job.params.stop and self._hit_stop(job):
-                    finish = "stop"
-                elif job.deadline is not None and now >= job.deadline:
-                    finish = "deadline"
-            if finish is None:
-                keep.append(i)
-            else:
-                self._complete(job, finish, now)
+        keep = [
+            i
+            for i, (job, token) in enumerate(zip(b.jobs, column, strict=True))
+            if not self._consume(job, token, len(b), now)
+        ]
         if len(keep) == len(column):
             b.last = tokens
         else:

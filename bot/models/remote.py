@@ -272,6 +272,8 @@ class RemoteBackend:
     ) -> tuple[str, str, dict[str, Any]]:
         pieces: list[str] = []
         finish = "stop"
+        usage: dict[str, Any] = {}
+        payload = {**payload, "stream_options": {"include_usage": True}}
         async for attempt in self._retrying(deadline):
             with attempt:
                 response = await self._post("/chat/completions", payload, deadline)
@@ -282,8 +284,10 @@ class RemoteBackend:
                             continue
                         data = line[5:].strip()
                         if data == "[DONE]":
-                            return "".join(pieces), finish, {"completion_tokens": len(pieces)}
+                            usage.setdefault("completion_tokens", len(pieces))
+                            return "".join(pieces), finish, usage
                         event = json.loads(data)
+                        usage = event.get("usage") or usage
                         choice = (event.get("choices") or [{}])[0]
                         delta = (choice.get("delta") or {}).get("content")
                         if delta:

@@ -102,7 +102,9 @@ class ThreadTuner:
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
             return self.current
-        if self._probing is None and self._steps and self._steps % self.explore_every == 0:
+        # The first look comes early (the 16th step), then every ``explore_every`` steps.
+        due = self._steps == 16 or (self._steps and self._steps % self.explore_every == 0)
+        if self._probing is None and due:
             others = [c for c in self.candidates if c != self.current]
             self._probing = others[(self._steps // self.explore_every) % len(others)]
             self._probe_times = []
