@@ -135,6 +135,11 @@ class ModelsSettings(_Section):
     #: Torch threads for the model: ``auto`` measures while serving (one core is left to the
     #: event loop, embedder and classifier), or a fixed number.
     threads: int | Literal["auto"] = "auto"
+    #: CPU: decode steps of up to ``int8_max_rows`` rows read int8 copies of the weights
+    #: (memory-bound steps 1.3–2.8× faster; bf16 above, where its kernels win). See
+    #: bot/models/int8.py.
+    int8_decode: bool = True
+    int8_max_rows: int = Field(4, ge=0, le=64)
     adapters: dict[str, AdapterSettings] = {}
     #: Converted base-model weights (GGUF → safetensors); default ``<data_dir>/models``.
     cache_dir: Path | None = None

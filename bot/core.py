@@ -177,6 +177,8 @@ class Bot:
         if drain_timeout is None:
             drain_timeout = self.settings.bot.shutdown_timeout_s * 0.6
         self._stopping = True
+        for warming in self.warmups:  # a model still loading is not waited for
+            warming.cancel()
         # Model work still running would hold the shutdown for minutes: cancel it, so each
         # waiting user gets the short shutdown notice (logged) instead of silence.
         await self.models.interrupt()

@@ -193,6 +193,175 @@ def test_chinwag_run_serves_the_api_and_stops_gracefully_on_sigterm(tmp_path):
     assert "HTTP API listening" in proc.stderr.read()
 
 
+async def test_readiness_is_open_and_says_why_a_worker_should_not_get_traffic(client):
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["ready"] is True and body["reasons"] == []
+    client.bot._stopping = True  # what a SIGTERM sets while the bot drains
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and "shutting down" in (await resp.json())["reasons"]
+    client.bot._stopping = False
+
+
+async def test_hostile_bodies_are_a_400_not_a_crash(client):
+    nested = "[" * 100_000 + "]" * 100_000
+    resp = await client.post(
+        "/v1/messages", data=nested, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert resp.status == 400 and "nested too deeply" in (await resp.json())["error"]
+    for reply_id in (2**70, -(2**70), 0):
+        resp = await client.post(
+            "/v1/feedback", json={"reply_id": reply_id, "user_id": "u", "rating": 1}, headers=AUTH
+        )
+        assert resp.status == 400, reply_id
+        assert "reply_id" in (await resp.json())["error"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, text: str, chat: str, timeout: float = 60) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/messages",
+        data=json.dumps({"chat_id": chat, "user_id": chat, "text": text}).encode(),
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    return json.loads(urllib.request.urlopen(req, timeout=timeout).read())
+
+
+def test_sigterm_under_model_load_answers_everyone_and_exits_on_time(tmp_path, chinwag_model_cache):
+    """In-flight generations are cancelled: each waiting user gets the short shutdown notice,
+    every inbound message stays in the log, and the process is gone within its grace period."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = _free_port()
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(data),
+        CHINWAG_MODELS__CACHE_DIR=str(chinwag_model_cache),
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_SKILLS__DIALOGUE__MAX_NEW_TOKENS="400",
+        CHINWAG_SKILLS__DIALOGUE__MAX_REPLY_CHARS="5000",
+        CHINWAG_BOT__SHUTDOWN_TIMEOUT_S="15",
+        CHINWAG_RATE_LIMIT__ENABLED="false",
+        CHINWAG_TRAINERS__SCHEDULE="",
+        CHINWAG_HTTP__ENABLED="true",
+        CHINWAG_HTTP__PORT=str(port),
+        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    pool = ThreadPoolExecutor(6)
+    try:
+        until = time.monotonic() + 120
+        while True:  # ready: started and the model loaded
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < until and proc.poll() is None, "never got ready"
+                time.sleep(0.2)
+        prompt = "Write a very long story about a dragon who learns to bake bread."
+        chats = [pool.submit(_post, port, prompt, f"c{i}") for i in range(6)]
+        while True:  # generation under way for all of them
+            state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz").read())
+            if state["model"].get("running", 0) >= 1 and state["in_flight"] >= 6:
+                break
+            assert time.monotonic() < until, state
+            time.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+        replies = [c.result(timeout=30)["replies"] for c in chats]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+    assert code == 0 and took < 15
+    notices = [r for rs in replies for r in rs if "restarting" in r["text"]]
+    assert len(notices) == 6, replies
+    db = sqlite3.connect(data / "chinwag.sqlite3")
+    inbound = db.execute("select count(*) from messages where direction = 'in'").fetchone()[0]
+    outbound = db.execute(
+        "select count(*) from messages where direction = 'out' and text like '%restarting%'"
+    ).fetchone()[0]
+    assert (inbound, outbound) == (6, 6)
+
+
+def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path):
+    """SIGKILL leaves no cleanup code running: the kernel ends the schedule process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(tmp_path / "data"),
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_HTTP__ENABLED="true",
+        CHINWAG_HTTP__PORT=str(_free_port()),
+        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+
+    def children() -> list[int]:
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+            except OSError:
+                continue
+            if pid.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
+                found.append(int(pid))
+        return found
+
+    try:
+        until = time.monotonic() + 60
+        while not (kids := children()):
+            assert time.monotonic() < until and proc.poll() is None, "no schedule child"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        until = time.monotonic() + 15
+        alive = list(kids)
+        while alive and time.monotonic() < until:
+            alive = [k for k in alive if os.path.exists(f"/proc/{k}")]
+            for k in alive:  # reap it if we inherited it (we are not its parent: no zombie)
+                with open(f"/proc/{k}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        alive.remove(k)
+            time.sleep(0.2)
+        assert alive == [], "the training schedule outlived the bot"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_enabling_the_api_without_a_token_is_a_configuration_error(tmp_path):
     import os
     import subprocess

@@ -77,6 +77,8 @@ class ModelRuntime:
             cfg = self.config
             if self._backend is None:
                 self._backend = await self._create()
+            if self._interrupted:
+                raise ShuttingDown("the bot is shutting down")
             if not self._backend.running:
                 if isinstance(self._backend, LocalBackend):
                     self._backend.start()
@@ -155,6 +157,10 @@ class ModelRuntime:
             from bot.models.tuning import ThreadTuner
 
             threads = ThreadTuner(None if cfg.threads == "auto" else [int(cfg.threads)])
+            if cfg.int8_decode:
+                from bot.models.int8 import convert
+
+                await asyncio.to_thread(convert, model, max_rows=cfg.int8_max_rows)
         return LocalBackend(
             model,
             tokenizer,
