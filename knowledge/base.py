@@ -687,7 +687,8 @@ class KnowledgeBase:
                     Passage(
                         row.id,
                         row.text,
-                        float(score),
+                        # Cosine of unit vectors; float32 rounding can land a hair past 1.
+                        min(1.0, float(score)),
                         row.source,
                         list(row.headings or []),
                         row.position,

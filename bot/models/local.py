@@ -384,15 +384,23 @@ class LocalBackend:
     def _run(self) -> None:
         import torch
 
+        trim = _malloc_trim()
+        worked = False
         with torch.inference_mode():
             while True:
                 idle = not self._batch.jobs and not self._waiting
+                if idle and worked:
+                    # The KV caches of the last batch were freed; hand the memory back to the
+                    # OS so RSS after a burst returns near its warm level (glibc keeps it).
+                    trim()
+                    worked = False
                 if not self._take(block=idle):
                     self._shutdown()
                     return
                 self._expire()
                 self._admit()
                 if self._batch.jobs:
+                    worked = True
                     try:
                         self._step()
                     except Exception as exc:  # OOM, a bad adapter: fail these rows, keep serving
@@ -798,6 +806,17 @@ class LocalBackend:
 
     def _finish_stream(self, job: _Job) -> None:
         self._put_stream(job, None)
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)`` where there is one, else a no-op."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
 
 
 def _as_list(value: Any) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -142,7 +143,7 @@ class ModelRuntime:
         from bot.models.loading import load_base
 
         try:
-            model, tokenizer, name, cached = await asyncio.to_thread(
+            model, tokenizer, name, cached = await _in_daemon_thread(
                 load_base,
                 cfg.base_model,
                 device=cfg.device,
@@ -160,7 +161,7 @@ class ModelRuntime:
             if cfg.int8_decode:
                 from bot.models.int8 import convert
 
-                await asyncio.to_thread(convert, model, max_rows=cfg.int8_max_rows)
+                await _in_daemon_thread(convert, model, max_rows=cfg.int8_max_rows)
         return LocalBackend(
             model,
             tokenizer,
@@ -394,3 +395,33 @@ class ModelRuntime:
 
     def adapters(self) -> dict[str, str]:
         return self._backend.adapters() if self._backend is not None else {}
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``asyncio.to_thread`` for work that must not hold up the process's exit: a model still
+    loading (or converting a GGUF, ~25 s) when SIGTERM arrives is abandoned, where the default
+    executor's threads are joined at interpreter exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def run() -> None:
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    threading.Thread(target=run, name="chinwag-model-load", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
