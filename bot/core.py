@@ -585,7 +585,10 @@ class Bot:
 
     async def _run_skill(self, entry: SkillEntry, message: Message, ctx: Context) -> list[Reply]:
         t0 = time.perf_counter()
-        deadline = DEADLINE.set(time.monotonic() + entry.timeout_s)
+        # The model's deadline is a little earlier than the skill's: a reply cut there still
+        # has time for the filters, the log and the send before the user's clock runs out.
+        margin = min(1.5, 0.1 * entry.timeout_s)
+        deadline = DEADLINE.set(time.monotonic() + entry.timeout_s - margin)
         try:
             async with asyncio.timeout(entry.timeout_s):
                 if entry.uses_model:

@@ -51,6 +51,8 @@ from bot.models.types import (
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+#: Admission compares deadlines with this multiple of the estimated time to finish.
+SAFETY = 1.25
 
 
 @dataclass(slots=True, eq=False)
@@ -256,7 +258,8 @@ class LocalBackend:
                 )
             start, finish = self.estimate(params, sum(len(m.get("content", "")) for m in messages))
             now = time.monotonic()
-            if deadline is not None and finish and now + finish > deadline:
+            # Estimates come from averages and the batch may grow meanwhile: keep a margin.
+            if deadline is not None and finish and now + SAFETY * finish > deadline:
                 raise RuntimeBusy(
                     f"the model cannot answer in time (about {finish:.0f}s needed, "
                     f"{max(0.0, deadline - now):.0f}s left)",
@@ -458,7 +461,7 @@ class LocalBackend:
                 self._done(job)
                 continue
             if job.deadline is not None and step:
-                need = min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
+                need = SAFETY * min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
                 if now + need > job.deadline:
                     self._fail(job, RuntimeBusy("the model could not start this reply in time"))
                     continue
