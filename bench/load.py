@@ -65,7 +65,7 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class Outcome:
-    kind: str  # answer | busy | notice | error | timeout | failed
+    kind: str  # answer | busy | notice | error | timeout | refused | failed
     total_s: float
     ttft_s: float | None = None
 
@@ -107,6 +107,8 @@ async def one_chat(
                         break
     except TimeoutError:
         kind = "timeout"
+    except aiohttp.ClientConnectorError:
+        kind = "refused"  # nothing listening: the bot had closed its port (shutting down)
     except aiohttp.ClientError:
         kind = "failed"
     return Outcome(kind, time.perf_counter() - t0, ttft)
@@ -301,6 +303,7 @@ async def main() -> None:
             await load
             kinds = {k: sum(o.kind == k for o in level.outcomes) for k in ("answer", "busy")}
             kinds["shutdown_notice"] = sum(o.kind == "notice" for o in level.outcomes)
+            kinds["refused_after_close"] = sum(o.kind == "refused" for o in level.outcomes)
             kinds["cut"] = sum(o.kind in ("failed", "timeout") for o in level.outcomes)
             print(f"SIGTERM under load: exited in {exit_s:.1f} s (code {proc.returncode}); {kinds}")
         finally:

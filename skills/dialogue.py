@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from bot import Command, Context, Message, Reply, Skill, Source, hookimpl
+from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
 from skills.grounding import neutralize_instructions, sentences
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,12 @@ class DialogueSkill(Skill):
         )
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
         if gen.finish_reason == "deadline":
-            # Cut off by the deadline: keep the whole sentences it had, drop the fragment.
+            # Cut off by the deadline: keep the whole sentences it had, drop the fragment; with
+            # none, the honest "busy" (the core's reply) beats a half-sentence.
             whole = " ".join(s for s in sentences(text) if s.rstrip()[-1:] in ".!?…")
-            text = whole or ""
+            if not whole:
+                raise RuntimeBusy("the reply was cut off by its deadline", retry_after_s=10)
+            text = whole
             cleaned.append("deadline")
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"

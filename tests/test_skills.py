@@ -378,6 +378,29 @@ async def test_a_model_failure_is_a_clear_reply_and_other_skills_keep_working(
     assert "/ask" in await user.ask("/help")
 
 
+async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):
+    """The runtime refuses what it cannot finish by the deadline; nobody waits for an apology."""
+    import time
+
+    from bot.models import RuntimeBusy
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeBusy("the model cannot answer in time", retry_after_s=7.2)
+
+    chinwag_bot.models.generate = refuse
+    user = chinwag_chat()
+    started = time.monotonic()
+    (chatty,) = await user.send("Hello there, nice weather today.")
+    assert time.monotonic() - started < 5
+    assert (chatty.kind, chatty.skill) == ("busy", "dialogue")
+    assert "try again in about 8 s" in chatty.text
+    (qa,) = await user.send("How long does it take to get a building permit?")
+    assert qa.metadata["model_error"] == "busy" and qa.metadata["mode"] == "quoted"
+    assert "weeks" in qa.text  # the cheap answer: the passage itself
+    rows = await chinwag_bot.store.messages()
+    assert [r.kind for r in rows if r.direction == "out"][-2:] == ["busy", "answer"]
+
+
 # -- whole conversations and the first start --------------------------------------------------
 
 
