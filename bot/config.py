@@ -137,7 +137,7 @@ class ModelsSettings(_Section):
     threads: int | Literal["auto"] = "auto"
     #: CPU: decode steps of up to ``int8_max_rows`` rows read int8 copies of the weights
     #: (memory-bound steps 1.3–2.8× faster; bf16 above, where its kernels win). See
-    #: bot/models/int8.py.
+    #: bot/models/cpu_linear.py (larger batches use prepacked bf16 weights).
     int8_decode: bool = True
     int8_max_rows: int = Field(4, ge=0, le=64)
     adapters: dict[str, AdapterSettings] = {}

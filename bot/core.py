@@ -612,7 +612,12 @@ class Bot:
             ]
         except TimeoutError:
             entry.stats["errors"] += 1
-            log.error("skill %s timed out after %.1fs", entry.name, entry.timeout_s)
+            log.error(
+                "skill %s timed out after %.1fs (its limit: %.1fs)",
+                entry.name,
+                time.perf_counter() - t0,
+                entry.timeout_s,
+            )
             return [
                 Reply(
                     self.settings.bot.timeout_apology,

@@ -158,10 +158,11 @@ class ModelRuntime:
             from bot.models.tuning import ThreadTuner
 
             threads = ThreadTuner(None if cfg.threads == "auto" else [int(cfg.threads)])
-            if cfg.int8_decode:
-                from bot.models.int8 import convert
+            from bot.models.cpu_linear import convert
 
-                await _in_daemon_thread(convert, model, max_rows=cfg.int8_max_rows)
+            await _in_daemon_thread(
+                convert, model, int8=cfg.int8_decode, max_rows=cfg.int8_max_rows
+            )
         return LocalBackend(
             model,
             tokenizer,
