@@ -59,12 +59,16 @@ def _can_prepack() -> bool:
 def convert(model: Any, *, int8: bool = True, max_rows: int = 4) -> int:
     """Turn every ``nn.Linear`` of ``model`` into a :class:`FastLinear`; returns how many.
 
-    Run it before peft wraps the model: LoRA's own small layers stay as they are.
+    LoRA's own small layers (peft's ``lora_A``/``lora_B``) stay as they are; the layers peft
+    wraps are converted like any other. Not thread-safe against forwards: the runtime calls
+    it on its model worker, between steps.
     """
     use_int8 = int8 and max_rows > 0 and _can_int8()
     count = 0
-    for module in model.modules():
+    for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+            continue
+        if "lora_" in name:
             continue
         w = module.weight.detach()
         q = scale = packed = None

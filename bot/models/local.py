@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 #: Admission compares deadlines with this multiple of the estimated time to finish.
 SAFETY = 1.25
+#: Seconds without work before the worker tidies up (frees memory, prepares faster layers).
+IDLE_S = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -133,6 +135,7 @@ class LocalBackend:
         prefill_tokens: int = 2048,
         max_start_wait_s: float | None = None,
         threads: ThreadTuner | None = None,
+        tune_when_idle: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -146,6 +149,7 @@ class LocalBackend:
             getattr(model.config, "max_position_embeddings", 2048) or 2048
         )
         self.threads = threads
+        self._tune_when_idle = tune_when_idle
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # adapter bookkeeping nests (load → delete old)
@@ -393,10 +397,24 @@ class LocalBackend:
             while True:
                 idle = not self._batch.jobs and not self._waiting
                 if idle and worked:
+                    # Housekeeping once the worker has been idle a moment (not between the
+                    # turns of a conversation, where it would delay the next first token).
+                    if not self._take(block=True, within=IDLE_S):
+                        self._shutdown()
+                        return
+                    if self._waiting:
+                        continue
+                    if self._tune_when_idle is not None:
+                        tune, self._tune_when_idle = self._tune_when_idle, None
+                        try:
+                            tune()
+                        except Exception:
+                            log.exception("could not prepare the faster CPU layers")
                     # The KV caches of the last batch were freed; hand the memory back to the
                     # OS so RSS after a burst returns near its warm level (glibc keeps it).
                     trim()
                     worked = False
+                    continue
                 if not self._take(block=idle):
                     self._shutdown()
                     return
@@ -409,14 +427,17 @@ class LocalBackend:
                     except Exception as exc:  # OOM, a bad adapter: fail these rows, keep serving
                         self._fail_batch(exc)
 
-    def _take(self, *, block: bool) -> bool:
-        """Move what arrived into the waiting line (controls run now); False on stop."""
+    def _take(self, *, block: bool, within: float | None = None) -> bool:
+        """Move what arrived into the waiting line (controls run now); False on stop.
+
+        ``block``: wait for the first item (at most ``within`` seconds).
+        """
         first = True
         fill_until = None
         while True:
             try:
                 if block and first:
-                    item = self._queue.get()
+                    item = self._queue.get(timeout=within)
                 elif fill_until is not None:
                     remaining = fill_until - time.monotonic()
                     item = self._queue.get(timeout=remaining) if remaining > 0 else None

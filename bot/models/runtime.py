@@ -154,16 +154,18 @@ class ModelRuntime:
             raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None
         self.loaded_from_cache = cached
         threads = None
+        tune_when_idle = None
         if str(next(model.parameters()).device) == "cpu":
             from bot.models.tuning import ThreadTuner
 
             threads = ThreadTuner(None if cfg.threads == "auto" else [int(cfg.threads)])
             from bot.models.cpu_linear import convert
 
-            await _in_daemon_thread(
-                convert, model, int8=cfg.int8_decode, max_rows=cfg.int8_max_rows
-            )
-        return LocalBackend(
+            def tune() -> None:
+                convert(backend.model, int8=cfg.int8_decode, max_rows=cfg.int8_max_rows)
+
+            tune_when_idle = tune
+        backend = LocalBackend(
             model,
             tokenizer,
             name,
@@ -174,7 +176,11 @@ class ModelRuntime:
             prefill_tokens=cfg.prefill_tokens,
             max_start_wait_s=cfg.max_start_wait_s,
             threads=threads,
+            # Faster CPU layers cost a second or two to prepare: done by the worker the first
+            # time it is idle after serving, so neither the start nor the first reply waits.
+            tune_when_idle=tune_when_idle,
         )
+        return backend
 
     async def interrupt(self) -> None:
         """Shutting down: fail every waiting and running generation with
