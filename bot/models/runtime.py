@@ -30,6 +30,7 @@ from bot.models.types import (
     Generation,
     GenerationParams,
     ModelError,
+    RuntimeBusy,
     ShuttingDown,
 )
 
@@ -54,6 +55,7 @@ class ModelRuntime:
         self.follow_interval_s = 1.0
         self._follow: asyncio.Task[None] | None = None
         self._interrupted = False
+        self._start_task: asyncio.Future[Backend] | None = None
         self.classifiers = ClassifierPool(
             self.registry,
             device=self.config.device,
@@ -68,12 +70,22 @@ class ModelRuntime:
     async def start(self) -> Backend:
         """Load the base model (or connect to the server) and the configured adapters.
 
-        Idempotent: the first call does the work, later ones return at once.
+        Idempotent: the first call does the work, later ones wait for it or return at once. A
+        caller that stops waiting (its deadline) does not stop the load for everyone else.
         """
         if self._interrupted:
             raise ShuttingDown("the bot is shutting down")
         if self._backend is not None and self._backend.running:
             return self._backend
+        task = self._start_task
+        if task is None or (task.done() and not self._backend_running()):  # first, or retry
+            task = self._start_task = asyncio.ensure_future(self._start())
+        return await asyncio.shield(task)
+
+    def _backend_running(self) -> bool:
+        return self._backend is not None and self._backend.running
+
+    async def _start(self) -> Backend:
         async with self._starting:
             cfg = self.config
             if self._backend is None:
@@ -186,6 +198,8 @@ class ModelRuntime:
         """Shutting down: fail every waiting and running generation with
         :class:`ShuttingDown` (within one decode step) and refuse new ones."""
         self._interrupted = True
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()  # a load still under way is abandoned
         backend = self._backend
         if isinstance(backend, LocalBackend):
             await asyncio.to_thread(backend.stop)
@@ -193,6 +207,10 @@ class ModelRuntime:
             backend.interrupt()
 
     async def stop(self) -> None:
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._start_task
         if self._follow is not None:
             self._follow.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -246,9 +264,9 @@ class ModelRuntime:
         that reaches its deadline comes back with what was ready (``finish_reason ==
         "deadline"``); cancelling the caller stops the generation within one decode step.
         """
-        backend = await self.start()
-        params = self._params(max_new_tokens, temperature, top_p, stop)
         deadline = self.deadline(within_s)
+        backend = await self._start_by(deadline)
+        params = self._params(max_new_tokens, temperature, top_p, stop)
         # The backend ends the row at the deadline itself; this is the backstop.
         async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + 2.0):
             if on_text is None:
@@ -272,6 +290,16 @@ class ModelRuntime:
             finally:
                 if not task.done():
                     task.cancel()
+
+    async def _start_by(self, deadline: float) -> Backend:
+        """``start``, but a model still loading at the deadline is an honest "busy"."""
+        if self._backend_running():
+            return self._backend  # type: ignore[return-value]
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self.start()
+        except TimeoutError:
+            raise RuntimeBusy("the model is still loading", retry_after_s=10.0) from None
 
     async def stream(
         self,
@@ -364,7 +392,7 @@ class ModelRuntime:
     @property
     def loading(self) -> bool:
         """The base model is being loaded right now."""
-        return self._starting.locked()
+        return self._start_task is not None and not self._start_task.done()
 
     @property
     def ready(self) -> bool:
