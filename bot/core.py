@@ -176,12 +176,7 @@ class Bot:
             return
         if drain_timeout is None:
             drain_timeout = self.settings.bot.shutdown_timeout_s * 0.6
-        self._stopping = True
-        for warming in self.warmups:  # a model still loading is not waited for
-            warming.cancel()
-        # Model work still running would hold the shutdown for minutes: cancel it, so each
-        # waiting user gets the short shutdown notice (logged) instead of silence.
-        await self.models.interrupt()
+        await self.begin_shutdown()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
@@ -195,6 +190,15 @@ class Bot:
         await self.store.close()
         self._started = False
         self._stopping = False
+
+    async def begin_shutdown(self) -> None:
+        """The first step of stopping, while the adapters can still deliver: ``/readyz`` turns
+        503, and model work is cancelled — it would hold the shutdown for minutes — so each
+        waiting user gets the short shutdown notice (logged) instead of silence."""
+        self._stopping = True
+        for warming in self.warmups:  # a model still loading is not waited for
+            warming.cancel()
+        await self.models.interrupt()
 
     async def __aenter__(self) -> Bot:
         await self.start()

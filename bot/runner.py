@@ -100,7 +100,7 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
                     exit_within(settings.bot.shutdown_timeout_s)
                     # Model work first: the users waiting on it get the shutdown notice
                     # while the adapters can still deliver it.
-                    await bot.models.interrupt()
+                    await bot.begin_shutdown()
                 return
         finally:
             for server in reversed(servers):

@@ -10,10 +10,11 @@ reordered once into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``) 
 ``F.linear``, which reorders on every call — with bit-identical results.
 
 So each converted layer keeps its weight and picks per call: int8 for up to ``max_rows`` rows,
-the prepacked bf16 weight above (prefill, big batches), plain ``F.linear`` when gradients are
-on (training) or off CPU. The weights come from a 4-bit GGUF by default, so per-row int8 adds
-well under 1 % relative error per matmul. Converted layers stay ``nn.Linear`` (peft wraps
-them like any other) and the extra copies are not saved with the model.
+the prepacked bf16 weight up to ``PACKED_ROWS`` (decode steps of bigger batches), plain
+``F.linear`` above (prefill), when gradients are on (training) or off CPU. The weights come
+from a 4-bit GGUF by default, so per-row int8 adds well under 1 % relative error per matmul.
+Converted layers stay ``nn.Linear`` (peft wraps them like any other) and the extra copies are
+not saved with the model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+#: Above this many rows (prefill) plain ``F.linear`` is faster than the prepacked weight
+#: (measured: 200 rows 2.3 ms against 3.4–5.3 ms).
+PACKED_ROWS = 64
 
 
 class FastLinear(nn.Linear):
@@ -43,7 +49,7 @@ class FastLinear(nn.Linear):
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
-        if self.w_packed is not None and x.dtype == self.weight.dtype:
+        if self.w_packed is not None and rows <= PACKED_ROWS and x.dtype == self.weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.w_packed, self.bias, "none", [], "")
         return super().forward(x)
 
