@@ -80,6 +80,7 @@ class _Job:
     started: float = 0.0
     first_token: float = 0.0
     batch_sizes: int = 0
+    released: bool = False  # its slot and adapter reference are given back (exactly once)
 
 
 @dataclass(slots=True)
@@ -312,6 +313,9 @@ class LocalBackend:
     def _done(self, job: _Job) -> None:
         """Bookkeeping when a request leaves the worker (finished, failed or dropped)."""
         with self._lock:
+            if job.released:
+                return
+            job.released = True
             self._pending -= 1
             if job.internal is None:
                 return
