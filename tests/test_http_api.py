@@ -148,15 +148,12 @@ async def test_the_dialogue_skill_streams_real_generated_tokens(tmp_path, chinwa
 def test_chinwag_run_serves_the_api_and_stops_gracefully_on_sigterm(tmp_path):
     import os
     import signal
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     env.update(
         CHINWAG_DATA_DIR=str(tmp_path / "data"),

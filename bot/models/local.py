@@ -27,7 +27,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import math
 import queue
 import re
 import threading
@@ -901,8 +900,3 @@ def _as_list(value: Any) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [int(value)]
-
-
-def ceil_s(seconds: float) -> int:
-    """Whole seconds for a user-facing "try again in N s"."""
-    return max(1, math.ceil(seconds))

@@ -21,7 +21,7 @@ import numpy as np
 from bot.config import Settings
 from bot.models.classifier import Classification, ClassifierPool
 from bot.models.embedding import Embedder
-from bot.models.local import LocalBackend
+from bot.models.local import LocalBackend, _resolve
 from bot.models.registry import AdapterRegistry
 from bot.models.remote import RemoteBackend
 from bot.models.types import (
@@ -44,7 +44,6 @@ class ModelRuntime:
         self.settings = settings
         self.config = settings.models
         self._backend = backend
-        self._starting = asyncio.Lock()
         self._embedder: Embedder | None = None
         self.loaded_from_cache: bool | None = None
         #: Trained adapter versions and which one is in service (data_dir/adapters).
@@ -86,27 +85,27 @@ class ModelRuntime:
         return self._backend is not None and self._backend.running
 
     async def _start(self) -> Backend:
-        async with self._starting:
-            cfg = self.config
-            if self._backend is None:
-                self._backend = await self._create()
-            if self._interrupted:
-                raise ShuttingDown("the bot is shutting down")
-            if not self._backend.running:
-                if isinstance(self._backend, LocalBackend):
-                    self._backend.start()
-                else:
-                    await self._backend.start()
-                for name, adapter in cfg.adapters.items():
-                    await self._backend.load_adapter(name, adapter.path, adapter.version)
-                # Then every generative adapter the trainers promoted (configured ones win).
-                for name in self.registry.names():
-                    if name in cfg.adapters:
-                        continue
-                    current = self.registry.current(name)
-                    if current is not None and current.kind == "generative":
-                        await self._backend.load_adapter(name, current.path, current.version)
-                self._follow = asyncio.create_task(self._follow_registry(), name="adapters")
+        # Only ever run as the one shared ``_start_task``: never twice at once.
+        cfg = self.config
+        if self._backend is None:
+            self._backend = await self._create()
+        if self._interrupted:
+            raise ShuttingDown("the bot is shutting down")
+        if not self._backend.running:
+            if isinstance(self._backend, LocalBackend):
+                self._backend.start()
+            else:
+                await self._backend.start()
+            for name, adapter in cfg.adapters.items():
+                await self._backend.load_adapter(name, adapter.path, adapter.version)
+            # Then every generative adapter the trainers promoted (configured ones win).
+            for name in self.registry.names():
+                if name in cfg.adapters:
+                    continue
+                current = self.registry.current(name)
+                if current is not None and current.kind == "generative":
+                    await self._backend.load_adapter(name, current.path, current.version)
+            self._follow = asyncio.create_task(self._follow_registry(), name="adapters")
         return self._backend
 
     async def _follow_registry(self) -> None:
@@ -359,19 +358,6 @@ class ModelRuntime:
         """
         return await self.classifiers.classify(classifier, texts)
 
-    def describe(self, text: str, adapter: str | None) -> Generation:
-        """Provenance for streamed text (``stream`` yields text only)."""
-        name = getattr(self._backend, "model_name", None) or self.config.base_model
-        return Generation(
-            text=text.strip(),
-            model=name,
-            adapter=adapter,
-            adapter_version=self.adapters().get(adapter) if adapter else None,
-            prompt_tokens=0,
-            completion_tokens=self.count_tokens(text) if text else 0,
-            finish_reason="stop",
-        )
-
     def queue_depth(self) -> float:
         """Generation requests waiting or running — until the work really ends, not until its
         caller stops waiting (0 before the model is loaded)."""
@@ -440,23 +426,10 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
     future: asyncio.Future[Any] = loop.create_future()
 
     def run() -> None:
-        result: Any = None
-        error: BaseException | None = None
         try:
-            result = fn(*args, **kwargs)
+            _resolve(future, loop, fn(*args, **kwargs))
         except BaseException as exc:
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            _resolve(future, loop, exc=exc)
 
     threading.Thread(target=run, name="chinwag-model-load", daemon=True).start()
     return await future
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
