@@ -9,7 +9,7 @@ Three engines answer the same chat prompts (greedy, up to ``--max-new-tokens``, 
 - **vLLM**: its OpenAI-compatible server (CPU build, ``VLLM_PYTHON`` or ``.venv-vllm``) serving
   the same converted weights in bf16, driven through chinwag's remote backend — the engine a
   user would pick instead. Rounds interleave (chinwag, vLLM, chinwag, vLLM…) so a neighbour
-  that comes and goes hits both alike.
+  that comes and goes hits both alike, each turn starting after ``--settle`` quiet seconds.
 
 Tokens/s counts generated tokens over wall time; TTFT is from request to first streamed piece.
 Cold start (fresh interpreter to first reply, converted-weights cache present) is measured too.
@@ -203,6 +203,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument(
+        "--settle", type=float, default=3.0, help="seconds of quiet before each engine's turn"
+    )
     args = parser.parse_args()
     vllm_python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
     use_vllm = not args.no_vllm and os.path.exists(vllm_python)  # noqa: ASYNC240
@@ -249,6 +252,9 @@ async def main() -> None:
                 for n in (1, 16):
                     order = list(engines) if r % 2 == 0 else list(reversed(engines))
                     for name in order:
+                        # vLLM's engine process stays busy for a moment after its last reply;
+                        # without a pause that tail lands on whichever engine runs next.
+                        await asyncio.sleep(args.settle)
                         f = await concurrent(engines[name], n, args.turns, args.max_new_tokens)
                         figures.setdefault((name, n), []).append(f)
                         print(

@@ -272,6 +272,10 @@ async def main() -> None:
         proc = start_bot(data, port)
         try:
             await wait_ready(url, proc)
+            # A first burst, then a quiet moment: the runtime prepares its faster CPU layers
+            # and settles its thread count when it first idles — capacity is measured after.
+            await capacity(url, args.capacity_chats, 10, args.deadline)
+            await asyncio.sleep(3)
             cap = await capacity(url, args.capacity_chats, args.capacity_seconds, args.deadline)
             warm = rss_mb(proc.pid)
             print(f"capacity: {cap:.2f} replies/s ({args.capacity_chats} chats); RSS {warm:.0f} MB")

@@ -140,6 +140,10 @@ class ModelsSettings(_Section):
     #: bot/models/cpu_linear.py (larger batches use prepacked bf16 weights).
     int8_decode: bool = True
     int8_max_rows: int = Field(4, ge=0, le=64)
+    #: Keys and values of finished replies kept (in tokens, all conversations together) so a
+    #: conversation's next turn prefills only its new part; 0 turns it off. About 23 KB a
+    #: token for the default model (4,096: ~95 MB).
+    prefix_cache_tokens: int = Field(4096, ge=0)
     adapters: dict[str, AdapterSettings] = {}
     #: Converted base-model weights (GGUF → safetensors); default ``<data_dir>/models``.
     cache_dir: Path | None = None

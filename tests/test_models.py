@@ -273,6 +273,60 @@ async def test_streaming_yields_the_same_text_in_pieces(backend):
     assert "".join(got).strip() == whole.text == result.text
 
 
+async def converse(backend, turns, adapter=None):
+    """One chat, turn after turn, each reply fed back as the history of the next."""
+    messages, replies = [{"role": "system", "content": "You are a patient helper."}], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        reply = await backend.generate(list(messages), GenerationParams(max_new_tokens=12), adapter)
+        messages.append({"role": "assistant", "content": reply.text})
+        replies.append(reply.text)
+    return replies
+
+
+TURNS = ["tell me about tea", "and coffee?", "which one is stronger?"]
+
+
+async def test_a_conversations_next_turn_prefills_only_what_is_new(backend, tokenizer):
+    plain = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", prefix_cache_tokens=0)
+    plain.start()
+    try:
+        expected = await converse(plain, TURNS)
+        recomputed = plain.stats["prefill_tokens"]
+    finally:
+        await asyncio.to_thread(plain.stop)
+    assert await converse(backend, TURNS) == expected
+    assert backend.stats["prefix_tokens_reused"] > 0
+    # Turns 2 and 3 start with turn 1's prompt and reply (the tiny model's replies are random
+    # tokens that do not all re-tokenize the same, so not every reply token is reused).
+    assert backend.stats["prefill_tokens"] < 0.6 * recomputed
+
+
+async def test_reused_prefixes_never_cross_adapters(backend, tokenizer, tmp_path):
+    await backend.load_adapter("a", make_adapter(tokenizer, tmp_path / "a", 1), "1")
+    base = await converse(backend, TURNS[:2])
+    reused = backend.stats["prefix_tokens_reused"]
+    tuned = await converse(backend, TURNS[:2], "a")
+    # The adapter's first turn could have reused the base model's identical prompt: it must not.
+    first_turn_prompt = 20
+    assert backend.stats["prefix_tokens_reused"] - reused < 2 * first_turn_prompt
+    assert tuned != base
+    await backend.unload_adapter("a")
+    await asyncio.sleep(0.1)
+    assert all(entry.adapter is None for entry in backend.prefixes._entries.values())
+
+
+async def test_the_prefix_cache_stays_within_its_token_budget(tokenizer):
+    small = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", prefix_cache_tokens=200)
+    small.start()
+    try:
+        for i in range(12):
+            await converse(small, [f"conversation {i}", "go on"])
+        assert 0 < small.prefixes.tokens <= 200
+    finally:
+        await asyncio.to_thread(small.stop)
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def smollm(tmp_path_factory):
     settings = load_settings(
@@ -302,3 +356,21 @@ async def test_the_converted_weights_are_cached_for_the_next_start(smollm):
         assert smollm.loaded_from_cache is False
     finally:
         await second.stop()
+
+
+def test_the_thread_count_moves_within_steps_when_a_neighbour_slows_the_current_one():
+    from bot.models.tuning import ThreadTuner
+
+    tuner = ThreadTuner([1, 2])
+    speed = {1: 0.040, 2: 0.060}  # one thread is faster on a quiet machine
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            threads = tuner.threads_for_next_step()
+            tuner.record(threads, speed[threads], batch=1)
+
+    run(40)
+    assert tuner.current == 1
+    speed[1] = 0.200  # a neighbour now competes for that core's time
+    run(10)  # long before the next scheduled look (every 128 steps)
+    assert tuner.current == 2

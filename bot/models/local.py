@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bot.models.prefix_cache import PrefixCache
 from bot.models.tuning import ThreadTuner
 from bot.models.types import (
     ChatMessages,
@@ -79,6 +80,7 @@ class _Job:
     started: float = 0.0
     first_token: float = 0.0
     batch_sizes: int = 0
+    finished: bool = False  # completed normally (not failed or abandoned)
     released: bool = False  # its slot and adapter reference are given back (exactly once)
 
 
@@ -138,6 +140,7 @@ class LocalBackend:
         prefill_tokens: int = 2048,
         max_start_wait_s: float | None = None,
         threads: ThreadTuner | None = None,
+        prefix_cache_tokens: int = 4096,
         tune_when_idle: Callable[[], Any] | None = None,
     ) -> None:
         self.model = model
@@ -152,6 +155,7 @@ class LocalBackend:
             getattr(model.config, "max_position_embeddings", 2048) or 2048
         )
         self.threads = threads
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._tune_when_idle = tune_when_idle
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -383,6 +387,8 @@ class LocalBackend:
             if internal not in self._retired or self._refs[internal] > 0:
                 return
             self._retired.discard(internal)
+        if self.prefixes is not None:
+            self.prefixes.drop_adapter(internal)
         try:
             self.model.delete_adapter(internal)
         except Exception:
@@ -559,20 +565,34 @@ class LocalBackend:
 
         t0 = time.monotonic()
         device = self.device
+        # The part of each prompt whose keys and values a finished reply left behind.
+        reused: list[tuple[Any, int] | None] = [
+            self.prefixes.match(j.internal, j.prompt) if self.prefixes is not None else None
+            for j in jobs
+        ]
+        have = [m[1] if m else 0 for m in reused]
+        past = max(have)
         # Widths rounded up to a multiple of PREFILL_ALIGN: oneDNN builds a kernel per matmul
         # shape on first use (~1 ms a layer); a handful of shapes instead of one per prompt
         # length keeps that off the time to first token.
-        width = -(-max(len(j.prompt) for j in jobs) // PREFILL_ALIGN) * PREFILL_ALIGN
+        longest = max(len(j.prompt) - h for j, h in zip(jobs, have, strict=True))
+        width = -(-longest // PREFILL_ALIGN) * PREFILL_ALIGN
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for i, job in enumerate(jobs):
-            n = len(job.prompt)
-            ids[i, width - n :] = torch.tensor(job.prompt)
-            mask[i, width - n :] = 1
+        mask = torch.zeros((len(jobs), past + width), dtype=torch.long)
+        for i, (job, h) in enumerate(zip(jobs, have, strict=True)):
+            n = len(job.prompt) - h
+            ids[i, width - n :] = torch.tensor(job.prompt[h:])
+            mask[i, past + width - n :] = 1
+            mask[i, past - h : past] = 1
         ids, mask = ids.to(device), mask.to(device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
         cache = DynamicCache()
+        if past:
+            cache = DynamicCache(ddp_cache_data=self._seed(reused, past))
+            self.stats["prefix_tokens_reused"] += sum(have)
+        for layer in cache.layers:
+            layer.__class__ = _growing_layer()
         cache.layer_class_to_replicate = _growing_layer()
         out = self._forward(
             jobs,
@@ -584,7 +604,7 @@ class LocalBackend:
         )
         first = self._sample(out.logits[:, -1, :], jobs)
         elapsed = time.monotonic() - t0
-        total = int(mask.sum())
+        total = int(mask.sum()) - sum(have)
         rate = total / max(elapsed, 1e-6)
         old = self.prefill_tok_s
         self.prefill_tok_s = rate if old is None else 0.8 * old + 0.2 * rate
@@ -592,6 +612,7 @@ class LocalBackend:
         for job in jobs:
             job.started = t0
         self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += total
         batch = len(self._batch) + len(jobs)
         column = first.squeeze(1).tolist()
         keep = [
@@ -607,6 +628,22 @@ class LocalBackend:
             self._merge([jobs[i] for i in keep], cache, mask, first)
         with self._lock:
             self._running = len(self._batch)
+
+    def _seed(self, reused: list[tuple[Any, int] | None], past: int) -> list[tuple[Any, Any]]:
+        """Per layer, the reused keys and values of every row, right-aligned to ``past``."""
+        entry = next(m[0] for m in reused if m)
+        layers = []
+        for li, (k0, v0) in enumerate(entry.layers):
+            h, _, d = k0.shape
+            keys = k0.new_zeros((len(reused), h, past, d))
+            values = v0.new_zeros((len(reused), h, past, v0.shape[-1]))
+            for row, m in enumerate(reused):
+                if m:
+                    k, v = m[0].layers[li]
+                    keys[row, :, past - m[1] :] = k[:, : m[1]]
+                    values[row, :, past - m[1] :] = v[:, : m[1]]
+            layers.append((keys, values))
+        return layers
 
     def _merge(self, jobs: list[_Job], cache: Any, mask: Any, first: Any) -> None:
         """Add freshly prefilled rows to the running batch (left-padding the shorter side)."""
@@ -719,11 +756,12 @@ class LocalBackend:
         """Append each running row's new token; finish rows that are done, drop abandoned."""
         b = self._batch
         column = tokens.squeeze(1).tolist()
-        keep = [
-            i
-            for i, (job, token) in enumerate(zip(b.jobs, column, strict=True))
-            if not self._consume(job, token, len(b), now)
-        ]
+        keep = []
+        for i, (job, token) in enumerate(zip(b.jobs, column, strict=True)):
+            if not self._consume(job, token, len(b), now):
+                keep.append(i)
+            elif job.finished and self.prefixes is not None:
+                self._remember(i, job)
         if len(keep) == len(column):
             b.last = tokens
         else:
@@ -734,6 +772,22 @@ class LocalBackend:
                 b.last = tokens[torch.tensor(keep, device=tokens.device)]
         with self._lock:
             self._running = len(b)
+
+    def _remember(self, row: int, job: _Job) -> None:
+        """Keep a finished row's keys and values for the conversation's next turn."""
+        b = self._batch
+        assert self.prefixes is not None
+        import torch
+
+        real = b.mask[row].nonzero().squeeze(1)
+        seq = (job.prompt + job.tokens)[: len(real)]
+        # One allocation per entry ([layers, 2, heads, tokens, dim]) rather than two per layer:
+        # many small tensors kept for minutes fragment the heap (RSS that never comes back).
+        kv = torch.stack(
+            [torch.stack((layer.keys[row], layer.values[row])) for layer in b.cache.layers]
+        )[:, :, :, real]
+        layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.shape[0])]
+        self.prefixes.put(job.internal, seq, layers)
 
     def _select(self, keep: list[int]) -> None:
         import torch
@@ -771,6 +825,7 @@ class LocalBackend:
             self._put_stream(job, delta)
 
     def _complete(self, job: _Job, finish: str, now: float) -> None:
+        job.finished = True
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         for s in job.params.stop:
             if s and s in text:

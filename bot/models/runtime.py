@@ -187,6 +187,7 @@ class ModelRuntime:
             prefill_tokens=cfg.prefill_tokens,
             max_start_wait_s=cfg.max_start_wait_s,
             threads=threads,
+            prefix_cache_tokens=cfg.prefix_cache_tokens,
             # Faster CPU layers cost a second or two to prepare: done by the worker the first
             # time it is idle after serving, so neither the start nor the first reply waits.
             tune_when_idle=tune_when_idle,

@@ -74,8 +74,9 @@ class ThreadTuner:
     The worker reports each step's duration; every ``explore_every`` steps it runs
     ``probe_steps`` steps on another candidate and keeps whichever was faster (by more than
     ``margin``), so a neighbour that starts hogging a core moves the bot to fewer threads
-    within seconds, and back when it leaves. The default candidates are one thread, all cores
-    but one (left to the event loop, the embedder and the classifier) and all cores.
+    within seconds (at once when steps suddenly take twice as long), and back when it leaves.
+    The default candidates are one thread, all cores but one (left to the event loop, the
+    embedder and the classifier) and all cores.
     """
 
     def __init__(
@@ -98,13 +99,15 @@ class ThreadTuner:
         self._steps = 0
         self._probing: int | None = None
         self._probe_times: list[float] = []
+        self._slow = 0  # steps in a row far slower than usual: look again now
 
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
             return self.current
         # The first look comes early (the 16th step), then every ``explore_every`` steps.
         due = self._steps == 16 or (self._steps and self._steps % self.explore_every == 0)
-        if self._probing is None and due:
+        if self._probing is None and (due or self._slow >= 3):
+            self._slow = 0
             others = [c for c in self.candidates if c != self.current]
             self._probing = others[(self._steps // self.explore_every) % len(others)]
             self._probe_times = []
@@ -132,4 +135,7 @@ class ThreadTuner:
                 self._probing = None
             return
         old = self._ema.get(threads)
+        # A neighbour that just started (or a core the OS took away) shows as a run of steps
+        # twice as slow as usual: do not wait for the next scheduled look.
+        self._slow = self._slow + 1 if old is not None and cost > 2 * old else 0
         self._ema[threads] = cost if old is None else 0.8 * old + 0.2 * cost
