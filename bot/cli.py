@@ -39,6 +39,7 @@ class _State:
     config: Path | None = None
     data_dir: Path | None = None
     log_level: str | None = None
+    log_file: Path | None = None
 
 
 state = _State()
@@ -61,8 +62,25 @@ def _global(
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
     ] = None,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="More log detail: -v for INFO, -vv for DEBUG."
+        ),
+    ] = 0,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file",
+            help="Write the log here instead of stderr (an interactive chat logs to "
+            "<data_dir>/logs/chinwag.log by default).",
+        ),
+    ] = None,
 ) -> None:
+    if verbose and log_level is None:
+        log_level = "DEBUG" if verbose > 1 else "INFO"
     state.config, state.data_dir, state.log_level = config, data_dir, log_level
+    state.log_file = log_file
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> typer.Exit:
@@ -89,8 +107,17 @@ def _settings(default_level: str | None = None) -> Settings:
     setup_logging(
         state.log_level.upper() if state.log_level else (default_level or s.log_level),
         s.secret_values(),
+        log_file=state.log_file,
     )
     return s
+
+
+def interactive_log(s: Settings) -> Path:
+    """An interactive chat must not have log lines written over its prompt: the log goes to a
+    file (``--log-file``, else ``<data_dir>/logs/chinwag.log``); returns where."""
+    from bot.logs import log_to_file
+
+    return log_to_file(state.log_file or s.data_dir / "logs" / "chinwag.log")
 
 
 def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -105,10 +132,11 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 @app.command()
 def run() -> None:
     """Start every configured platform adapter; the console chat when none is configured."""
-    from bot.runner import serve
+    from bot.runner import serve, uses_console
 
     s = settings()
-    run_async(lambda: serve(s, config_path=state.config))
+    log_path = interactive_log(s) if uses_console(s) and sys.stdin.isatty() else None
+    run_async(lambda: serve(s, config_path=state.config, log_path=log_path))
 
 
 @app.command()
@@ -123,12 +151,14 @@ def chat(
     from bot.core import Bot
 
     s = settings(default_level="WARNING")
+    interactive = sys.stdin.isatty() and not as_json
+    log_path = interactive_log(s) if interactive else None
 
     async def main() -> None:
         async with Bot(s) as bot:
             console = ConsoleChat(bot, user_id=user, as_json=as_json)
-            if sys.stdin.isatty() and not as_json:
-                await console.run_interactive()
+            if interactive:
+                await console.run_interactive(log_path=log_path)
             else:
                 await console.run_pipe()
 
@@ -146,17 +176,25 @@ def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         bot._load_skills()
     except (ConfigError, PluginError) as exc:
         raise fail(str(exc)) from None
+    dist = {p.name: (p.distribution, p.version) for p in bot.plugins}
     rows = [
         {
             "name": e.name,
             "plugin": e.plugin,
+            "distribution": dist.get(e.plugin, (None, None))[0],
+            "version": dist.get(e.plugin, (None, None))[1],
             "enabled": e.enabled,
             "priority": e.priority,
             "threshold": e.threshold,
             "fallback": e.name == s.bot.fallback,
             "description": e.description,
             "commands": [
-                {"name": c.name, "description": c.description, "admin_only": c.admin_only}
+                {
+                    "name": c.name,
+                    "usage": f"/{c.name} {c.usage}".strip(),
+                    "description": c.description,
+                    "admin_only": c.admin_only,
+                }
                 for c in e.commands.values()
             ],
         }
@@ -168,7 +206,7 @@ def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    dists = {p.name: f"{p.distribution or '-'} {p.version or ''}".strip() for p in bot.plugins}
+    dists = {name: f"{d or '-'} {v or ''}".strip() for name, (d, v) in dist.items()}
     table = Table(title=f"{len(rows)} skills loaded")
     for col in ("skill", "commands", "plugin", "state", "description"):
         table.add_column(col)

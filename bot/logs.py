@@ -8,8 +8,11 @@ each record, whoever emitted it.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import re
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 # Telegram bot tokens ("123456:AA…") and Discord bot tokens (three base64url parts).
 _TOKEN_PATTERNS = [
@@ -44,13 +47,28 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> SecretFilter:
-    """Configure the root logger (stderr) with secret scrubbing on every handler."""
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_STDERR = "chinwag-stderr"
+_FILE = "chinwag-file"
+
+
+def setup_logging(
+    level: str = "INFO", secrets: Iterable[str] = (), *, log_file: Path | None = None
+) -> SecretFilter:
+    """Configure the root logger with secret scrubbing on every handler.
+
+    Log lines go to stderr — never stdout, which carries replies when the console chat is
+    piped — or to ``log_file`` instead (an interactive chat must not have log lines written
+    over its prompt; see :func:`log_to_file`).
+    """
     root = logging.getLogger()
     secret_filter = SecretFilter(secrets)
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file is not None:
+        log_to_file(log_file)
+    elif not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.set_name(_STDERR)
+        handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
     for handler in root.handlers:
         for old in [f for f in handler.filters if isinstance(f, SecretFilter)]:
@@ -58,3 +76,39 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> SecretFil
         handler.addFilter(secret_filter)
     root.setLevel(level)
     return secret_filter
+
+
+def log_to_file(path: Path) -> Path:
+    """Send the log to ``path`` (rotated at 10 MB, 3 kept) instead of stderr; returns it."""
+    root = logging.getLogger()
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    filters: list[logging.Filter | logging.Filterer] = []
+    for handler in list(root.handlers):
+        if handler.get_name() in (_STDERR, _FILE):
+            filters.extend(handler.filters)
+            root.removeHandler(handler)
+            handler.close()
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=10_000_000, backupCount=3, encoding="utf-8"
+    )
+    handler.set_name(_FILE)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    for f in filters:
+        handler.addFilter(f)
+    root.addHandler(handler)
+    _quiet_libraries()
+    return path
+
+
+def _quiet_libraries() -> None:
+    """Libraries' own progress bars ("Loading weights …") write to the terminal directly, over
+    an interactive prompt; the console shows its own status line instead."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -90,6 +90,10 @@ def make_manager(
                 )
             )
     for i, plugin in enumerate(extra):
+        if pm.is_registered(plugin):
+            # An installed plugin's own tests pass its module too (docs/plugins.md): it is
+            # already loaded from its entry point, under that name.
+            continue
         name = getattr(plugin, "__name__", None) or f"{type(plugin).__name__}-{i}"
         pm.register(plugin, name=name)
         infos.append(PluginInfo(name, name, None, None))

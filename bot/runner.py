@@ -31,7 +31,18 @@ def configured_platforms(settings: Settings) -> list[str]:
     return found
 
 
-async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
+def uses_console(settings: Settings) -> bool:
+    """No platform and no HTTP API configured: ``chinwag run`` chats on the console."""
+    return not configured_platforms(settings) and not settings.http.enabled
+
+
+class NothingToServe(ConfigError):
+    pass
+
+
+async def serve(
+    settings: Settings, *, config_path: Path | None = None, log_path: Path | None = None
+) -> None:
     platforms = configured_platforms(settings)
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
@@ -109,9 +120,16 @@ async def serve(settings: Settings, *, config_path: Path | None = None) -> None:
 
         console = ConsoleChat(bot)
         if sys.stdin.isatty():
-            await console.run_interactive()
-        else:
-            await console.run_pipe()
+            await console.run_interactive(log_path=log_path)
+        elif await console.run_pipe() == 0:
+            # Typical of a container started without -it and without a platform token: say
+            # so rather than exit quietly and be restarted in a loop.
+            raise NothingToServe(
+                "no platform is configured (telegram.token, discord.token or http.enabled) "
+                "and stdin is closed, so there is nobody to chat with; set "
+                "CHINWAG_TELEGRAM__TOKEN or CHINWAG_DISCORD__TOKEN, enable the HTTP API, or "
+                "run with a terminal (docker run -it) for the console chat"
+            )
 
 
 @contextlib.asynccontextmanager

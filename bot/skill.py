@@ -27,7 +27,14 @@ class Command:
     name: str
     description: str = ""
     admin_only: bool = False
+    #: What follows the command, e.g. ``QUESTION`` or ``[what was wrong]`` (help shows
+    #: ``/ask QUESTION``); a usage that repeats ``/name`` is accepted and shown once.
     usage: str = ""
+
+    def __post_init__(self) -> None:
+        usage = self.usage.strip()
+        if usage.startswith(f"/{self.name}"):
+            object.__setattr__(self, "usage", usage[len(self.name) + 1 :].strip())
 
 
 #: Where generated text goes as it is produced, for the message being handled (set by

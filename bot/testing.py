@@ -23,6 +23,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,25 @@ if pytest_asyncio is not None:
     @pytest_asyncio.fixture
     async def chat(chinwag_chat: Callable[..., ChatUser]) -> ChatUser:
         return chinwag_chat()
+
+
+#: Async tests asking for one of these run on pytest-asyncio without any configuration.
+_ASYNC_FIXTURES = frozenset({"chat", "chinwag_bot", "chinwag_chat"})
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_pycollect_makeitem(collector: Any, name: str, obj: object) -> Any:
+    """Mark ``async def test_…(chat)`` as an asyncio test, so a plugin author's first test
+    passes without ``asyncio_mode = "auto"`` (pytest-asyncio's default mode is strict)."""
+    if (
+        pytest_asyncio is not None
+        and name.startswith("test")
+        and inspect.iscoroutinefunction(obj)
+        and _ASYNC_FIXTURES & set(inspect.signature(obj).parameters)
+        and not any(m.name == "asyncio" for m in getattr(obj, "pytestmark", []))
+    ):
+        pytest.mark.asyncio(obj)
+    yield
 
 
 # -- scenario files as tests ---------------------------------------------------------------------

@@ -27,6 +27,11 @@ STOPWORDS = frozenset(
 )
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 rating``, ``2 ratings``: counts users read."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def words(text: str) -> list[str]:
     return [w.lower() for w in _WORD.findall(text)]
 

@@ -34,12 +34,12 @@ class FeedbackSkill(Skill):
     description = "Lets you rate my last answer, so I can learn from it."
     commands = (
         Command("good", "Rate my last answer as good"),
-        Command("bad", "Rate my last answer as bad", usage="/bad [what was wrong]"),
+        Command("bad", "Rate my last answer as bad", usage="[what was wrong]"),
         Command(
             "correct",
             "Store a better reply for my last answer (trainers learn from it)",
             admin_only=True,
-            usage="/correct BETTER REPLY",
+            usage="BETTER REPLY",
         ),
     )
     priority = 80

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bot import Command, Context, Message, Reply, Skill, hookimpl
+from bot.text import plural
 
 
 class PrivacySkill(Skill):
@@ -13,9 +14,11 @@ class PrivacySkill(Skill):
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
         result = await ctx.bot.store.forget_user(message.platform, message.user_id)
+        yours = result.messages_deleted - result.replies_deleted
         return Reply(
-            f"Done. I deleted {result.messages_deleted} messages and "
-            f"{result.feedback_deleted} ratings of yours, and noted your request so that "
+            f"Done. I deleted {plural(yours, 'message')} of yours, "
+            f"{plural(result.replies_deleted, 'reply', 'replies')} of mine to you and "
+            f"{plural(result.feedback_deleted, 'rating')}, and noted your request so that "
             "nothing derived from them is used for training."
         )
 

@@ -100,7 +100,7 @@ def question_likeness(text: str) -> float:
 class QASkill(Skill):
     name = "qa"
     description = "Answers questions from the knowledge base, with sources."
-    commands = (Command("ask", "Ask the knowledge base a question", usage="/ask QUESTION"),)
+    commands = (Command("ask", "Ask the knowledge base a question", usage="QUESTION"),)
     config_model = QAConfig
     priority = 50
     threshold = 0.5

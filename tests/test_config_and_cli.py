@@ -88,6 +88,45 @@ def test_piped_chat_prints_one_reply_block_per_message(tmp_path):
     assert "/help" in blocks[1] and "/forget" in blocks[1]
 
 
+def test_piped_chat_prints_replies_only_and_logs_go_to_stderr(tmp_path):
+    result = run_cli("-v", "chat", stdin="/help\n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert " INFO " in result.stderr  # -v: the log is on, and it is on stderr
+    for line in result.stdout.splitlines():
+        assert " INFO " not in line and "Loading weights" not in line
+    assert result.stdout.startswith("Here is what I can do:")
+
+
+def test_help_shows_each_command_once_with_its_arguments(tmp_path):
+    out = run_cli("chat", stdin="/help\n", tmp_path=tmp_path).stdout
+    assert "/forget — " in out
+    assert "/bad /bad" not in out and "/ask /ask" not in out
+    if "/ask" in out:
+        assert "/ask QUESTION — " in out
+
+
+def test_forget_counts_the_users_messages_apart_from_the_bots_replies(tmp_path):
+    out = run_cli("chat", stdin="hello\nhello again\n/forget\n", tmp_path=tmp_path).stdout
+    # Two messages and the /forget itself; the two replies to the messages.
+    assert "3 messages of yours, 2 replies of mine to you and 0 ratings" in out
+
+
+def test_run_with_no_platform_and_stdin_closed_says_why_it_stops(tmp_path):
+    result = run_cli("run", stdin="", tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "no platform is configured" in result.stderr
+    assert "CHINWAG_TELEGRAM__TOKEN" in result.stderr
+
+
+def test_skills_json_names_the_distribution_version_and_command_usage(tmp_path):
+    rows = {r["name"]: r for r in json.loads(run_cli("skills", "--json", tmp_path=tmp_path).stdout)}
+    assert rows["help"]["distribution"] == "chinwag" and rows["help"]["version"]
+    usages = {c["name"]: c["usage"] for r in rows.values() for c in r["commands"]}
+    assert usages["forget"] == "/forget"
+    if "ask" in usages:
+        assert usages["ask"] == "/ask QUESTION"
+
+
 def test_piped_chat_with_json_reports_skill_latency_and_metadata(tmp_path):
     result = run_cli("chat", "--json", stdin="hello\n/help\n\n", tmp_path=tmp_path)
     lines = [json.loads(line) for line in result.stdout.splitlines()]

@@ -66,3 +66,82 @@ def test_the_plugins_own_tests_pass_with_the_shipped_fixtures(installed, tmp_pat
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+
+
+def docs_files() -> dict[str, str]:
+    """The code blocks of docs/plugins.md whose first line names a file (``# path``)."""
+    import re
+
+    files = {}
+    for block in re.findall(r"```(?:toml|python)\n(.*?)```", DOCS.read_text(), re.S):
+        first, _, rest = block.partition("\n")
+        name = first.lstrip("# ").strip()
+        if first.startswith("# ") and re.fullmatch(r"[\w/]+\.(py|toml)", name):
+            files[name] = rest
+    return files
+
+
+def pip_install(source: Path, site: Path) -> None:
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"),
+            *("--no-build-isolation", "--target", str(site), str(source)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def run_own_tests(project: Path, site: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """pytest in the plugin's folder, as its author runs it: no chinwag checkout in sight."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=project,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_plugin_walkthrough_in_the_docs_installs_and_its_tests_pass(tmp_path):
+    files = docs_files()
+    assert {"pyproject.toml", "chinwag_weather.py", "tests/test_weather.py"} <= set(files)
+    project = tmp_path / "chinwag-weather"
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    site = tmp_path / "site"
+    pip_install(project, site)
+    result = run_own_tests(project, site, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+
+
+def test_the_hello_example_passes_its_own_tests(tmp_path):
+    example = EXAMPLE.parent / "plugin-hello"
+    site = tmp_path / "site"
+    pip_install(example, site)
+    result = run_own_tests(example, site, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+
+
+def test_a_projects_own_bot_module_gets_an_explanation_not_an_import_error(tmp_path):
+    (tmp_path / "bot.py").write_text("TOKEN = 'mine'\n")
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "shadows chinwag's own 'bot' package" in out
+    assert "Rename your module" in out

@@ -296,7 +296,7 @@ def eval_qa_cmd(
     judge_key: JudgeKey = None,
 ) -> None:
     """Retrieval recall@k/MRR and answer containment/F1, citations and abstention; with
-    ``--judge-url``, an LLM judge panel compares answers with the references."""
+    --judge-url, an LLM judge panel compares answers with the references."""
     panel = _panel(judge_url, judge_model, judge_key)
     _run(_guard(lambda: _qa_suites(data, panel)), out, baseline)
 
@@ -443,7 +443,7 @@ def adapters_rollback(name: str) -> None:
 def train(
     now: Annotated[bool, typer.Option("--now", help="Run one cycle now and exit.")] = False,
 ) -> None:
-    """Run the training cycle: now (``--now``), or on the configured schedule."""
+    """Run the training cycle: now (--now), or on the configured schedule."""
     from bot.cli import fail, settings
 
     s = settings()

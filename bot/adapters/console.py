@@ -13,6 +13,7 @@ import getpass
 import json
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TextIO
 
 from bot.core import Bot
@@ -96,12 +97,22 @@ class ConsoleChat:
     async def run_pipe(self) -> int:
         return await self.run_lines(_stdin_lines())
 
-    async def run_interactive(self) -> None:
+    async def run_interactive(self, *, log_path: Path | None = None) -> None:
+        """Chat on a terminal: the prompt, the replies and a status line while the bot works.
+
+        Nothing else writes to the terminal meanwhile: the log goes to ``log_path`` (the CLI
+        moves it there) and libraries' progress bars are off.
+        """
         from rich.console import Console
 
         console = Console()
         name = self.bot.settings.bot.name
         console.print(f"[bold]{name}[/bold] — type a message, /help for commands, Ctrl-D to quit.")
+        if log_path is not None:
+            console.print(f"[dim]log: {log_path}[/dim]")
+        models = self.bot.models
+        if models.loading:
+            console.print("[dim]the language model is loading in the background…[/dim]")
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -109,12 +120,17 @@ class ConsoleChat:
             except (EOFError, KeyboardInterrupt):
                 console.print()
                 return
-            for r in await self.send(line):
-                style = {"error": "red", "notice": "yellow"}.get(r.kind, "cyan")
+            task = asyncio.ensure_future(self.send(line))
+            with console.status("thinking…", spinner="dots") as status:
+                while not task.done():
+                    if models.loading:
+                        status.update("waiting for the language model to load…")
+                    await asyncio.wait({task}, timeout=0.25)
+            for r in task.result():
+                style = {"error": "red", "notice": "yellow", "busy": "yellow"}.get(r.kind, "cyan")
                 console.print(f"[{style}]{name}>[/{style}] ", end="")
+                # Sources are in the text already ("Sources: [1] …"); JSON mode has the rest.
                 console.print(r.text, markup=False, highlight=False)
-                for s in r.sources:
-                    console.print(f"   [dim]source: {s.title} {s.location}[/dim]")
 
 
 def _login_name() -> str:

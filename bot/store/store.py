@@ -84,8 +84,10 @@ class Conversation:
 
 @dataclass(slots=True)
 class ForgetResult:
+    #: The user's own messages and the bot's replies to them, together.
     messages_deleted: int
     feedback_deleted: int
+    replies_deleted: int = 0
 
 
 @dataclass(slots=True)
@@ -870,6 +872,7 @@ class ConversationStore:
             result = ForgetResult(
                 messages_deleted=(out.rowcount or 0) + (inn.rowcount or 0),
                 feedback_deleted=fb.rowcount or 0,
+                replies_deleted=out.rowcount or 0,
             )
             conn.execute(
                 sa.insert(schema.forget_requests),

@@ -8,12 +8,15 @@ is a new sub-command.
 from __future__ import annotations
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from bot import Command, Context, Message, Reply, Skill, hookimpl
 
 
 class HelloConfig(BaseModel):
+    # A typo in [skills.hello] stops the start naming the key, instead of being ignored.
+    model_config = ConfigDict(extra="forbid")
+
     greeting: str = "Hello"
 
 
