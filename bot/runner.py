@@ -47,7 +47,7 @@ async def serve(
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
-    async with Bot(settings) as bot, _training_schedule(settings, config_path):
+    async with Bot(settings) as bot, _training_schedule(settings, config_path, log_path):
         bot.warm_up_models()
         servers: list = []
         try:
@@ -134,7 +134,7 @@ async def serve(
 
 @contextlib.asynccontextmanager
 async def _training_schedule(
-    settings: Settings, config_path: Path | None
+    settings: Settings, config_path: Path | None, log_path: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process | None]:
     """The nightly training schedule, in a child process (``chinwag train``) for as long as the
     bot runs: training never shares the bot's event loop, memory or fate."""
@@ -145,6 +145,8 @@ async def _training_schedule(
     cmd = [sys.executable, "-m", "bot.cli"]
     if config_path is not None:
         cmd += ["--config", str(config_path)]
+    if log_path is not None:  # the console chat owns the terminal: the child logs beside it
+        cmd += ["--log-file", str(log_path.with_name("train.log"))]
     env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
     child = await asyncio.create_subprocess_exec(
         *cmd, "train", env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent

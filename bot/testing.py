@@ -194,6 +194,8 @@ class ScenarioItem(pytest.Item):
         with tempfile.TemporaryDirectory(prefix="chinwag-scenario-") as tmp:
             settings = chinwag_test_settings(Path(tmp), overrides, cache)
             (result,) = asyncio.run(simulate(settings, [self.scenario], workdir=Path(tmp)))
+        if result.skipped is not None:
+            pytest.skip(result.skipped)
         if not result.passed:
             raise ScenarioFailed(result.transcript())
 

@@ -121,6 +121,25 @@ async def test_a_scenario_that_must_fail_fails_and_shows_the_conversation(chinwa
     assert "✗ reply does not contain 'third'" in transcript
 
 
+async def test_a_sentiment_expectation_without_a_classifier_is_skipped_and_says_why(
+    chinwag_bot, tmp_path
+):
+    (scenario,) = load_file(
+        write(
+            tmp_path,
+            """
+            name: moods
+            turns:
+              - say: This is awful, I am furious.
+                expect: {sentiment: negative}
+            """,
+        )
+    )
+    result = await run_scenario(chinwag_bot, scenario)  # the test bot has no classifier
+    assert result.skipped is not None and "no sentiment classifier in service" in result.skipped
+    assert not result.passed and not result.failed
+
+
 async def test_a_rating_lands_in_the_feedback_table(chinwag_bot, tmp_path):
     (scenario,) = load_file(
         write(tmp_path, "name: rated\nturns:\n  - say: /echo rate me\n    rate: bad\n")

@@ -279,15 +279,19 @@ async def eval_scenarios(settings: Any, paths: list[Path], workdir: Path) -> dic
 
     scenarios = load(paths)
     results = await simulate(settings, scenarios, workdir=workdir)
+    checked = [r for r in results if r.skipped is None]
     return {
         "n": len(results),
         "passed": sum(r.passed for r in results),
-        "pass_rate": sum(r.passed for r in results) / len(results) if results else 0.0,
+        "skipped": len(results) - len(checked),
+        # Of the scenarios this bot could be checked on (a missing classifier is no failure).
+        "pass_rate": sum(r.passed for r in checked) / len(checked) if checked else 0.0,
         "failures": [
             {"name": r.scenario.name, "file": str(r.scenario.path), "why": r.failures[0]}
             for r in results
-            if not r.passed
+            if r.failed
         ],
+        "skips": [{"name": r.scenario.name, "why": r.skipped} for r in results if r.skipped],
     }
 
 

@@ -52,7 +52,7 @@ async def run_simulation(
                 on_done=_progress,
                 workdir=Path(tmp),
             )
-            failures = [r for r in results if not r.passed]
+            failures = [r for r in results if r.failed]
             for r in failures:
                 where = f"{r.scenario.path}:{r.scenario.line}"
                 typer.echo(f"\nFAILED {r.scenario.name} ({where})\n{r.transcript()}")
@@ -73,6 +73,9 @@ async def run_simulation(
 
 
 def _progress(result: runner.ScenarioResult) -> None:
+    if result.skipped is not None:
+        typer.echo(f"  skip {result.scenario.name}: {result.skipped}")
+        return
     mark = "ok  " if result.passed else "FAIL"
     typer.echo(f"  {mark} {result.scenario.name} ({result.seconds:.1f} s)")
 
