@@ -342,4 +342,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # ``python -m bot.cli`` (how the bot starts its training child) runs this file as
+    # ``__main__``; plugins' commands import ``bot.cli``, a second copy with its own global
+    # options. Run the one they import, so --config and --log-file reach them too.
+    from bot import cli
+
+    cli.main()

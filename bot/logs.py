@@ -97,18 +97,24 @@ def log_to_file(path: Path) -> Path:
     for f in filters:
         handler.addFilter(f)
     root.addHandler(handler)
-    _quiet_libraries()
+    quiet_libraries()
     return path
 
 
-def _quiet_libraries() -> None:
-    """Libraries' own progress bars ("Loading weights …") write to the terminal directly, over
-    an interactive prompt; the console shows its own status line instead."""
+def quiet_libraries() -> None:
+    """Libraries that write to the terminal themselves — tqdm bars ("Loading weights …",
+    "Converting … GGUF tensors"), transformers' own stderr handler — would write over an
+    interactive prompt or through a command's own progress bars; chinwag shows its own.
+    Call it before the libraries are imported (tqdm reads its settings at import)."""
     import os
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 takes defaults from TQDM_*
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if "transformers" in sys.modules:
+    try:
         from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()  # its records reach our file handler instead
+    hf_logging.enable_propagation()

@@ -65,7 +65,7 @@ def shutdown(bot):
 def _kb() -> KnowledgeBase:
     from bot.cli import settings
 
-    return from_settings(settings())
+    return from_settings(settings(default_level="WARNING"))
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -103,6 +103,9 @@ def add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ingest documents: text, Markdown, reStructuredText, HTML, PDF, FAQ JSON/JSONL/CSV."""
+    from bot.logs import quiet_libraries
+
+    quiet_libraries()  # our bars, not the embedder's
     kb = _kb()
     try:
         if as_json:

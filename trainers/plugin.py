@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from bot import hookimpl
+from bot.text import plural
 
 eval_app = typer.Typer(
     help="Evaluate the bot: figures, plots and an HTML report.", invoke_without_command=True
@@ -446,7 +447,8 @@ def train(
     """Run the training cycle: now (--now), or on the configured schedule."""
     from bot.cli import fail, settings
 
-    s = settings()
+    # One cycle now reports in its own bars and summary; the schedule logs as a service does.
+    s = settings(default_level="WARNING" if now else None)
     try:
         config = cycle_config(s)
     except Exception as exc:
@@ -479,7 +481,7 @@ def _cycle_now(s: Any, config: Any) -> int:
     d = report["dataset"]
     typer.echo(
         f"dataset: {d['train']} train, {d['held_out']} held out "
-        f"from {d['conversations']} conversations; dropped {d['dropped']}"
+        f"from {plural(d['conversations'], 'conversation')}; dropped {d['dropped']}"
     )
     for name, r in report["adapters"].items():
         line = f"{name}: {r['decision']}"
