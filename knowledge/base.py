@@ -182,6 +182,7 @@ class KnowledgeBase:
         model: str = DEFAULT_MODEL,
         embedder: Embedder | None = None,
         device: str = "cpu",
+        dtype: str = "auto",
         chunk_tokens: int = 250,
         overlap: int = 32,
         ivf_threshold: int = 20_000,
@@ -194,7 +195,9 @@ class KnowledgeBase:
         self.directory = Path(directory)
         self.max_file_bytes = int(max_file_mb * 1024 * 1024)
         self.faq_question_vectors = faq_question_vectors
-        self.embedder = embedder or Embedder(model, device=device, batch_size=batch_size)
+        self.embedder = embedder or Embedder(
+            model, device=device, batch_size=batch_size, dtype=dtype
+        )
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
         self.ivf_threshold = ivf_threshold

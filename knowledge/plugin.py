@@ -21,6 +21,7 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         k.directory or settings.data_dir / "knowledge",
         model=k.model,
         device=k.device,
+        dtype=k.dtype,
         chunk_tokens=k.chunk_tokens,
         overlap=k.overlap,
         ivf_threshold=k.ivf_threshold,

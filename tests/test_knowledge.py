@@ -440,3 +440,22 @@ def test_the_first_searches_arriving_at_once_all_see_the_index(faq_kb, embedder)
     finally:
         fresh.close()
     assert all(len(r) == 1 for r in results)
+
+
+def test_bf16_and_fp32_embeddings_are_unit_vectors_with_the_same_neighbours():
+    from bot.models.embedding import Embedder
+
+    texts = [
+        "How many books can I borrow at a time?",
+        "You may borrow up to twelve books at once.",
+        "The library opens at nine on weekdays.",
+        "Opening hours are 9:00 to 20:00, Monday to Friday.",
+        "Late returns cost ten cents a day.",
+        "Fines for overdue items are 0.10 per day.",
+    ]
+    full = Embedder(dtype="float32").encode(texts)
+    half = Embedder(dtype="bfloat16").encode(texts)
+    assert np.allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
+    assert float((full * half).sum(axis=1).min()) > 0.99
+    nearest = [np.argsort(-(v @ v.T), axis=1)[:, 1] for v in (full, half)]
+    assert nearest[0].tolist() == nearest[1].tolist()

@@ -345,9 +345,8 @@ class ModelRuntime:
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         if self._embedder is None:
-            self._embedder = Embedder(
-                self.settings.knowledge.model, device=self.settings.knowledge.device
-            )
+            k = self.settings.knowledge
+            self._embedder = Embedder(k.model, device=k.device, dtype=k.dtype)
         return await asyncio.to_thread(self._embedder.encode, texts)
 
     async def classify(
