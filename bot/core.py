@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bot.config import ConfigError, Settings, format_validation_error
+from bot.contract import check_filter, check_observer, check_skill, unknown_keys
 from bot.messages import Message, Reply
 from bot.models.types import DEADLINE, RuntimeBusy, ShuttingDown
 from bot.plugins import PluginInfo, Registered, call_lifecycle, collect, make_manager
@@ -213,9 +214,8 @@ class Bot:
         seen: set[str] = set()
         for reg in collect(self.pm, "register_skills"):
             skill = reg.obj
-            name = getattr(skill, "name", "") or ""
-            if not name or not isinstance(name, str):
-                raise ConfigError(f"plugin {reg.plugin!r} registered a skill without a name")
+            check_skill(skill, reg.plugin)
+            name = skill.name
             if name in seen:
                 raise ConfigError(f"two plugins register a skill named {name!r}")
             seen.add(name)
@@ -253,6 +253,10 @@ class Bot:
             log.warning("fallback skill %r is not loaded", settings.bot.fallback)
         self.observers = collect(self.pm, "register_observers")
         self.filters = collect(self.pm, "register_reply_filters")
+        for r in self.observers:
+            check_observer(r.obj, r.plugin)
+        for r in self.filters:
+            check_filter(r.obj, r.plugin)
         # Observers and filters may read a [skills.<their name>] section too (e.g. safety).
         seen.update(getattr(r.obj, "name", "") for r in (*self.observers, *self.filters))
         for name in settings.skills:
@@ -270,6 +274,10 @@ class Bot:
                 keys = ", ".join(f"skills.{name}.{k}" for k in options)
                 raise ConfigError(f"invalid configuration:\n  {keys}: unknown key")
             return None
+        unknown = unknown_keys(model, options)
+        if unknown:  # a typo must not pass silently, whatever the model's own setting
+            keys = "\n  ".join(f"skills.{name}.{k}: unknown key" for k in unknown)
+            raise ConfigError(f"invalid configuration:\n  {keys}")
         try:
             return model(**options)
         except ValidationError as exc:

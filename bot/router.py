@@ -78,8 +78,9 @@ class Router:
                     log.warning("command /%s of %s shadowed by %s", cmd, owner.name, e.name)
                 self.commands[cmd] = e
         # Scoring order: highest priority first so ties resolve to it.
+        # A skill without ``score`` answers its commands only.
         self.scorers = sorted(
-            (e for e in entries if e is not self.fallback),
+            (e for e in entries if e is not self.fallback and hasattr(e.skill, "score")),
             key=lambda e: -e.priority,
         )
 

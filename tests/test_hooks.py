@@ -158,3 +158,94 @@ async def test_two_plugins_registering_the_same_skill_name_is_a_clear_error(tmp_
     bot = Bot(core_settings(tmp_path), plugins=[SkillsPlugin(Greeter()), SkillsPlugin(Greeter())])
     with pytest.raises(ConfigError, match="greeter"):
         await bot.start()
+
+
+class _Registers:
+    """A third-party plugin registering whatever it is given, under a name of its own."""
+
+    def __init__(self, hook: str, obj) -> None:
+        self.__name__ = "acme"
+        setattr(self, hook, hookimpl(lambda register: register(obj), specname=hook))
+
+
+class NoHandle:
+    name = "nohandle"
+
+
+class SyncHandle:
+    name = "synchandle"
+
+    def handle(self, message, ctx):
+        return "hi"
+
+
+class WrongArgs:
+    name = "wrongargs"
+
+    async def handle(self, message):
+        return "hi"
+
+
+class MisspelledFilter:
+    name = "censor"
+
+    async def filtre(self, reply, message, ctx):
+        return reply
+
+
+class CommandsOnly:
+    """No ``score``: answers its command, never free text."""
+
+    name = "ping"
+    commands = ("ping",)
+
+    async def handle(self, message, ctx):
+        return "pong"
+
+
+@pytest.mark.parametrize(
+    ("hook", "obj", "error"),
+    [
+        ("register_skills", NoHandle(), "skill 'nohandle' (NoHandle) without a handle() method"),
+        ("register_skills", SyncHandle(), "handle() must be async"),
+        ("register_skills", WrongArgs(), "handle() must accept (message, ctx)"),
+        ("register_skills", type("Bad", (CommandsOnly,), {"name": "two words"})(), "name"),
+        ("register_reply_filters", MisspelledFilter(), "'censor' (MisspelledFilter) without a "),
+    ],
+)
+async def test_a_malformed_plugin_object_stops_the_start_naming_plugin_and_problem(
+    tmp_path, hook, obj, error
+):
+    from bot.config import ConfigError
+
+    bot = Bot(core_settings(tmp_path), plugins=[_Registers(hook, obj)])
+    with pytest.raises(ConfigError, match="plugin 'acme'") as raised:
+        await bot.start()
+    assert error in str(raised.value)
+
+
+async def test_a_skill_without_score_answers_its_command_and_nothing_else(tmp_path):
+    bot = Bot(core_settings(tmp_path), plugins=[_Registers("register_skills", CommandsOnly())])
+    async with bot:
+        user = ChatUser(bot)
+        assert await user.ask("/ping") == "pong"
+        replies = await user.send("ping me please")
+        assert replies[0].skill != "ping"
+
+
+async def test_a_config_model_without_forbid_still_rejects_a_typo(tmp_path):
+    from pydantic import BaseModel
+
+    from bot.config import ConfigError
+
+    class Lenient(BaseModel):  # pydantic's default: unknown keys ignored
+        city: str = "Zaragoza"
+
+    class Weather(CommandsOnly):
+        name = "weather"
+        config_model = Lenient
+
+    settings = core_settings(tmp_path, {"skills": {"weather": {"citty": "Lyon"}}})
+    bot = Bot(settings, plugins=[_Registers("register_skills", Weather())])
+    with pytest.raises(ConfigError, match=r"skills\.weather\.citty: unknown key"):
+        await bot.start()
