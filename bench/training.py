@@ -122,13 +122,16 @@ def main() -> None:
     alone = work / "alone"
     shutil.copytree(log_dir, alone)
     print(f"training alone ({args.steps} steps, default LoRA shape) …", flush=True)
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "bot.cli", "train", "--now"],
         env=child_env(alone, cache, trainers),
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
     )
+    if done.returncode != 0:
+        # The cycle says why on its output; a bench that hides it leaves nothing to act on.
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
+        raise SystemExit(f"the training cycle failed (exit {done.returncode}):\n{tail}")
     (report_path,) = (alone / "trainers" / "reports").glob("*/report.json")
     result = json.loads(report_path.read_text())["adapters"]["companion"]
     print(
@@ -148,7 +151,7 @@ def main() -> None:
         [sys.executable, "-m", "bot.cli", "train", "--now"],
         env=child_env(busy_dir, cache, long_run),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(work / "busy-train.log").open("w"),
     )
     try:
         checkpoints = busy_dir / "trainers" / "checkpoints"

@@ -248,6 +248,7 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
         stderr=asyncio.subprocess.PIPE,
     )
     shown: dict[str, int] = {}
+    said: list[str] = []  # its last words, for the log when it fails
     try:
         assert proc.stdout is not None
         async for raw in proc.stdout:
@@ -260,6 +261,7 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
                     shown[stage] = pct
                     log.info("sentiment training: %s %d/%d (%d%%)", stage, done, total, pct)
             elif line:
+                said = [*said[-2:], line]
                 log.info("sentiment training: %s", line)
         _, err = await proc.communicate()
     except asyncio.CancelledError:
@@ -267,8 +269,11 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
         await proc.wait()
         raise
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        log.error("sentiment training failed (exit %s): %s", proc.returncode, " | ".join(tail))
+        # The reason is on stderr (a traceback) or, for a refusal such as "busy another
+        # process is training", on stdout.
+        tail = err.decode(errors="replace").strip().splitlines()[-3:] or said
+        reason = " | ".join(tail) or "no output"
+        log.error("sentiment training failed (exit %s): %s", proc.returncode, reason)
         return False
     return True
 

@@ -502,3 +502,19 @@ async def test_the_base_model_and_a_classifier_can_load_at_the_same_time(
             assert gen.completion_tokens > 0 and label.label in ("negative", "neutral", "positive")
         finally:
             await runtime.stop()
+
+
+async def test_a_first_start_training_refused_by_a_busy_registry_says_why(tmp_path, caplog):
+    import fcntl
+    import logging
+
+    from skills.sentiment import SentimentConfig, train_in_subprocess
+
+    lock_dir = tmp_path / "sentiment"
+    lock_dir.mkdir(parents=True)
+    with (lock_dir / ".train.lock").open("a") as held:  # another trainer has it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with caplog.at_level(logging.ERROR, logger="skills.sentiment"):
+            ok = await train_in_subprocess(tmp_path, SentimentConfig())
+    assert ok is False
+    assert "failed (exit 3): busy another process is training" in caplog.text

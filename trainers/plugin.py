@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -478,6 +479,10 @@ def _cycle_now(s: Any, config: Any) -> int:
         except CycleBusy as exc:
             typer.echo(f"error: {exc}", err=True)
             return 3
+        except Exception as exc:  # say why in one line; the traceback goes to the log
+            logging.getLogger("trainers").exception("the training cycle failed")
+            typer.echo(f"error: the training cycle failed: {type(exc).__name__}: {exc}", err=True)
+            return 1
     d = report["dataset"]
     typer.echo(
         f"dataset: {d['train']} train, {d['held_out']} held out "
