@@ -47,7 +47,7 @@ async def serve(
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
-    async with Bot(settings) as bot, _training_schedule(settings, config_path, log_path):
+    async with Bot(settings) as bot, _training_schedule(bot, config_path, log_path):
         bot.warm_up_models()
         servers: list = []
         try:
@@ -134,12 +134,17 @@ async def serve(
 
 @contextlib.asynccontextmanager
 async def _training_schedule(
-    settings: Settings, config_path: Path | None, log_path: Path | None = None
+    bot: Bot, config_path: Path | None, log_path: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process | None]:
     """The nightly training schedule, in a child process (``chinwag train``) for as long as the
-    bot runs: training never shares the bot's event loop, memory or fate."""
+    bot runs: training never shares the bot's event loop, memory or fate.
+
+    Only when a loaded plugin provides ``chinwag train``: ``disabled_plugins`` and
+    ``CHINWAG_PLUGINS`` switch the schedule off with the plugin that owns it.
+    """
+    settings = bot.settings
     schedule = (settings.trainers or {}).get("schedule", "default")
-    if not schedule:
+    if not schedule or not _provides_command(bot, "train"):
         yield None
         return
     cmd = [sys.executable, "-m", "bot.cli"]
@@ -162,6 +167,17 @@ async def _training_schedule(
             except TimeoutError:
                 child.kill()
                 await child.wait()
+
+
+def _provides_command(bot: Bot, name: str) -> bool:
+    """Whether the bot's own plugins (disabled ones left out) register CLI command ``name``."""
+    import typer
+
+    probe = typer.Typer()
+    bot.pm.hook.register_commands(cli=probe)
+    return any(
+        (c.name or getattr(c.callback, "__name__", "")) == name for c in probe.registered_commands
+    )
 
 
 @contextlib.contextmanager

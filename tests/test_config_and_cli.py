@@ -111,6 +111,16 @@ def test_forget_counts_the_users_messages_apart_from_the_bots_replies(tmp_path):
     assert "3 messages of yours, 2 replies of mine to you and 0 ratings" in out
 
 
+def test_disabling_the_trainers_plugin_also_stops_its_nightly_schedule(tmp_path):
+    on = run_cli("run", stdin="/help\n", tmp_path=tmp_path)
+    assert "training schedule: process" in on.stderr
+    (tmp_path / "chinwag.toml").write_text('disabled_plugins = ["trainers"]\n')
+    off = run_cli("run", stdin="/help\n", tmp_path=tmp_path)
+    assert off.returncode == 0, off.stderr
+    assert "training schedule: process" not in off.stderr
+    assert "/start" in off.stdout
+
+
 def test_run_with_no_platform_and_stdin_closed_says_why_it_stops(tmp_path):
     result = run_cli("run", stdin="", tmp_path=tmp_path)
     assert result.returncode == 2
