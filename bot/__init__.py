@@ -7,13 +7,14 @@ Plugins import from here only (``from bot import Skill, Reply, hookimpl``); ever
 from bot.hookspecs import hookimpl
 from bot.messages import Attachment, Escalation, Message, Reply, Source
 from bot.models.types import ModelError, RuntimeBusy, ShuttingDown
-from bot.skill import Command, Context, Observer, ReplyFilter, Skill
+from bot.skill import Command, Context, Match, Observer, ReplyFilter, Skill
 
 __all__ = [
     "Attachment",
     "Command",
     "Context",
     "Escalation",
+    "Match",
     "Message",
     "ModelError",
     "Observer",

@@ -541,10 +541,12 @@ class Bot:
                     )
                 ]
             command, args = parsed.name, parsed.args
-        else:
-            entry = await self.router.best(
+        match = None
+        if parsed is None:
+            found = await self.router.best(
                 message, self.allowed, lambda e: self._context(e, is_admin)
             )
+            entry, match = found if found is not None else (None, None)
             if entry is None:
                 entry = self.router.fallback
                 if entry is None or not self.allowed(entry, message):
@@ -555,7 +557,9 @@ class Bot:
                             skill="core",
                         )
                     ]
-        return await self._run_skill(entry, message, self._context(entry, is_admin, command, args))
+        ctx = self._context(entry, is_admin, command, args)
+        ctx.match = match
+        return await self._run_skill(entry, message, ctx)
 
     def _context(
         self, entry: SkillEntry, is_admin: bool, command: str | None = None, args: str = ""

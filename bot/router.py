@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.messages import Message
-from bot.skill import Command
+from bot.skill import Command, Match
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +90,27 @@ class Router:
     def owner(self, command: str) -> SkillEntry | None:
         return self.commands.get(command)
 
-    async def best(self, message: Message, allowed: Any, make_ctx: Any) -> SkillEntry | None:
-        """The highest-scoring allowed skill above its threshold, or ``None``."""
-        best: SkillEntry | None = None
+    async def best(
+        self, message: Message, allowed: Any, make_ctx: Any
+    ) -> tuple[SkillEntry, Any] | None:
+        """The highest-scoring allowed skill above its threshold with its ``Match.data``, or
+        ``None``."""
+        best: tuple[SkillEntry, Any] | None = None
         best_score = float("-inf")
         for entry in self.scorers:
             if not allowed(entry, message):
                 continue
             try:
-                score = await entry.skill.score(message, make_ctx(entry))
+                result = await entry.skill.score(message, make_ctx(entry))
             except Exception:
                 log.exception("skill %s failed to score a message; treated as 0", entry.name)
                 continue
+            score, data = result, None
+            if isinstance(result, Match):
+                score, data = result.score, result.data
+            if not isinstance(score, int | float):
+                log.error("skill %s scored %r, not a number; treated as 0", entry.name, score)
+                continue
             if score >= entry.threshold and score > best_score:
-                best, best_score = entry, score
+                best, best_score = (entry, data), score
         return best

@@ -49,6 +49,17 @@ TOKEN_SINK: ContextVar[Callable[[str], Awaitable[None]] | None] = ContextVar(
 INBOUND_STORED: ContextVar[Any] = ContextVar("chinwag_inbound_stored", default=None)
 
 
+@dataclass(frozen=True, slots=True)
+class Match:
+    """What ``score`` may return instead of a bare number: the score, plus what the skill
+    found while scoring (search hits, a parsed intent). When the skill wins the message, its
+    ``handle`` gets ``data`` as ``ctx.match`` — the work is not done twice, and nothing has to
+    be cached on the skill object (which serves every chat at once)."""
+
+    score: float
+    data: Any = None
+
+
 @dataclass(slots=True)
 class Context:
     """Everything a skill may use while answering one message.
@@ -63,6 +74,8 @@ class Context:
     args: str = ""
     is_admin: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    #: ``Match.data`` from this skill's ``score`` for this message (``None`` for commands).
+    match: Any = None
 
     @property
     def streaming(self) -> bool:
@@ -107,7 +120,7 @@ class Skill:
     async def setup(self, bot: Bot, config: Any) -> None:
         """Called once at start-up with the skill's validated configuration."""
 
-    async def score(self, message: Message, ctx: Context) -> float:
+    async def score(self, message: Message, ctx: Context) -> float | Match:
         return 0.0
 
     async def handle(self, message: Message, ctx: Context) -> Reply | list[Reply] | str | None:

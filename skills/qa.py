@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from pydantic import BaseModel, Field
 from bot import (
     Command,
     Context,
+    Match,
     Message,
     Reply,
     RuntimeBusy,
@@ -106,16 +106,13 @@ class QASkill(Skill):
     threshold = 0.5
     uses_model = True
 
-    def __init__(self) -> None:
-        self._cache: OrderedDict[int, list[Any]] = OrderedDict()
-
     async def _search(self, ctx: Context, question: str, cfg: QAConfig) -> list[Any]:
         kb = ctx.bot.services.get("knowledge")
         if kb is None:
             return []
         return await kb.search(question, cfg.top_k, min_score=cfg.min_score)
 
-    async def score(self, message: Message, ctx: Context) -> float:
+    async def score(self, message: Message, ctx: Context) -> float | Match:
         q = question_likeness(message.text)
         if q == 0.0 or "knowledge" not in ctx.bot.services:
             return 0.0
@@ -125,13 +122,10 @@ class QASkill(Skill):
         except Exception:
             log.exception("qa: knowledge search failed while scoring")
             return 0.0
-        if message.id is not None:
-            self._cache[message.id] = passages
-            while len(self._cache) > 512:
-                self._cache.popitem(last=False)
         if not passages:
             return 0.0
-        return q * (0.55 + 0.45 * passages[0].score)
+        # The passages go to handle with the match: one search per message.
+        return Match(q * (0.55 + 0.45 * passages[0].score), passages)
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
         cfg: QAConfig = ctx.config
@@ -145,7 +139,7 @@ class QASkill(Skill):
                 "`chinwag knowledge add PATH`.",
                 kind="notice",
             )
-        cached = self._cache.pop(message.id, None) if not ctx.command else None
+        cached = ctx.match if not ctx.command else None
         try:
             passages = cached if cached is not None else await self._search(ctx, question, cfg)
         except Exception as exc:

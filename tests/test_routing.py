@@ -146,3 +146,35 @@ async def test_a_command_claimed_twice_goes_to_the_higher_priority_skill(tmp_pat
     async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(), SkillsPlugin(Clash())]) as bot:
         assert await ChatUser(bot).ask("/echo hi") == "clash"
     assert "shadowed" in caplog.text
+
+
+class Lookup(Skill):
+    """Finds its answer while scoring and hands it to handle through the match."""
+
+    name = "lookup"
+    commands = (Command("lookup"),)
+    searches = 0
+
+    async def score(self, message: Message, ctx: Context):
+        from bot import Match
+
+        Lookup.searches += 1
+        if "capital" not in message.text:
+            return 0.0
+        return Match(0.9, {"answer": "Paris"})
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        found = ctx.match["answer"] if ctx.match else "nothing (asked as a command)"
+        return Reply(f"found {found}")
+
+
+async def test_what_score_found_reaches_handle_and_is_not_searched_twice(tmp_path):
+    from bot.core import Bot
+    from bot.testing import ChatUser
+
+    Lookup.searches = 0
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(Lookup())]) as bot:
+        user = ChatUser(bot)
+        assert await user.ask("what is the capital of France?") == "found Paris"
+        assert Lookup.searches == 1
+        assert await user.ask("/lookup capital") == "found nothing (asked as a command)"
