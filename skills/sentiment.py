@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from bot import Command, Context, Escalation, Message, Reply, Skill, hookimpl
 from bot.models.classifier import NoClassifier, describe
+from bot.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class SentimentConfig(BaseModel):
     train_in_background: bool = True
     #: Options for that first training (see trainers/sentiment.py: epochs, rank, …).
     training: dict[str, Any] = {}
+    #: Scheduling priority of that training process: the bot's replies come first.
+    training_nice: int = Field(15, ge=0, le=19)
     #: Negative messages in a row from one user that call the escalate hook; 0 disables.
     escalate_after: int = Field(3, ge=0)
     #: A message counts as negative for escalation only with at least this confidence.
@@ -226,6 +231,14 @@ def _valence(s: dict[str, Any]) -> float:
     return float(scores.get("positive", 0.0)) - float(scores.get("negative", 0.0))
 
 
+def _child_setup(nice: int) -> None:
+    """In the trainer child before exec: lower its priority, and let it die with the bot
+    (even a SIGKILLed bot: no orphan trainer holding the lock the next start waits on)."""
+    die_with_parent()
+    if nice:
+        os.nice(nice)
+
+
 async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bool:
     """Train the first adapter in a child process (``python -m trainers.sentiment``).
 
@@ -246,6 +259,7 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
         json.dumps(config.training),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=functools.partial(_child_setup, config.training_nice),
     )
     shown: dict[str, int] = {}
     said: list[str] = []  # its last words, for the log when it fails

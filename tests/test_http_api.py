@@ -303,8 +303,19 @@ def test_sigterm_under_model_load_answers_everyone_and_exits_on_time(tmp_path, c
     assert (inbound, outbound) == (6, 6)
 
 
-def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path):
-    """SIGKILL leaves no cleanup code running: the kernel ends the schedule process."""
+@pytest.mark.parametrize(
+    ("child", "settings", "min_nice"),
+    [
+        ("the training schedule", {"CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING": "false"}, 0),
+        (
+            "the first sentiment training",
+            {"CHINWAG_TRAINERS": '{"schedule": ""}'},
+            15,  # [skills.sentiment] training_nice: replies come first
+        ),
+    ],
+)
+def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path, child, settings, min_nice):
+    """SIGKILL leaves no cleanup code running: the kernel ends the trainer process."""
     import os
     import signal
     import subprocess
@@ -312,9 +323,9 @@ def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path):
     import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(settings)
     env.update(
         CHINWAG_DATA_DIR=str(tmp_path / "data"),
-        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
         CHINWAG_HTTP__ENABLED="true",
         CHINWAG_HTTP__PORT=str(_free_port()),
         CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
@@ -340,8 +351,17 @@ def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path):
     try:
         until = time.monotonic() + 60
         while not (kids := children()):
-            assert time.monotonic() < until and proc.poll() is None, "no schedule child"
+            assert time.monotonic() < until and proc.poll() is None, f"no child for {child}"
             time.sleep(0.2)
+
+        def nice(pid: int) -> int:
+            with open(f"/proc/{pid}/stat") as fh:
+                return int(fh.read().rsplit(")", 1)[1].split()[16])
+
+        until = time.monotonic() + 10  # seen right after fork, it may not have reniced yet
+        while min(nice(k) for k in kids) < min_nice and time.monotonic() < until:
+            time.sleep(0.1)
+        assert min(nice(k) for k in kids) >= min_nice
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         until = time.monotonic() + 15
@@ -353,7 +373,7 @@ def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path):
                     if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
                         alive.remove(k)
             time.sleep(0.2)
-        assert alive == [], "the training schedule outlived the bot"
+        assert alive == [], f"{child} outlived the bot"
     finally:
         if proc.poll() is None:
             proc.kill()
