@@ -27,6 +27,11 @@ from bot.process import die_with_parent
 
 log = logging.getLogger(__name__)
 
+#: Labels that missed the observer's budget still arrive (stored when ready), up to this many
+#: at once and within this long.
+LATE_LABELS = 1024
+LATE_WITHIN_S = 120.0
+
 EMOJI = {"negative": "😞", "neutral": "😐", "positive": "😊"}
 
 
@@ -123,15 +128,56 @@ class SentimentSkill(Skill):
         if not text or text.startswith("/"):
             return
         config = self._config(ctx.bot)
+        bot = ctx.bot
+        labelling = asyncio.ensure_future(bot.models.classify([text], config.classifier))
+        # Within the core's observer budget when the machine allows; otherwise the message
+        # goes on unlabelled for now and its label is stored when it is ready — a busy machine
+        # or a classifier still loading must not leave messages unlabelled for good.
+        budget = 0.8 * bot.settings.bot.observer_timeout_s
+        done, _ = await asyncio.wait({labelling}, timeout=budget)
+        if not done:
+            pending = bot.services.setdefault("sentiment.late", set())
+            if len(pending) >= LATE_LABELS:  # bounded: past that, labels are dropped
+                labelling.cancel()
+                log.warning(
+                    "sentiment: %d labels already late; this message stays unlabelled", len(pending)
+                )
+                return
+            task = asyncio.ensure_future(self._label_late(message, ctx, config, labelling))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            return
+        await self._apply(message, ctx, config, labelling)
+
+    async def _apply(
+        self, message: Message, ctx: Context, config: SentimentConfig, labelling: Any
+    ) -> bool:
         try:
-            (result,) = await ctx.bot.models.classify([text], config.classifier)
+            (result,) = labelling.result()
         except NoClassifier:
             if not ctx.bot.services.get("sentiment.warned"):
                 log.warning("sentiment: no classifier in service; messages are not labelled")
                 ctx.bot.services["sentiment.warned"] = True
-            return
+            return False
         message.metadata["sentiment"] = describe(result)
         await self._track(message, result.label, result.score, ctx, config)
+        return True
+
+    async def _label_late(
+        self, message: Message, ctx: Context, config: SentimentConfig, labelling: Any
+    ) -> None:
+        try:
+            await asyncio.wait({labelling}, timeout=LATE_WITHIN_S)
+            if not labelling.done():
+                labelling.cancel()
+                log.warning(
+                    "sentiment: no label within %.0fs; message left unlabelled", LATE_WITHIN_S
+                )
+                return
+            if await self._apply(message, ctx, config, labelling) and message.id is not None:
+                ctx.bot.store.update_metadata_nowait(message.id, message.metadata)
+        except Exception:
+            log.exception("sentiment: a late label failed")
 
     async def _track(
         self, message: Message, label: str, score: float, ctx: Context, config: SentimentConfig
@@ -310,6 +356,8 @@ def shutdown(bot):
     warming = bot.services.pop("sentiment.warming", None)
     if warming is not None and not warming.done():
         warming.cancel()
+    for late in bot.services.pop("sentiment.late", set()):
+        late.cancel()  # the store is closing: those messages stay unlabelled (logged as such)
     task = bot.services.pop("sentiment.training", None)
     if task is None or task.done():
         return None

@@ -146,6 +146,7 @@ NEGATIVE = [
 async def test_every_message_is_labelled_and_the_label_is_stored(chat, chinwag_bot):
     await chat.send("echo a warm, funny and wonderful film that I loved")
     await chat.send("echo The story follows a young man who moves to Paris to study law.")
+    await until_labelled(chinwag_bot)
     stored = [
         t for t in await chinwag_bot.store.last_turns("test", "chat-1", 10) if t.direction == "in"
     ]
@@ -154,6 +155,35 @@ async def test_every_message_is_labelled_and_the_label_is_stored(chat, chinwag_b
     for s in labels:
         assert set(s["scores"]) == {"negative", "neutral", "positive"}
         assert s["adapter_version"] == "v1"
+
+
+async def test_a_label_that_misses_the_observer_budget_is_stored_when_ready(chat, chinwag_bot):
+    """A busy machine (or a classifier still loading) delays labels; it must not lose them."""
+    real = chinwag_bot.models.classify
+
+    async def busy_machine(texts, classifier="sentiment"):
+        await asyncio.sleep(2.5)  # longer than the 2 s observer budget
+        return await real(texts, classifier)
+
+    chinwag_bot.models.classify = busy_machine
+    try:
+        replies = await chat.send("echo a warm, funny and wonderful film that I loved")
+        assert replies[0].text  # answered without waiting for the label
+        await until_labelled(chinwag_bot)
+    finally:
+        chinwag_bot.models.classify = real
+    (stored,) = [
+        t for t in await chinwag_bot.store.last_turns("test", "chat-1", 10) if t.direction == "in"
+    ]
+    assert stored.meta["sentiment"]["label"] == "positive"
+
+
+async def until_labelled(bot) -> None:
+    """Labels that missed the observer's budget (a busy machine) arrive a little later."""
+    late = list(bot.services.get("sentiment.late", ()))
+    if late:
+        await asyncio.wait(late, timeout=120)
+    await bot.store.flush()
 
 
 @pytest.fixture
