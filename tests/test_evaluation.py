@@ -207,6 +207,16 @@ def test_eval_writes_figures_and_a_self_contained_html_report_and_compares_runs(
     assert broken.returncode == 2 and f"{labelled}:1: not JSON" in broken.stderr
 
 
+def test_eval_options_before_a_sub_command_apply_to_it(tmp_path):
+    env = {"CHINWAG_DATA_DIR": str(tmp_path / "data"), "CHINWAG_PLUGINS": "help,trainers"}
+    scenario = tmp_path / "help.yaml"
+    scenario.write_text("name: help answers\nturns:\n  - say: /help\n    expect: {skill: help}\n")
+    done = chinwag(tmp_path, "eval", "--out", tmp_path / "here", "scenarios", scenario, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "here" / "report.json").exists()
+    assert "scenarios: passed 1, skipped 0, n 1" in done.stdout
+
+
 # -- the LLM-as-judge panel ------------------------------------------------------------------
 
 

@@ -63,9 +63,19 @@ def stage_bars(
         yield progress
 
 
+#: ``--out`` / ``--baseline`` given to ``chinwag eval`` before a sub-command.
+_GROUP: dict[str, Path | None] = {}
+
+
 def _run(suites: dict[str, Suite], out: Path | None, baseline: Path | None) -> None:
     """Build the bot once, run ``suites`` on it with progress bars, write and summarise."""
     from datetime import UTC, datetime
+
+    from bot.logs import quiet_libraries
+
+    quiet_libraries()  # our bars only
+    out = out or _GROUP.get("out")
+    baseline = baseline or _GROUP.get("baseline")
 
     from rich.console import Console
 
@@ -126,7 +136,7 @@ _HEADLINE = {
         "judge_vs_reference",
     ),
     "dialogue": ("distinct_1", "distinct_2", "repetition_rate", "groundedness"),
-    "scenarios": ("passed", "n", "pass_rate"),
+    "scenarios": ("passed", "skipped", "n", "pass_rate"),
 }
 
 
@@ -251,6 +261,8 @@ def eval_all(
 ) -> None:
     """Run the default evaluation suite (or one suite: see the sub-commands)."""
     if ctx.invoked_subcommand is not None:
+        # `chinwag eval --out DIR qa …`: the group's options hold for the sub-command too.
+        _GROUP.update(out=out, baseline=baseline)
         return
     suites: dict[str, Suite] = {"sentiment": _sentiment_suite(None, sentiment_limit)}
     if qa_data is not None:
@@ -297,8 +309,8 @@ def eval_qa_cmd(
     judge_model: JudgeModel = "judge",
     judge_key: JudgeKey = None,
 ) -> None:
-    """Retrieval recall@k/MRR and answer containment/F1, citations and abstention; with
-    --judge-url, an LLM judge panel compares answers with the references."""
+    """Retrieval recall@k/MRR, answer containment/F1, citations and abstention (with an LLM
+    judge panel too when --judge-url is given)."""
     panel = _panel(judge_url, judge_model, judge_key)
     _run(_guard(lambda: _qa_suites(data, panel)), out, baseline)
 
