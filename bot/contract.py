@@ -35,7 +35,8 @@ def _check_method(obj: Any, method: str, args: int, where: str, *, required: boo
         return
     if not callable(fn):
         raise ConfigError(f"{where}: {method} is not a method")
-    if not inspect.iscoroutinefunction(fn):
+    # Decorated methods count by what they wrap (functools.wraps keeps ``__wrapped__``).
+    if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn))):
         raise ConfigError(f"{where}: {method}() must be async (async def {method}(...))")
     try:
         inspect.signature(fn).bind(*([None] * args))
