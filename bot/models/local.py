@@ -561,7 +561,6 @@ class LocalBackend:
 
     def _prefill(self, jobs: list[_Job]) -> None:
         import torch
-        from transformers import DynamicCache
 
         t0 = time.monotonic()
         device = self.device
@@ -587,13 +586,9 @@ class LocalBackend:
             mask[i, past - h : past] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
-        cache = DynamicCache()
+        cache = _growing_cache(self._seed(reused, past) if past else None)
         if past:
-            cache = DynamicCache(ddp_cache_data=self._seed(reused, past))
             self.stats["prefix_tokens_reused"] += sum(have)
-        for layer in cache.layers:
-            layer.__class__ = _growing_layer()
-        cache.layer_class_to_replicate = _growing_layer()
         out = self._forward(
             jobs,
             input_ids=ids,
@@ -649,7 +644,6 @@ class LocalBackend:
         """Add freshly prefilled rows to the running batch (left-padding the shorter side)."""
         import torch
         from torch.nn.functional import pad
-        from transformers import DynamicCache
 
         b = self._batch
         if not b.jobs:
@@ -669,9 +663,7 @@ class LocalBackend:
                     torch.cat([widen(old.values, old_len), widen(new.values, new_len)]),
                 )
             )
-        b.cache = DynamicCache(ddp_cache_data=layers)
-        for layer in b.cache.layers:
-            layer.__class__ = _growing_layer()
+        b.cache = _growing_cache(layers)
         b.mask = torch.cat([pad(b.mask, (width - old_len, 0)), pad(mask, (width - new_len, 0))])
         b.last = torch.cat([b.last, first])
         b.jobs.extend(jobs)
@@ -897,6 +889,17 @@ class LocalBackend:
 
     def _finish_stream(self, job: _Job) -> None:
         self._put_stream(job, None)
+
+
+def _growing_cache(layers: list[tuple[Any, Any]] | None = None) -> Any:
+    """A ``DynamicCache`` whose layers — given ones and any it adds — are growing layers."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+    for layer in cache.layers:
+        layer.__class__ = _growing_layer()
+    cache.layer_class_to_replicate = _growing_layer()
+    return cache
 
 
 @functools.cache
