@@ -4,8 +4,9 @@ Three engines answer the same chat prompts (greedy, up to ``--max-new-tokens``, 
 
 - **chinwag**: the runtime with its defaults (continuous batching, dtype and threads chosen by
   measurement), 1 and 16 concurrent conversations, each asking ``--turns`` questions in turn;
-- **sequential**: plain ``model.generate`` on the same model object, one request at a time —
-  what a bot holding a lock around one ``generate`` per request does;
+- **sequential**: plain transformers ``model.generate`` on the same weights, dtype, threads and
+  fast CPU layers, one request at a time — what a bot holding a lock around one ``generate``
+  per request does;
 - **vLLM**: its OpenAI-compatible server (CPU build, ``VLLM_PYTHON`` or ``.venv-vllm``) serving
   the same converted weights in bf16, driven through chinwag's remote backend — the engine a
   user would pick instead. Rounds interleave (chinwag, vLLM, chinwag, vLLM…) so a neighbour
@@ -99,10 +100,27 @@ async def concurrent(
     }
 
 
-def sequential(runtime: ModelRuntime, prompts: list[str], max_new: int) -> float:
-    """Plain ``model.generate``, one request at a time, on the runtime's own model object."""
+def plain_model(runtime: ModelRuntime, data: Path) -> tuple[object, object]:
+    """transformers' own model and tokenizer on the same weights, dtype and fast CPU layers."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from bot.models.cpu_linear import convert
+
     backend = runtime._backend
-    model, tok = backend.model, backend.tokenizer
+    (folder,) = [p for p in (data / "models").iterdir() if (p / "config.json").exists()]
+    dtype = next(backend.model.parameters()).dtype
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(backend.device)
+    if backend.device == "cpu":
+        convert(model, int8=runtime.config.int8_decode, max_rows=runtime.config.int8_max_rows)
+    return model, PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def sequential(
+    runtime: ModelRuntime, plain: tuple[object, object], prompts: list[str], max_new: int
+) -> float:
+    """Plain ``model.generate``, one request at a time: what a hand-rolled bot would run."""
+    backend = runtime._backend
+    model, tok = plain
     if backend.threads is not None:
         torch.set_num_threads(backend.threads.current)  # the same threads chinwag settled on
     tokens = 0
@@ -262,9 +280,12 @@ async def main() -> None:
                             f"TTFT p50 {f['ttft_p50_s']:.3f} s p95 {f['ttft_p95_s']:.3f} s"
                         )
             seq = {}
+            plain = plain_model(runtime, data)
             for n in (1, 16):
                 prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(min(n * args.turns, 6))]
-                seq[n] = await asyncio.to_thread(sequential, runtime, prompts, args.max_new_tokens)
+                seq[n] = await asyncio.to_thread(
+                    sequential, runtime, plain, prompts, args.max_new_tokens
+                )
                 print(f"sequential plain generate ({len(prompts)} prompts): {seq[n]:.1f} tok/s")
         finally:
             for rt in engines.values():

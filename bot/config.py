@@ -117,6 +117,10 @@ class ModelsSettings(_Section):
     base_model: str = "smollm2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: What runs the base model: ``auto`` — chinwag's own decoder for Llama-family models
+    #: (SmolLM2, Llama, Mistral, Qwen2; seconds faster to start, fused projections), any
+    #: other architecture through transformers; ``chinwag`` or ``transformers`` to insist.
+    implementation: Literal["auto", "chinwag", "transformers"] = "auto"
     max_batch_size: int = Field(16, ge=1, le=512)
     #: How long the worker waits to fill a batch once the first request arrives.
     max_queue_wait_ms: float = Field(5.0, ge=0)

@@ -2,7 +2,11 @@
 
 Transformers can read a GGUF file, but dequantising it takes ~25 s for the 135M default; the
 first load therefore saves the converted weights as safetensors under
-``<data_dir>/models/<name>-<digest>/`` and every later start loads those (about a second).
+``<data_dir>/models/<name>-<digest>/`` and every later start loads those (a tenth of a second).
+
+What serves a loaded folder: chinwag's own decoder (bot/models/decoder.py) when it implements
+the architecture — no transformers import on the way to the first reply, which is most of a
+cold start — otherwise transformers' model class (``models.implementation`` chooses).
 """
 
 from __future__ import annotations
@@ -86,40 +90,87 @@ def _gguf_digest(source: ModelSource) -> str:
     ).hexdigest()[:12]
 
 
-def load_base(spec: str, *, device: str, dtype: str, cache_dir: Path) -> tuple[Any, Any, str, bool]:
-    """Returns ``(model, tokenizer, model_name, from_cache)``."""
+def load_base(
+    spec: str, *, device: str, dtype: str, cache_dir: Path, implementation: str = "auto"
+) -> tuple[Any, Any, str, bool]:
+    """Returns ``(decoder, tokenizer, model_name, from_cache)``.
+
+    ``implementation``: ``auto`` (chinwag's decoder where it implements the architecture),
+    ``chinwag`` (that or an error) or ``transformers``.
+    """
     with LOAD_LOCK:
-        return _load_base(spec, device=device, dtype=dtype, cache_dir=cache_dir)
+        return _load_base(
+            spec, device=device, dtype=dtype, cache_dir=cache_dir, implementation=implementation
+        )
 
 
 def _load_base(
-    spec: str, *, device: str, dtype: str, cache_dir: Path
+    spec: str, *, device: str, dtype: str, cache_dir: Path, implementation: str
 ) -> tuple[Any, Any, str, bool]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = resolve(spec)
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     if source.gguf_file is None:
+        folder = Path(source.path)
+        if folder.is_dir() and implementation != "transformers":
+            own = _own_decoder(folder, torch_dtype, device, required=implementation == "chinwag")
+            if own is not None:
+                return *own, source.name, False
+        if implementation == "chinwag":
+            raise ValueError(f"{source.path} is not a local model folder chinwag can serve")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
         return _finish(model, tokenizer, device), tokenizer, source.name, False
     cached = cache_dir / f"{source.name}-{_gguf_digest(source)}"
-    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
-        # Our own cache always has tokenizer.json: the fast class directly skips a second of
-        # AutoTokenizer's lazy imports — a quarter of a cached cold start.
-        from transformers import PreTrainedTokenizerFast
+    from_cache = (cached / "config.json").exists() and (cached / "model.safetensors").exists()
+    if not from_cache:
+        _convert(source, cached, torch_dtype)
+    if implementation != "transformers":
+        own = _own_decoder(cached, torch_dtype, device, required=implementation == "chinwag")
+        if own is not None:
+            return *own, source.name, from_cache
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
-        return _finish(model, tokenizer, device), tokenizer, source.name, True
+    # Our own cache always has tokenizer.json: the fast class directly skips a second of
+    # AutoTokenizer's lazy imports.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
+    return _finish(model, tokenizer, device), tokenizer, source.name, from_cache
+
+
+def _own_decoder(
+    folder: Path, dtype: Any, device: str, *, required: bool
+) -> tuple[Any, Any] | None:
+    """chinwag's decoder and tokenizer for ``folder``, or None where it cannot serve it."""
+    from bot.models import decoder
+    from bot.models.chat_tokenizer import ChatTokenizer
+
+    try:
+        if not (folder / "tokenizer.json").exists():
+            raise decoder.Unsupported("no tokenizer.json (a slow tokenizer)")
+        model = decoder.load(folder, dtype=dtype, device=device)
+        tokenizer = ChatTokenizer(folder)
+    except (decoder.Unsupported, OSError, KeyError, ValueError) as exc:
+        if required:
+            raise ValueError(f"chinwag's decoder cannot serve {folder}: {exc}") from None
+        log.info("serving %s through transformers: %s", folder.name, exc)
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _convert(source: ModelSource, cached: Path, dtype: Any) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("converting %s to safetensors (first start only)", source.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, gguf_file=source.gguf_file, dtype=torch_dtype
+        source.path, gguf_file=source.gguf_file, dtype=dtype
     )
     _save_converted(model, tokenizer, cached)
-    return _finish(model, tokenizer, device), tokenizer, source.name, False
 
 
 def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:

@@ -6,7 +6,11 @@ caller stopped waiting (timeout, disconnect, shutdown) and rows that finished, a
 waiting requests into the free slots (their prompts prefilled together, then merged into the
 running cache). So a request never waits for the longest reply of a batch it is not in, a
 request nobody is waiting for stops costing compute within one step, and LoRA adapters mix
-in one batch (peft's ``adapter_names``, one adapter per row).
+in one batch (one adapter per row).
+
+The worker drives a *decoder* (see bot/models/transformers_decoder.py for the interface):
+chinwag's own for Llama-family models (bot/models/decoder.py), any transformers model
+otherwise.
 
 Admission control: every request carries a deadline. From its measured step time, prefill
 speed and reply lengths the worker knows roughly when a new request would start and finish;
@@ -24,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import logging
 import queue
 import re
@@ -51,7 +53,6 @@ from bot.models.types import (
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 #: Admission compares deadlines with this multiple of the estimated time to finish.
 SAFETY = 1.25
 #: Prompt batches are left-padded to a multiple of this many tokens (see ``_prefill``).
@@ -143,6 +144,10 @@ class LocalBackend:
         prefix_cache_tokens: int = 4096,
         tune_when_idle: Callable[[], Any] | None = None,
     ) -> None:
+        if not hasattr(model, "new_cache"):  # a transformers model as it is
+            from bot.models.transformers_decoder import TransformersDecoder
+
+            model = TransformersDecoder(model)
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -151,9 +156,7 @@ class LocalBackend:
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
         self.max_start_wait_s = max_start_wait_s
-        self.context_window = context_window or int(
-            getattr(model.config, "max_position_embeddings", 2048) or 2048
-        )
+        self.context_window = context_window or model.max_positions
         self.threads = threads
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._tune_when_idle = tune_when_idle
@@ -165,11 +168,9 @@ class LocalBackend:
         self._retired: set[str] = set()
         self._pending = 0  # submitted and not yet finished (waiting or running)
         self._running = 0
-        self._peft = False
         self._waiting: deque[_Job] = deque()
         self._batch = _Batch()
         self._stopping = False
-        self._cache_kw = "cache"
         self._eos: set[int] = set()
         # Measured while serving (exponential moving averages), for admission control.
         self.step_s: float | None = None
@@ -182,13 +183,8 @@ class LocalBackend:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            forward = inspect.signature(type(self.model).forward).parameters
-            if "cache" not in forward and "past_key_values" in forward:
-                self._cache_kw = "past_key_values"
-            tok = self.tokenizer
-            self._eos = set(_as_list(self.model.generation_config.eos_token_id)) | {
-                tok.eos_token_id
-            }
+            eos = self.tokenizer.eos_token_id
+            self._eos = self.model.eos_token_ids | ({eos} if eos is not None else set())
             self._thread = threading.Thread(
                 target=self._run, name="chinwag-model-worker", daemon=True
             )
@@ -342,22 +338,21 @@ class LocalBackend:
         internal = re.sub(r"[^A-Za-z0-9_]", "_", f"{name}__v{version}")
 
         def load() -> None:
-            from peft import PeftModel
-
             if not Path(path, "adapter_config.json").exists():
                 raise ModelError(f"{path} is not a peft adapter folder (no adapter_config.json)")
-            if isinstance(self.model, PeftModel):
-                if internal in self.model.peft_config:
-                    with self._lock:
-                        if self._refs[internal] > 0:  # same version again: already serving
-                            self._adapters[name] = (internal, version)
-                            return
-                    self.model.delete_adapter(internal)
-                self.model.load_adapter(str(path), adapter_name=internal)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=internal)
-            self._peft = True
-            self.model.eval()
+            if internal in self.model.adapter_names():
+                with self._lock:
+                    if self._refs[internal] > 0:  # same version again: already serving
+                        self._adapters[name] = (internal, version)
+                        return
+                self.model.delete_adapter(internal)
+            try:
+                self.model.load_adapter(path, internal)
+            except ValueError as exc:  # decoder.Unsupported: an adapter it cannot serve exactly
+                raise ModelError(
+                    f"cannot serve the adapter in {path}: {exc} (models.implementation = "
+                    f"'transformers' serves every adapter peft can load)"
+                ) from None
             with self._lock:
                 old = self._adapters.get(name)
                 self._adapters[name] = (internal, version)
@@ -554,10 +549,12 @@ class LocalBackend:
             del msgs[first]
             trimmed += 1
 
-    def _forward(self, jobs: list[_Job], **inputs: Any) -> Any:
-        if self._peft:  # importing peft costs seconds: only once an adapter was loaded
-            inputs["adapter_names"] = [j.internal or BASE for j in jobs]
-        return self.model(use_cache=True, **inputs)
+    def _forward(
+        self, jobs: list[_Job], ids: Any, mask: Any, position: Any, cache: Any, last_only: bool
+    ) -> Any:
+        """Logits for the new tokens, each row through its own adapter."""
+        adapters = [j.internal for j in jobs]
+        return self.model(ids, mask, position, cache, adapters, last_only)
 
     def _prefill(self, jobs: list[_Job]) -> None:
         import torch
@@ -586,18 +583,11 @@ class LocalBackend:
             mask[i, past - h : past] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
-        cache = _growing_cache(self._seed(reused, past) if past else None)
+        cache = self.model.new_cache(self._seed(reused, past) if past else None)
         if past:
             self.stats["prefix_tokens_reused"] += sum(have)
-        out = self._forward(
-            jobs,
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-        )
-        first = self._sample(out.logits[:, -1, :], jobs)
+        logits = self._forward(jobs, ids, mask, position, cache, last_only=True)
+        first = self._sample(logits[:, -1, :], jobs)
         elapsed = time.monotonic() - t0
         total = int(mask.sum()) - sum(have)
         rate = total / max(elapsed, 1e-6)
@@ -663,7 +653,7 @@ class LocalBackend:
                     torch.cat([widen(old.values, old_len), widen(new.values, new_len)]),
                 )
             )
-        b.cache = _growing_cache(layers)
+        b.cache = self.model.new_cache(layers)
         b.mask = torch.cat([pad(b.mask, (width - old_len, 0)), pad(mask, (width - new_len, 0))])
         b.last = torch.cat([b.last, first])
         b.jobs.extend(jobs)
@@ -679,14 +669,8 @@ class LocalBackend:
         ones = torch.ones((len(b), 1), dtype=b.mask.dtype, device=b.mask.device)
         b.mask = torch.cat([b.mask, ones], dim=1)
         position = b.mask.sum(-1, keepdim=True) - 1
-        out = self._forward(
-            b.jobs,
-            input_ids=b.last,
-            attention_mask=b.mask,
-            position_ids=position,
-            **{self._cache_kw: b.cache},
-        )
-        nxt = self._sample(out.logits[:, -1, :], b.jobs)
+        logits = self._forward(b.jobs, b.last, b.mask, position, b.cache, last_only=False)
+        nxt = self._sample(logits[:, -1, :], b.jobs)
         elapsed = time.monotonic() - t0
         if self.threads is not None and threads is not None:
             self.threads.record(threads, elapsed, len(b))
@@ -891,58 +875,6 @@ class LocalBackend:
         self._put_stream(job, None)
 
 
-def _growing_cache(layers: list[tuple[Any, Any]] | None = None) -> Any:
-    """A ``DynamicCache`` whose layers — given ones and any it adds — are growing layers."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
-    for layer in cache.layers:
-        layer.__class__ = _growing_layer()
-    cache.layer_class_to_replicate = _growing_layer()
-    return cache
-
-
-@functools.cache
-def _growing_layer() -> type:
-    """A KV cache layer that writes each step into spare room instead of concatenating.
-
-    transformers' ``DynamicLayer`` copies the whole cache on every token (``torch.cat``) — 14 %
-    of a 16-row decode step here. This one keeps a buffer with headroom and hands out views of
-    its filled part; whenever the engine replaces the tensors (rows dropped, rows merged, left
-    padding trimmed) the next update starts a fresh buffer from them.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            have = 0 if self.keys.numel() == 0 else self.keys.shape[-2]
-            new = key_states.shape[-2]
-            kbuf = getattr(self, "_kbuf", None)
-            if (
-                kbuf is None
-                or kbuf.shape[0] != key_states.shape[0]
-                or kbuf.shape[-2] < have + new
-                or (have and self.keys.data_ptr() != kbuf.data_ptr())
-            ):
-                room = have + new + max(32, (have + new) // 2)
-                b, h, _, d = key_states.shape
-                kbuf = key_states.new_empty((b, h, room, d))
-                vbuf = value_states.new_empty((b, h, room, value_states.shape[-1]))
-                if have:
-                    kbuf[:, :, :have] = self.keys
-                    vbuf[:, :, :have] = self.values
-                self._kbuf, self._vbuf = kbuf, vbuf
-            self._kbuf[:, :, have : have + new] = key_states
-            self._vbuf[:, :, have : have + new] = value_states
-            self.keys = self._kbuf[:, :, : have + new]
-            self.values = self._vbuf[:, :, : have + new]
-            return self.keys, self.values
-
-    return GrowingLayer
-
-
 def _malloc_trim() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)`` where there is one, else a no-op."""
     try:
@@ -952,9 +884,3 @@ def _malloc_trim() -> Callable[[], None]:
         return lambda: libc.malloc_trim(0)
     except (OSError, AttributeError):
         return lambda: None
-
-
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [int(value)]

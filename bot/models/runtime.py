@@ -160,6 +160,7 @@ class ModelRuntime:
                 device=cfg.device,
                 dtype=cfg.dtype,
                 cache_dir=self.cache_dir,
+                implementation=cfg.implementation,
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None

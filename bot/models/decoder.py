@@ -1,0 +1,551 @@
+"""A lean Llama-family decoder for serving: the engine's forward pass without transformers.
+
+Why not ``LlamaForCausalLM`` itself: on the 2-core machine importing transformers' modeling
+code costs 3–4 s of every start (it pulls in torch.distributed, dynamo, sympy and scipy), and
+its forward pass spends a good part of a 16-row decode step on plumbing — mask builders, cache
+objects, output dataclasses, per-projection matmuls. Serving engines (vLLM, llama.cpp) carry
+their own model code for the same reasons. This one covers the Llama architecture (SmolLM2,
+Llama 2/3, TinyLlama, Mistral without sliding window, Qwen2 with its qkv bias) and reads the
+same ``config.json`` + safetensors folder that ``save_pretrained`` writes; anything else is
+served by transformers, unchanged (:func:`supports`).
+
+What it does differently:
+
+- q/k/v and gate/up are one matmul each (weights concatenated at load), so a decode step runs
+  4 matmuls per layer instead of 7 — small matmuls are dominated by per-call overhead here;
+- the KV cache grows in place (:class:`KVCache`), the attention mask is built once per step
+  and shared by every layer;
+- LoRA adapters in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``,
+  as the trainers write them) apply per row, so one batch mixes adapters like peft's
+  ``adapter_names`` does.
+
+The weights, tokenizer and adapters are the ones transformers and peft use; outputs match
+``LlamaForCausalLM`` (greedy tokens identical in fp32, tests/test_decoder.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+from torch import nn
+
+#: Model types whose checkpoints this module reads as they are.
+ARCHITECTURES = {"llama", "mistral", "qwen2"}
+#: Projections LoRA may target (peft's names, as in the checkpoint).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+#: peft options that change what a LoRA layer computes beyond ``x @ A.T @ B.T * scale``.
+_UNSERVED = (
+    "use_dora",
+    "modules_to_save",
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "lora_bias",
+    "target_parameters",
+    "use_qalora",
+    "use_bdlora",
+    "monteclora_config",
+)
+
+
+class Unsupported(ValueError):
+    """The checkpoint needs something this decoder does not implement: use transformers."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    max_position_embeddings: int
+    eos_token_id: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DecoderConfig:
+        kind = raw.get("model_type")
+        if kind not in ARCHITECTURES:
+            raise Unsupported(f"model_type {kind!r}")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise Unsupported(f"activation {raw.get('hidden_act')!r}")
+        if raw.get("mlp_bias"):
+            raise Unsupported("mlp_bias")
+        if kind == "mistral" and raw.get("sliding_window"):
+            raise Unsupported("sliding-window attention")
+        if kind == "qwen2" and raw.get("use_sliding_window"):
+            raise Unsupported("sliding-window attention")
+        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise Unsupported(f"rope type {rope_type!r}")
+        heads = int(raw["num_attention_heads"])
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or raw["hidden_size"] // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=rope if rope_type == "llama3" else None,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", kind == "qwen2")),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            eos_token_id=eos_ids,
+        )
+
+
+def supports(folder: Path) -> bool:
+    """Whether ``folder`` (a ``save_pretrained`` output) can be served by this decoder."""
+    try:
+        DecoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    except (Unsupported, OSError, KeyError, ValueError):
+        return False
+    return any(folder.glob("*.safetensors"))
+
+
+# -- KV cache ---------------------------------------------------------------------------------
+
+
+class CacheLayer:
+    """One layer's keys and values, ``[batch, kv_heads, length, head_dim]``, growing in place.
+
+    Appending a token into spare room instead of ``torch.cat`` saves copying the whole cache
+    every step. ``keys``/``values`` are views of the filled part; the engine may replace them
+    (rows dropped or merged, padding trimmed), and the next append then starts a new buffer.
+    """
+
+    __slots__ = ("_kbuf", "_vbuf", "keys", "values")
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        self.keys = keys
+        self.values = values
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        have = 0 if self.keys is None else self.keys.shape[-2]
+        new = k.shape[-2]
+        buf = self._kbuf
+        if (
+            buf is None
+            or buf.shape[0] != k.shape[0]
+            or buf.shape[-2] < have + new
+            or (have and self.keys is not None and self.keys.data_ptr() != buf.data_ptr())
+        ):
+            room = have + new + max(32, (have + new) // 2)
+            b, h, _, d = k.shape
+            kbuf = k.new_empty((b, h, room, d))
+            vbuf = v.new_empty((b, h, room, v.shape[-1]))
+            if have:
+                kbuf[:, :, :have] = self.keys
+                vbuf[:, :, :have] = self.values
+            self._kbuf, self._vbuf = kbuf, vbuf
+        assert self._kbuf is not None and self._vbuf is not None
+        self._kbuf[:, :, have : have + new] = k
+        self._vbuf[:, :, have : have + new] = v
+        self.keys = self._kbuf[:, :, : have + new]
+        self.values = self._vbuf[:, :, : have + new]
+        return self.keys, self.values
+
+
+class KVCache:
+    """The running batch's keys and values, one :class:`CacheLayer` per decoder layer."""
+
+    def __init__(self, num_layers: int, layers: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        self.layers = (
+            [CacheLayer(k, v) for k, v in layers]
+            if layers
+            else [CacheLayer() for _ in range(num_layers)]
+        )
+
+    def batch_select_indices(self, idx: torch.Tensor) -> None:
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys = layer.keys[idx]
+                layer.values = layer.values[idx]
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _LoraPair:
+    """One adapter's delta for one (possibly fused) projection: ``(x @ a.T) @ b.T``.
+
+    For a fused projection the ``a`` of each part is stacked and ``b`` is block-diagonal, so
+    the adapter costs two small matmuls per projection however many parts it targets.
+    """
+
+    a: torch.Tensor  # [rank_total, in]
+    b: torch.Tensor  # [out, rank_total]  (scaling folded in)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A projection built around loaded weights (no random init: that alone costs a second).
+
+    It may carry LoRA deltas (``lora``: adapter → pair) and stays a plain ``nn.Linear``, so
+    the CPU fast paths (bot/models/cpu_linear.py) convert it like any other.
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.out_features, layer.in_features = weight.shape
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.register_parameter(
+        "bias", None if bias is None else nn.Parameter(bias, requires_grad=False)
+    )
+    layer.lora = {}
+    return layer
+
+
+def _with_lora(layer: nn.Linear, x: torch.Tensor, rows: _Rows | None) -> torch.Tensor:
+    out = layer(x)
+    lora: dict[str, _LoraPair] | None = getattr(layer, "lora", None)
+    if not lora or rows is None:
+        return out
+    for name, index in rows.groups:
+        pair = lora.get(name)
+        if pair is None:
+            continue
+        if index is None:  # the whole batch uses this adapter
+            out = out + (x @ pair.a.T) @ pair.b.T
+        else:
+            out = out.index_add(0, index, (x[index] @ pair.a.T) @ pair.b.T)
+    return out
+
+
+@dataclass(slots=True)
+class _Rows:
+    """Which rows use which adapter in this forward: ``(name, index | None for all)``."""
+
+    groups: list[tuple[str, torch.Tensor | None]]
+
+    @classmethod
+    def of(cls, adapters: list[str | None] | None, device: torch.device) -> _Rows | None:
+        if not adapters or all(a is None for a in adapters):
+            return None
+        names = {a for a in adapters if a is not None}
+        if len(names) == 1 and None not in adapters:
+            return cls([(names.pop(), None)])
+        groups = []
+        for name in sorted(names):
+            idx = [i for i, a in enumerate(adapters) if a == name]
+            groups.append((name, torch.tensor(idx, device=device)))
+        return cls(groups)
+
+
+# -- the model --------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as transformers computes them: outputs match token for token.
+        return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (the "rotate half" layout Llama checkpoints use)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        q = cfg.num_heads * cfg.head_dim
+        kv = cfg.num_kv_heads * cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = _linear(w["qkv.weight"], w.get("qkv.bias"))
+        self.qkv.parts = (q, kv, kv)
+        self.o = _linear(w["o.weight"])
+        self.o.parts = (cfg.hidden_size,)
+        self.gate_up = _linear(w["gate_up.weight"])
+        self.gate_up.parts = (cfg.intermediate_size, cfg.intermediate_size)
+        self.down = _linear(w["down.weight"])
+        self.down.parts = (cfg.hidden_size,)
+        self.norm1 = RMSNorm(w["norm1.weight"], cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(w["norm2.weight"], cfg.rms_norm_eps)
+        self.intermediate = cfg.intermediate_size
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: CacheLayer,
+        rows: _Rows | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        qkv = _with_lora(self.qkv, self.norm1(x), rows).view(b, t, heads + 2 * kv_heads, d)
+        qkv = qkv.transpose(1, 2)  # [B, heads, T, D]
+        # Queries and keys rotate together: one set of element-wise ops instead of two.
+        qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        keys, values = cache.append(k, qkv[:, heads + kv_heads :])
+        att = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
+        )
+        att = att.transpose(1, 2).reshape(b, t, heads * d)
+        x = x + _with_lora(self.o, att, rows)
+        gate, up = _with_lora(self.gate_up, self.norm2(x), rows).split(self.intermediate, -1)
+        return x + _with_lora(self.down, F.silu(gate) * up, rows)
+
+
+class Decoder(nn.Module):
+    """Llama-family causal LM: token ids in, next-token logits out, KV cache in place.
+
+    Built from weights already in chinwag's layout (``embed.weight``, ``layers.N.qkv.weight``,
+    …); :func:`load` maps a checkpoint onto it.
+    """
+
+    def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding.from_pretrained(w["embed.weight"], freeze=True)
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                cfg,
+                {k[len(f"layers.{i}.") :]: v for k, v in w.items() if k.startswith(f"layers.{i}.")},
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(w["norm.weight"], cfg.rms_norm_eps)
+        self.lm_head = _linear(w["lm_head.weight"])
+        self.register_buffer("inv_freq", _inv_freq(cfg), persistent=False)
+        self.adapters: dict[str, dict[str, Any]] = {}  # name → its adapter_config.json
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.config.eos_token_id)
+
+    def new_cache(self, layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> KVCache:
+        return KVCache(len(self.layers), layers)
+
+    def adapter_names(self) -> set[str]:
+        return set(self.adapters)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        adapters: list[str | None] | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, T or 1, vocab]``.
+
+        ``attention_mask`` covers the cached and the new tokens (1 real, 0 padding, left
+        padded as the engine keeps its batch); ``position_ids`` are the new tokens' positions;
+        ``adapters`` names each row's LoRA adapter (None: the base model).
+        """
+        x = self.embed(input_ids)
+        t, total = input_ids.shape[1], attention_mask.shape[1]
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, 1, T, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        allowed = attention_mask[:, None, None, :].bool()  # [B, 1, 1, total]
+        if t > 1:
+            # New token i sees the cache and the new tokens up to itself. A query that is
+            # itself padding would see nothing (softmax over nothing is NaN): let it see its
+            # own column — its output is never used.
+            causal = torch.ones((t, total), dtype=torch.bool, device=x.device).tril(total - t)
+            own = torch.zeros((t, total), dtype=torch.bool, device=x.device)
+            own[torch.arange(t), torch.arange(total - t, total)] = True
+            allowed = (allowed & causal) | own
+        rows = _Rows.of(adapters, x.device)
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, allowed, kv, rows)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def load_adapter(self, folder: Path | str, name: str) -> None:
+        """Read a peft LoRA adapter folder and make it available as ``name``."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise Unsupported(f"adapter type {cfg.get('peft_type')!r}")
+        for flag in _UNSERVED:
+            if cfg.get(flag):
+                raise Unsupported(f"LoRA adapters with {flag}")
+        if cfg.get("bias", "none") != "none":
+            raise Unsupported("LoRA adapters that train biases")
+        weights_file = folder / "adapter_model.safetensors"
+        if not weights_file.exists():
+            raise Unsupported("adapter weights not in safetensors")
+        raw = load_file(str(weights_file), device=str(self.device))
+        r_default = int(cfg.get("r", 8))
+        alpha_default = float(cfg.get("lora_alpha", r_default))
+        ranks = cfg.get("rank_pattern") or {}
+        alphas = cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora"))
+        found: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
+        for key, a in raw.items():
+            if ".lora_A." not in key:
+                continue
+            prefix = key.split(".lora_A.")[0]
+            b = raw[key.replace(".lora_A.", ".lora_B.")]
+            parts = prefix.split(".")
+            target = parts[-1]
+            if target not in LORA_TARGETS or "layers" not in parts:
+                raise Unsupported(f"LoRA on {prefix}")
+            li = int(parts[parts.index("layers") + 1])
+            r = int(_pattern(ranks, prefix, r_default))
+            alpha = float(_pattern(alphas, prefix, alpha_default))
+            scale = alpha / math.sqrt(r) if rslora else alpha / r
+            found[(li, target)] = (a, b, scale)
+        if not found:
+            raise Unsupported("no LoRA weights in the adapter")
+        dtype = self.dtype
+        for li, layer in enumerate(self.layers):
+            for module, targets in (
+                (layer.qkv, ("q_proj", "k_proj", "v_proj")),
+                (layer.o, ("o_proj",)),
+                (layer.gate_up, ("gate_proj", "up_proj")),
+                (layer.down, ("down_proj",)),
+            ):
+                pair = _fuse([found.get((li, t)) for t in targets], module.parts, dtype)
+                if pair is not None:
+                    module.lora[name] = pair
+        self.adapters[name] = cfg
+
+    def delete_adapter(self, name: str) -> None:
+        for module in self.modules():
+            lora = getattr(module, "lora", None)
+            if lora:
+                lora.pop(name, None)
+        self.adapters.pop(name, None)
+
+
+def _pattern(patterns: dict[str, Any], prefix: str, default: Any) -> Any:
+    """peft's ``rank_pattern``/``alpha_pattern``: a key matching the module path's tail."""
+    for key, value in patterns.items():
+        if prefix == key or prefix.endswith("." + key):
+            return value
+    return default
+
+
+def _fuse(
+    found: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+    widths: tuple[int, ...],
+    dtype: torch.dtype,
+) -> _LoraPair | None:
+    """Stack the parts' A matrices and lay their B matrices block-diagonally."""
+    if all(f is None for f in found):
+        return None
+    ranks = [0 if f is None else f[0].shape[0] for f in found]
+    a_parts = [f[0] for f in found if f is not None]
+    a = torch.cat(a_parts).to(dtype)
+    b = a.new_zeros((sum(widths), sum(ranks)))
+    row = col = 0
+    for f, width, rank in zip(found, widths, ranks, strict=True):
+        if f is not None:
+            b[row : row + width, col : col + rank] = (f[1] * f[2]).to(dtype)
+        row += width
+        col += rank
+    return _LoraPair(a.contiguous(), b.contiguous())
+
+
+def _inv_freq(cfg: DecoderConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    # Llama 3.1's frequency-dependent scaling, as transformers' ``_compute_llama3_parameters``.
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    old = float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    low_wavelen, high_wavelen = old / low, old / high
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def load(folder: Path, *, dtype: torch.dtype, device: str = "cpu") -> Decoder:
+    """Build the decoder from a ``save_pretrained`` folder (config.json + safetensors).
+
+    Raises :class:`Unsupported` for a checkpoint it cannot serve exactly.
+    """
+    from safetensors.torch import load_file
+
+    cfg = DecoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    weights: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(file), device=device))
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return weights.pop(name).to(dtype)
+        except KeyError:
+            raise Unsupported(f"the checkpoint has no {name}") from None
+
+    w: dict[str, torch.Tensor] = {"embed.weight": take("model.embed_tokens.weight")}
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        w[o + "qkv.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+        if cfg.attention_bias:
+            w[o + "qkv.bias"] = torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+        w[o + "o.weight"] = take(p + "self_attn.o_proj.weight")
+        w[o + "gate_up.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+        )
+        w[o + "down.weight"] = take(p + "mlp.down_proj.weight")
+        w[o + "norm1.weight"] = take(p + "input_layernorm.weight")
+        w[o + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
+    w["norm.weight"] = take("model.norm.weight")
+    if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
+        w["lm_head.weight"] = w["embed.weight"]
+    else:
+        w["lm_head.weight"] = take("lm_head.weight")
+    return Decoder(cfg, w).to(device).eval()

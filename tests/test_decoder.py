@@ -1,0 +1,254 @@
+"""chinwag's own decoder and tokenizer answer exactly what transformers and peft answer.
+
+The engine serves Llama-family models through bot/models/decoder.py (faster to start, fused
+projections); these tests hold it to the reference implementation: same tokens, same logits,
+same LoRA deltas, same chat-template ids — and anything it cannot serve exactly goes to
+transformers instead of being served wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.models import ModelError, decoder
+from bot.models.chat_tokenizer import ChatTokenizer
+from bot.models.loading import load_base
+from bot.models.transformers_decoder import TransformersDecoder
+
+
+@pytest.fixture(scope="module")
+def smollm2(chinwag_model_cache):
+    """The embedded SmolLM2 in fp32, as chinwag's decoder and as transformers' model."""
+    from transformers import AutoModelForCausalLM
+
+    ours, tokenizer, _, _ = load_base(
+        "smollm2", device="cpu", dtype="float32", cache_dir=chinwag_model_cache
+    )
+    folder = next(chinwag_model_cache.glob("smollm2-*"))
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return ours, theirs, tokenizer, folder
+
+
+def greedy(model, cache, ids, mask, steps):
+    """``steps`` greedy tokens for a left-padded batch, through the engine's interface."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, mask, pos, cache, None, last_only=True)
+    out = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(steps - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = mask.sum(-1, keepdim=True) - 1
+        out.append(model(out[-1], mask, pos, cache, None)[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(out, dim=1)
+
+
+def left_padded(tokenizer, questions):
+    rows = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
+        for q in questions
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def test_the_embedded_model_is_served_by_chinwags_decoder_with_its_own_tokenizer(smollm2):
+    ours, _, tokenizer, _ = smollm2
+    assert isinstance(ours, decoder.Decoder)
+    assert isinstance(tokenizer, ChatTokenizer)
+
+
+def test_greedy_replies_are_token_for_token_those_of_transformers(smollm2):
+    ours, theirs, tokenizer, _ = smollm2
+    ids, mask = left_padded(
+        tokenizer,
+        ["What is the capital of France?", "Write a haiku about tea, please.", "hi"],
+    )
+    mine = greedy(ours, ours.new_cache(), ids, mask, 24)
+    reference = greedy(
+        TransformersDecoder(theirs), TransformersDecoder(theirs).new_cache(), ids, mask, 24
+    )
+    assert torch.equal(mine, reference)
+    assert "Paris" in tokenizer.decode(mine[0].tolist(), skip_special_tokens=True)
+
+
+def test_chat_template_ids_and_decoding_match_transformers_tokenizer(smollm2):
+    from transformers import PreTrainedTokenizerFast
+
+    _, _, ours, folder = smollm2
+    theirs = PreTrainedTokenizerFast.from_pretrained(folder)
+    conversations = [
+        [{"role": "user", "content": "Hi!"}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Ça va ? 🎉 naïve\n\ttabs"},
+            {"role": "assistant", "content": "Oui."},
+            {"role": "user", "content": "  spaces  and <b>markup</b>"},
+        ],
+    ]
+    for messages in conversations:
+        expected = theirs.apply_chat_template(messages, add_generation_prompt=True)
+        expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+        assert ours.apply_chat_template(messages, add_generation_prompt=True) == expected
+        assert ours.decode(expected, skip_special_tokens=True) == theirs.decode(
+            expected, skip_special_tokens=True
+        )
+    assert (ours.eos_token_id, ours.pad_token_id) == (theirs.eos_token_id, theirs.pad_token_id)
+
+
+def tiny(config_cls, model_cls, **extra):
+    """A random 2-layer model of another Llama-family flavour, saved and loaded both ways."""
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **extra,
+    )
+    reference = model_cls(config).eval()
+    folder = Path(tempfile.mkdtemp())
+    reference.save_pretrained(folder)
+    return decoder.load(folder, dtype=torch.float32), reference, folder
+
+
+BATCH = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+MASK = torch.ones_like(BATCH)
+MASK[1, :4] = 0  # the second row is left-padded
+
+
+def logits(model, adapters=None):
+    """Logits of the real (unpadded) positions of a fixed two-row batch."""
+    if not isinstance(model, decoder.Decoder):
+        model = TransformersDecoder(model)
+        model._peft = adapters is not None
+    pos = (MASK.cumsum(-1) - 1).clamp(min=0)
+    return model(BATCH, MASK, pos, model.new_cache(), adapters)[MASK.bool()]
+
+
+def same_logits(ours, reference, adapters=None):
+    return torch.allclose(logits(ours, adapters), logits(reference, adapters), atol=1e-5, rtol=1e-4)
+
+
+def test_qwen2_biases_and_llama3_rope_scaling_are_computed_as_transformers_does():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    assert same_logits(*tiny(Qwen2Config, Qwen2ForCausalLM)[:2])
+    scaled = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    }
+    ours, reference, _ = tiny(LlamaConfig, LlamaForCausalLM, rope_parameters=scaled)
+    assert same_logits(ours, reference)
+    unscaled = tiny(LlamaConfig, LlamaForCausalLM, rope_parameters={"rope_theta": 500000.0})[0]
+    assert not torch.allclose(logits(ours), logits(unscaled), atol=1e-4)
+
+
+def test_lora_adapters_give_peft_s_outputs_row_by_row():
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours, reference, folder = tiny(LlamaConfig, LlamaForCausalLM)
+    for name, seed, rank in (("a", 1, 4), ("b", 2, 8)):
+        torch.manual_seed(seed)
+        base = LlamaForCausalLM.from_pretrained(folder)
+        lora = LoraConfig(
+            r=rank,
+            lora_alpha=16,
+            target_modules="all-linear",
+            init_lora_weights=False,
+            use_rslora=name == "b",
+        )
+        get_peft_model(base, lora).save_pretrained(folder / name)
+        ours.load_adapter(folder / name, name)
+    peft_model = PeftModel.from_pretrained(reference, str(folder / "a"), adapter_name="a")
+    peft_model.load_adapter(str(folder / "b"), adapter_name="b")
+    peft_model.eval()
+    assert not torch.allclose(logits(ours, ["a", "b"]), logits(ours), atol=1e-3)
+    assert same_logits(ours, peft_model, ["a", "b"])
+    assert same_logits(ours, peft_model, ["b", "b"])
+    assert same_logits(ours, peft_model, [None, "a"])
+    ours.delete_adapter("a")
+    assert ours.adapter_names() == {"b"}
+
+
+def test_an_adapter_the_decoder_cannot_serve_exactly_is_refused_with_the_way_out(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours, _, folder = tiny(LlamaConfig, LlamaForCausalLM)
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(
+        LlamaForCausalLM.from_pretrained(folder),
+        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+    )
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(decoder.Unsupported, match="use_dora"):
+        ours.load_adapter(tmp_path / "dora", "dora")
+
+
+async def test_the_engine_names_the_setting_that_serves_an_unsupported_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bot.models.local import LocalBackend
+
+    ours, _, folder = tiny(LlamaConfig, LlamaForCausalLM)
+    dora = get_peft_model(
+        LlamaForCausalLM.from_pretrained(folder),
+        LoraConfig(r=4, target_modules=["q_proj"], use_dora=True),
+    )
+    dora.save_pretrained(tmp_path / "dora")
+
+    class Tok:  # the engine only reads these before serving
+        eos_token_id = 2
+
+    backend = LocalBackend(ours, Tok(), "tiny")
+    backend.start()
+    try:
+        with pytest.raises(ModelError, match=r"models\.implementation = 'transformers'"):
+            await backend.load_adapter("dora", tmp_path / "dora", "1")
+        assert backend.adapters() == {}
+    finally:
+        backend.stop()
+
+
+def test_other_architectures_are_served_through_transformers(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path
+    )
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<unk>").save_pretrained(tmp_path)
+    model, _, _, _ = load_base(
+        str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path / "cache"
+    )
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(ValueError, match="cannot serve"):
+        load_base(
+            str(tmp_path),
+            device="cpu",
+            dtype="float32",
+            cache_dir=tmp_path / "cache",
+            implementation="chinwag",
+        )
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
