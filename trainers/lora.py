@@ -142,8 +142,9 @@ def load_for_training(base_model: str, cache_dir: Path, device: str = "auto") ->
 
     dev = pick_device(device)
     dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    # transformers' model: peft trains it (chinwag's serving decoder has no backward pass).
     model, tokenizer, _name, _cached = load_base(
-        base_model, device=dev, dtype=dtype, cache_dir=cache_dir
+        base_model, device=dev, dtype=dtype, cache_dir=cache_dir, implementation="transformers"
     )
     tokenizer.padding_side = "right"
     return model, tokenizer
