@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -210,6 +211,31 @@ class VLLMServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def _cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return sum(fields) - idle, sum(fields)
+
+
+async def settle(at_least: float, *, quiet: float = 0.25, at_most: float = 15.0) -> float:
+    """Wait ``at_least`` seconds, then until the CPUs are under ``quiet`` busy (at most
+    ``at_most`` seconds in all): an engine's busy tail must not land on the next one's turn.
+    Returns the seconds waited."""
+    t0 = time.monotonic()
+    await asyncio.sleep(at_least)
+    if not os.path.exists("/proc/stat"):  # noqa: ASYNC240 - one stat, not a blocking read
+        return time.monotonic() - t0
+    while time.monotonic() - t0 < at_most:
+        b0, t0_ = _cpu_busy()
+        await asyncio.sleep(0.5)
+        b1, t1 = _cpu_busy()
+        if (b1 - b0) / max(t1 - t0_, 1.0) < quiet:
+            break
+    return time.monotonic() - t0
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -225,6 +251,8 @@ async def main() -> None:
         "--settle", type=float, default=3.0, help="seconds of quiet before each engine's turn"
     )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="  [%(name)s] %(message)s")
+    logging.getLogger("bot.models.tuning").setLevel(logging.INFO)  # thread-count changes
     vllm_python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
     use_vllm = not args.no_vllm and os.path.exists(vllm_python)  # noqa: ASYNC240
     result: dict[str, object] = {"load_average_start": load_average()}
@@ -272,7 +300,9 @@ async def main() -> None:
                     for name in order:
                         # vLLM's engine process stays busy for a moment after its last reply;
                         # without a pause that tail lands on whichever engine runs next.
-                        await asyncio.sleep(args.settle)
+                        waited = await settle(args.settle)
+                        if waited > args.settle + 1:
+                            print(f"  (waited {waited:.1f} s for the CPUs to go quiet)")
                         f = await concurrent(engines[name], n, args.turns, args.max_new_tokens)
                         figures.setdefault((name, n), []).append(f)
                         print(

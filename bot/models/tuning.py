@@ -74,7 +74,9 @@ class ThreadTuner:
     The worker reports each step's duration; every ``explore_every`` steps it runs
     ``probe_steps`` steps on another candidate and keeps whichever was faster (by more than
     ``margin``), so a neighbour that starts hogging a core moves the bot to fewer threads
-    within seconds (at once when steps suddenly take twice as long), and back when it leaves.
+    within seconds (at once when steps suddenly take twice as long), and back when it leaves
+    (at once too when steps suddenly take under two thirds of their usual time: the core it
+    gave up may be free again).
     The default candidates are one thread, all cores but one (left to the event loop, the
     embedder and the classifier) and all cores.
     """
@@ -100,14 +102,16 @@ class ThreadTuner:
         self._probing: int | None = None
         self._probe_times: list[float] = []
         self._slow = 0  # steps in a row far slower than usual: look again now
+        self._fast = 0  # steps in a row far faster than usual: a neighbour left, look again
+        self._fast_ref = float("inf")
 
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
             return self.current
         # The first look comes early (the 16th step), then every ``explore_every`` steps.
         due = self._steps == 16 or (self._steps and self._steps % self.explore_every == 0)
-        if self._probing is None and (due or self._slow >= 3):
-            self._slow = 0
+        if self._probing is None and (due or self._slow >= 3 or self._fast >= 3):
+            self._slow = self._fast = 0
             others = [c for c in self.candidates if c != self.current]
             self._probing = others[(self._steps // self.explore_every) % len(others)]
             self._probe_times = []
@@ -138,4 +142,8 @@ class ThreadTuner:
         # A neighbour that just started (or a core the OS took away) shows as a run of steps
         # twice as slow as usual: do not wait for the next scheduled look.
         self._slow = self._slow + 1 if old is not None and cost > 2 * old else 0
+        # Against the usual time from before the streak (the average follows the new speed).
+        if old is not None and self._fast == 0:
+            self._fast_ref = old
+        self._fast = self._fast + 1 if old is not None and cost < 0.66 * self._fast_ref else 0
         self._ema[threads] = cost if old is None else 0.8 * old + 0.2 * cost
