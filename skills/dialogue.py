@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
+from skills.asking import asks_for_information
 from skills.grounding import neutralize_instructions, sentences
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,15 @@ class DialogueConfig(BaseModel):
     max_reply_chars: int = Field(600, ge=50)
     #: In groups, each user has their own context.
     per_user_in_groups: bool = True
+    #: A request for information (a question of fact, "how do I…", "recommend…") that no
+    #: knowledge passage supports: ``decline`` says so honestly, without asking the model —
+    #: a small model asked for facts invents them; ``answer`` lets it chat about anything
+    #: (open-domain chit-chat bots). Greetings, feelings, jokes and poems are always answered.
+    unsupported_questions: Literal["decline", "answer"] = "decline"
+    decline_text: str = (
+        "I don't know that — it isn't in what I've been given, and I'd rather not guess. "
+        "I can answer questions about what's in my knowledge base, or just chat."
+    )
 
 
 class DialogueSkill(Skill):
@@ -67,6 +77,16 @@ class DialogueSkill(Skill):
         if ctx.command == "reset":
             return await self._reset(message, ctx)
         passages = await self._passages(message, ctx, cfg)
+        if (
+            not passages
+            and cfg.unsupported_questions == "decline"
+            and asks_for_information(message.text)
+        ):
+            return Reply(
+                cfg.decline_text,
+                rateable=True,
+                metadata={"abstained": True, "reason": "no knowledge supports the question"},
+            )
         system = cfg.persona.replace("{name}", ctx.bot.settings.bot.name)
         if passages:
             material = "\n".join(f"- {p['text']}" for p in passages)
