@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from bot.text import sentences
+
 _WH = (
     r"what|whats|what's|who|whom|whose|who's|when|where|where's|which|why|how|hows|how's"
     r"|wat|wht|wut"
@@ -29,8 +31,9 @@ _AUX = (
 
 #: Ways of asking that wrap the real question: "do you know who…", "can you tell me…".
 _GREETING = re.compile(
-    r"^(?:(?:hey|hi|hello|ok|okay|so|um+|uh+|quick question|question|please|pls|plz|yo)"
-    r"[,!.:]*\s+)+",
+    r"^(?:(?:(?:hey|hi|hiya|hello|howdy|good (?:morning|afternoon|evening|day))"
+    r"(?: there| again| all| everyone| guys| folks)?|ok|okay|so|um+|uh+|quick question|question"
+    r"|please|pls|plz|yo)[,!.:]*\s+)+",
     re.I,
 )
 _WRAPPER = re.compile(
@@ -84,8 +87,16 @@ _REQUEST_WORDS = re.compile(r"\b(?:recommend|recommendation|suggest|suggestion)\
 
 
 def asks_for_information(text: str) -> bool:
-    """Whether ``text`` asks for facts, instructions or recommendations about the world."""
-    t = " ".join(text.strip().split())
+    """Whether ``text`` asks for facts, instructions or recommendations about the world.
+
+    Sentence by sentence: "Hi there! How are you today?" greets and asks after the bot;
+    "Thanks! And who wrote Hamlet?" asks.
+    """
+    return any(_asks(s) for s in sentences(" ".join(text.split())[:2000]))
+
+
+def _asks(text: str) -> bool:
+    t = text.strip()
     if not t:
         return False
     t = re.sub(r"^[@/]\S+\s*", "", t)  # "@bot what is…"
