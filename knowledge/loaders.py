@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,69 +57,18 @@ def load_plain(path: Path) -> list[Section]:
     return [Section(read_text(path), [path.stem])]
 
 
-_MD_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
-
-
 def load_markdown(path: Path) -> list[Section]:
-    sections: list[Section] = []
-    trail: list[str] = []
-    buf: list[str] = []
-    in_code = False
+    from knowledge.markdown import parse
 
-    def flush() -> None:
-        text = "\n".join(buf).strip()
-        if text:
-            sections.append(Section(text, list(trail) or [path.stem]))
-        buf.clear()
-
-    for line in read_text(path).splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            in_code = not in_code
-        match = None if in_code else _MD_HEADING.match(line)
-        if match:
-            flush()
-            level = len(match.group(1))
-            trail[:] = [*trail[: level - 1], match.group(2).strip()]
-        else:
-            buf.append(line)
-    flush()
-    return sections
+    name = path.name.removesuffix(".txt").rsplit(".", 1)[0]
+    return [Section(text, trail) for trail, text in parse(read_text(path), name)]
 
 
 def load_rst(path: Path) -> list[Section]:
-    from docutils import nodes
-    from docutils.core import publish_doctree
+    from knowledge.rst import parse
 
-    doctree = publish_doctree(
-        read_text(path),
-        settings_overrides={
-            "report_level": 5,
-            "halt_level": 5,
-            "file_insertion_enabled": False,
-            "raw_enabled": False,
-            "doctitle_xform": False,
-        },
-    )
-    sections: list[Section] = []
-
-    def walk(node: nodes.Node, trail: list[str]) -> None:
-        texts = []
-        for child in node.children:
-            if isinstance(child, nodes.section):
-                continue
-            if isinstance(child, nodes.title):
-                continue
-            texts.append(child.astext())
-        text = "\n\n".join(t for t in texts if t.strip())
-        if text.strip():
-            sections.append(Section(text, trail or [path.stem]))
-        for child in node.children:
-            if isinstance(child, nodes.section):
-                title = child.next_node(nodes.title)
-                walk(child, [*trail, title.astext() if title else ""])
-
-    walk(doctree, [])
-    return sections
+    name = path.name.removesuffix(".txt").removesuffix(".rst")
+    return [Section(text, trail) for trail, text in parse(read_text(path), name)]
 
 
 _CHROME = [
@@ -269,8 +217,21 @@ LOADERS: dict[str, Callable[[Path], list[Section]]] = {
 }
 
 
+#: Sources published as text (Sphinx's ``_sources/*.rst.txt``, ``README.md.txt``…) are read
+#: in their real format.
+COMPOUND = {".rst.txt": load_rst, ".md.txt": None, ".markdown.txt": None}
+
+
+def loader_for(path: Path) -> Callable[[Path], list[Section]] | None:
+    name = path.name.lower()
+    for suffix, loader in COMPOUND.items():
+        if name.endswith(suffix):
+            return loader or LOADERS[".md"]
+    return LOADERS.get(path.suffix.lower())
+
+
 def load(path: Path, max_bytes: int = MAX_FILE_BYTES) -> list[Section]:
-    loader = LOADERS.get(path.suffix.lower())
+    loader = loader_for(path)
     if loader is None:
         raise SkipFile(f"unsupported file type {path.suffix or '(none)'}")
     size = path.stat().st_size

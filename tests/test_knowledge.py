@@ -69,6 +69,74 @@ def write(path: Path, text: str | bytes) -> Path:
     return path
 
 
+SPHINX_SOURCE = """\
+.. %%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%
+.. _decimal-notes:
+
+Decimal notes
+=============
+
+.. index:: single: decimal
+
+The :mod:`decimal` module provides fast correctly rounded
+decimal arithmetic; see :ref:`the tutorial <tut-decimal>` and :func:`~decimal.getcontext`.
+
+.. versionadded:: 3.3
+
+.. note::
+
+   Contexts are per thread.
+
+Rounding
+--------
+
+Use :meth:`Decimal.quantize` to round:
+
+.. code-block:: python
+   :emphasize-lines: 2
+
+   from decimal import Decimal
+   Decimal("7.325").quantize(Decimal(".01"))
+"""
+
+
+def test_sphinx_sources_are_read_as_documents_without_their_markup(tmp_path):
+    from knowledge.loaders import load
+
+    sections = load(write(tmp_path / "_sources" / "library.rst.txt", SPHINX_SOURCE))
+    assert [s.headings for s in sections] == [["Decimal notes"], ["Decimal notes", "Rounding"]]
+    intro, rounding = (s.text for s in sections)
+    assert intro.startswith("The decimal module provides fast correctly rounded decimal")
+    assert "the tutorial and getcontext()." in intro  # roles keep their text, lose the markup
+    assert "Note: Contexts are per thread." in intro
+    assert "Added in version 3.3" in intro
+    everything = intro + rounding
+    for markup in ("%%%", ".. _", ":mod:", ":ref:", "<tut-decimal>", ".. index", "::", "`"):
+        assert markup not in everything.replace("```", ""), markup
+    # Code stays code, whole and fenced; its directive options are gone.
+    assert '```\nfrom decimal import Decimal\nDecimal("7.325").quantize' in rounding
+    assert "emphasize" not in rounding
+
+
+def test_markdown_is_parsed_setext_headings_code_and_links_included(tmp_path):
+    from knowledge.loaders import load
+
+    text = (
+        "Getting started\n===============\n\nInstall with `pip install chinwag`; see "
+        "[the docs](https://example.org/docs) <b>now</b>.\n\nConfiguration\n-------------\n\n"
+        '```toml\n# not a heading\nname = "x"\n```\n\n| option | default |\n|---|---|\n'
+        "| name | chinwag |\n"
+    )
+    sections = load(write(tmp_path / "guide.md", text))
+    assert [s.headings for s in sections] == [
+        ["Getting started"],
+        ["Getting started", "Configuration"],
+    ]
+    assert sections[0].text == "Install with pip install chinwag; see the docs now."
+    assert '```\n# not a heading\nname = "x"\n```' in sections[1].text
+    assert "name | chinwag" in sections[1].text
+
+
 def test_every_supported_format_is_read_with_its_headings(kb, tmp_path):
     docs = tmp_path / "docs"
     write(

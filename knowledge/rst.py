@@ -1,0 +1,200 @@
+"""reStructuredText (and Sphinx sources, ``.rst.txt``) into clean sections.
+
+docutils parses the markup; what it does not know — Sphinx's directives (``versionadded``,
+``py:function``, ``code-block``…) and roles (``:func:``, ``:ref:``…) — would otherwise come out
+as error nodes holding the raw markup (``.. %%%%`` comments, ``:func:`len``` in the text of an
+answer). Every unknown name found in the source is registered first with a generic handler
+that keeps its readable content (a role's text, a directive's argument and body, code as
+code), and the doctree is turned into text by node type: comments, link targets, substitution
+definitions and error messages dropped, lists as lists, literal blocks fenced as code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from docutils import nodes
+from docutils.core import publish_doctree
+from docutils.parsers.rst import Directive, directives, roles
+
+#: Directives whose body is code, kept verbatim.
+_CODE_DIRECTIVES = {
+    "code-block", "sourcecode", "code", "doctest", "testcode", "testoutput", "highlight",
+    "literalinclude", "productionlist",
+}  # fmt: skip
+#: Directives that are only navigation or machinery: nothing a reader asks about.
+_SKIP_DIRECTIVES = {
+    "toctree", "index", "highlight", "literalinclude", "include", "autosummary",
+    "currentmodule", "module", "moduleauthor", "sectionauthor", "tabularcolumns", "only",
+    "raw", "meta", "testsetup", "testcleanup", "contents", "automodule", "autoclass",
+    "autofunction", "automethod", "graphviz", "image", "figure",
+}  # fmt: skip
+#: Roles Sphinx renders as code.
+_CODE_ROLES = re.compile(
+    r"^(?:\w+:)?(?:func|meth|class|mod|attr|data|const|exc|obj|type|member|macro|var|enum"
+    r"|option|envvar|program|command|file|samp|kbd|code|term|keyword|token|regexp|mimetype)$"
+)
+_DIRECTIVE_NAME = re.compile(r"^\s*\.\.\s+([\w][\w:.+-]*)\s*::", re.M)
+_ROLE_NAME = re.compile(r"(?<![\w`]):([\w][\w:+.-]*):`")
+_TITLE_TARGET = re.compile(r"^(.*?)\s*<[^<>]*>$", re.S)
+
+
+class _AnyOption(dict):  # type: ignore[type-arg]
+    """An option spec that accepts every option (Sphinx directives have many)."""
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __getitem__(self, key: str) -> Any:
+        return directives.unchanged
+
+
+class _Generic(Directive):
+    """Keeps what a reader would see of a directive docutils does not know."""
+
+    optional_arguments = 1
+    final_argument_whitespace = True
+    has_content = True
+    option_spec = _AnyOption()
+
+    def run(self) -> list[nodes.Node]:
+        if self.name in _SKIP_DIRECTIVES:
+            return []
+        out: list[nodes.Node] = []
+        if self.name in _CODE_DIRECTIVES:
+            if self.content:
+                out.append(nodes.literal_block(text="\n".join(self.content)))
+            return out
+        if self.arguments:  # a signature ("len(s)"), a version, a title
+            label = self.name.split(":")[-1]
+            lead = self.arguments[0]
+            if label in ("versionadded", "versionchanged", "deprecated"):
+                lead = f"{label.replace('version', '').capitalize() or label} in version {lead}"
+            out.append(nodes.paragraph(text=lead))
+        if self.content:
+            box = nodes.container()
+            self.state.nested_parse(self.content, self.content_offset, box)
+            out.append(box)
+        return out
+
+
+def _generic_role(
+    name: str, rawtext: str, text: str, lineno: int, inliner: Any,
+    options: dict[str, Any] | None = None, content: list[str] | None = None,
+) -> tuple[list[nodes.Node], list[Any]]:  # fmt: skip
+    """``:ref:`Title <label>``` → "Title"; ``:func:`~os.path.join``` → ``join()``."""
+    text = nodes.unescape(text)
+    m = _TITLE_TARGET.match(text)
+    shown = m.group(1) if m and m.group(1) else text
+    shown = shown.lstrip("!")
+    if shown.startswith("~"):
+        shown = shown[1:].split(".")[-1]
+    if _CODE_ROLES.match(name):
+        if name.split(":")[-1] in ("func", "meth") and not shown.endswith(")"):
+            shown += "()"
+        return [nodes.literal(rawtext, shown)], []
+    return [nodes.Text(shown)], []
+
+
+def _register_unknown(source: str) -> None:
+    # Registering is process-wide and idempotent; only names docutils does not know.
+    for name in set(_DIRECTIVE_NAME.findall(source)):
+        if name not in directives._directive_registry and name not in directives._directives:
+            directives.register_directive(name, _Generic)
+    for name in set(_ROLE_NAME.findall(source)):
+        if name not in roles._role_registry and name not in roles._roles:
+            roles.register_local_role(name, _generic_role)
+
+
+_DROP = (
+    nodes.comment,
+    nodes.target,
+    nodes.system_message,
+    nodes.substitution_definition,
+    nodes.raw,
+    nodes.pending,
+    nodes.footnote,
+    nodes.citation,
+)
+
+
+def _text(node: nodes.Node) -> str:
+    """Readable text of a body element and its children (not of nested sections)."""
+    if isinstance(node, (*_DROP, nodes.section, nodes.title)):
+        return ""
+    if isinstance(node, nodes.literal_block | nodes.doctest_block):
+        return "```\n" + node.astext().rstrip() + "\n```"
+    if isinstance(node, nodes.problematic):  # markup docutils could not resolve
+        return re.sub(r"^:[\w:+.-]+:`|`_*$|^`|\|", "", node.astext())
+    if isinstance(node, nodes.bullet_list | nodes.enumerated_list):
+        items = []
+        for i, item in enumerate(node.children, 1):
+            mark = "-" if isinstance(node, nodes.bullet_list) else f"{i}."
+            items.append(f"{mark} " + _join(item).replace("\n", "\n  "))
+        return "\n".join(items)
+    if isinstance(node, nodes.definition_list_item):
+        term = " ".join(_text(c) for c in node.children if isinstance(c, nodes.term))
+        body = " ".join(_join(c) for c in node.children if isinstance(c, nodes.definition))
+        return f"{term}: {body}".strip(": ")
+    if isinstance(node, nodes.field):
+        name, body = node.children[0], node.children[1]
+        return f"{_text(name)}: {_join(body)}"
+    if isinstance(node, nodes.Admonition):
+        kind = node.tagname.replace("admonition", "").capitalize() or "Note"
+        return f"{kind}: {_join(node)}"
+    if isinstance(node, nodes.row):
+        return " | ".join(_join(entry) for entry in node.children)
+    if isinstance(node, nodes.TextElement):  # prose: source line breaks are not breaks
+        return " ".join("".join(_inline(c) for c in node.children).split())
+    return _join(node)
+
+
+def _inline(node: nodes.Node) -> str:
+    if isinstance(node, _DROP):
+        return ""
+    if isinstance(node, nodes.problematic):
+        return _text(node)
+    if isinstance(node, nodes.Text):
+        return str(node)
+    return "".join(_inline(c) for c in node.children)
+
+
+def _join(node: nodes.Node) -> str:
+    parts = [_text(c) for c in node.children]
+    tabular = isinstance(node, nodes.tbody | nodes.thead | nodes.tgroup | nodes.table)
+    sep = "\n" if tabular else "\n\n"
+    return sep.join(p for p in parts if p.strip())
+
+
+def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
+    """``(heading trail, text)`` per section, in document order."""
+    _register_unknown(source)
+    doctree = publish_doctree(
+        source,
+        settings_overrides={
+            "report_level": 5,
+            "halt_level": 5,
+            "file_insertion_enabled": False,
+            "raw_enabled": False,
+            "doctitle_xform": False,
+            "warning_stream": False,
+        },
+    )
+    out: list[tuple[list[str], str]] = []
+
+    def walk(node: nodes.Node, trail: list[str]) -> None:
+        text = _join(node)
+        if text.strip():
+            out.append((trail or [fallback_title], text))
+        for child in node.children:
+            if isinstance(child, nodes.section):
+                title = child.next_node(nodes.title)
+                walk(child, [*trail, _text_of_title(title)])
+
+    walk(doctree, [])
+    return out
+
+
+def _text_of_title(title: nodes.title | None) -> str:
+    return "".join(_inline(c) for c in title.children).strip() if title is not None else ""
