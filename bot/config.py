@@ -185,6 +185,9 @@ class KnowledgeSettings(_Section):
     #: Give each FAQ pair a second vector for its question alone: better matching of user
     #: questions (hit@3 0.86 → 0.97 on the FAQ corpus) for ~13 % more embedding time.
     faq_question_vectors: bool = True
+    #: An ingest commits every this many chunks: a killed ingest keeps what it committed and
+    #: the next one resumes by skipping those files (checksums).
+    commit_chunks: int = Field(2048, ge=16)
 
 
 class TelegramSettings(_Section):

@@ -84,6 +84,21 @@ state_t = sa.Table(
 )
 
 
+def _batches(
+    pending: list[tuple[Path, str, int, list[Chunk]]], chunks_per_batch: int
+) -> list[list[tuple[Path, str, int, list[Chunk]]]]:
+    """Whole files grouped until a group holds ``chunks_per_batch`` chunks."""
+    out: list[list[tuple[Path, str, int, list[Chunk]]]] = []
+    size = chunks_per_batch
+    for item in pending:
+        if size >= chunks_per_batch:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += len(item[3])
+    return out
+
+
 class KnowledgeError(Exception):
     """Something about the knowledge base needs the operator; the message says what."""
 
@@ -191,8 +206,13 @@ class KnowledgeBase:
         batch_size: int = 64,
         max_file_mb: float = 200,
         faq_question_vectors: bool = True,
+        commit_chunks: int = 2048,
     ) -> None:
         self.directory = Path(directory)
+        #: An ingest commits (catalogue rows and a new index version) whenever this many
+        #: chunks are embedded: a killed ingest keeps what it committed, and the next one
+        #: skips those files by checksum.
+        self.commit_chunks = commit_chunks
         self.max_file_bytes = int(max_file_mb * 1024 * 1024)
         self.faq_question_vectors = faq_question_vectors
         self.embedder = embedder or Embedder(
@@ -360,14 +380,10 @@ class KnowledgeBase:
                     summary.failed.append((source, f"{type(exc).__name__}: {exc}"))
                     continue
                 pending.append((path, digest, path.stat().st_size, chunks))
-            all_chunks = [c for _, _, _, chunks in pending for c in chunks]
             if not self.faq_question_vectors:
-                for chunk in all_chunks:
-                    chunk.meta.pop("question", None)
-            questions = [c.meta["question"] for c in all_chunks if c.meta.get("question")]
-            vectors = self._embed([c.text for c in all_chunks] + questions, progress)
-            question_vectors = vectors[len(all_chunks) :]
-            vectors = vectors[: len(all_chunks)]
+                for *_, chunks in pending:
+                    for chunk in chunks:
+                        chunk.meta.pop("question", None)
             removed_sources: list[str] = []
             if sync:
                 present = {str(f) for f in files}
@@ -376,21 +392,46 @@ class KnowledgeBase:
                         Path(source).is_relative_to(folder) for folder in folders
                     ):
                         removed_sources.append(source)
-            self._commit(
-                pending, vectors, removed_sources, known, summary, progress, question_vectors
-            )
+            batches = _batches(pending, self.commit_chunks)
+            total = sum(len(c) + sum(1 for ch in c if ch.meta.get("question")) for *_, c in pending)
+            done = 0
+            for i, batch in enumerate(batches):
+                chunks = [c for *_, cs in batch for c in cs]
+                questions = [c.meta["question"] for c in chunks if c.meta.get("question")]
+                texts = [c.text for c in chunks] + questions
+                vectors = self._embed(texts, progress, done=done, total=total)
+                done += len(texts)
+                last = i == len(batches) - 1
+                self._commit(
+                    batch,
+                    vectors[: len(chunks)],
+                    removed_sources if last else [],
+                    known,
+                    summary,
+                    progress,
+                    vectors[len(chunks) :],
+                )
+            if not batches and removed_sources:
+                self._commit(
+                    [], np.zeros((0, 0), dtype=np.float32), removed_sources, known, summary,
+                    progress,
+                )  # fmt: skip
         summary.seconds = time.perf_counter() - started
         return summary
 
-    def _embed(self, texts: list[str], progress: Progress | None) -> np.ndarray:
+    def _embed(
+        self, texts: list[str], progress: Progress | None, *, done: int = 0, total: int = 0
+    ) -> np.ndarray:
+        """Vectors for ``texts``; progress counts from ``done`` of ``total`` (whole ingest)."""
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
+        total = max(total, done + len(texts))
         batch = max(self.embedder.batch_size * 8, 256)
         parts = []
         for start in range(0, len(texts), batch):
             parts.append(self.embedder.encode(texts[start : start + batch]))
             if progress:
-                progress("embedding", min(start + batch, len(texts)), len(texts))
+                progress("embedding", done + min(start + batch, len(texts)), total)
         return np.concatenate(parts)
 
     def _commit(
@@ -483,8 +524,8 @@ class KnowledgeBase:
             if rows:
                 conn.execute(sa.insert(chunks_t), rows)
             summary.removed.extend(removed_sources)
-            summary.chunks_added = len(rows)
-            summary.chunks_removed = len(old_ids)
+            summary.chunks_added += len(rows)
+            summary.chunks_removed += len(old_ids)
             total = conn.scalar(sa.select(sa.func.count()).select_from(chunks_t)) or 0
             if progress:
                 progress("indexing", 0, 1)

@@ -30,6 +30,7 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         batch_size=k.batch_size,
         max_file_mb=k.max_file_mb,
         faq_question_vectors=k.faq_question_vectors,
+        commit_chunks=k.commit_chunks,
     )
 
 

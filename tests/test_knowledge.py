@@ -360,6 +360,45 @@ def test_a_crash_mid_save_leaves_the_last_good_index_loadable(tmp_path, embedder
         survivor.close()
 
 
+def test_a_killed_ingest_keeps_what_it_committed_and_the_next_one_resumes(tmp_path, embedder):
+    directory = tmp_path / "kb"
+    for i in range(64):
+        write(tmp_path / "docs" / f"{i:02}.txt", f"Note {i}: crane {i} is inspected every spring.")
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from knowledge.base import KnowledgeBase
+        from knowledge.index import VectorIndex
+        saves = 0
+        real_save = VectorIndex.save
+        def save(self, path):
+            global saves
+            saves += 1
+            digest = real_save(self, path)
+            print("saved", saves, flush=True)
+            return digest
+        VectorIndex.save = save
+        kb = KnowledgeBase(Path({str(directory)!r}), commit_chunks=16)
+        kb.add([Path({str(tmp_path / "docs")!r})])
+        print("done", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("saved 2"):  # the first batch is committed, the second saving
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    resumed = KnowledgeBase(directory, embedder=embedder, commit_chunks=16)
+    kept = resumed.stats()["vectors"]
+    assert 16 <= kept < 64  # what was committed survived the kill
+    summary = resumed.add([tmp_path / "docs"])
+    assert len(summary.unchanged) == kept and len(summary.added) == 64 - kept
+    assert resumed.stats()["vectors"] == 64
+    assert "crane 63" in resumed.search("when is crane 63 inspected", k=1)[0].text
+    resumed.close()
+
+
 def test_searches_keep_working_while_an_ingest_runs(kb, tmp_path):
     kb.add([write(tmp_path / "base.txt", "Invoices are sent on the first of every month.")])
     [
