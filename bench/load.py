@@ -42,7 +42,7 @@ MESSAGES = [
     "Hi! How are you today?",
     "Can you give me a tip for sleeping better?",
     "What should I cook for dinner tonight?",
-    "Tell me something interesting about octopuses.",
+    "Tell me a fun story about octopuses.",
     "I had a rough day at work.",
     "How do I stay focused while studying?",
     "What's a good way to start running?",

@@ -17,6 +17,7 @@ and docs/skills.md for the figures).
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from bot.text import sentences
 
@@ -58,7 +59,7 @@ _PERSONAL = re.compile(
     r"|(?:would|will) (?:you|u) (?:like|rather)|what would (?:you|u)|where (?:are|r) (?:you|u) from"
     r"|how old (?:are|r) (?:you|u)|is (?:it|that) (?:ok|okay|fine|alright)|isn't it|right\b"
     r"|what (?:about|now|else|next)\b|why not\b|how come\b|why (?:so|is that)\b|really\b"
-    r"|what do i do\b|what should i (?:do|say)\b|should i\b|any (?:tips|advice)"
+    r"|what do i do\b"
     r"|what (?:a|an)\b)",
     re.I,
 )
@@ -83,41 +84,72 @@ _QUESTION = re.compile(
     rf"(?:what|which|whom|when|how)\b",
     re.I,
 )
+#: Asking for advice, a suggestion or how to do something: answered (with a hedge when no
+#: passage backs it), because general advice is what a chat bot is for — unlike a question
+#: of fact, which the model would answer with invented specifics.
+_ADVICE = re.compile(
+    r"^(?:how (?:do|can|should|could|would|might) (?:i|we|one)\b|how to\b|what should (?:i|we)"
+    r"|should (?:i|we)\b|which (?:one )?should (?:i|we)\b|where (?:can|should|could) (?:i|we)\b"
+    r"|what(?:'s| is| are| would be)(?: a| an| some| the)? (?:good|nice|fun|easy|quick|best"
+    r"|better|healthy|cheap|simple) (?:way|ways|idea|ideas|tip|tips|thing|things|place|places"
+    r"|name|names|book|books|movie|movies|film|films|show|shows|recipe|recipes|gift|gifts|game"
+    r"|games|habit|habits|routine|exercise|exercises)\b|what are some\b"
+    r"|any (?:ideas|tips|advice|suggestions|recommendations)\b"
+    r"|(?:can|could|would|will) (?:you|u) (?:give|suggest|recommend|help)\b"
+    r"|(?:give me|got any|i need) (?:a |an |some )?(?:tip|tips|idea|ideas|advice|suggestion)"
+    r"|tips? (?:for|on)\b|ideas? for\b|recommend|suggest"
+    r"|is it (?:ok|okay|wise|worth|a good idea)\b)",
+    re.I,
+)
 _REQUEST_WORDS = re.compile(r"\b(?:recommend|recommendation|suggest|suggestion)\b", re.I)
 
 
-def asks_for_information(text: str) -> bool:
-    """Whether ``text`` asks for facts, instructions or recommendations about the world.
+Kind = Literal["chat", "advice", "fact"]
+
+
+def kind_of(text: str) -> Kind:
+    """``fact`` when any sentence asks a question of fact, else ``advice`` when one asks for
+    advice or a suggestion, else ``chat``.
 
     Sentence by sentence: "Hi there! How are you today?" greets and asks after the bot;
     "Thanks! And who wrote Hamlet?" asks.
     """
-    return any(_asks(s) for s in sentences(" ".join(text.split())[:2000]))
+    kinds = {_kind(s) for s in sentences(" ".join(text.split())[:2000])}
+    return "fact" if "fact" in kinds else "advice" if "advice" in kinds else "chat"
 
 
-def _asks(text: str) -> bool:
+def asks_for_information(text: str) -> bool:
+    """Whether ``text`` asks for facts, instructions or recommendations about the world."""
+    return kind_of(text) != "chat"
+
+
+def _kind(text: str) -> Kind:
     t = text.strip()
     if not t:
-        return False
+        return "chat"
     t = re.sub(r"^[@/]\S+\s*", "", t)  # "@bot what is…"
     if _CREATIVE.search(t):
-        return False
+        return "chat"
     t = _GREETING.sub("", t, count=1)
     core = _WRAPPER.sub("", t, count=1).strip(" ,:;-")
     wrapped = core != t
     core_l = core.lower()
     if not core_l:
-        return False
+        return "chat"
     if _PERSONAL.match(core_l) and not wrapped:
-        return False
+        return "chat"
+    if _ADVICE.match(core_l):
+        return "advice"
     if len(core_l.split()) < 2 and not wrapped:  # "what?", "why?": about the last reply
-        return False
-    if _QUESTION.match(core_l) or _IMPERATIVE.match(core_l):
-        return True
-    if wrapped and len(core_l.split()) >= 2:  # "do you know the capital of Peru"
-        return True
-    if _REQUEST_WORDS.search(core_l):
-        return True
-    # A statement that ends in a question mark ("the boiling point of ethanol?") asks too,
-    # unless it is a short social one ("you ok?", "right?").
-    return t.endswith("?") and len(core_l.split()) >= 4
+        return "chat"
+    asks = (
+        _QUESTION.match(core_l)
+        or _IMPERATIVE.match(core_l)
+        or (wrapped and len(core_l.split()) >= 2)  # "do you know the capital of Peru"
+        # A statement that ends in a question mark ("the boiling point of ethanol?") asks
+        # too, unless it is a short social one ("you ok?", "right?").
+        or (t.endswith("?") and len(core_l.split()) >= 4)
+    )
+    if asks:
+        return "fact"
+    return "advice" if _REQUEST_WORDS.search(core_l) else "chat"

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
-from skills.asking import asks_for_information
+from skills.asking import kind_of
 from skills.grounding import neutralize_instructions, sentences
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,17 @@ class DialogueConfig(BaseModel):
     max_reply_chars: int = Field(600, ge=50)
     #: In groups, each user has their own context.
     per_user_in_groups: bool = True
-    #: A request for information (a question of fact, "how do I…", "recommend…") that no
-    #: knowledge passage supports: ``decline`` says so honestly, without asking the model —
-    #: a small model asked for facts invents them; ``answer`` lets it chat about anything
-    #: (open-domain chit-chat bots). Greetings, feelings, jokes and poems are always answered.
+    #: A question of fact that no knowledge passage supports: ``decline`` says so honestly,
+    #: without asking the model (a small model asked for facts invents them), and a request
+    #: for advice or a suggestion ("how do I…", "any ideas for…") is answered under
+    #: ``hedge_text``; ``answer`` lets the model chat about anything (open-domain chit-chat
+    #: bots). Greetings, feelings, jokes and poems are always answered. See skills/asking.py.
     unsupported_questions: Literal["decline", "answer"] = "decline"
     decline_text: str = (
         "I don't know that — it isn't in what I've been given, and I'd rather not guess. "
         "I can answer questions about what's in my knowledge base, or just chat."
     )
+    hedge_text: str = "This isn't from my knowledge base — just a general suggestion: "
 
 
 class DialogueSkill(Skill):
@@ -77,16 +79,15 @@ class DialogueSkill(Skill):
         if ctx.command == "reset":
             return await self._reset(message, ctx)
         passages = await self._passages(message, ctx, cfg)
-        if (
-            not passages
-            and cfg.unsupported_questions == "decline"
-            and asks_for_information(message.text)
-        ):
+        asking = kind_of(message.text)
+        careful = not passages and cfg.unsupported_questions == "decline"
+        if careful and asking == "fact":
             return Reply(
                 cfg.decline_text,
                 rateable=True,
                 metadata={"abstained": True, "reason": "no knowledge supports the question"},
             )
+        hedge = cfg.hedge_text if careful and asking == "advice" else ""
         system = cfg.persona.replace("{name}", ctx.bot.settings.bot.name)
         if passages:
             material = "\n".join(f"- {p['text']}" for p in passages)
@@ -112,7 +113,7 @@ class DialogueSkill(Skill):
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             stop=("\nUser:", "\nuser:", "<|im_start|>"),
-            on_text=ctx.emit if ctx.streaming else None,
+            on_text=_prefixed(ctx.emit, hedge) if ctx.streaming else None,
         )
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
         if gen.finish_reason == "deadline":
@@ -126,6 +127,9 @@ class DialogueSkill(Skill):
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"
             cleaned.append("empty")
+        elif hedge:  # general advice, and the user is told so
+            text = hedge + text
+            cleaned.append("hedged")
         return Reply(
             text,
             rateable=True,
@@ -139,6 +143,7 @@ class DialogueSkill(Skill):
                 "cleaned": cleaned,
                 "tokens": gen.completion_tokens,
                 "trimmed_turns": gen.trimmed_turns,
+                **({"hedged": True} if hedge else {}),
             },
         )
 
@@ -232,6 +237,23 @@ class DialogueSkill(Skill):
         if merged and merged[-1]["role"] == "user":
             merged.pop()  # the new message follows; two user turns in a row confuse small models
         return merged
+
+
+def _prefixed(emit: Any, prefix: str) -> Any:
+    """``emit`` that sends ``prefix`` with the first piece (only once text really arrives, so
+    a refused generation never leaves a lone hedge on the user's screen)."""
+    if not prefix:
+        return emit
+    sent = False
+
+    async def send(piece: str) -> None:
+        nonlocal sent
+        if not sent and piece:
+            sent = True
+            piece = prefix + piece
+        await emit(piece)
+
+    return send
 
 
 def _who(message: Message, cfg: DialogueConfig) -> str:

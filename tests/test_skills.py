@@ -96,31 +96,37 @@ async def test_questions_the_knowledge_base_cannot_support_are_declined_in_plain
     # Written apart from the rules in skills/asking.py (held out), the way people type.
     questions = lines("off_corpus_heldout.txt")
     users = [chinwag_chat(user_id=f"h{i}", chat_id=f"h{i}") for i in range(len(questions))]
-    replies = await asyncio.gather(*(u.send(q) for u, q in zip(users, questions, strict=True)))
-    declined = [
-        r[0].metadata.get("abstained", False) and not r[0].sources and r[0].model is None
-        for r in replies
-    ]
-    assert sum(declined) / len(declined) >= 0.95, [
-        (q, r[0].text[:80]) for q, r, d in zip(questions, replies, declined, strict=True) if not d
-    ]
-    by_dialogue = next(r[0] for r in replies if r[0].skill == "dialogue")
-    assert by_dialogue.text.startswith("I don't know that")
+    replies = [r[0] for r in await asyncio.gather(
+        *(u.send(q) for u, q in zip(users, questions, strict=True))
+    )]  # fmt: skip
+    declined = [r for r in replies if r.metadata.get("abstained") and r.model is None]
+    hedged = [r for r in replies if r.metadata.get("hedged")]
+    honest = len(declined) + len(hedged)
+    assert honest / len(replies) >= 0.95, [
+        (q, r.text[:80]) for q, r in zip(questions, replies, strict=True)
+        if r not in declined and r not in hedged
+    ]  # fmt: skip
+    assert not any(r.sources for r in declined)
+    assert next(r for r in declined if r.skill == "dialogue").text.startswith("I don't know that")
+    # Asking for advice ("recommend a good book…") gets some, and is told it is general advice.
+    assert hedged and all(r.text.startswith("This isn't from my knowledge base") for r in hedged)
 
 
-def test_chit_chat_is_never_taken_for_a_question_of_fact():
-    from skills.asking import asks_for_information
+def test_chit_chat_is_never_taken_for_a_question():
+    from skills.asking import kind_of
 
     for name in ("chit_chat.txt", "chit_chat_heldout.txt"):
         talk = lines(name)
-        taken = [m for m in talk if asks_for_information(m)]
+        taken = [m for m in talk if kind_of(m) != "chat"]
         assert len(taken) / len(talk) <= 0.05, (name, taken)
     for name in ("off_corpus_questions.txt", "off_corpus_heldout.txt"):
         asked = lines(name)
-        missed = [q for q in asked if not asks_for_information(q)]
+        missed = [q for q in asked if kind_of(q) == "chat"]
         assert len(missed) / len(asked) <= 0.05, (name, missed)
+    assert kind_of("whats the boiling point of ethanol") == "fact"
+    assert kind_of("Any ideas for a rainy weekend?") == "advice"
     for odd in ("", "   ", "?", "what?", "\x00\x01", "a" * 10_000, "/start", "@bot"):
-        assert asks_for_information(odd) is False
+        assert kind_of(odd) == "chat"
 
 
 @pytest.mark.parametrize(
@@ -129,7 +135,7 @@ def test_chit_chat_is_never_taken_for_a_question_of_fact():
 async def test_operators_who_want_open_chat_can_let_dialogue_answer_anything(chat):
     (reply,) = await chat.send("What is the capital of France?")
     assert reply.skill == "dialogue" and reply.model == "smollm2"
-    assert not reply.metadata.get("abstained")
+    assert not reply.metadata.get("abstained") and not reply.metadata.get("hedged")
 
 
 async def test_an_off_topic_question_gets_no_invented_citation(chat):
