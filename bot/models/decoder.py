@@ -7,7 +7,7 @@ objects, output dataclasses, per-projection matmuls. Serving engines (vLLM, llam
 their own model code for the same reasons. This one covers the Llama architecture (SmolLM2,
 Llama 2/3, TinyLlama, Mistral without sliding window, Qwen2 with its qkv bias) and reads the
 same ``config.json`` + safetensors folder that ``save_pretrained`` writes; anything else is
-served by transformers, unchanged (:func:`supports`).
+served by transformers, unchanged (bot/models/loading.py chooses).
 
 What it does differently:
 
@@ -114,15 +114,6 @@ class DecoderConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             eos_token_id=eos_ids,
         )
-
-
-def supports(folder: Path) -> bool:
-    """Whether ``folder`` (a ``save_pretrained`` output) can be served by this decoder."""
-    try:
-        DecoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    except (Unsupported, OSError, KeyError, ValueError):
-        return False
-    return any(folder.glob("*.safetensors"))
 
 
 # -- KV cache ---------------------------------------------------------------------------------
