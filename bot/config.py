@@ -57,6 +57,12 @@ class BotSettings(_Section):
     busy_message: str = (
         "I'm busy with a lot of conversations right now — please try again in about {seconds} s."
     )
+    #: A user who sends a new message while the bot is still writing the reply to their last
+    #: one has moved on: that reply ends with the whole sentences it has (one not started yet
+    #: is dropped, with ``superseded_notice``) so the new message is answered sooner.
+    #: Commands never supersede.
+    supersede: bool = True
+    superseded_notice: str = "(Skipping that one to answer your newer message.)"
     skill_timeout_s: float = Field(30.0, gt=0)
     observer_timeout_s: float = Field(2.0, gt=0)
     filter_timeout_s: float = Field(2.0, gt=0)

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from bot.config import ConfigError, Settings, format_validation_error
 from bot.contract import check_filter, check_observer, check_skill, unknown_keys
 from bot.messages import Message, Reply
-from bot.models.types import DEADLINE, RuntimeBusy, ShuttingDown
+from bot.models.types import DEADLINE, SUPERSEDED, RuntimeBusy, ShuttingDown, Superseded
 from bot.plugins import PluginInfo, Registered, call_lifecycle, collect, make_manager
 from bot.ratelimit import RateLimiter, Verdict
 from bot.router import Router, SkillEntry, parse_command, suggest
@@ -44,6 +45,8 @@ Pusher = Callable[[str, Reply], Awaitable[None]]
 class _ChatLock:
     lock: asyncio.Lock
     users: int = 0
+    #: Whose message holds the lock, and the event that tells its generation to wrap up.
+    running: tuple[str, threading.Event] | None = None
 
 
 def _as_replies(result: Any) -> list[Reply]:
@@ -440,9 +443,24 @@ class Bot:
         chat_lock.users += 1
         self._inflight += 1
         self._idle.clear()
+        running = chat_lock.running
+        if (
+            running is not None
+            and running[0] == message.user_id
+            and self.settings.bot.supersede
+            and not to_text(message.text).lstrip().startswith("/")
+        ):
+            running[1].set()  # the user moved on: their previous reply wraps up
         try:
             async with chat_lock.lock:
-                return await self._handle(message, send)
+                cut = threading.Event()
+                chat_lock.running = (message.user_id, cut)
+                token = SUPERSEDED.set(cut)
+                try:
+                    return await self._handle(message, send)
+                finally:
+                    SUPERSEDED.reset(token)
+                    chat_lock.running = None
         finally:
             chat_lock.users -= 1
             if chat_lock.users == 0:
@@ -617,6 +635,15 @@ class Bot:
             entry.stats["busy"] = entry.stats.get("busy", 0) + 1
             log.info("skill %s: model busy (%s)", entry.name, exc)
             return [self.busy_reply(exc, entry.name)]
+        except Superseded:
+            return [
+                Reply(
+                    self.settings.bot.superseded_notice,
+                    kind="notice",
+                    skill=entry.name,
+                    metadata={"superseded": True},
+                )
+            ]
         except ShuttingDown:
             return [
                 Reply(

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
+from bot.models.types import Superseded
 from skills.asking import kind_of
 from skills.grounding import neutralize_instructions, sentences
 
@@ -116,14 +117,17 @@ class DialogueSkill(Skill):
             on_text=_prefixed(ctx.emit, hedge) if ctx.streaming else None,
         )
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
-        if gen.finish_reason == "deadline":
-            # Cut off by the deadline: keep the whole sentences it had, drop the fragment; with
-            # none, the honest "busy" (the core's reply) beats a half-sentence.
+        if gen.finish_reason in ("deadline", "superseded"):
+            # Cut off by the deadline, or by the user's newer message: keep the whole sentences
+            # it had, drop the fragment; with none, the honest "busy" (or "skipping that one")
+            # the core replies beats a half-sentence.
             whole = " ".join(s for s in sentences(text) if s.rstrip()[-1:] in ".!?…")
             if not whole:
+                if gen.finish_reason == "superseded":
+                    raise Superseded("cut by the user's newer message before a whole sentence")
                 raise RuntimeBusy("the reply was cut off by its deadline", retry_after_s=10)
             text = whole
-            cleaned.append("deadline")
+            cleaned.append(gen.finish_reason)
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"
             cleaned.append("empty")

@@ -198,8 +198,8 @@ class QASkill(Skill):
                     max_new_tokens=cfg.max_new_tokens,
                     within_s=cfg.generate_timeout_s,
                 )
-                if generation.finish_reason == "deadline":
-                    raise TimeoutError
+                if generation.finish_reason in ("deadline", "superseded"):
+                    raise TimeoutError  # a cut answer: the quote is whole
                 meta["support"] = round(support(generation.text, texts), 3)
                 meta["new_facts"] = new_facts(generation.text, question, texts)
                 meta["numbers_kept"] = numbers_kept(generation.text, texts)

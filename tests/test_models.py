@@ -409,3 +409,32 @@ def test_the_thread_count_moves_back_within_steps_when_the_neighbour_leaves():
     speed.update({1: 0.045, 2: 0.030})  # the neighbour left: both faster, two threads most
     run(10)  # long before the next scheduled look
     assert tuner.current == 2
+
+
+async def test_a_superseded_reply_ends_with_what_it_has_and_a_waiting_one_is_dropped(backend):
+    import threading
+
+    from bot.models.types import SUPERSEDED, Superseded
+
+    long = GenerationParams(max_new_tokens=200)
+    cut = threading.Event()
+    token = SUPERSEDED.set(cut)
+    try:
+        running = asyncio.create_task(backend.generate(ask("a long story"), long))
+    finally:
+        SUPERSEDED.reset(token)
+    await until(lambda: backend.load()["running"] > 0)
+    cut.set()  # the user sent a newer message
+    result = await running
+    assert result.finish_reason == "superseded"
+    assert 0 < result.completion_tokens < 200
+
+    gone = threading.Event()
+    gone.set()
+    token = SUPERSEDED.set(gone)
+    try:
+        with pytest.raises(Superseded):
+            await backend.generate(ask("never started"), GREEDY)
+    finally:
+        SUPERSEDED.reset(token)
+    assert (await backend.generate(ask("hi"), GREEDY)).completion_tokens > 0

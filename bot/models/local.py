@@ -17,7 +17,8 @@ speed and reply lengths the worker knows roughly when a new request would start 
 one that cannot finish in time is refused at once with :class:`RuntimeBusy` (and a
 ``retry_after_s``), so the skill can answer "busy" honestly instead of letting the user wait
 for an apology. A running row that reaches its deadline ends with what it has
-(``finish_reason="deadline"``).
+(``finish_reason="deadline"``), and so does one whose user has sent a newer message
+(``"superseded"``: the core sets ``types.SUPERSEDED``; one not started yet is dropped).
 
 Adapters are versioned. A request holds the adapter version current when it was submitted;
 loading a new version makes it current for new requests while in-flight ones finish on the old
@@ -42,12 +43,14 @@ from typing import Any
 from bot.models.prefix_cache import PrefixCache
 from bot.models.tuning import ThreadTuner
 from bot.models.types import (
+    SUPERSEDED,
     ChatMessages,
     Generation,
     GenerationParams,
     ModelError,
     RuntimeBusy,
     ShuttingDown,
+    Superseded,
     UnknownAdapter,
 )
 
@@ -72,6 +75,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     stream: asyncio.Queue[str | None] | None = None
     deadline: float | None = None  # time.monotonic()
+    cut: Any = None  # threading.Event: the user sent a newer message (see types.SUPERSEDED)
     submitted: float = field(default_factory=time.monotonic)
     # Filled in by the worker.
     prompt: list[int] = field(default_factory=list)
@@ -299,6 +303,7 @@ class LocalBackend:
                 loop,
                 stream,
                 deadline,
+                SUPERSEDED.get(),
             )
             self._queue.put(job)
         # Cancelling the caller cancels ``job.future``; the worker sees that before its next
@@ -487,6 +492,9 @@ class LocalBackend:
             if job.future.done():
                 self._finish_stream(job)
                 self._done(job)
+                continue
+            if job.cut is not None and job.cut.is_set():
+                self._fail(job, Superseded("the user sent a newer message"))
                 continue
             if job.deadline is not None and step:
                 need = SAFETY * min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
@@ -723,6 +731,8 @@ class LocalBackend:
                 finish = "stop"
             elif job.deadline is not None and now >= job.deadline:
                 finish = "deadline"
+            elif job.cut is not None and job.cut.is_set():
+                finish = "superseded"
         if finish is None:
             return False
         self._complete(job, finish, now)

@@ -16,6 +16,12 @@ ChatMessages = list[dict[str, str]]
 DEADLINE: ContextVar[float | None] = ContextVar("chinwag_deadline", default=None)
 
 
+#: Set (``threading.Event``) when the user who sent the current message has sent a newer one:
+#: the local backend then ends the reply with what it has (``finish_reason="superseded"``)
+#: or, not yet started, refuses it with :class:`Superseded` — nobody waits for it any more.
+SUPERSEDED: ContextVar[Any] = ContextVar("chinwag_superseded", default=None)
+
+
 class ModelError(Exception):
     """A request failed in the model (out of memory, bad input, server error); others go on."""
 
@@ -29,6 +35,10 @@ class RuntimeBusy(ModelError):
     def __init__(self, message: str, *, retry_after_s: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Superseded(ModelError):
+    """The user sent a newer message before this reply started; it was dropped for that one."""
 
 
 class ShuttingDown(ModelError):
