@@ -654,6 +654,18 @@ class Bot:
                 )
             ]
         except TimeoutError:
+            if entry.uses_model and self.models.loading:
+                # The first start converts the model (half a minute) and that work can starve
+                # the loop so the skill's own limit fires before the runtime's "still
+                # loading": the user gets the honest busy reply, not an apology.
+                entry.stats["busy"] = entry.stats.get("busy", 0) + 1
+                log.info("skill %s: the model is still loading", entry.name)
+                return [
+                    self.busy_reply(
+                        RuntimeBusy("the model is still loading", retry_after_s=20.0),
+                        entry.name,
+                    )
+                ]
             entry.stats["errors"] += 1
             log.error(
                 "skill %s timed out after %.1fs (its limit: %.1fs)",
