@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -45,8 +45,9 @@ Pusher = Callable[[str, Reply], Awaitable[None]]
 class _ChatLock:
     lock: asyncio.Lock
     users: int = 0
-    #: Whose message holds the lock, and the event that tells its generation to wrap up.
-    running: tuple[str, threading.Event] | None = None
+    #: Per user, the events of their messages being answered or waiting, oldest first: a
+    #: newer message sets the older ones, so their generations wrap up (see ``supersede``).
+    pending: dict[str, list[tuple[str | None, threading.Event]]] = field(default_factory=dict)
 
 
 def _as_replies(result: Any) -> list[Reply]:
@@ -443,25 +444,27 @@ class Bot:
         chat_lock.users += 1
         self._inflight += 1
         self._idle.clear()
-        running = chat_lock.running
-        if (
-            running is not None
-            and running[0] == message.user_id
-            and self.settings.bot.supersede
-            and not to_text(message.text).lstrip().startswith("/")
-        ):
-            running[1].set()  # the user moved on: their previous reply wraps up
+        cut = threading.Event()
+        mine = chat_lock.pending.setdefault(message.user_id, [])
+        if self.settings.bot.supersede and not to_text(message.text).lstrip().startswith("/"):
+            for older_key, older in mine:
+                # The user moved on: replies to their earlier messages wrap up — unless this is
+                # the same message delivered again (a platform retry), which changes nothing.
+                if older_key is None or older_key != message.dedup_key:
+                    older.set()
+        entry = (message.dedup_key, cut)
+        mine.append(entry)
         try:
             async with chat_lock.lock:
-                cut = threading.Event()
-                chat_lock.running = (message.user_id, cut)
                 token = SUPERSEDED.set(cut)
                 try:
                     return await self._handle(message, send)
                 finally:
                     SUPERSEDED.reset(token)
-                    chat_lock.running = None
         finally:
+            mine.remove(entry)
+            if not mine:
+                chat_lock.pending.pop(message.user_id, None)
             chat_lock.users -= 1
             if chat_lock.users == 0:
                 del self._chat_locks[key]
