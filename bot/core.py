@@ -635,9 +635,7 @@ class Bot:
                     result = await entry.skill.handle(message, ctx)
             replies = _as_replies(result)
         except RuntimeBusy as exc:
-            entry.stats["busy"] = entry.stats.get("busy", 0) + 1
-            log.info("skill %s: model busy (%s)", entry.name, exc)
-            return [self.busy_reply(exc, entry.name)]
+            return [self._busy(entry, exc)]
         except Superseded:
             return [
                 Reply(
@@ -661,14 +659,8 @@ class Bot:
                 # The first start converts the model (half a minute) and that work can starve
                 # the loop so the skill's own limit fires before the runtime's "still
                 # loading": the user gets the honest busy reply, not an apology.
-                entry.stats["busy"] = entry.stats.get("busy", 0) + 1
-                log.info("skill %s: the model is still loading", entry.name)
-                return [
-                    self.busy_reply(
-                        RuntimeBusy("the model is still loading", retry_after_s=20.0),
-                        entry.name,
-                    )
-                ]
+                busy = RuntimeBusy("the model is still loading", retry_after_s=20.0)
+                return [self._busy(entry, busy)]
             entry.stats["errors"] += 1
             log.error(
                 "skill %s timed out after %.1fs (its limit: %.1fs)",
@@ -704,6 +696,11 @@ class Bot:
                 r.skill = entry.name
             r.metadata.setdefault("skill_ms", round(skill_ms, 3))
         return replies
+
+    def _busy(self, entry: SkillEntry, exc: RuntimeBusy) -> Reply:
+        entry.stats["busy"] = entry.stats.get("busy", 0) + 1
+        log.info("skill %s: model busy (%s)", entry.name, exc)
+        return self.busy_reply(exc, entry.name)
 
     def busy_reply(self, exc: RuntimeBusy, skill: str) -> Reply:
         """The honest "I'm busy, try again in N s" a skill gives when the model can't answer

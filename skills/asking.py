@@ -118,11 +118,6 @@ def kind_of(text: str) -> Kind:
     return "fact" if "fact" in kinds else "advice" if "advice" in kinds else "chat"
 
 
-def asks_for_information(text: str) -> bool:
-    """Whether ``text`` asks for facts, instructions or recommendations about the world."""
-    return kind_of(text) != "chat"
-
-
 def _kind(text: str) -> Kind:
     t = text.strip()
     if not t:

@@ -375,21 +375,23 @@ async def test_the_converted_weights_are_cached_for_the_next_start(smollm):
         await second.stop()
 
 
+def drive(tuner, speed: dict[int, float], steps: int) -> None:
+    """``steps`` decode steps, each taking ``speed[threads]`` seconds."""
+    for _ in range(steps):
+        threads = tuner.threads_for_next_step()
+        tuner.record(threads, speed[threads], batch=1)
+
+
 def test_the_thread_count_moves_within_steps_when_a_neighbour_slows_the_current_one():
     from bot.models.tuning import ThreadTuner
 
     tuner = ThreadTuner([1, 2])
     speed = {1: 0.040, 2: 0.060}  # one thread is faster on a quiet machine
 
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            threads = tuner.threads_for_next_step()
-            tuner.record(threads, speed[threads], batch=1)
-
-    run(40)
+    drive(tuner, speed, 40)
     assert tuner.current == 1
     speed[1] = 0.200  # a neighbour now competes for that core's time
-    run(10)  # long before the next scheduled look (every 128 steps)
+    drive(tuner, speed, 10)  # long before the next scheduled look (every 128 steps)
     assert tuner.current == 2
 
 
@@ -399,15 +401,10 @@ def test_the_thread_count_moves_back_within_steps_when_the_neighbour_leaves():
     tuner = ThreadTuner([1, 2])
     speed = {1: 0.080, 2: 0.120}  # a neighbour holds the second core: one thread is faster
 
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            threads = tuner.threads_for_next_step()
-            tuner.record(threads, speed[threads], batch=1)
-
-    run(40)
+    drive(tuner, speed, 40)
     assert tuner.current == 1
     speed.update({1: 0.045, 2: 0.030})  # the neighbour left: both faster, two threads most
-    run(10)  # long before the next scheduled look
+    drive(tuner, speed, 10)  # long before the next scheduled look
     assert tuner.current == 2
 
 

@@ -136,29 +136,46 @@ class CacheLayer:
         self._vbuf: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        have = 0 if self.keys is None else self.keys.shape[-2]
-        new = k.shape[-2]
-        buf = self._kbuf
-        if (
-            buf is None
-            or buf.shape[0] != k.shape[0]
-            or buf.shape[-2] < have + new
-            or (have and self.keys is not None and self.keys.data_ptr() != buf.data_ptr())
-        ):
-            room = have + new + max(32, (have + new) // 2)
-            b, h, _, d = k.shape
-            kbuf = k.new_empty((b, h, room, d))
-            vbuf = v.new_empty((b, h, room, v.shape[-1]))
-            if have:
-                kbuf[:, :, :have] = self.keys
-                vbuf[:, :, :have] = self.values
-            self._kbuf, self._vbuf = kbuf, vbuf
-        assert self._kbuf is not None and self._vbuf is not None
-        self._kbuf[:, :, have : have + new] = k
-        self._vbuf[:, :, have : have + new] = v
-        self.keys = self._kbuf[:, :, : have + new]
-        self.values = self._vbuf[:, :, : have + new]
+        self.keys, self.values, self._kbuf, self._vbuf = grow(
+            self.keys, self.values, self._kbuf, self._vbuf, k, v
+        )
         return self.keys, self.values
+
+
+def grow(
+    keys: torch.Tensor | None,
+    values: torch.Tensor | None,
+    kbuf: torch.Tensor | None,
+    vbuf: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append ``k``/``v`` along the length axis into the buffers' spare room.
+
+    Returns ``(keys, values, kbuf, vbuf)``: views of the filled part and the buffers behind
+    them. A fresh buffer with headroom starts when there is none, the batch changed, it is
+    full, or ``keys`` is no longer a view of it (the engine replaced the tensors). Shared by
+    this module's cache and the one the transformers path uses.
+    """
+    have = 0 if keys is None else keys.shape[-2]
+    new = k.shape[-2]
+    if (
+        kbuf is None
+        or vbuf is None
+        or kbuf.shape[0] != k.shape[0]
+        or kbuf.shape[-2] < have + new
+        or (keys is not None and have and keys.data_ptr() != kbuf.data_ptr())
+    ):
+        room = have + new + max(32, (have + new) // 2)
+        b, h, _, d = k.shape
+        kbuf = k.new_empty((b, h, room, d))
+        vbuf = v.new_empty((b, h, room, v.shape[-1]))
+        if keys is not None and values is not None and have:
+            kbuf[:, :, :have] = keys
+            vbuf[:, :, :have] = values
+    kbuf[:, :, have : have + new] = k
+    vbuf[:, :, have : have + new] = v
+    return kbuf[:, :, : have + new], vbuf[:, :, : have + new], kbuf, vbuf
 
 
 class KVCache:

@@ -152,7 +152,7 @@ def _own_decoder(
             raise decoder.Unsupported("no tokenizer.json (a slow tokenizer)")
         model = decoder.load(folder, dtype=dtype, device=device)
         tokenizer = ChatTokenizer(folder)
-    except (decoder.Unsupported, OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError) as exc:  # decoder.Unsupported is a ValueError
         if required:
             raise ValueError(f"chinwag's decoder cannot serve {folder}: {exc}") from None
         log.info("serving %s through transformers: %s", folder.name, exc)

@@ -120,31 +120,21 @@ def _growing_layer() -> type:
     """
     from transformers.cache_utils import DynamicLayer
 
+    from bot.models.decoder import grow
+
     class GrowingLayer(DynamicLayer):
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            have = 0 if self.keys.numel() == 0 else self.keys.shape[-2]
-            new = key_states.shape[-2]
-            kbuf = getattr(self, "_kbuf", None)
-            if (
-                kbuf is None
-                or kbuf.shape[0] != key_states.shape[0]
-                or kbuf.shape[-2] < have + new
-                or (have and self.keys.data_ptr() != kbuf.data_ptr())
-            ):
-                room = have + new + max(32, (have + new) // 2)
-                b, h, _, d = key_states.shape
-                kbuf = key_states.new_empty((b, h, room, d))
-                vbuf = value_states.new_empty((b, h, room, value_states.shape[-1]))
-                if have:
-                    kbuf[:, :, :have] = self.keys
-                    vbuf[:, :, :have] = self.values
-                self._kbuf, self._vbuf = kbuf, vbuf
-            self._kbuf[:, :, have : have + new] = key_states
-            self._vbuf[:, :, have : have + new] = value_states
-            self.keys = self._kbuf[:, :, : have + new]
-            self.values = self._vbuf[:, :, : have + new]
+            filled = self.keys.numel() > 0
+            self.keys, self.values, self._kbuf, self._vbuf = grow(
+                self.keys if filled else None,
+                self.values if filled else None,
+                getattr(self, "_kbuf", None),
+                getattr(self, "_vbuf", None),
+                key_states,
+                value_states,
+            )
             return self.keys, self.values
 
     return GrowingLayer
