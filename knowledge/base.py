@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,12 +41,15 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from knowledge import lexical
 from knowledge.chunking import Chunk, Chunker
 from knowledge.embedder import DEFAULT_MODEL, Embedder
 from knowledge.index import IndexCorrupt, VectorIndex
 from knowledge.loaders import SkipFile, load
 
 log = logging.getLogger(__name__)
+
+_PAGE = re.compile(r"page \d+", re.IGNORECASE)
 
 Progress = Callable[[str, int, int], None]
 
@@ -207,8 +211,20 @@ class KnowledgeBase:
         max_file_mb: float = 200,
         faq_question_vectors: bool = True,
         commit_chunks: int = 2048,
+        retrieval: str = "hybrid",
+        lexical_weight: float = 1.0,
+        candidates: int = 30,
+        embed_headings: bool = True,
     ) -> None:
         self.directory = Path(directory)
+        if retrieval not in ("hybrid", "dense"):
+            raise ValueError(f"retrieval must be 'hybrid' or 'dense', not {retrieval!r}")
+        #: ``hybrid``: FAISS and BM25 (knowledge/lexical.py) fused by rank; ``dense``: FAISS.
+        self.retrieval = retrieval
+        self.lexical_weight = lexical_weight
+        #: How deep each list is read before fusing.
+        self.candidates = candidates
+        self.embed_headings = embed_headings
         #: An ingest commits (catalogue rows and a new index version) whenever this many
         #: chunks are embedded: a killed ingest keeps what it committed, and the next one
         #: skips those files by checksum.
@@ -252,6 +268,7 @@ class KnowledgeBase:
         with self._open_lock:
             if not self._ready:
                 self._open_catalogue()
+                self._ensure_lexical()
                 self._load_current()
                 self._ready = True
         return self
@@ -273,7 +290,28 @@ class KnowledgeBase:
             conn.execute("PRAGMA busy_timeout=30000")
 
         _meta.create_all(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text(lexical.DDL))
         self._engine = engine
+
+    def _ensure_lexical(self) -> None:
+        """Fill the BM25 table once for a catalogue written before it existed."""
+        with self.engine.connect() as conn:
+            if self._state(conn).get("lexical") == "1":
+                return
+        with (self.directory / ".write.lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # another process may be doing the same
+            try:
+                with self.engine.begin() as conn:
+                    if self._state(conn).get("lexical") == "1":
+                        return
+                    count = lexical.rebuild(conn, chunks_t)
+                    conn.execute(sa.delete(state_t).where(state_t.c.key == "lexical"))
+                    conn.execute(sa.insert(state_t), {"key": "lexical", "value": "1"})
+                if count:
+                    log.info("knowledge: indexed %d existing chunks for keyword search", count)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._open_lock:
@@ -398,7 +436,11 @@ class KnowledgeBase:
             for i, batch in enumerate(batches):
                 chunks = [c for *_, cs in batch for c in cs]
                 questions = [c.meta["question"] for c in chunks if c.meta.get("question")]
-                texts = [c.text for c in chunks] + questions
+                texts = [
+                    self._embedding_text(str(path), c.headings, c.text)
+                    for path, _, _, cs in batch
+                    for c in cs
+                ] + questions
                 vectors = self._embed(texts, progress, done=done, total=total)
                 done += len(texts)
                 last = i == len(batches) - 1
@@ -418,6 +460,18 @@ class KnowledgeBase:
                 )  # fmt: skip
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def _embedding_text(self, source: str, headings: Sequence[str] | None, text: str) -> str:
+        """What the vector is computed from: the document's own headings, then the text.
+
+        The names loaders make up (the file's name for a plain-text file, "page 3") are left
+        out: they say nothing about the content and pulled unrelated short files together.
+        """
+        if not self.embed_headings:
+            return text
+        stem = Path(source).stem  # exactly what the loaders fall back to
+        trail = " › ".join(h for h in headings or [] if h and h != stem and not _PAGE.fullmatch(h))
+        return f"{trail}\n{text}" if trail else text
 
     def _embed(
         self, texts: list[str], progress: Progress | None, *, done: int = 0, total: int = 0
@@ -473,6 +527,7 @@ class KnowledgeBase:
                 dtype=np.int64,
             )
             if stale_files:
+                lexical.delete(conn, old_ids.tolist())
                 conn.execute(sa.delete(chunks_t).where(chunks_t.c.file_id.in_(stale_files)))
                 conn.execute(sa.delete(files_t).where(files_t.c.id.in_(stale_files)))
             new_ids: list[int] = []
@@ -523,6 +578,7 @@ class KnowledgeBase:
                 (summary.updated if source in known else summary.added).append(source)
             if rows:
                 conn.execute(sa.insert(chunks_t), rows)
+                lexical.insert(conn, rows)
             summary.removed.extend(removed_sources)
             summary.chunks_added += len(rows)
             summary.chunks_removed += len(old_ids)
@@ -541,7 +597,9 @@ class KnowledgeBase:
                 index.remove(np.concatenate([old_ids * 2, old_ids * 2 + 1]))
                 if new_ids:
                     index.add(np.array(new_ids, dtype=np.int64), np.stack(new_vectors))
-            self._write_state(conn, index, next_id=next_id, dim=dim)
+            self._write_state(
+                conn, index, next_id=next_id, dim=dim, embedded="new" if rows else None
+            )
         self._after_commit(index)
         if progress:
             progress("indexing", 1, 1)
@@ -567,9 +625,20 @@ class KnowledgeBase:
         )
 
     def _write_state(
-        self, conn: sa.Connection, index: VectorIndex, *, next_id: int | None = None, dim: int
+        self,
+        conn: sa.Connection,
+        index: VectorIndex,
+        *,
+        next_id: int | None = None,
+        dim: int,
+        embedded: str | None = None,
     ) -> None:
-        """Save the index under the next version, then record it in this transaction."""
+        """Save the index under the next version, then record it in this transaction.
+
+        ``embedded``: the new vectors were computed from ``"headings"`` + text or ``"text"``
+        alone (``"all"``: every vector was recomputed). Vectors of both kinds in one index
+        rank inconsistently, so that state is recorded as ``mixed`` and logged with the fix.
+        """
         state = self._state(conn)
         version = int(state.get("version", "0")) + 1
         name = f"index-{version}.faiss"
@@ -587,6 +656,18 @@ class KnowledgeBase:
         }
         if next_id is not None:
             values["next_chunk_id"] = str(next_id)
+        form = "headings" if self.embed_headings else "text"
+        before = state.get("embedding_text", "text" if int(state.get("count", "0")) else form)
+        if embedded == "all" or info.count == 0:
+            values["embedding_text"] = form
+        elif embedded is not None and before != form:
+            values["embedding_text"] = "mixed"
+            log.warning(
+                "knowledge: new chunks are embedded from %s but the index holds vectors "
+                "embedded from %s; run `chinwag knowledge rebuild --reembed` for one kind",
+                "headings and text" if form == "headings" else "text alone",
+                "text alone" if before == "text" else "both kinds",
+            )
         if info.kind == "ivf" and (state.get("kind") != "ivf"):
             values["switched_to_ivf_at"] = values["built_at"]
         for key, value in values.items():
@@ -635,9 +716,18 @@ class KnowledgeBase:
             try:
                 with self.engine.begin() as conn:
                     if reembed:
-                        query = sa.select(chunks_t.c.id, chunks_t.c.text, chunks_t.c.meta)
+                        query = sa.select(
+                            chunks_t.c.id,
+                            chunks_t.c.source,
+                            chunks_t.c.text,
+                            chunks_t.c.headings,
+                            chunks_t.c.meta,
+                        )
                         rows = conn.execute(query.order_by(chunks_t.c.id)).all()
-                        vectors = self._embed([r.text for r in rows], progress)
+                        vectors = self._embed(
+                            [self._embedding_text(r.source, r.headings, r.text) for r in rows],
+                            progress,
+                        )
                         asked = [r for r in rows if (r.meta or {}).get("question")]
                         q_vectors = self._embed([r.meta["question"] for r in asked], None)
                         q_by_id = {r.id: v for r, v in zip(asked, q_vectors, strict=True)}
@@ -655,8 +745,9 @@ class KnowledgeBase:
                     else:
                         state = self._state(conn)
                         dim = int(state.get("dim", "0")) or self.embedder.dim
+                    lexical.rebuild(conn, chunks_t)
                     index = self._build_from_catalogue(conn, dim)
-                    self._write_state(conn, index, dim=dim)
+                    self._write_state(conn, index, dim=dim, embedded="all" if reembed else None)
                 self._after_commit(index)
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
@@ -671,6 +762,7 @@ class KnowledgeBase:
         *,
         filters: dict[str, str] | None = None,
         min_score: float | None = None,
+        retrieval: str | None = None,
     ) -> list[Passage]:
         """The ``k`` best passages scoring at least ``min_score`` (cosine similarity).
 
@@ -678,7 +770,9 @@ class KnowledgeBase:
         ``{"heading": "billing"}`` (a case-insensitive substring of the heading trail).
         An empty result means "nothing relevant": callers should say so rather than guess.
         """
-        return self.search_many([query], k, filters=filters, min_score=min_score)[0]
+        return self.search_many(
+            [query], k, filters=filters, min_score=min_score, retrieval=retrieval
+        )[0]
 
     def search_many(
         self,
@@ -687,19 +781,46 @@ class KnowledgeBase:
         *,
         filters: dict[str, str] | None = None,
         min_score: float | None = None,
+        retrieval: str | None = None,
     ) -> list[list[Passage]]:
+        """The ``k`` best passages per query, best first.
+
+        ``hybrid`` ranks by the fusion of the vector and the BM25 lists; ``score`` stays each
+        passage's cosine similarity to the query either way, so ``min_score`` keeps meaning
+        "relevant enough" (a keyword hit that is about something else is still dropped).
+        """
         self.open()
         self._maybe_reload()
         index = self._index
         if index is None or index.info.count == 0 or not queries:
             return [[] for _ in queries]
+        mode = retrieval or self.retrieval
         threshold = self.min_score if min_score is None else min_score
-        fetch = k * 6 if filters else k * 2
-        scores, ids = index.search(self.embedder.encode(queries), fetch)
-        wanted = {int(i) // 2 for i in ids.ravel() if i >= 0}
-        if not wanted:
-            return [[] for _ in queries]
+        depth = max(self.candidates, k * 6 if filters else k * 2)
+        vectors = self.embedder.encode(queries)
+        scores, ids = index.search(vectors, depth)
+        dense: list[list[int]] = []
+        cosine: list[dict[int, float]] = []
+        for q_scores, q_ids in zip(scores, ids, strict=True):
+            order: list[int] = []
+            best: dict[int, float] = {}
+            for score, vid in zip(q_scores, q_ids, strict=True):
+                cid = int(vid) // 2
+                if vid < 0 or cid in best:
+                    continue  # results are sorted: the first hit of a chunk is its best
+                best[cid] = float(score)
+                order.append(cid)
+            dense.append(order)
+            cosine.append(best)
         with self.engine.connect() as conn:
+            keyword = (
+                [lexical.search(conn, q, depth) for q in queries]
+                if mode == "hybrid"
+                else [[] for _ in queries]
+            )
+            wanted = {c for lst in dense + keyword for c in lst}
+            if not wanted:
+                return [[] for _ in queries]
             rows = {
                 r.id: r
                 for r in conn.execute(
@@ -710,20 +831,26 @@ class KnowledgeBase:
                         chunks_t.c.headings,
                         chunks_t.c.position,
                         chunks_t.c.meta,
+                        chunks_t.c.embedding,
+                        chunks_t.c.question_embedding,
                     ).where(chunks_t.c.id.in_(wanted))
                 )
             }
         results = []
-        for q_scores, q_ids in zip(scores, ids, strict=True):
-            found: list[Passage] = []
-            seen: set[int] = set()
-            for score, vid in zip(q_scores, q_ids, strict=True):
-                cid = int(vid) // 2
-                if vid < 0 or cid in seen:
-                    continue  # results are sorted: the first hit of a chunk is its best
-                seen.add(cid)
+        for vector, order, best, words in zip(vectors, dense, cosine, keyword, strict=True):
+            for cid in words:  # keyword-only hits get their cosine from the stored vectors
                 row = rows.get(cid)
-                if row is None or float(score) < threshold:
+                if cid not in best and row is not None:
+                    best[cid] = _cosine(vector, row.embedding, row.question_embedding)
+            if words:
+                fused = lexical.fuse([(order, 1.0), (words, self.lexical_weight)])
+                ranked = sorted(fused, key=lambda c: (-fused[c], -best.get(c, -1.0)))
+            else:
+                ranked = order
+            found: list[Passage] = []
+            for cid in ranked:
+                row = rows.get(cid)
+                if row is None or best.get(cid, -1.0) < threshold:
                     continue
                 if filters and not _matches(row, filters):
                     continue
@@ -732,7 +859,7 @@ class KnowledgeBase:
                         row.id,
                         row.text,
                         # Cosine of unit vectors; float32 rounding can land a hair past 1.
-                        min(1.0, float(score)),
+                        min(1.0, best[cid]),
                         row.source,
                         list(row.headings or []),
                         row.position,
@@ -781,7 +908,17 @@ class KnowledgeBase:
             "index_bytes": index_file.stat().st_size if index_file and index_file.exists() else 0,
             "built_at": state.get("built_at"),
             "switched_to_ivf_at": state.get("switched_to_ivf_at"),
+            "embedding_text": state.get("embedding_text", "text" if n_chunks else None),
+            "retrieval": self.retrieval,
         }
+
+
+def _cosine(query: np.ndarray, embedding: bytes, question: bytes | None) -> float:
+    """The query's similarity to a stored chunk: its text's vector or its question's."""
+    score = float(np.frombuffer(embedding, dtype=np.float32) @ query)
+    if question is not None:
+        score = max(score, float(np.frombuffer(question, dtype=np.float32) @ query))
+    return score
 
 
 def _matches(row: Any, filters: dict[str, str]) -> bool:

@@ -31,6 +31,9 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         max_file_mb=k.max_file_mb,
         faq_question_vectors=k.faq_question_vectors,
         commit_chunks=k.commit_chunks,
+        retrieval=k.retrieval,
+        lexical_weight=k.lexical_weight,
+        embed_headings=k.embed_headings,
     )
 
 

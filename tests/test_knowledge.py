@@ -281,6 +281,93 @@ def test_remove_and_list(kb, tmp_path):
         kb.remove("nothing-like-this")
 
 
+COOKIE_DOCS = textwrap.dedent("""
+    Configuration
+    =============
+
+    Sessions
+    --------
+
+    Sessions are signed cookies. The browser keeps them until they expire; a session marked
+    permanent lasts for ``PERMANENT_SESSION_LIFETIME``, 31 days unless you change it.
+
+    Cookies sent to other sites
+    ---------------------------
+
+    ``SESSION_COOKIE_SAMESITE`` restricts how cookies are sent with requests from external
+    sites. Set it to ``"Lax"`` (recommended) or ``"Strict"``.
+
+    Secure cookies
+    --------------
+
+    Browsers only send cookies marked secure over HTTPS connections. Set the secure flag in
+    production so that session cookies never travel in plain text.
+
+    Cookie names
+    ------------
+
+    The session cookie is called ``session``; cookies of other parts of the site can have any
+    name, and they are sent along with every request to the site.
+""")
+
+
+def test_a_question_naming_a_setting_gets_the_section_that_defines_it_first(kb, tmp_path):
+    kb.add([write(tmp_path / "config.rst", COOKIE_DOCS)])
+    question = "what does SESSION_COOKIE_SAMESITE do?"
+    best = kb.search(question, k=3, min_score=0.0)[0]
+    assert best.headings[-1] == "Cookies sent to other sites"
+    assert "SESSION_COOKIE_SAMESITE" in best.text
+    # Why the keyword list exists: the vectors alone rank a section about cookies in general
+    # above the one that names the setting.
+    dense = kb.search(question, k=3, min_score=0.0, retrieval="dense")[0]
+    assert dense.headings[-1] != "Cookies sent to other sites"
+
+
+def test_questions_in_plain_words_rank_as_the_vectors_rank_them(faq_kb):
+    cases = [json.loads(line) for line in (DATA / "faq_paraphrases.jsonl").read_text().splitlines()]
+    questions = [c["question"] for c in cases]
+    hybrid = faq_kb.search_many(questions, k=3)
+    dense = faq_kb.search_many(questions, k=3, retrieval="dense")
+    same = sum(
+        [p.chunk_id for p in a] == [p.chunk_id for p in b]
+        for a, b in zip(hybrid, dense, strict=True)
+    )
+    assert same == len(cases)  # none of them has a code-like word: nothing to re-rank
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ['"unbalanced', "NEAR(a b) AND -x", "text: *", "^start col:umn", '`a"b`', 'x_y"z OR'],
+)
+def test_search_syntax_in_a_message_is_just_text(kb, tmp_path, hostile):
+    kb.add([write(tmp_path / "config.rst", COOKIE_DOCS)])
+    found = kb.search(f"{hostile} SESSION_COOKIE_SAMESITE", k=2, min_score=0.0)
+    assert found and "SESSION_COOKIE_SAMESITE" in found[0].text
+
+
+def test_removed_documents_leave_no_keyword_hits_and_old_catalogues_are_indexed(kb, tmp_path):
+    import sqlalchemy as sa
+
+    kb.add([write(tmp_path / "config.rst", COOKIE_DOCS), write(tmp_path / "b.txt", "Bees.")])
+    assert kb.remove("*config.rst") == 4
+    assert all(
+        "SESSION_COOKIE" not in p.text
+        for p in kb.search("SESSION_COOKIE_SAMESITE", 3, min_score=-1)
+    )
+    kb.add([tmp_path / "config.rst"])
+    # A catalogue written before keyword search existed: no FTS table, no state flag.
+    with kb.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE chunks_fts"))
+        conn.execute(sa.text("DELETE FROM state WHERE key = 'lexical'"))
+    kb.close()
+    reopened = KnowledgeBase(kb.directory, embedder=kb.embedder)
+    try:
+        best = reopened.search("what does SESSION_COOKIE_SAMESITE do?", k=1, min_score=0.0)[0]
+        assert best.headings[-1] == "Cookies sent to other sites"
+    finally:
+        reopened.close()
+
+
 def test_the_index_switches_to_ivf_past_the_threshold_and_stats_says_so(tmp_path, embedder):
     kb = KnowledgeBase(tmp_path / "kb", embedder=embedder, ivf_threshold=40, nprobe=8)
     docs = tmp_path / "docs"
