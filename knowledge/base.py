@@ -658,7 +658,7 @@ class KnowledgeBase:
             values["next_chunk_id"] = str(next_id)
         form = "headings" if self.embed_headings else "text"
         before = state.get("embedding_text", "text" if int(state.get("count", "0")) else form)
-        if embedded == "all" or info.count == 0:
+        if embedded == "all" or info.count == 0 or (embedded is not None and before == form):
             values["embedding_text"] = form
         elif embedded is not None and before != form:
             values["embedding_text"] = "mixed"

@@ -53,6 +53,17 @@ class KnowledgeService:
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.kb.stats)
 
+    async def similarity(self, query: str, texts: list[str]) -> list[float]:
+        """Cosine of ``query`` to each text, by the index's own embedder (one batch)."""
+        if not texts:
+            return []
+
+        def run() -> list[float]:
+            vectors = self.kb.embedder.encode([query, *texts])
+            return [float(v @ vectors[0]) for v in vectors[1:]]
+
+        return await asyncio.to_thread(run)
+
 
 @hookimpl
 def startup(bot):

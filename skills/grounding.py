@@ -10,7 +10,7 @@ this?" content-word overlap with the sources is a strong, explainable signal (th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from bot.text import STOPWORDS, content_words, sentences, support, words
 
@@ -62,26 +62,41 @@ def faq_question(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def best_sentences(question: str, text: str, limit: int = 2) -> list[str]:
+def best_sentences(
+    question: str, text: str, limit: int = 2, similarity: Sequence[float] | None = None
+) -> list[str]:
     """The sentences of ``text`` that best answer ``question``, in their original order.
 
-    Ranked by content-word overlap with the question, ties to the earlier sentence (answers
-    usually lead with the key fact). The first sentence is always a candidate so that a
-    question phrased in other words still gets the lead sentence.
+    With ``similarity`` (the question's cosine to each of ``sentences(text)``, from the
+    embedder) sentences rank by meaning, content-word overlap breaking ties; without it, by
+    overlap alone with a bonus for the lead sentence (answers usually lead with the key fact).
+    Documentation often asks the question itself — "But how do you specify the maximum file
+    size?" — and answers it in the next sentence: a sentence ending in "?" is never quoted,
+    and lends its score to the one after it.
     """
     found = sentences(text)
-    if len(found) <= limit:
+    if len(found) <= limit and not any(f.rstrip().endswith("?") for f in found):
         return found
     q = set(content_words(question))
     qs = {w.rstrip("s") for w in q}
 
-    def score(i: int) -> float:
+    def overlap(i: int) -> float:
         cw = content_words(found[i])
-        overlap = sum(1 for w in set(cw) if w in q or w.rstrip("s") in qs)
-        return overlap + (0.75 if i == 0 else 0.0) - i * 0.01
+        return sum(1 for w in set(cw) if w in q or w.rstrip("s") in qs)
 
-    ranked = sorted(range(len(found)), key=score, reverse=True)[:limit]
-    return [found[i] for i in sorted(ranked)]
+    if similarity is not None and len(similarity) == len(found):
+        scores = [float(similarity[i]) + 0.02 * overlap(i) for i in range(len(found))]
+    else:
+        scores = [overlap(i) + (0.75 if i == 0 else 0.0) for i in range(len(found))]
+    scores = [sc - i * 0.001 for i, sc in enumerate(scores)]
+    for i, sentence in enumerate(found):
+        if sentence.rstrip().endswith("?"):
+            if i + 1 < len(found):
+                scores[i + 1] = max(scores[i + 1], scores[i])
+            scores[i] = float("-inf")
+    ranked = [i for i in sorted(range(len(found)), key=scores.__getitem__, reverse=True)]
+    chosen = [i for i in ranked if scores[i] != float("-inf")][:limit]
+    return [found[i] for i in sorted(chosen)]
 
 
 _DIRECTIVE = re.compile(

@@ -656,3 +656,43 @@ async def test_a_first_start_training_refused_by_a_busy_registry_says_why(tmp_pa
             ok = await train_in_subprocess(tmp_path, SentimentConfig())
     assert ok is False
     assert "failed (exit 3): busy another process is training" in caplog.text
+
+
+UPLOADS_DOC = """\
+Uploading Files
+===============
+
+Improving Uploads
+-----------------
+
+So how exactly does the framework handle uploads? Well it will store them in the webserver's
+memory if the files are reasonably small, otherwise in a temporary location. Files are
+stored there until the request ends, and each one is read in pieces so that memory use stays
+flat even while many people upload at the same time. Where exactly the temporary files go
+depends on the operating system and on the environment variables of the server process. But
+how do you specify the maximum file size after which an upload is aborted? By default any
+upload is accepted whatever its size, but you can limit that by setting the
+MAX_CONTENT_LENGTH config key. A larger upload is then refused with a 413 error.
+"""
+
+
+async def test_a_quoted_answer_is_the_sentence_that_answers_not_the_section_opening(
+    chinwag_chat, chinwag_bot, tmp_path
+):
+    from bot.models import RuntimeBusy
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
+
+    doc = tmp_path / "uploads.rst"
+    doc.write_text(UPLOADS_DOC)
+    await chinwag_bot.services["knowledge"].add([doc])
+    chinwag_bot.models.generate = refuse
+    (qa,) = await chinwag_chat().send(
+        "Can I put a cap on how big uploaded files are allowed to be?"
+    )
+    assert qa.skill == "qa" and qa.metadata["mode"] == "quoted"
+    answer = qa.text.split("\n\nSources:")[0]
+    assert "MAX_CONTENT_LENGTH" in answer  # past the first 600 characters of the section
+    assert "?" not in answer  # the document's own rhetorical questions are not answers
+    assert qa.sources[0].title.startswith("Uploading Files › Improving Uploads")
