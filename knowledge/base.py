@@ -847,10 +847,15 @@ class KnowledgeBase:
                 ranked = sorted(fused, key=lambda c: (-fused[c], -best.get(c, -1.0)))
             else:
                 ranked = order
+            # A passage that contains the very name the user asked about is relevant however
+            # its words score against the rest of the question ("TEMPLATES_AUTO_RELOAD what
+            # is it for" is 0.3 from the section defining it): the keyword list's best few
+            # pass the relevance bar by that match.
+            named = set(words[: lexical.EXACT_HITS])
             found: list[Passage] = []
             for cid in ranked:
                 row = rows.get(cid)
-                if row is None or best.get(cid, -1.0) < threshold:
+                if row is None or (best.get(cid, -1.0) < threshold and cid not in named):
                     continue
                 if filters and not _matches(row, filters):
                     continue

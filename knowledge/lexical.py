@@ -27,6 +27,13 @@ DDL = (
     "headings, text, tokenize = 'porter unicode61 remove_diacritics 2')"
 )
 
+#: A name in more than this share of the chunks (and more than COMMON_MIN) is not searched.
+COMMON_SHARE = 0.02
+COMMON_MIN = 5
+
+#: The keyword list's first hits count as relevant by their exact match (see base.search).
+EXACT_HITS = 3
+
 #: The usual rank-fusion constant: damps the head of each list so that one list's first
 #: place alone does not decide.
 RRF_K = 60
@@ -62,6 +69,10 @@ def code_terms(text: str, *, max_terms: int = 16) -> list[str]:
     return found
 
 
+def _phrase(term: str) -> str:
+    return '"' + term.replace('"', '""') + '"'
+
+
 def match_query(text: str) -> str | None:
     """An FTS5 ``MATCH`` expression: any of the message's code-like tokens, each a phrase.
 
@@ -71,9 +82,7 @@ def match_query(text: str) -> str | None:
     when the message has no such token (then retrieval is the vectors alone).
     """
     terms = code_terms(text)
-    if not terms:
-        return None
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    return " OR ".join(map(_phrase, terms)) if terms else None
 
 
 def insert(conn: sa.Connection, rows: Iterable[dict[str, Any]]) -> None:
@@ -112,16 +121,30 @@ def rebuild(conn: sa.Connection, chunks: sa.Table) -> int:
 
 
 def search(conn: sa.Connection, text: str, limit: int) -> list[int]:
-    """Chunk ids, best BM25 first (headings count twice as much as body text)."""
-    expression = match_query(text)
-    if expression is None:
+    """Chunk ids, best BM25 first (headings count twice as much as body text).
+
+    Only names that single passages out are searched: one found in more than
+    ``COMMON_SHARE`` of the chunks (``click.echo`` in Click's own docs, ``app.config`` in
+    Flask's) says nothing about where the answer is, and ranking by it put an arbitrary
+    example first.
+    """
+    terms = code_terms(text)
+    if not terms:
+        return []
+    total = conn.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar() or 0
+    cap = max(COMMON_MIN, int(COMMON_SHARE * total))
+    count = sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE {TABLE} MATCH :q LIMIT :n)")
+    kept = [
+        t for t in terms if conn.execute(count, {"q": _phrase(t), "n": cap + 1}).scalar() <= cap
+    ]
+    if not kept:
         return []
     rows = conn.execute(
         sa.text(
             f"SELECT rowid FROM {TABLE} WHERE {TABLE} MATCH :q "
             f"ORDER BY bm25({TABLE}, 2.0, 1.0) LIMIT :n"
         ),
-        {"q": expression, "n": limit},
+        {"q": " OR ".join(map(_phrase, kept)), "n": limit},
     )
     return [int(r[0]) for r in rows]
 

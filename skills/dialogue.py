@@ -41,7 +41,7 @@ class DialogueConfig(BaseModel):
     history_tokens: int = Field(600, ge=0)
     #: Knowledge passages added when they pass ``knowledge_min_score`` (0 disables).
     knowledge_k: int = Field(2, ge=0, le=10)
-    knowledge_min_score: float = Field(0.45, ge=-1, le=1)
+    knowledge_min_score: float = Field(0.40, ge=-1, le=1)
     passage_chars: int = Field(600, ge=50)
     max_new_tokens: int = Field(96, ge=8, le=2048)
     temperature: float = Field(0.7, ge=0, le=2)

@@ -321,6 +321,10 @@ def test_a_question_naming_a_setting_gets_the_section_that_defines_it_first(kb, 
     # above the one that names the setting.
     dense = kb.search(question, k=3, min_score=0.0, retrieval="dense")[0]
     assert dense.headings[-1] != "Cookies sent to other sites"
+    # Containing the very name asked about makes a passage relevant, whatever the cosine.
+    (named,) = kb.search(question, k=1, min_score=0.95)
+    assert "SESSION_COOKIE_SAMESITE" in named.text and named.score < 0.95
+    assert kb.search("what restricts cookies sent to external sites?", k=1, min_score=0.95) == []
 
 
 def test_questions_in_plain_words_rank_as_the_vectors_rank_them(faq_kb):
