@@ -203,6 +203,9 @@ class KnowledgeSettings(_Section):
     #: Embed each chunk with its heading trail ("Configuration › Builtin values\n…"): Flask
     #: docs recall@1 0.79 → 0.88. Changing it needs ``chinwag knowledge rebuild --reembed``.
     embed_headings: bool = True
+    #: Where the ingested folders are published, so citations link to the very section:
+    #: ``{"/srv/docs/flask/_sources" = "https://flask.palletsprojects.com/en/2.2.x/"}``.
+    links: dict[str, str] = Field(default_factory=dict)
 
 
 class TelegramSettings(_Section):

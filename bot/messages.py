@@ -84,6 +84,8 @@ class Source:
     title: str
     location: str = ""
     score: float | None = None
+    #: A link to the section where the operator published the documents (knowledge.links).
+    url: str | None = None
 
 
 @dataclass(slots=True)

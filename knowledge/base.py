@@ -116,10 +116,24 @@ class Passage:
     headings: list[str]
     position: int
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Where the section is published (``knowledge.links``), with its anchor; else None.
+    url: str | None = None
 
     @property
     def title(self) -> str:
         return " › ".join(h for h in self.headings if h) or Path(self.source).name
+
+    @property
+    def where(self) -> str:
+        """The source as a reader can find it: "deploying/gunicorn.rst.txt", not "gunicorn.rst.txt".
+
+        Sphinx sources are named from their ``_sources`` folder (the site's layout); other
+        files with their folder.
+        """
+        parts = Path(self.source).parts
+        if "_sources" in parts:
+            return "/".join(parts[len(parts) - parts[::-1].index("_sources") :])
+        return "/".join(parts[-2:])
 
 
 @dataclass(slots=True)
@@ -215,6 +229,7 @@ class KnowledgeBase:
         lexical_weight: float = 1.0,
         candidates: int = 30,
         embed_headings: bool = True,
+        links: dict[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         if retrieval not in ("hybrid", "dense"):
@@ -225,6 +240,11 @@ class KnowledgeBase:
         #: How deep each list is read before fusing.
         self.candidates = candidates
         self.embed_headings = embed_headings
+        #: Folder → URL where its documents are published; longest folder first.
+        self.links = sorted(
+            ((str(Path(k).expanduser()).rstrip("/") + "/", v) for k, v in (links or {}).items()),
+            key=lambda kv: -len(kv[0]),
+        )
         #: An ingest commits (catalogue rows and a new index version) whenever this many
         #: chunks are embedded: a killed ingest keeps what it committed, and the next one
         #: skips those files by checksum.
@@ -869,12 +889,30 @@ class KnowledgeBase:
                         list(row.headings or []),
                         row.position,
                         row.meta or {},
+                        self.link(row.source, (row.meta or {}).get("anchor")),
                     )
                 )
                 if len(found) == k:
                     break
             results.append(found)
         return results
+
+    def link(self, source: str, anchor: str | None = None) -> str | None:
+        """The published URL of ``source`` (and its section), from ``knowledge.links``.
+
+        Sphinx sources map to their pages: ``_sources/deploying/gunicorn.rst.txt`` under a
+        folder linked to ``https://flask.example/`` is ``https://flask.example/deploying/
+        gunicorn.html#running``; ``.rst`` files likewise; anything else keeps its name.
+        """
+        for folder, base in self.links:
+            if source.startswith(folder):
+                rel = source[len(folder) :]
+                for suffix in (".rst.txt", ".rst"):
+                    if rel.endswith(suffix):
+                        rel = rel[: -len(suffix)] + ".html"
+                        break
+                return base.rstrip("/") + "/" + rel + (f"#{anchor}" if anchor else "")
+        return None
 
     def sources(self) -> list[dict[str, Any]]:
         self.open()

@@ -61,14 +61,19 @@ def load_markdown(path: Path) -> list[Section]:
     from knowledge.markdown import parse
 
     name = path.name.removesuffix(".txt").rsplit(".", 1)[0]
-    return [Section(text, trail) for trail, text in parse(read_text(path), name)]
+    return [_anchored(text, trail, a) for trail, text, a in parse(read_text(path), name)]
 
 
 def load_rst(path: Path) -> list[Section]:
     from knowledge.rst import parse
 
     name = path.name.removesuffix(".txt").removesuffix(".rst")
-    return [Section(text, trail) for trail, text in parse(read_text(path), name)]
+    return [_anchored(text, trail, a) for trail, text, a in parse(read_text(path), name)]
+
+
+def _anchored(text: str, trail: list[str], anchor: str | None) -> Section:
+    """A section that knows its id in the published page (for deep links in citations)."""
+    return Section(text, trail, meta={"anchor": anchor} if anchor else {})
 
 
 _CHROME = [
@@ -86,6 +91,9 @@ _CHROME = [
 ]
 
 
+_HEADING = ["h1", "h2", "h3", "h4", "h5", "h6"]
+
+
 def load_html(path: Path) -> list[Section]:
     from bs4 import BeautifulSoup
 
@@ -100,10 +108,12 @@ def load_html(path: Path) -> list[Section]:
     trail: list[str] = [title]
     buf: list[str] = []
 
+    anchor: str | None = None
+
     def flush() -> None:
         text = "\n\n".join(b for b in buf if b).strip()
         if text:
-            sections.append(Section(text, list(trail)))
+            sections.append(_anchored(text, list(trail), anchor))
         buf.clear()
 
     for el in body.find_all(
@@ -113,6 +123,12 @@ def load_html(path: Path) -> list[Section]:
             flush()
             level = int(el.name[1])
             trail[:] = [*trail[:level], el.get_text(" ", strip=True)]
+            # Its own id, or that of the section element it opens (Sphinx's layout); an id
+            # around more than this section ("content") is no anchor for it.
+            holder = el if el.get("id") else el.find_parent(["section", "div"], id=True)
+            if holder is not None and holder is not el and holder.find(_HEADING) is not el:
+                holder = None
+            anchor = holder.get("id") if holder is not None else None
         elif not el.find_parent(["li", "td", "blockquote"]) or el.name in ("p", "pre"):
             buf.append(el.get_text(" ", strip=True))
     flush()

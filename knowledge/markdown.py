@@ -29,11 +29,19 @@ def _inline(token: Token) -> str:
     return " ".join("".join(out).split())
 
 
-def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
-    """``(heading trail, text)`` per section, in document order."""
+def slug(title: str) -> str:
+    """The anchor GitHub and most Markdown sites give a heading: "Debug Mode!" → ``debug-mode``."""
+    kept = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return kept.strip().replace(" ", "-")
+
+
+def parse(source: str, fallback_title: str) -> list[tuple[list[str], str, str]]:
+    """``(heading trail, text, anchor)`` per section, in document order."""
     tokens = MarkdownIt("commonmark").enable("table").parse(source)
-    out: list[tuple[list[str], str]] = []
+    out: list[tuple[list[str], str, str]] = []
     trail: list[str] = []
+    anchor = ""
+    seen: dict[str, int] = {}
     blocks: list[str] = []
     stack: list[str] = []  # open lists: "-" or the next number
     row: list[str] = []
@@ -41,7 +49,7 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
     def flush() -> None:
         text = "\n\n".join(b for b in blocks if b.strip()).strip()
         if text:
-            out.append((list(trail) or [fallback_title], text))
+            out.append((list(trail) or [fallback_title], text, anchor))
         blocks.clear()
 
     i = 0
@@ -52,6 +60,9 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
             level = int(tok.tag[1])
             title = _inline(tokens[i + 1])
             trail[:] = [*trail[: level - 1], title]
+            base = slug(title)
+            anchor = base if base not in seen else f"{base}-{seen[base]}"  # GitHub's repeats
+            seen[base] = seen.get(base, 0) + 1
             i += 3
             continue
         if tok.type in ("bullet_list_open", "ordered_list_open"):

@@ -34,6 +34,7 @@ def from_settings(settings: Settings) -> KnowledgeBase:
         retrieval=k.retrieval,
         lexical_weight=k.lexical_weight,
         embed_headings=k.embed_headings,
+        links=k.links,
     )
 
 

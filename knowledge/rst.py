@@ -167,8 +167,13 @@ def _join(node: nodes.Node) -> str:
     return sep.join(p for p in parts if p.strip())
 
 
-def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
-    """``(heading trail, text)`` per section, in document order."""
+def parse(source: str, fallback_title: str) -> list[tuple[list[str], str, str]]:
+    """``(heading trail, text, anchor)`` per section, in document order.
+
+    The anchor is the section's id as docutils (and so Sphinx's HTML) writes it — "Debug
+    Mode" → ``debug-mode`` — so a citation can link to the very section; "" for the text
+    before the first heading.
+    """
     _register_unknown(source)
     doctree = publish_doctree(
         source,
@@ -181,18 +186,22 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str]]:
             "warning_stream": False,
         },
     )
-    out: list[tuple[list[str], str]] = []
+    out: list[tuple[list[str], str, str]] = []
 
-    def walk(node: nodes.Node, trail: list[str]) -> None:
+    def walk(node: nodes.Node, trail: list[str], anchor: str) -> None:
         text = _join(node)
         if text.strip():
-            out.append((trail or [fallback_title], text))
+            out.append((trail or [fallback_title], text, anchor))
         for child in node.children:
             if isinstance(child, nodes.section):
                 title = child.next_node(nodes.title)
-                walk(child, [*trail, _text_of_title(title)])
+                ids = child.get("ids") or []
+                # The title's own id comes first, an explicit label (".. _name:") after it.
+                # The label is the one to link: Sphinx always writes it into the page, while
+                # a title id that clashes with it is renamed ("decimal-notes-1").
+                walk(child, [*trail, _text_of_title(title)], ids[-1] if ids else "")
 
-    walk(doctree, [])
+    walk(doctree, [], "")
     return out
 
 

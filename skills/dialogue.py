@@ -140,7 +140,7 @@ class DialogueSkill(Skill):
             model=gen.model,
             adapter=gen.adapter,
             adapter_version=gen.adapter_version,
-            sources=[Source(p["title"], p["source"], p["score"]) for p in passages],
+            sources=[Source(p["title"], p["source"], p["score"], p["url"]) for p in passages],
             metadata={
                 "history_turns": len(history),
                 "passages": [p["chunk_id"] for p in passages],
@@ -188,6 +188,7 @@ class DialogueSkill(Skill):
                         "title": p.title,
                         "source": p.source,
                         "score": round(p.score, 4),
+                        "url": getattr(p, "url", None),
                     }
                 )
         return out

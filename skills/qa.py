@@ -252,8 +252,12 @@ class QASkill(Skill):
                 return await self._abstain(question, ctx.bot.services["knowledge"])
         else:
             meta["mode"] = "generated"
-        sources = [Source(_title(p), p.source, round(p.score, 4)) for p in cited]
-        lines = "\n".join(f"[{i + 1}] {s.title}" for i, s in enumerate(sources))
+        sources = [
+            Source(_title(p), p.source, round(p.score, 4), getattr(p, "url", None)) for p in cited
+        ]
+        lines = "\n".join(
+            f"[{i + 1}] {s.title}" + (f" — {s.url}" if s.url else "") for i, s in enumerate(sources)
+        )
         reply = Reply(
             f"{answer}\n\nSources:\n{lines}",
             rateable=True,
@@ -270,7 +274,7 @@ class QASkill(Skill):
 def _title(passage: Any) -> str:
     """ "How long does a permit take? (faq-en.jsonl › bygglov)" — the question or heading
     trail, then where it lives."""
-    name = Path(passage.source).name
+    name = getattr(passage, "where", None) or Path(passage.source).name
     question = faq_question(passage.text)
     headings = [h for h in passage.headings if h]
     if question:

@@ -137,6 +137,49 @@ def test_markdown_is_parsed_setext_headings_code_and_links_included(tmp_path):
     assert "name | chinwag" in sections[1].text
 
 
+def test_sections_know_their_anchor_in_the_published_page(tmp_path):
+    from knowledge.loaders import load
+
+    rst = load(write(tmp_path / "_sources" / "library.rst.txt", SPHINX_SOURCE))
+    assert [s.meta.get("anchor") for s in rst] == ["decimal-notes", "rounding"]
+    md = load(
+        write(tmp_path / "guide.md", "# Guide\n\nHi.\n\n## Set up!\n\nA.\n\n## Set up!\n\nB.\n")
+    )
+    assert [s.meta.get("anchor") for s in md] == ["guide", "set-up", "set-up-1"]  # GitHub's
+    html = load(
+        write(
+            tmp_path / "page.html",
+            '<html><body><div id="content"><section id="install"><h2>Install</h2><p>Run it.</p>'
+            "</section><h2>Loose</h2><p>No id here.</p></div></body></html>",
+        )
+    )
+    assert [(s.headings[-1], s.meta.get("anchor")) for s in html] == [
+        ("Install", "install"),
+        ("Loose", None),
+    ]
+
+
+def test_citations_name_the_folder_and_link_where_the_docs_are_published(tmp_path, embedder):
+    sources = tmp_path / "html" / "_sources"
+    write(
+        sources / "deploying" / "gunicorn.rst.txt",
+        "Gunicorn\n========\n\nRunning\n-------\n\nRun gunicorn -w 4.\n",
+    )
+    write(tmp_path / "notes" / "faq.md", "# Hours\n\nOpen nine to five.\n")
+    kb = KnowledgeBase(
+        tmp_path / "kb", embedder=embedder, links={str(sources): "https://docs.example.org/2.2/"}
+    )
+    try:
+        kb.add([sources, tmp_path / "notes"])
+        (run,) = kb.search("how do I run it under gunicorn", k=1)
+        assert run.where == "deploying/gunicorn.rst.txt"
+        assert run.url == "https://docs.example.org/2.2/deploying/gunicorn.html#running"
+        (hours,) = kb.search("when are you open", k=1)
+        assert hours.where == "notes/faq.md" and hours.url is None  # no link configured
+    finally:
+        kb.close()
+
+
 def test_every_supported_format_is_read_with_its_headings(kb, tmp_path):
     docs = tmp_path / "docs"
     write(

@@ -676,23 +676,65 @@ MAX_CONTENT_LENGTH config key. A larger upload is then refused with a 413 error.
 """
 
 
+async def _docs_bot(tmp_path, model_cache, registry, knowledge: dict, **more):
+    """A bot over its own documentation folder (the shared FAQ index stays as it is)."""
+    from bot.core import Bot
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "knowledge": {"directory": str(tmp_path / "kb"), **knowledge},
+            "models": {"registry_dir": str(registry), "device": "cpu"},
+            **more,
+        },
+        model_cache,
+    )
+    return Bot(settings)
+
+
 async def test_a_quoted_answer_is_the_sentence_that_answers_not_the_section_opening(
-    chinwag_chat, chinwag_bot, tmp_path
+    tmp_path, chinwag_model_cache, sentiment_registry
 ):
     from bot.models import RuntimeBusy
+    from bot.testing import ChatUser
 
     async def refuse(*args, **kwargs):
         raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
 
-    doc = tmp_path / "uploads.rst"
+    doc = tmp_path / "docs" / "uploads.rst"
+    doc.parent.mkdir()
     doc.write_text(UPLOADS_DOC)
-    await chinwag_bot.services["knowledge"].add([doc])
-    chinwag_bot.models.generate = refuse
-    (qa,) = await chinwag_chat().send(
-        "Can I put a cap on how big uploaded files are allowed to be?"
-    )
+    async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
+        await bot.services["knowledge"].add([doc])
+        bot.models.generate = refuse
+        (qa,) = await ChatUser(bot).send(
+            "Can I put a cap on how big uploaded files are allowed to be?"
+        )
     assert qa.skill == "qa" and qa.metadata["mode"] == "quoted"
     answer = qa.text.split("\n\nSources:")[0]
     assert "MAX_CONTENT_LENGTH" in answer  # past the first 600 characters of the section
     assert "?" not in answer  # the document's own rhetorical questions are not answers
-    assert qa.sources[0].title.startswith("Uploading Files › Improving Uploads")
+    assert qa.sources[0].title == "Uploading Files › Improving Uploads (docs/uploads.rst)"
+
+
+async def test_citations_link_to_the_section_where_the_docs_are_published(
+    tmp_path, chinwag_model_cache, sentiment_registry
+):
+    from bot.testing import ChatUser
+
+    sources = tmp_path / "site" / "_sources"
+    (sources / "patterns").mkdir(parents=True)
+    (sources / "patterns" / "fileuploads.rst.txt").write_text(UPLOADS_DOC)
+    links = {"links": {str(sources): "https://docs.example.org/en/2.2.x/"}}
+    quote = {"qa": {"generate": False}}  # the citation is the point here, not the wording
+    async with await _docs_bot(
+        tmp_path, chinwag_model_cache, sentiment_registry, links, skills=quote
+    ) as bot:
+        await bot.services["knowledge"].add([sources])
+        (qa,) = await ChatUser(bot).send("How do I limit the size of uploads?")
+    url = "https://docs.example.org/en/2.2.x/patterns/fileuploads.html#improving-uploads"
+    assert qa.skill == "qa" and qa.sources[0].url == url
+    assert (
+        f"[1] Uploading Files › Improving Uploads (patterns/fileuploads.rst.txt) — {url}" in qa.text
+    )

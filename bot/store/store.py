@@ -762,7 +762,8 @@ class ConversationStore:
         meta = dict(r.metadata)
         if r.sources:
             meta["sources"] = [
-                {"title": s.title, "location": s.location, "score": s.score} for s in r.sources
+                {"title": s.title, "location": s.location, "score": s.score, "url": s.url}
+                for s in r.sources
             ]
         if r.rateable:
             meta["rateable"] = True
