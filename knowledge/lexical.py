@@ -70,19 +70,10 @@ def code_terms(text: str, *, max_terms: int = 16) -> list[str]:
 
 
 def _phrase(term: str) -> str:
+    """``term`` as one FTS5 phrase: quoted, so FTS5's own syntax in a hostile message
+    (``NEAR``, ``*``, column filters, unbalanced quotes) is plain text; the tokenizer splits
+    ``SESSION_COOKIE_SAMESITE`` into words that must then appear together."""
     return '"' + term.replace('"', '""') + '"'
-
-
-def match_query(text: str) -> str | None:
-    """An FTS5 ``MATCH`` expression: any of the message's code-like tokens, each a phrase.
-
-    Quoting makes every token plain text, so FTS5's own syntax (``NEAR``, ``*``, column
-    filters, unbalanced quotes) in a hostile message matches nothing special; the tokenizer
-    splits ``SESSION_COOKIE_SAMESITE`` into words that must then appear together. ``None``
-    when the message has no such token (then retrieval is the vectors alone).
-    """
-    terms = code_terms(text)
-    return " OR ".join(map(_phrase, terms)) if terms else None
 
 
 def insert(conn: sa.Connection, rows: Iterable[dict[str, Any]]) -> None:
@@ -107,17 +98,11 @@ def delete(conn: sa.Connection, chunk_ids: Sequence[int]) -> None:
 def rebuild(conn: sa.Connection, chunks: sa.Table) -> int:
     """Re-index every chunk from the catalogue (an older catalogue, or a repair)."""
     conn.execute(sa.text(f"DELETE FROM {TABLE}"))
-    count = 0
     query = sa.select(chunks.c.id, chunks.c.headings, chunks.c.text).order_by(chunks.c.id)
-    batch: list[dict[str, Any]] = []
-    for r in conn.execute(query).all():  # read first: the inserts share the connection
-        batch.append({"id": r.id, "headings": r.headings, "text": r.text})
-        if len(batch) == 1000:
-            insert(conn, batch)
-            count += len(batch)
-            batch = []
-    insert(conn, batch)
-    return count + len(batch)
+    rows = [r._asdict() for r in conn.execute(query).all()]  # read first: inserts share conn
+    for start in range(0, len(rows), 1000):
+        insert(conn, rows[start : start + 1000])
+    return len(rows)
 
 
 def search(conn: sa.Connection, text: str, limit: int) -> list[int]:

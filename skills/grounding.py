@@ -94,7 +94,7 @@ def best_sentences(
             if i + 1 < len(found):
                 scores[i + 1] = max(scores[i + 1], scores[i])
             scores[i] = float("-inf")
-    ranked = [i for i in sorted(range(len(found)), key=scores.__getitem__, reverse=True)]
+    ranked = sorted(range(len(found)), key=scores.__getitem__, reverse=True)
     chosen = [i for i in ranked if scores[i] != float("-inf")][:limit]
     return [found[i] for i in sorted(chosen)]
 
