@@ -266,6 +266,11 @@ class DiscordSettings(_Section):
     #: ``AutoShardedClient`` for large bots; ``shard_count`` empty asks Discord for the number.
     sharded: bool = False
     shard_count: int | None = Field(None, ge=1)
+    #: Generated replies grow in one message (first words at once, then edits at most every
+    #: ``stream_interval_s``; Discord allows 5 edits per 5 s in a channel); off: the whole
+    #: reply arrives at once, "is typing…" meanwhile.
+    stream: bool = True
+    stream_interval_s: float = Field(1.5, ge=1.0)
 
 
 _FILE_DATA: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(

@@ -27,6 +27,23 @@ class EchoSkill(Skill):
         return Reply(ctx.args if ctx.command else message.text)
 
 
+class Storyteller(Skill):
+    """Emits its reply in pieces over a second or so, as a generating skill does."""
+
+    name = "story"
+    commands = (Command("story", "A streamed answer"),)
+    TEXT = "Once upon a time there was a very patient little bot that answered."
+
+    async def handle(self, message: Message, ctx: Context) -> Reply:
+        for word in self.TEXT.split():
+            await ctx.emit(word + " ")
+            await asyncio.sleep(0.1)
+        text = self.TEXT
+        if ctx.args == "withheld":
+            return Reply("Sorry — I can't send that.", kind="error")
+        return Reply(text, rateable=True, model="m")
+
+
 class BoomSkill(Skill):
     name = "boom"
     commands = (Command("boom"),)

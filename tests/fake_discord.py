@@ -402,6 +402,16 @@ class FakeDiscord:
             return web.Response(status=204)
         if parts[0] == "channels" and parts[-1] == "messages" and method == "POST":
             return _json(self._bot_message(parts[1], body))
+        if parts[0] == "channels" and len(parts) == 4 and parts[2] == "messages":
+            known = next((m for m in self.posted if m["id"] == parts[3]), None)
+            if known is None:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
+            if method == "PATCH":
+                known.update(content=body.get("content", known["content"]), edited_timestamp=_now())
+                return _json(known)
+            if method == "DELETE":
+                self.posted.remove(known)
+                return web.Response(status=204)
         if parts[0] == "interactions" and parts[-1] == "callback":
             return _json(
                 {"interaction": {"id": parts[1], "type": 2, "response_message_loading": True}}

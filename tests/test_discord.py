@@ -16,7 +16,7 @@ from bot.adapters.discord import TEXT_ONLY, DiscordAdapter
 from bot.adapters.text import split_markdown
 from bot.config import ConfigError, Settings
 from bot.core import Bot
-from tests.conftest import EchoSkill, SkillsPlugin, core_settings
+from tests.conftest import EchoSkill, SkillsPlugin, Storyteller, core_settings
 from tests.fake_discord import BOT_USER, DM, GENERAL, OTHER_THREAD, THREAD, FakeDiscord
 from tests.fake_telegram import FakeTelegram
 
@@ -257,3 +257,48 @@ async def test_chinwag_run_serves_telegram_and_discord_at_once_and_stops_on_sigt
     err = (await proc.stderr.read()).decode()
     assert "Discord: connected as chinwag" in err
     assert "DISCORD.SECRET.TOKEN" not in err and "TEST-TOKEN" not in err
+
+
+async def test_a_generated_reply_grows_in_one_message_and_ends_as_the_final_text(tmp_path):
+    async with running(tmp_path, Storyteller(), stream_interval_s=1.0) as fake:
+        said = await fake.user_says("/story")
+        (first,) = await fake.wait_for()
+        # The first words are on screen long before the reply is done, as a reply to the user...
+        assert first["content"].startswith("Once upon") and first["content"].endswith("…")
+        assert str(first["message_reference"]["message_id"]) == said["id"]
+        await fake.wait_for("PUT", "/reactions/", count=2)
+        edits = fake.sent("PATCH")
+        # ...and the same message becomes the final reply, offered for rating.
+        assert edits[-1]["content"] == Storyteller.TEXT
+        assert fake.posted[-1]["content"] == Storyteller.TEXT
+        assert len(fake.sent("POST", "/messages")) == 1
+        # Edits are paced under Discord's limit: at most one a second while streaming.
+        assert len(edits) <= 1 + 1.3 / 1.0 + 1
+
+
+async def test_a_streamed_draft_becomes_the_reply_that_replaced_it(tmp_path):
+    async with running(tmp_path, Storyteller(), stream_interval_s=1.0) as fake:
+        await fake.user_says("/story withheld")
+        await fake.wait_for()
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if fake.posted[-1]["content"] == "Sorry — I can't send that.":
+                break
+        assert [m["content"] for m in fake.posted] == ["Sorry — I can't send that."]
+
+
+async def test_a_rate_limited_edit_is_waited_out_and_the_reply_still_lands(tmp_path):
+    async with running(tmp_path, Storyteller(), stream_interval_s=1.0) as fake:
+        fake.fail("PATCH", "/channels", 429, times=2, retry_after=0.3)
+        await fake.user_says("/story")
+        await fake.wait_for("PUT", "/reactions/", count=2)
+        assert [m for m, _, _ in fake.calls].count("PATCH!429") == 2
+        assert [m["content"] for m in fake.posted] == [Storyteller.TEXT]
+
+
+async def test_discord_streaming_can_be_switched_off(tmp_path):
+    async with running(tmp_path, Storyteller(), stream=False) as fake:
+        await fake.user_says("/story")
+        (sent,) = await fake.wait_for()
+        assert sent["content"] == Storyteller.TEXT
+        assert fake.sent("PATCH") == []

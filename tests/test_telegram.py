@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from bot import Command, Context, Message, Reply, Skill
 from bot.adapters.telegram import TEXT_ONLY, TelegramAdapter, split_text
 from bot.core import Bot
-from tests.conftest import EchoSkill, SkillsPlugin, core_settings
+from tests.conftest import EchoSkill, SkillsPlugin, Storyteller, core_settings
 from tests.fake_telegram import FakeTelegram
 
 
@@ -244,23 +244,6 @@ async def test_edited_messages_can_be_configured_to_be_answered_again(tmp_path):
         sent = await fake.wait_for("sendMessage", 2)
         assert [s["text"] for s in sent] == ["first", "second thoughts"]
         assert sent[1]["reply_parameters"]["message_id"] == update["message"]["message_id"]
-
-
-class Storyteller(Skill):
-    """Emits its reply in pieces over a second or so, as a generating skill does."""
-
-    name = "story"
-    commands = (Command("story", "A streamed answer"),)
-    TEXT = "Once upon a time there was a very patient little bot that answered."
-
-    async def handle(self, message: Message, ctx: Context) -> Reply:
-        for word in self.TEXT.split():
-            await ctx.emit(word + " ")
-            await asyncio.sleep(0.1)
-        text = self.TEXT
-        if ctx.args == "withheld":
-            return Reply("Sorry — I can't send that.", kind="error")
-        return Reply(text, rateable=True, model="m")
 
 
 async def test_a_generated_reply_grows_in_one_message_and_ends_as_the_final_text(tmp_path):

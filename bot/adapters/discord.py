@@ -40,6 +40,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bot.adapters.draft import Draft
 from bot.adapters.text import split_markdown
 from bot.config import ConfigError
 from bot.core import Bot
@@ -70,6 +71,8 @@ class DiscordAdapter:
         shard_count: int | None = None,
         ready_timeout: float = 60.0,
         guild_ready_timeout: float = 2.0,
+        stream: bool = True,
+        stream_interval_s: float = 1.5,
     ) -> None:
         self.bot = bot
         self.token = token
@@ -81,6 +84,10 @@ class DiscordAdapter:
         self.sync_commands = sync_commands
         self.command_guild = command_guild
         self.ready_timeout = ready_timeout
+        #: Generated replies are posted as soon as their first words exist and edited as they
+        #: grow, at most every ``stream_interval_s``.
+        self.stream = stream
+        self.stream_interval_s = stream_interval_s
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the Developer Portal
         options: dict[str, Any] = {
@@ -274,10 +281,18 @@ class DiscordAdapter:
             ],
         )
         typing = asyncio.create_task(self._typing(msg.channel))
+        draft = self._draft(msg) if self.stream else None
         try:
-            await self.bot.handle(message, send=functools.partial(self.send, msg))
+            if draft is None:
+                await self.bot.handle(message, send=functools.partial(self.send, msg))
+            else:
+                await self.bot.handle(
+                    message, send=functools.partial(self.send, msg, draft=draft), on_token=draft.add
+                )
         finally:
             typing.cancel()
+            if draft is not None:
+                await draft.close()
 
     async def _typing(self, channel: Any) -> None:
         """ "is typing…" while a skill works (Discord shows it for ~10 s per call)."""
@@ -304,9 +319,56 @@ class DiscordAdapter:
 
     # -- outbound --------------------------------------------------------------------------------
 
-    async def send(self, original: discord.Message, message: Message, replies: list[Reply]) -> None:
+    async def send(
+        self,
+        original: discord.Message,
+        message: Message,
+        replies: list[Reply],
+        draft: Draft[discord.Message] | None = None,
+    ) -> None:
         for reply in replies:
-            await self._send(original.channel, reply.text, reference=original, reply=reply)
+            sent = None
+            if draft is not None:
+                await draft.settle()
+                if draft.posted:
+                    # The streamed draft becomes this reply, edited to the final text (also when
+                    # a filter replaced it: the partial text must not stay on screen).
+                    sent = await self._finish(draft, original.channel, reply)
+                draft = None
+            if sent is None:
+                await self._send(original.channel, reply.text, reference=original, reply=reply)
+
+    def _draft(self, original: discord.Message) -> Draft[discord.Message]:
+        async def post(text: str) -> discord.Message:
+            return await original.channel.send(
+                text,
+                reference=original.to_reference(fail_if_not_exists=False),
+                mention_author=False,
+            )
+
+        async def edit(sent: discord.Message, text: str) -> None:
+            await sent.edit(content=text)
+
+        async def delete(sent: discord.Message) -> None:
+            await sent.delete()
+
+        return Draft(
+            post, edit, delete, interval_s=self.stream_interval_s, limit=LIMIT, platform="Discord"
+        )
+
+    async def _finish(
+        self, draft: Draft[discord.Message], channel: Any, reply: Reply
+    ) -> discord.Message | None:
+        """Edit the draft into ``reply`` (further pieces follow as new messages); ``None`` when
+        it can't be, and the reply is sent the ordinary way."""
+        pieces = split_markdown(reply.text, LIMIT) or ["…"]
+        last = await draft.finish(lambda sent: sent.edit(content=pieces[0]))
+        if last is None:
+            return None
+        for piece in pieces[1:]:
+            last = await channel.send(piece, mention_author=False)
+        await self._offer_rating(last, reply)
+        return last
 
     async def push(self, chat_id: str, reply: Reply) -> None:
         channel = self.client.get_partial_messageable(int(chat_id))

@@ -51,6 +51,7 @@ from tenacity import (
     wait_random,
 )
 
+from bot.adapters.draft import Draft
 from bot.adapters.text import split_text as _split
 from bot.config import ConfigError
 from bot.core import Bot
@@ -276,7 +277,7 @@ class TelegramAdapter:
             attachments=[Attachment("photo")] if msg.photo else [],
         )
         typing = asyncio.create_task(self._typing(msg.chat.id))
-        draft = _Draft(self, msg.chat.id, msg.message_id) if self._streams(msg) else None
+        draft = self._draft(msg.chat.id, msg.message_id) if self._streams(msg) else None
         try:
             if draft is None:
                 await self.bot.handle(message, send=self.send)
@@ -291,6 +292,61 @@ class TelegramAdapter:
 
     def _streams(self, msg: TelegramMessage) -> bool:
         return self.stream and msg.chat.type == "private"
+
+    def _draft(self, chat_id: int, reply_to: int) -> Draft[int]:
+        """A reply growing in one message (edits paced at ``stream_interval_s``; a 429 is
+        waited out by ``_call``)."""
+
+        async def post(text: str) -> int:
+            await self._pace(chat_id)
+            sent = await self._call(
+                self.tg.send_message,
+                chat_id=chat_id,
+                text=text,
+                reply_parameters=ReplyParameters(
+                    message_id=reply_to, allow_sending_without_reply=True
+                ),
+            )
+            return sent.message_id
+
+        async def edit(message_id: int, text: str) -> None:
+            await self._call(
+                self.tg.edit_message_text, chat_id=chat_id, message_id=message_id, text=text
+            )
+
+        async def delete(message_id: int) -> None:
+            await self._call(self.tg.delete_message, chat_id=chat_id, message_id=message_id)
+
+        return Draft(
+            post, edit, delete, interval_s=self.stream_interval_s, limit=LIMIT, platform="Telegram"
+        )
+
+    async def _finish(self, draft: Draft[int], chat_id: int, reply: Reply) -> Any:
+        """Edit the draft into ``reply`` (further pieces follow as new messages); ``None``
+        when it can't be, and the reply is sent the ordinary way."""
+        pieces = split_text(reply.text) or ["…"]
+        markup = self._markup(reply)
+        edited = await draft.finish(
+            lambda message_id: self._call(
+                self.tg.edit_message_text,
+                chat_id=chat_id,
+                message_id=message_id,
+                text=pieces[0],
+                reply_markup=markup if len(pieces) == 1 else None,
+            )
+        )
+        if edited is None:
+            return None
+        last = edited if not isinstance(edited, bool) else None
+        for i, piece in enumerate(pieces[1:], start=1):
+            await self._pace(chat_id)
+            last = await self._call(
+                self.tg.send_message,
+                chat_id=chat_id,
+                text=piece,
+                reply_markup=markup if i == len(pieces) - 1 else None,
+            )
+        return last if last is not None else _Sent(draft.handle)
 
     async def _typing(self, chat_id: int) -> None:
         """ "typing…" while a skill works (Telegram shows it for ~5 s per call)."""
@@ -321,7 +377,7 @@ class TelegramAdapter:
     # -- outbound --------------------------------------------------------------------------------
 
     async def send(
-        self, message: Message, replies: list[Reply], draft: _Draft | None = None
+        self, message: Message, replies: list[Reply], draft: Draft[int] | None = None
     ) -> None:
         chat_id = int(message.chat_id)
         reply_to = int(message.message_id.split(":")[0]) if message.message_id else None
@@ -329,10 +385,10 @@ class TelegramAdapter:
             sent = None
             if draft is not None:
                 await draft.settle()
-            if draft is not None and draft.message_id is not None:
+            if draft is not None and draft.posted:
                 # The streamed draft becomes this reply: one message, edited to the final text
                 # (also when a filter replaced it: the partial text must not stay on screen).
-                sent = await draft.finish(reply, self._markup(reply))
+                sent = await self._finish(draft, chat_id, reply)
                 draft = None
             if sent is None:
                 sent = await self._send(chat_id, reply.text, reply_to, reply)
@@ -405,118 +461,6 @@ class TelegramAdapter:
                 log.warning("Telegram asks to wait %ss (429)", exc.retry_after)
                 await asyncio.sleep(exc.retry_after)
         raise AssertionError("unreachable")
-
-
-class _Draft:
-    """One reply being generated, shown as it grows: sent once the first words exist, then
-    edited at most every ``stream_interval_s`` (Telegram limits edits; a 429 is waited out by
-    ``_call``). ``finish`` edits it into the final reply, buttons included."""
-
-    MIN_CHARS = 12
-
-    def __init__(self, adapter: TelegramAdapter, chat_id: int, reply_to: int) -> None:
-        self.adapter = adapter
-        self.chat_id = chat_id
-        self.reply_to = reply_to
-        self.text = ""
-        self.shown = ""
-        self.message_id: int | None = None
-        self._pending: asyncio.Task[None] | None = None
-        self._last = 0.0
-        self._lock = asyncio.Lock()
-        self._sending = False
-        self.finished = False
-
-    async def add(self, piece: str) -> None:
-        self.text += piece
-        if len(self.text.strip()) < self.MIN_CHARS or len(self.text) > LIMIT - 2:
-            return
-        if self._pending is None or self._pending.done():
-            wait = max(0.0, self._last + self.adapter.stream_interval_s - time.monotonic())
-            if self.message_id is None:
-                wait = 0.0
-            self._pending = asyncio.create_task(self._show(wait))
-
-    async def _show(self, wait: float) -> None:
-        if wait:
-            await asyncio.sleep(wait)
-        async with self._lock:
-            text = self.text.strip() + " …"
-            if text == self.shown:
-                return
-            self._last = time.monotonic()
-            self._sending = True  # from here on, let it land: a cut call may still arrive
-            try:
-                if self.message_id is None:
-                    await self.adapter._pace(self.chat_id)
-                    sent = await self.adapter._call(
-                        self.adapter.tg.send_message,
-                        chat_id=self.chat_id,
-                        text=text,
-                        reply_parameters=ReplyParameters(
-                            message_id=self.reply_to, allow_sending_without_reply=True
-                        ),
-                    )
-                    self.message_id = sent.message_id
-                else:
-                    await self.adapter._call(
-                        self.adapter.tg.edit_message_text,
-                        chat_id=self.chat_id,
-                        message_id=self.message_id,
-                        text=text,
-                    )
-                self.shown = text
-            except Exception:
-                log.warning("Telegram: could not update a streamed reply", exc_info=True)
-            finally:
-                self._sending = False
-
-    async def settle(self) -> None:
-        """No update in flight afterwards: one being sent lands, one only scheduled is dropped."""
-        task = self._pending
-        if task is None or task.done():
-            return
-        if not self._sending:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-
-    async def finish(self, reply: Reply, markup: Any) -> Any:
-        """Edit the draft into ``reply``; ``None`` when it can't be (send normally then)."""
-        await self.settle()
-        self.finished = True
-        pieces = split_text(reply.text) or ["…"]
-        async with self._lock:
-            try:
-                edited = await self.adapter._call(
-                    self.adapter.tg.edit_message_text,
-                    chat_id=self.chat_id,
-                    message_id=self.message_id,
-                    text=pieces[0],
-                    reply_markup=markup if len(pieces) == 1 else None,
-                )
-            except Exception:
-                log.warning("Telegram: could not finish a streamed reply", exc_info=True)
-                return None
-        last = edited if not isinstance(edited, bool) else None
-        for i, piece in enumerate(pieces[1:], start=1):
-            await self.adapter._pace(self.chat_id)
-            last = await self.adapter._call(
-                self.adapter.tg.send_message,
-                chat_id=self.chat_id,
-                text=piece,
-                reply_markup=markup if i == len(pieces) - 1 else None,
-            )
-        return last if last is not None else _Sent(self.message_id)
-
-    async def close(self) -> None:
-        """The message is handled: a draft no reply took over (all withheld) is removed."""
-        await self.settle()
-        if self.message_id is not None and not self.finished:
-            with contextlib.suppress(Exception):
-                await self.adapter._call(
-                    self.adapter.tg.delete_message, chat_id=self.chat_id, message_id=self.message_id
-                )
 
 
 @dataclass(slots=True)
