@@ -262,6 +262,7 @@ class KnowledgeBase:
         self._engine: sa.Engine | None = None
         self._index: VectorIndex | None = None
         self._version = 0
+        self._chunk_count: tuple[int, int] = (-1, 0)  # (index version, chunks) for lexical
         self._checked = 0.0
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -775,6 +776,14 @@ class KnowledgeBase:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _chunks_in(self, conn: sa.Connection) -> int:
+        """Chunks in the catalogue, counted once per index version."""
+        version, count = self._chunk_count
+        if version != self._version:
+            count = conn.execute(sa.select(sa.func.count()).select_from(chunks_t)).scalar() or 0
+            self._chunk_count = (self._version, count)
+        return count
+
     def search(
         self,
         query: str,
@@ -833,11 +842,10 @@ class KnowledgeBase:
             dense.append(order)
             cosine.append(best)
         with self.engine.connect() as conn:
-            keyword = (
-                [lexical.search(conn, q, depth) for q in queries]
-                if mode == "hybrid"
-                else [[] for _ in queries]
-            )
+            keyword = [[] for _ in queries]
+            if mode == "hybrid":
+                total = self._chunks_in(conn)
+                keyword = [lexical.search(conn, q, depth, total) for q in queries]
             wanted = {c for lst in dense + keyword for c in lst}
             if not wanted:
                 return [[] for _ in queries]

