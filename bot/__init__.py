@@ -7,7 +7,7 @@ Plugins import from here only (``from bot import Skill, Reply, hookimpl``); ever
 from bot.hookspecs import hookimpl
 from bot.messages import Attachment, Escalation, Message, Reply, Source
 from bot.models.types import ModelError, RuntimeBusy, ShuttingDown
-from bot.skill import Command, Context, Match, Observer, ReplyFilter, Skill
+from bot.skill import Command, Context, Match, Observer, ReplyFilter, Skill, command
 
 __all__ = [
     "Attachment",
@@ -24,6 +24,7 @@ __all__ = [
     "ShuttingDown",
     "Skill",
     "Source",
+    "command",
     "hookimpl",
 ]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ the attributes below; anything missing falls back to the base class's default.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -125,6 +126,62 @@ class Skill:
 
     async def handle(self, message: Message, ctx: Context) -> Reply | list[Reply] | str | None:
         raise NotImplementedError
+
+
+Handler = Callable[[Message, "Context"], Awaitable["Reply | list[Reply] | str | None"]]
+
+
+def command(
+    name: str,
+    description: str = "",
+    *,
+    usage: str = "",
+    admin_only: bool = False,
+    timeout_s: float | None = None,
+    uses_model: bool = False,
+) -> Callable[[Handler], Skill]:
+    """Make a plain ``async def f(message, ctx)`` a skill that answers ``/name``.
+
+    Most plugins are one command; a class with three class attributes is ceremony for that.
+    The result is an ordinary :class:`Skill` (registered, checked, timed out and listed by
+    ``/help`` like any other)::
+
+        @command("roll", "Roll a die")
+        async def roll(message, ctx):
+            return f"🎲 {random.randint(1, 6)}"
+
+    The function returns what ``handle`` may return (text, a :class:`Reply`, several, or
+    ``None``); ``ctx.args`` is the text after the command. ``description`` defaults to the
+    first line of the docstring.
+    """
+
+    def make(fn: Handler) -> Skill:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@command({name!r}) needs an async function, got {fn!r}")
+        about = description or (inspect.getdoc(fn) or "").partition("\n")[0]
+        attrs = {
+            "name": name,
+            "description": about,
+            "commands": (Command(name, about, admin_only=admin_only, usage=usage),),
+            "timeout_s": timeout_s,
+            "uses_model": uses_model,
+            "__doc__": inspect.getdoc(fn),
+            "__module__": fn.__module__,
+        }
+        cls = type(
+            f"{name.title().replace('-', '').replace('_', '')}Command", (_FunctionSkill,), attrs
+        )
+        return cls(fn)
+
+    return make
+
+
+class _FunctionSkill(Skill):
+    def __init__(self, fn: Handler) -> None:
+        self.fn = fn
+
+    async def handle(self, message: Message, ctx: Context) -> Reply | list[Reply] | str | None:
+        return await self.fn(message, ctx)
 
 
 @runtime_checkable

@@ -249,3 +249,34 @@ async def test_a_config_model_without_forbid_still_rejects_a_typo(tmp_path):
     bot = Bot(settings, plugins=[_Registers("register_skills", Weather())])
     with pytest.raises(ConfigError, match=r"skills\.weather\.citty: unknown key"):
         await bot.start()
+
+
+async def test_a_plain_async_function_becomes_a_command_skill(tmp_path):
+    from bot import command
+
+    @command("roll", usage="[SIDES]")
+    async def roll(message, ctx):
+        """Roll a die."""
+        return f"rolled a d{ctx.args or 6}"
+
+    class Dice:
+        @hookimpl
+        def register_skills(self, register):
+            register(roll)
+
+    async with Bot(core_settings(tmp_path), plugins=[Dice()]) as bot:
+        user = ChatUser(bot)
+        assert await user.ask("/roll 20") == "rolled a d20"
+        assert "/roll [SIDES] — Roll a die." in await user.ask("/help")
+        (reply,) = await user.send("roll a die for me")  # a command skill scores nothing
+        assert reply.skill != "roll"
+
+
+def test_a_command_function_must_be_async():
+    from bot import command
+
+    with pytest.raises(TypeError, match="needs an async function"):
+
+        @command("sync")
+        def sync(message, ctx):
+            return "no"
