@@ -326,10 +326,25 @@ def db_current() -> None:
     typer.echo(f"current: {rev or 'empty'}; latest: {head_revision()}")
 
 
+def _disabled_plugins(argv: list[str]) -> list[str]:
+    """``disabled_plugins`` of the configuration the command will read (``--config`` or the
+    usual places): a plugin switched off adds no sub-commands either."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+    try:
+        return list(load_settings(path).disabled_plugins)
+    except ConfigError:
+        return []  # the command that reads the configuration reports what is wrong with it
+
+
 def _plugin_commands() -> None:
     """Let plugins add sub-commands (the ``register_commands`` hook)."""
     try:
-        pm, _ = make_manager()
+        pm, _ = make_manager(disabled=_disabled_plugins(sys.argv[1:]))
     except PluginError as exc:
         typer.echo(f"warning: {exc}", err=True)
         return

@@ -232,3 +232,11 @@ def test_the_example_configuration_is_valid_and_matches_the_defaults(tmp_path):
     s = load_settings(example, {"data_dir": tmp_path})
     defaults = Settings(data_dir=tmp_path)
     assert s.model_dump() == defaults.model_dump()
+
+
+def test_a_disabled_plugin_adds_no_cli_commands(tmp_path):
+    assert " train " in run_cli("--help", tmp_path=tmp_path).stdout
+    cfg = tmp_path / "chinwag.toml"
+    cfg.write_text('disabled_plugins = ["trainers"]\n')
+    out = run_cli("--config", str(cfg), "--help", tmp_path=tmp_path).stdout
+    assert " train " not in out and " chat " in out
