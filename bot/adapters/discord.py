@@ -295,7 +295,10 @@ class DiscordAdapter:
                 await draft.close()
 
     async def _typing(self, channel: Any) -> None:
-        """ "is typing…" while a skill works (Discord shows it for ~10 s per call)."""
+        """ "is typing…" while a skill works (Discord shows it for ~10 s per call).
+
+        Not ``async with channel.typing()``: its first call is awaited and raises into the
+        handler (a 429 or a missing permission would cost the reply); typing is decoration."""
         with contextlib.suppress(Exception):
             while True:
                 await channel.typing()

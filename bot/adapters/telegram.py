@@ -349,7 +349,11 @@ class TelegramAdapter:
         return last if last is not None else _Sent(draft.handle)
 
     async def _typing(self, chat_id: int) -> None:
-        """ "typing…" while a skill works (Telegram shows it for ~5 s per call)."""
+        """ "typing…" while a skill works (Telegram shows it for ~5 s per call).
+
+        Not aiogram's ``ChatActionSender``: a failed call ends its task with an exception
+        nobody retrieves, and leaving it waits for a call in flight; typing is decoration, so
+        here a failure is ignored and the end of the work cancels it at once."""
         with contextlib.suppress(Exception):
             while True:
                 await self.tg.send_chat_action(chat_id, "typing")
