@@ -10,6 +10,8 @@ the same weights. Each reply is checked for what users notice at once:
 - **cut**: stops mid-sentence;
 - **flood**: a line of emoji or symbols;
 - **empty**: nothing, or the bot's own apology;
+- **declined**: "I don't know that" to a message that asks no question of fact (none here
+  does: they are the chat a bot must take part in);
 - **relevance**: the embedder's cosine between message and reply.
 
 Pairs (configuration vs base) are decided by fewer defects, then relevance (a margin of 0.05);
@@ -115,10 +117,11 @@ async def replies_for(
                     temperature=0.0,
                     within_s=60,
                 )
-                text, skill = gen.text.strip(), "base"
+                text, skill, declined = gen.text.strip(), "base", False
             else:
                 (reply,) = await ChatUser(bot, chat_id=f"d{i}", user_id=f"d{i}").send(case["text"])
                 text, skill = reply.text, reply.skill
+                declined = bool(reply.metadata.get("abstained"))
             seconds = time.perf_counter() - t0
             relevance = 0.0
             if knowledge is not None and text.strip():
@@ -128,7 +131,7 @@ async def replies_for(
                     "text": text,
                     "skill": skill,
                     "seconds": round(seconds, 2),
-                    "defects": defects(text, apologies),
+                    "defects": defects(text, apologies) + (["declined"] if declined else []),
                     "relevance": round(float(relevance), 3),
                 }
             )
@@ -205,7 +208,7 @@ async def main() -> None:
         return {
             "defect_share": {
                 d: round(sum(d in r["defects"] for r in replies) / len(replies), 3)
-                for d in ("loop", "cut", "flood", "empty")
+                for d in ("loop", "cut", "flood", "empty", "declined")
             },
             "clean_share": round(sum(not r["defects"] for r in replies) / len(replies), 3),
             "relevance": round(statistics.mean(r["relevance"] for r in replies), 3),
@@ -246,7 +249,7 @@ async def main() -> None:
     )
     print(
         f"\n{'configuration':<16} {'preferred':>9} {'clean':>6} {'loop':>5} {'cut':>5} "
-        f"{'flood':>5} {'relev.':>6} {'p95 s':>6}"
+        f"{'flood':>5} {'decl.':>5} {'relev.':>6} {'p95 s':>6}"
     )
     rows = [("base (greedy)", {**summary["base"], "preferred_vs_base": None})]
     rows += list(summary["configs"].items())
@@ -255,7 +258,7 @@ async def main() -> None:
         d = e["defect_share"]
         print(
             f"{name:<16} {pref:>9} {e['clean_share']:>6.2f} {d['loop']:>5.2f} {d['cut']:>5.2f} "
-            f"{d['flood']:>5.2f} {e['relevance']:>6.3f} {e['p95_s']:>6.2f}"
+            f"{d['flood']:>5.2f} {d['declined']:>5.2f} {e['relevance']:>6.3f} {e['p95_s']:>6.2f}"
         )
     print(f"blind pairs for a person: {args.out / 'blind.html'} (key: {args.out / 'key.json'})")
     scored = {n: e["preferred_vs_base"] or 0.0 for n, e in summary["configs"].items()}
