@@ -32,7 +32,8 @@ _AUX = (
 
 #: Ways of asking that wrap the real question: "do you know who…", "can you tell me…".
 _GREETING = re.compile(
-    r"^(?:(?:(?:hey|hi|hiya|hello|howdy|good (?:morning|afternoon|evening|day))"
+    r"^(?:(?:(?:hey|hi|hiya|hello|howdy|good (?:morning|afternoon|evening|day)"
+    r"|bonjour|bonsoir|salut|hola|buenos d[ií]as|buenas|ciao|hallo|guten (?:tag|morgen)|ol[aá])"
     r"(?: there| again| all| everyone| guys| folks)?|ok|okay|so|um+|uh+|quick question|question"
     r"|please|pls|plz|yo)[,!.:]*\s+)+",
     re.I,
@@ -52,14 +53,16 @@ _PERSONAL = re.compile(
     r"|how(?:'s| is) it going|how(?:'s| has| have) (?:your|ur) (?:day|week|weekend|morning"
     r"|evening)|how do you do|what(?:'s| is) up|wh?at'?s good"
     r"|sup\b|what(?:'s| is) (?:your|ur) name|who (?:are|r) (?:you|u)|what (?:are|r) (?:you|u)\b"
-    r"|what can (?:you|u) do|what do (?:you|u) (?:do|think|like|prefer|mean|reckon|feel)"
+    r"|what can (?:you|u) (?:do|help)|what do (?:you|u) (?:do|think|like|prefer|mean|reckon|feel)"
     r"|how do (?:you|u) (?:feel|like)|do (?:you|u) (?:like|love|enjoy|want|think|feel|remember"
     r"|have feelings|dream|ever)|are (?:you|u) (?:ok|okay|there|a bot|real|human|alive|sure"
-    r"|kidding|serious|still there)|can (?:you|u) (?:help|hear|see)|will (?:you|u) be my"
+    r"|kidding|serious|still there|an? (?:real |actual )?(?:person|human|robot|bot|ai|machine))"
+    r"|can (?:you|u) (?:help|hear|see)|will (?:you|u) be my"
     r"|(?:would|will) (?:you|u) (?:like|rather)|what would (?:you|u)|where (?:are|r) (?:you|u) from"
     r"|how old (?:are|r) (?:you|u)|is (?:it|that) (?:ok|okay|fine|alright)|isn't it|right\b"
     r"|what (?:about|now|else|next)\b|why not\b|how come\b|why (?:so|is that)\b|really\b"
-    r"|what do i do\b"
+    r"|what do i do\b|comment (?:[çc]a va|vas-tu|allez-vous)|[çc]a va\b|qu[ée] tal|c[oó]mo est[aá]s"
+    r"|come stai|wie geht"
     r"|what (?:a|an)\b)",
     re.I,
 )
@@ -67,7 +70,8 @@ _PERSONAL = re.compile(
 #: Requests to make something up, which is not stating facts: jokes, poems, stories, names.
 _CREATIVE = re.compile(
     r"\b(?:joke|jokes|poem|poems|haiku|limerick|story|stories|song|lyrics|riddle|pun|puns|rhyme"
-    r"|compliment|pep talk|cheer me up|make me (?:laugh|smile)|motivat\w*|roleplay|pretend)\b",
+    r"|compliment|pep talk|cheer me up|make me (?:laugh|smile)|motivat\w*|roleplay|pretend"
+    r"|verses?|sonnet|lines? (?:about|on|for))\b",
     re.I,
 )
 
@@ -93,13 +97,21 @@ _ADVICE = re.compile(
     r"|what(?:'s| is| are| would be)(?: a| an| some| the)? (?:good|nice|fun|easy|quick|best"
     r"|better|healthy|cheap|simple) (?:way|ways|idea|ideas|tip|tips|thing|things|place|places"
     r"|name|names|book|books|movie|movies|film|films|show|shows|recipe|recipes|gift|gifts|game"
-    r"|games|habit|habits|routine|exercise|exercises)\b|what are some\b"
+    r"|games|habit|habits|routine|exercise|exercises|dinner|lunch|breakfast|meal|meals|snack"
+    r"|snacks|dish|dishes|dessert)\b|what are some\b"
     r"|any (?:ideas|tips|advice|suggestions|recommendations)\b"
     r"|(?:can|could|would|will) (?:you|u) (?:give|suggest|recommend|help)\b"
-    r"|(?:give me|got any|i need) (?:a |an |some )?(?:tip|tips|idea|ideas|advice|suggestion)"
+    r"|(?:give me|got any|i need) (?:a |an |some )?(?:\w+ )?(?:tip|tips|idea|ideas|advice"
+    r"|suggestion)"
     r"|tips? (?:for|on)\b|ideas? for\b|recommend|suggest"
-    r"|is it (?:ok|okay|wise|worth|a good idea)\b)",
+    r"|is it (?:ok|okay|wise|worth|a good idea|better|best)\b"
+    # "coffee or tea in the morning?": a choice to weigh in on, not a fact to state
+    r"|\w+ or \w+\b(?!.*\b(?:which|what|who|when|where)\b))",
     re.I,
+)
+#: "I have an interview tomorrow, any advice?": the ask comes after the situation.
+_ADVICE_AFTER = re.compile(
+    r"\b(?:any|some) (?:ideas|tips|advice|suggestions|recommendations|thoughts)\W*$", re.I
 )
 _REQUEST_WORDS = re.compile(r"\b(?:recommend|recommendation|suggest|suggestion)\b", re.I)
 
@@ -133,7 +145,7 @@ def _kind(text: str) -> Kind:
         return "chat"
     if _PERSONAL.match(core_l) and not wrapped:
         return "chat"
-    if _ADVICE.match(core_l):
+    if _ADVICE.match(core_l) or _ADVICE_AFTER.search(core_l):
         return "advice"
     if len(core_l.split()) < 2 and not wrapped:  # "what?", "why?": about the last reply
         return "chat"

@@ -129,6 +129,23 @@ def test_chit_chat_is_never_taken_for_a_question():
         assert kind_of(odd) == "chat"
 
 
+def test_everyday_requests_are_talked_through_and_only_questions_of_fact_declined():
+    from skills.asking import kind_of
+
+    # Found by bench/dialogue.py: each of these got "I don't know that" from the bot.
+    for talk in ("what can you help me with?", "are you a real person?", "bonjour, comment ça va ?",
+                 "can you write two lines about autumn?"):  # fmt: skip
+        assert kind_of(talk) == "chat", talk
+    for ask in ("I have a job interview tomorrow, any advice?", "coffee or tea in the morning?",
+                "give me a quick idea for a healthy breakfast",
+                "what's an easy dinner I can make with eggs and spinach?",
+                "is it better to learn guitar or piano first?"):  # fmt: skip
+        assert kind_of(ask) == "advice", ask
+    for fact in ("tea or coffee, which has more caffeine?", "give me the population of France",
+                 "salut, quelle est la capitale du Pérou ?"):  # fmt: skip
+        assert kind_of(fact) == "fact", fact
+
+
 @pytest.mark.parametrize(
     "chinwag_config", [{"skills": {"dialogue": {"unsupported_questions": "answer"}}}]
 )
@@ -672,8 +689,10 @@ async def test_a_first_training_killed_midway_resumes_from_its_last_checkpoint(t
         assert proc.stdout is not None
         async for raw in proc.stdout:
             lines.append(raw.decode().strip())
-            if stop_at and lines[-1].startswith("progress train ") and (
-                int(lines[-1].split()[2]) >= stop_at
+            if (
+                stop_at
+                and lines[-1].startswith("progress train ")
+                and (int(lines[-1].split()[2]) >= stop_at)
             ):
                 proc.kill()  # as a SIGKILLed bot's trainer dies with it
                 break
