@@ -703,7 +703,8 @@ async def test_a_first_training_killed_midway_resumes_from_its_last_checkpoint(t
     assert any(line.startswith("ready v1") for line in first)  # the quick classifier serves
     second = await asyncio.wait_for(run(stop_at=None), 300)
     steps = [int(line.split()[2]) for line in second if line.startswith("progress train ")]
-    assert steps[0] == 5 and steps[-1] == 16  # resumed after step 4, not from zero
+    # Resumed after a checkpoint (step 4, or 8 if the kill came late), not from zero.
+    assert steps[0] in (5, 9) and steps[-1] == 16
     assert not any(line.startswith("ready") for line in second)  # v1 was already serving
     assert second[-1].startswith("done ")
     assert not (tmp_path / "sentiment" / ".checkpoints").exists() or not any(
