@@ -99,10 +99,15 @@ class SentimentSkill(Skill):
     async def setup(self, bot: Any, config: SentimentConfig) -> None:
         registry = bot.models.registry
         current = registry.current(config.classifier)
-        if current is not None:
+
+        def warm() -> asyncio.Task[bool]:
+            """Load the version in service now, so the first message does not pay for it."""
             warming = asyncio.create_task(bot.models.classifiers.warm(config.classifier))
             bot.services["sentiment.warming"] = warming
-            bot.warmups.append(warming)
+            return warming
+
+        if current is not None:
+            bot.warmups.append(warm())
             if current.meta.get("stage") != "head" or not config.train_if_missing:
                 return
             # Only the quick first classifier serves: a start that was stopped before its
@@ -119,12 +124,8 @@ class SentimentSkill(Skill):
             )
             return
 
-        def first_served(version: str) -> None:
-            warming = asyncio.create_task(bot.models.classifiers.warm(config.classifier))
-            bot.services["sentiment.warming"] = warming
-
         async def train_then_load() -> bool:
-            ok = await train_in_subprocess(registry.root, config, on_ready=first_served)
+            ok = await train_in_subprocess(registry.root, config, on_ready=lambda _: warm())
             return ok and await bot.models.classifiers.warm(config.classifier)
 
         training = train_then_load()

@@ -298,16 +298,7 @@ class TelegramAdapter:
         waited out by ``_call``)."""
 
         async def post(text: str) -> int:
-            await self._pace(chat_id)
-            sent = await self._call(
-                self.tg.send_message,
-                chat_id=chat_id,
-                text=text,
-                reply_parameters=ReplyParameters(
-                    message_id=reply_to, allow_sending_without_reply=True
-                ),
-            )
-            return sent.message_id
+            return (await self._send(chat_id, text, reply_to)).message_id
 
         async def edit(message_id: int, text: str) -> None:
             await self._call(
