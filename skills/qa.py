@@ -200,21 +200,19 @@ class QASkill(Skill):
         }
         answer: str | None = None
         generation = None
+        prompt = qa_prompt(question, texts)
+        # The trainers learn the ``qa`` adapter from this prompt and the answer (or an
+        # operator's correction of it), not from the bare question: the adapter must learn
+        # the task it is served for — answering from the passages.
+        meta["prompt"] = prompt
         if cfg.generate:
             runtime = ctx.bot.models
-            prompt = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(texts))
             try:
                 adapter = await runtime.resolve_adapter(cfg.adapter)
                 # A busy runtime refuses at once (RuntimeBusy) and the quote below answers:
                 # the user gets the passage in a second rather than a generated answer late.
                 generation = await runtime.generate(
-                    [
-                        {"role": "system", "content": SYSTEM},
-                        {
-                            "role": "user",
-                            "content": f"Reference passages:\n{prompt}\n\nQuestion: {question}",
-                        },
-                    ],
+                    prompt,
                     adapter,
                     max_new_tokens=cfg.max_new_tokens,
                     within_s=cfg.generate_timeout_s,
@@ -252,6 +250,7 @@ class QASkill(Skill):
                 return await self._abstain(question, ctx.bot.services["knowledge"])
         else:
             meta["mode"] = "generated"
+        meta["answer"] = answer
         sources = [
             Source(_title(p), p.source, round(p.score, 4), getattr(p, "url", None)) for p in cited
         ]
@@ -269,6 +268,16 @@ class QASkill(Skill):
             reply.adapter = generation.adapter
             reply.adapter_version = generation.adapter_version
         return reply
+
+
+def qa_prompt(question: str, passages: list[str]) -> list[dict[str, str]]:
+    """The chat messages the model answers from: the instructions, numbered passages, the
+    question."""
+    numbered = "\n\n".join(f"[{i + 1}] {t}" for i, t in enumerate(passages))
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Reference passages:\n{numbered}\n\nQuestion: {question}"},
+    ]
 
 
 def _title(passage: Any) -> str:

@@ -9,7 +9,12 @@ For every reply a generative skill (``dialogue``, ``qa``) sent, the feedback dec
 - no rating → not used: silence is not approval.
 
 Each example is the conversation before the reply (up to ``context_turns`` earlier turns, in
-order) followed by the reply, as chat messages the base model's template formats. Before
+order) followed by the reply, as chat messages the base model's template formats. A skill
+that prompts the model with more than the conversation records the chat messages it sent as
+``metadata["prompt"]`` and its answer without decoration (QA's source list) as
+``metadata["answer"]``: the example is then that prompt followed by the target, so the adapter
+learns the task it is served for — QA answers from the passages it was shown, not from
+memory of the bare question. Before
 anything is written, every text is redacted (emails, phone and card numbers, secrets, URLs with
 credentials — :mod:`bot.privacy`), users who asked to be forgotten are left out (and taken out
 of earlier cycles' data reused for replay), and duplicates are removed. The split is by
@@ -86,8 +91,24 @@ def _verdict(reply: StoredMessage, feedback: list[Any]) -> tuple[str | None, str
     if safety.get("flagged") or safety.get("blocked"):
         return None, "safety_flagged"
     if any(f.rating > 0 for f in feedback):
-        return reply.text, "thumbs_up"
+        answer = (reply.meta or {}).get("answer")
+        return (answer if isinstance(answer, str) and answer.strip() else reply.text), "thumbs_up"
     return None, "unrated"
+
+
+def _recorded_prompt(reply: StoredMessage) -> list[dict[str, str]] | None:
+    """The chat messages the skill sent the model for this reply, when it recorded them."""
+    prompt = (reply.meta or {}).get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if not all(
+        isinstance(m, dict)
+        and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str)
+        for m in prompt
+    ):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
 def examples_from(
@@ -121,16 +142,22 @@ def examples_from(
             if asked is None:
                 dropped["no_question"] += 1
                 continue
-            before = [h for h in history[:-1] if h.id < asked.id][-2 * context_turns :]
-            messages = [
-                {"role": "user" if h.direction == "in" else "assistant", "content": _clean(h.text)}
-                for h in before
-                if h.text.strip()
-            ]
-            messages += [
-                {"role": "user", "content": _clean(asked.text)},
-                {"role": "assistant", "content": _clean(target)},
-            ]
+            recorded = _recorded_prompt(m)
+            if recorded is not None:
+                before = []
+                messages = [{**r, "content": _clean(r["content"])} for r in recorded]
+            else:
+                before = [h for h in history[:-1] if h.id < asked.id][-2 * context_turns :]
+                messages = [
+                    {
+                        "role": "user" if h.direction == "in" else "assistant",
+                        "content": _clean(h.text),
+                    }
+                    for h in before
+                    if h.text.strip()
+                ]
+                messages.append({"role": "user", "content": _clean(asked.text)})
+            messages.append({"role": "assistant", "content": _clean(target)})
             users = sorted(
                 {user_hash(conv.platform, h.user_id) for h in [*before, asked] if h.user_id}
             )
