@@ -9,8 +9,8 @@ Per corpus (the construction FAQ, and Flask's documentation — see bench/qa.py 
    against the reference, right source cited, share generated (vs quoted), abstention on the
    off-corpus questions.
 3. **Teaching**: simulated users ask training questions (FAQ pairs the held-out set does not
-   use, worded as the FAQ words them; the other Flask questions) and rate each reply with ``/good`` when it
-   contains the reference fact and ``/bad`` when not. A share of the askers are operators, who
+   use, worded as the FAQ words them; the other Flask questions) and rate each reply with
+   ``/good`` when it contains the reference fact and ``/bad`` when not. A share of the askers are operators, who
    ``/correct`` a bad reply with the reference answer instead. All of it through the chat path
    into the conversation log, as real users' feedback arrives.
 4. ``chinwag train --now`` in its own process, as the nightly schedule runs it: dataset from the

@@ -7,10 +7,12 @@ Plugins import from here only (``from bot import Skill, Reply, hookimpl``); ever
 from bot.hookspecs import hookimpl
 from bot.messages import Attachment, Escalation, Message, Reply, Source
 from bot.models.types import ModelError, RuntimeBusy, ShuttingDown
+from bot.services import BotServices
 from bot.skill import Command, Context, Match, Observer, ReplyFilter, Skill, command
 
 __all__ = [
     "Attachment",
+    "BotServices",
     "Command",
     "Context",
     "Escalation",

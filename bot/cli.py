@@ -173,7 +173,7 @@ def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     s = settings(default_level="WARNING")
     try:
         bot = Bot(s)
-        bot._load_skills()
+        bot.load_skills()
     except (ConfigError, PluginError) as exc:
         raise fail(str(exc)) from None
     dist = {p.name: (p.distribution, p.version) for p in bot.plugins}

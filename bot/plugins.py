@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
+from pydantic import ValidationError
 
 from bot import hookspecs
+from bot.config import ConfigError, Settings, format_validation_error
+from bot.contract import check_filter, check_observer, check_skill, unknown_keys
+from bot.router import Router, SkillEntry
+from bot.skill import Command
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +124,95 @@ def call_lifecycle(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> l
     """Call a lifecycle hook; the caller awaits whichever results are awaitable."""
     hook: Callable[..., list[Any]] = getattr(pm.hook, hook_name)
     return [r for r in hook(**kwargs) if r is not None]
+
+
+@dataclass(slots=True)
+class Loaded:
+    """What the plugins registered, checked and configured: the pipeline's moving parts."""
+
+    skills: list[SkillEntry]
+    router: Router
+    observers: list[Registered]
+    filters: list[Registered]
+
+
+def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
+    """Collect skills, observers and filters; check each against the contract and validate
+    each skill's ``[skills.<name>]`` section with its ``config_model``.
+
+    Everything wrong is reported here, at start, naming the plugin — not as a traceback on
+    the first message that reaches it.
+    """
+    entries: list[SkillEntry] = []
+    seen: set[str] = set()
+    for reg in collect(pm, "register_skills"):
+        skill = reg.obj
+        check_skill(skill, reg.plugin)
+        name = skill.name
+        if name in seen:
+            raise ConfigError(f"two plugins register a skill named {name!r}")
+        seen.add(name)
+        section = settings.skills.get(name)
+        config = skill_config(skill, name, section)
+        commands: dict[str, Command] = {}
+        for cmd in getattr(skill, "commands", ()) or ():
+            if isinstance(cmd, str):
+                cmd = Command(cmd)
+            commands[cmd.name.lower()] = cmd
+        entries.append(
+            SkillEntry(
+                skill=skill,
+                name=name,
+                plugin=reg.plugin,
+                description=getattr(skill, "description", "") or "",
+                commands=commands,
+                priority=section.priority
+                if section and section.priority is not None
+                else getattr(skill, "priority", 0),
+                threshold=section.threshold
+                if section and section.threshold is not None
+                else getattr(skill, "threshold", 0.5),
+                timeout_s=(section.timeout_s if section and section.timeout_s else None)
+                or getattr(skill, "timeout_s", None)
+                or settings.bot.skill_timeout_s,
+                config=config,
+                enabled=section.enabled if section else True,
+                uses_model=bool(getattr(skill, "uses_model", False)),
+            )
+        )
+    router = Router([e for e in entries if e.enabled], settings.bot.fallback)
+    if settings.bot.fallback and router.fallback is None:
+        log.warning("fallback skill %r is not loaded", settings.bot.fallback)
+    observers = collect(pm, "register_observers")
+    filters = collect(pm, "register_reply_filters")
+    for r in observers:
+        check_observer(r.obj, r.plugin)
+    for r in filters:
+        check_filter(r.obj, r.plugin)
+    # Observers and filters may read a [skills.<their name>] section too (e.g. safety).
+    seen.update(getattr(r.obj, "name", "") for r in (*observers, *filters))
+    for name in settings.skills:
+        if name not in seen:
+            log.warning("configuration has a [skills.%s] section but no such skill loaded", name)
+    return Loaded(entries, router, observers, filters)
+
+
+def skill_config(skill: Any, name: str, section: Any) -> Any:
+    """The skill's validated configuration; unknown keys are an error whatever the model says."""
+    model = getattr(skill, "config_model", None)
+    options = section.options() if section is not None else {}
+    if model is None:
+        if options:
+            keys = ", ".join(f"skills.{name}.{k}" for k in options)
+            raise ConfigError(f"invalid configuration:\n  {keys}: unknown key")
+        return None
+    unknown = unknown_keys(model, options)
+    if unknown:  # a typo must not pass silently, whatever the model's own setting
+        keys = "\n  ".join(f"skills.{name}.{k}: unknown key" for k in unknown)
+        raise ConfigError(f"invalid configuration:\n  {keys}")
+    try:
+        return model(**options)
+    except ValidationError as exc:
+        raise ConfigError(
+            format_validation_error(exc, f"[skills.{name}]", prefix=f"skills.{name}")
+        ) from None

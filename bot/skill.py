@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from bot.messages import Message, Reply
 
 if TYPE_CHECKING:
-    from bot.core import Bot
+    from bot.services import BotServices
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +65,12 @@ class Match:
 class Context:
     """Everything a skill may use while answering one message.
 
-    Built per message; ``bot`` gives access to shared services (store, configuration, the list
-    of loaded skills, and in later releases the model runtime and knowledge index).
+    Built per message; ``bot`` is the interface to the shared services — the store, the
+    configuration, the model runtime, the knowledge index, per-chat policy, the loaded skills
+    (:class:`bot.services.BotServices` lists them) — not the core itself.
     """
 
-    bot: Bot
+    bot: BotServices
     config: Any = None
     command: str | None = None
     args: str = ""
@@ -118,7 +119,7 @@ class Skill:
     #: skill does not catch becomes the bot's honest "busy" reply.
     uses_model: ClassVar[bool] = False
 
-    async def setup(self, bot: Bot, config: Any) -> None:
+    async def setup(self, bot: BotServices, config: Any) -> None:
         """Called once at start-up with the skill's validated configuration."""
 
     async def score(self, message: Message, ctx: Context) -> float | Match:

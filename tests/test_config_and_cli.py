@@ -76,7 +76,7 @@ def test_a_skill_section_is_validated_by_the_skills_own_model(tmp_path):
 
     settings = core_settings(tmp_path, {"skills": {"help": {"colour": "red"}}})
     with pytest.raises(ConfigError, match=r"skills\.help\.colour: unknown key"):
-        Bot(settings)._load_skills()
+        Bot(settings).load_skills()
 
 
 def test_piped_chat_prints_one_reply_block_per_message(tmp_path):
