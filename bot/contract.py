@@ -41,7 +41,9 @@ def _check_method(obj: Any, method: str, args: int, where: str, *, required: boo
     try:
         inspect.signature(fn).bind(*([None] * args))
     except TypeError:
-        expected = {2: "(message, ctx)", 3: "(reply, message, ctx)"}[args]
+        expected = {0: "()", 2: "(message, ctx) / (chat_id, reply)", 3: "(reply, message, ctx)"}[
+            args
+        ]
         raise ConfigError(f"{where}: {method}() must accept {expected}") from None
     except ValueError:  # no signature to inspect (a builtin): trust it
         pass
@@ -83,6 +85,18 @@ def check_filter(obj: Any, plugin: str) -> None:
     where = _what(obj, plugin, "reply filter")
     _check_name(obj, where, required=False)
     _check_method(obj, "filter", 3, where, required=True)
+
+
+def check_adapter(obj: Any, plugin: str) -> None:
+    """An adapter needs a ``platform`` name and async ``start()``, ``stop()`` and
+    ``push(chat_id, reply)`` (bot/adapters/base.py)."""
+    where = _what(obj, plugin, "adapter")
+    platform = getattr(obj, "platform", None)
+    if not isinstance(platform, str) or not NAME.match(platform):
+        raise ConfigError(f"{where}: platform must be a name like 'telegram', not {platform!r}")
+    _check_method(obj, "start", 0, where, required=True)
+    _check_method(obj, "stop", 0, where, required=True)
+    _check_method(obj, "push", 2, where, required=True)
 
 
 def unknown_keys(model: type[BaseModel], options: dict[str, Any]) -> list[str]:

@@ -300,6 +300,47 @@ class Bot:
             return False
         return True
 
+    async def record_feedback(
+        self,
+        platform: str,
+        user_id: str,
+        rating: int,
+        *,
+        reply_id: int | None = None,
+        chat_id: str | None = None,
+        platform_message_id: str | None = None,
+        comment: str | None = None,
+    ) -> int | None:
+        """Store a rating (👍 ``1`` / 👎 ``-1``) of one of the bot's replies; its feedback id,
+        or ``None`` when the rated message is not a reply the bot sent in that chat on that
+        platform (a forged button, a reaction on someone else's message).
+
+        Adapters name the reply by the bot's id (Telegram's buttons carry it, the HTTP API
+        returns it) or by the platform's (a Discord reaction); a reply whose platform id is
+        still on its way to disk is waited for once.
+        """
+        store = self.store
+
+        async def find() -> Any:
+            if reply_id is not None:
+                return await store.get_message(reply_id)
+            if chat_id is None or platform_message_id is None:
+                raise ValueError("name the reply: reply_id, or chat_id and platform_message_id")
+            return await store.find_by_platform_id(platform, chat_id, platform_message_id)
+
+        target = await find()
+        if target is None:
+            await store.flush()
+            target = await find()
+        if (
+            target is None
+            or target.direction != "out"
+            or target.platform != platform
+            or (chat_id is not None and target.chat_id != chat_id)
+        ):
+            return None
+        return await store.add_feedback(target.id, platform, user_id, rating, correction=comment)
+
     def readiness(self) -> dict[str, Any]:
         """Whether this worker should get traffic: started, not stopping, the model loaded
         (when a skill needs it) and its queue not saturated — with the figures behind it."""

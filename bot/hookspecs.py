@@ -37,6 +37,18 @@ def register_reply_filters(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_adapters(register: Callable[[Any], None], bot: Any) -> None:
+    """Register platform adapters for ``chinwag run`` by calling ``register(adapter)``.
+
+    An adapter (:class:`bot.adapters.base.Adapter`) has a ``platform`` name and async
+    ``start()``, ``stop()`` and ``push(chat_id, reply)``; it feeds inbound messages to
+    ``bot.handle`` and ratings to ``bot.record_feedback``. Register only the adapters whose
+    configuration is present (a token, ``enabled = true``); the built-in ones (Telegram,
+    Discord, the HTTP API) come from ``bot.adapters.plugin`` this way too.
+    """
+
+
+@hookspec
 def register_commands(cli: typer.Typer) -> None:
     """Add sub-commands to the ``chinwag`` command line."""
 

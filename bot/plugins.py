@@ -105,8 +105,10 @@ def make_manager(
     return pm, infos
 
 
-def collect(pm: pluggy.PluginManager, hook_name: str) -> list[Registered]:
-    """Call one ``register_*`` hook on every plugin, remembering which plugin registered what."""
+def collect(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Registered]:
+    """Call one ``register_*`` hook on every plugin, remembering which plugin registered what.
+
+    ``kwargs`` are the hook's other arguments (``register_adapters`` gets the bot)."""
     caller = getattr(pm.hook, hook_name)
     found: list[Registered] = []
     # Reverse pluggy's LIFO call order so objects appear in plugin load order.
@@ -116,7 +118,7 @@ def collect(pm: pluggy.PluginManager, hook_name: str) -> list[Registered]:
         def register(obj: Any, _plugin: str = plugin_name) -> None:
             found.append(Registered(obj, _plugin))
 
-        impl.function(register)
+        impl.function(register, **{k: v for k, v in kwargs.items() if k in impl.argnames})
     return found
 
 

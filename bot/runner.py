@@ -1,7 +1,8 @@
 """``chinwag run``: start the bot and every configured adapter in one event loop.
 
-Platform adapters (Telegram, Discord, HTTP) plug in here as they land; with none configured the
-console chat runs, so ``make run`` on a fresh machine gives a working bot in the terminal.
+Platform adapters come from the ``register_adapters`` hook (the built-in Telegram, Discord and
+HTTP ones too, bot/adapters/plugin.py); with none configured the console chat runs, so
+``make run`` on a fresh machine gives a working bot in the terminal.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from bot.adapters.base import Adapter
 from bot.config import ConfigError, Settings
+from bot.contract import check_adapter
 from bot.core import Bot
+from bot.plugins import collect
 from bot.process import die_with_parent, exit_within
 
 log = logging.getLogger(__name__)
@@ -40,66 +44,33 @@ class NothingToServe(ConfigError):
     pass
 
 
+def adapters_for(bot: Bot) -> list[Adapter]:
+    """Every adapter the plugins register for this configuration, built-in ones first."""
+    from bot.adapters import plugin as builtin
+
+    if "adapters" not in bot.settings.disabled_plugins and not bot.pm.is_registered(builtin):
+        bot.pm.register(builtin, name="adapters")
+    found = collect(bot.pm, "register_adapters", bot=bot)
+    platforms: set[str] = set()
+    for reg in found:
+        check_adapter(reg.obj, reg.plugin)
+        if reg.obj.platform in platforms:
+            raise ConfigError(f"two plugins register an adapter for {reg.obj.platform!r}")
+        platforms.add(reg.obj.platform)
+    return [reg.obj for reg in found]
+
+
 async def serve(
     settings: Settings, *, config_path: Path | None = None, log_path: Path | None = None
 ) -> None:
-    platforms = configured_platforms(settings)
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
     async with Bot(settings) as bot, _training_schedule(bot, config_path, log_path):
         bot.warm_up_models()
-        servers: list = []
+        servers: list[Adapter] = []
         try:
-            if settings.http.enabled:
-                from bot.adapters.http import HttpServer
-
-                servers.append(
-                    HttpServer(
-                        bot,
-                        settings.http.host,
-                        settings.http.port,
-                        [t.get_secret_value() for t in settings.http.tokens],
-                    )
-                )
-            if "telegram" in platforms:
-                from bot.adapters.telegram import TelegramAdapter
-
-                tg = settings.telegram
-                assert tg.token is not None
-                servers.append(
-                    TelegramAdapter(
-                        bot,
-                        tg.token.get_secret_value(),
-                        api_base=tg.api_base,
-                        min_interval_s=tg.min_interval_s,
-                        group_interval_s=tg.group_interval_s,
-                        polling_timeout=tg.polling_timeout,
-                        edited=tg.edited,
-                        stream=tg.stream,
-                        stream_interval_s=tg.stream_interval_s,
-                        webhook={
-                            "url": tg.webhook_url,
-                            "host": tg.webhook_host,
-                            "port": tg.webhook_port,
-                            "path": tg.webhook_path,
-                            "secret": tg.webhook_secret.get_secret_value()
-                            if tg.webhook_secret
-                            else None,
-                            "max_connections": tg.max_connections,
-                        }
-                        if tg.mode == "webhook"
-                        else None,
-                    )
-                )
-            if "discord" in platforms:
-                from bot.adapters.discord import DiscordAdapter
-
-                dc = settings.discord
-                assert dc.token is not None
-                # Every [discord] key is one of the adapter's keyword arguments, by name.
-                options = dc.model_dump(exclude={"token"})
-                servers.append(DiscordAdapter(bot, dc.token.get_secret_value(), **options))
+            servers = adapters_for(bot)
             if servers:
                 # Listening before the first start: a SIGTERM while an adapter is still
                 # connecting must mean "shut down gracefully", not the default instant death.
@@ -107,6 +78,8 @@ async def serve(
                     for server in servers:
                         if not stop.is_set():
                             await server.start()
+                            if getattr(server, "pushes", True):
+                                bot.outboxes.setdefault(server.platform, server.push)
                     await stop.wait()
                     exit_within(settings.bot.shutdown_timeout_s)
                     # Model work first: the users waiting on it get the shutdown notice

@@ -26,6 +26,7 @@ HOOKS = sorted(
 def test_the_contract_has_the_hooks_we_document():
     assert HOOKS == [
         "escalate",
+        "register_adapters",
         "register_commands",
         "register_observers",
         "register_reply_filters",
@@ -70,6 +71,24 @@ class Signer:
         return reply
 
 
+class Pager:
+    """A third-party platform: what it was asked to push."""
+
+    platform = "pager"
+
+    def __init__(self, bot):
+        self.bot, self.pushed, self.running = bot, [], False
+
+    async def start(self):
+        self.running = True
+
+    async def stop(self):
+        self.running = False
+
+    async def push(self, chat_id, reply):
+        self.pushed.append((chat_id, reply.text))
+
+
 class EveryHook:
     """One plugin implementing every hook, recording what happened."""
 
@@ -87,6 +106,10 @@ class EveryHook:
     @hookimpl
     def register_reply_filters(self, register):
         register(Signer())
+
+    @hookimpl
+    def register_adapters(self, register, bot):
+        register(Pager(bot))
 
     @hookimpl
     def register_commands(self, cli):
@@ -125,6 +148,38 @@ async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_pa
     await bot.escalate(Escalation("test", "chat-1", "user-1", "Ann", "asked for a human"))
     await bot.stop()
     assert plugin.events == ["startup:1", "escalate:user-1:asked for a human", "shutdown"]
+
+
+async def test_a_plugin_adds_a_platform_beside_the_built_in_ones(tmp_path):
+    from bot.adapters.http import HttpServer
+    from bot.runner import adapters_for
+
+    settings = core_settings(tmp_path, {"http": {"enabled": True, "tokens": ["t"]}})
+    async with Bot(settings, plugins=[EveryHook()], load_entry_points=False) as bot:
+        http, pager = adapters_for(bot)
+        assert isinstance(http, HttpServer) and isinstance(pager, Pager)
+        assert [type(a) for a in adapters_for(bot)] == [HttpServer, Pager]  # registered once
+
+
+async def test_an_adapter_without_push_stops_the_start_naming_its_plugin(tmp_path):
+    from bot.config import ConfigError
+    from bot.runner import adapters_for
+
+    class Mute:
+        platform = "mute"
+
+        async def start(self): ...
+
+        async def stop(self): ...
+
+    class MutePlugin:
+        @hookimpl
+        def register_adapters(self, register, bot):
+            register(Mute())
+
+    async with Bot(core_settings(tmp_path), plugins=[MutePlugin()]) as bot:
+        with pytest.raises(ConfigError, match=r"MutePlugin.*adapter.*push\(\)"):
+            adapters_for(bot)
 
 
 def test_register_commands_adds_a_cli_subcommand():

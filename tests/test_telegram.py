@@ -130,6 +130,23 @@ async def test_a_rating_button_stores_feedback_and_is_answered(telegram):
     assert [f.rating for f in await telegram.bot.store.feedback_for(reply_id)] == [1]
 
 
+async def test_a_forged_rating_button_for_another_chats_reply_is_refused(telegram):
+    """Callback data comes from the client: a crafted one must not rate someone else's reply
+    (or any message that is not one of the bot's replies)."""
+    telegram.user_says("/rated")
+    (sent,) = await telegram.wait_for("sendMessage")
+    data = sent["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+    reply_id = int(data.split(":")[1])
+    telegram.user_presses(data, chat_id=555, user_id=9)  # pressed in another chat
+    telegram.user_presses(f"fb:{reply_id - 1}:1")  # the user's own message, not a reply
+    telegram.user_presses("fb:99999999999999999999999:1")  # beyond any id
+    answers = await telegram.wait_for("answerCallbackQuery", 3)
+    assert all("couldn't record" in a["text"] for a in answers)
+    await telegram.bot.store.flush()
+    assert await telegram.bot.store.feedback_for(reply_id) == []
+    assert await telegram.bot.store.feedback_for(reply_id - 1) == []
+
+
 async def test_group_messages_need_a_command_a_mention_or_a_reply(telegram):
     telegram.user_says("echo just chatting", chat_id=-5, chat_type="group")
     telegram.user_says("@chinwag_bot echo you there?", chat_id=-5, chat_type="group")

@@ -237,6 +237,8 @@ def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
     (report,) = [json.loads(p.read_text()) for p in reports]
     assert report["adapters"]["companion"]["resumed_from"].startswith("checkpoint-")
     assert "companion:" in done.stdout and "report:" in done.stdout
+    # Piped, the cycle still says how far it got (rich's bars draw only on a terminal).
+    assert "train: 4/4" in done.stderr and "log: 1/1" in done.stderr
 
 
 async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_path):

@@ -55,6 +55,8 @@ _COMMAND_NAME = re.compile(r"[-_a-z0-9]{1,32}")
 
 
 class DiscordAdapter:
+    platform = PLATFORM
+
     def __init__(
         self,
         bot: Bot,
@@ -310,15 +312,13 @@ class DiscordAdapter:
         me = self.client.user
         if rating is None or me is None or event.user_id == me.id:
             return
-        store = self.bot.store
-        args = (PLATFORM, str(event.channel_id), str(event.message_id))
-        stored = await store.find_by_platform_id(*args)
-        if stored is None:
-            await store.flush()  # the reply's platform id may still be on its way to disk
-            stored = await store.find_by_platform_id(*args)
-        if stored is None or stored.direction != "out":
-            return
-        await store.add_feedback(stored.id, PLATFORM, str(event.user_id), rating)
+        await self.bot.record_feedback(
+            PLATFORM,
+            str(event.user_id),
+            rating,
+            chat_id=str(event.channel_id),
+            platform_message_id=str(event.message_id),
+        )
 
     # -- outbound --------------------------------------------------------------------------------
 

@@ -171,12 +171,11 @@ async def post_feedback(request: web.Request) -> web.Response:
     if isinstance(body, web.Response):
         return body
     bot = request.app[BOT_KEY]
-    target = await bot.store.get_message(body.reply_id)
-    if target is None or target.direction != "out" or target.platform != PLATFORM:
-        return _error(404, f"no reply {body.reply_id} from this API")
-    feedback_id = await bot.store.add_feedback(
-        body.reply_id, PLATFORM, body.user_id, body.rating, correction=body.comment
+    feedback_id = await bot.record_feedback(
+        PLATFORM, body.user_id, body.rating, reply_id=body.reply_id, comment=body.comment
     )
+    if feedback_id is None:
+        return _error(404, f"no reply {body.reply_id} from this API")
     return web.json_response({"id": feedback_id}, status=201)
 
 
@@ -200,6 +199,10 @@ async def metrics(request: web.Request) -> web.Response:
 class HttpServer:
     """Runs the API inside the bot's event loop (``chinwag run`` with ``[http] enabled``)."""
 
+    platform = PLATFORM
+    #: An API client is reached only when it asks: nothing to push to.
+    pushes = False
+
     def __init__(self, bot: Bot, host: str, port: int, tokens: list[str]) -> None:
         self.app = make_app(bot, tokens)
         self.shutdown_timeout_s = bot.settings.bot.shutdown_timeout_s / 3
@@ -218,6 +221,10 @@ class HttpServer:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         log.info("HTTP API listening on http://%s:%s", self.host, self.port)
+
+    async def push(self, chat_id: str, reply: Reply) -> None:
+        """Never called (``pushes`` is false); the protocol's method, for completeness."""
+        raise LookupError("the HTTP API cannot send a message nobody asked for")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -71,6 +71,8 @@ def split_text(text: str, limit: int = LIMIT) -> list[str]:
 
 
 class TelegramAdapter:
+    platform = PLATFORM
+
     def __init__(
         self,
         bot: Bot,
@@ -353,10 +355,16 @@ class TelegramAdapter:
     async def on_feedback(self, cb: CallbackQuery) -> None:
         try:
             _, reply_id, rating = (cb.data or "").split(":")
-            await self.bot.store.add_feedback(
-                int(reply_id), PLATFORM, str(cb.from_user.id), int(rating)
+            recorded = await self.bot.record_feedback(
+                PLATFORM,
+                str(cb.from_user.id),
+                int(rating),
+                reply_id=int(reply_id),
+                chat_id=str(cb.message.chat.id) if cb.message is not None else None,
             )
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
+            recorded = None
+        if recorded is None:
             await self._call(cb.answer, "Sorry, I couldn't record that.")
             return
         await self._call(cb.answer, "Thanks for the feedback!")
