@@ -244,9 +244,13 @@ def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
 async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_path):
     from bot.config import ConfigError
 
-    settings = settings_for(tmp_path, tmp_path, lora={"rank": 0})
-    with pytest.raises(ConfigError, match=r"trainers\.lora\.rank"):
+    settings = settings_for(tmp_path, tmp_path, lora={"rank": 0}, held_out=0.9, nicee=3)
+    with pytest.raises(ConfigError) as err:
         await Bot(settings).start()
+    # Every mistake in one go, not one per restart.
+    assert "trainers.lora.rank" in str(err.value)
+    assert "trainers.held_out" in str(err.value)
+    assert "trainers.nicee: unknown key" in str(err.value)
 
 
 async def test_operator_labels_retrain_the_sentiment_classifier_through_the_gate(

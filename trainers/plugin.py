@@ -400,15 +400,13 @@ def startup(bot: Any) -> None:
 def cycle_config(settings: Any) -> Any:
     from pydantic import ValidationError
 
-    from bot.config import ConfigError
+    from bot.config import ConfigError, format_validation_error
     from trainers.cycle import CycleConfig
 
     try:
         return CycleConfig.model_validate(settings.trainers or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"trainers.{where}: {err['msg']}") from None
+    except ValidationError as exc:  # every mistake at once, the way skills' sections report
+        raise ConfigError(format_validation_error(exc, "[trainers]", prefix="trainers")) from None
 
 
 def _registry() -> Any:
