@@ -26,10 +26,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/ruff format --check .
 
 format: $(VENV)/.installed

@@ -177,7 +177,7 @@ def skills(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     except (ConfigError, PluginError) as exc:
         raise fail(str(exc)) from None
     dist = {p.name: (p.distribution, p.version) for p in bot.plugins}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": e.name,
             "plugin": e.plugin,

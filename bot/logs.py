@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 # Telegram bot tokens ("123456:AA…") and Discord bot tokens (three base64url parts).
 _TOKEN_PATTERNS = [
@@ -66,10 +67,10 @@ def setup_logging(
     if log_file is not None:
         log_to_file(log_file)
     elif not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.set_name(_STDERR)
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root.addHandler(handler)
+        stream = logging.StreamHandler(sys.stderr)
+        stream.set_name(_STDERR)
+        stream.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(stream)
     for handler in root.handlers:
         for old in [f for f in handler.filters if isinstance(f, SecretFilter)]:
             handler.removeFilter(old)
@@ -83,7 +84,7 @@ def log_to_file(path: Path) -> Path:
     root = logging.getLogger()
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    filters: list[logging.Filter | logging.Filterer] = []
+    filters: list[Any] = []  # Filter objects or callables, as logging allows
     for handler in list(root.handlers):
         if handler.get_name() in (_STDERR, _FILE):
             filters.extend(handler.filters)

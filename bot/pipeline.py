@@ -198,6 +198,7 @@ class Pipeline:
                             skill="core",
                         )
                     ]
+        assert entry is not None  # a command's owner, the best scorer or the fallback
         ctx = self._context(entry, is_admin, command, args)
         ctx.match = match
         return await self._run_skill(entry, message, ctx)

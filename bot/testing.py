@@ -202,7 +202,7 @@ class ScenarioItem(pytest.Item):
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
         if isinstance(excinfo.value, ScenarioFailed):
             return f"scenario {self.scenario.name!r} failed:\n{excinfo.value}"
-        return super().repr_failure(excinfo)
+        return str(super().repr_failure(excinfo))
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
         return self.path, (self.scenario.line or 1) - 1, f"scenario: {self.scenario.name}"

@@ -120,21 +120,49 @@ def test_the_candidate_is_a_peft_adapter_that_loads(healthy):
     assert (entry.path / "report" / "report.html").read_text().count("data:image/png") >= 2
 
 
-def test_the_gate_compares_real_losses_and_decides_by_them(healthy):
+def test_the_gate_compares_real_losses_and_answers_and_decides_by_them(healthy):
     _settings, report = healthy
     r = report["adapters"]["companion"]
     for side in ("baseline", "candidate"):
         for split in ("held_out", "regression"):
             assert 0 < r[side][split]["loss"] < 20 and r[side][split]["tokens"] > 0
+            assert len(r[side][split]["per_example"]) == (
+                r["held_out"] if split == "held_out" else r["regression"]
+            )
+        # What users would see: both versions answered the held-out prompts.
+        assert 0 <= r[side]["answers"]["f1"] <= 1
     assert r["baseline"]["held_out"]["loss"] != r["candidate"]["held_out"]["loss"]
-    better = all(r["candidate"][k]["loss"] <= r["baseline"][k]["loss"] for k in r["candidate"])
-    assert r["decision"] == ("promoted" if better else "rejected")
+    assert set(r["gate"]) == {"held_out loss", "regression loss", "answer F1"}
+    worse = any(c["worse"] for c in r["gate"].values())
+    assert r["decision"] == ("rejected" if worse else "promoted")
     assert r["train_tokens_per_s"] > 0 and r["curve"]
+
+
+def test_the_gate_holds_back_a_consistent_regression_not_noise_or_one_outlier():
+    from trainers.gate import compare
+
+    base = [0.31, 0.29, 0.35, 0.30, 0.33, 0.29]
+    noise = [b + d for b, d in zip(base, [0.02, -0.015, 0.01, 0.005, -0.01, 0.008], strict=True)]
+    assert not compare("loss", base, noise, higher_is_better=False).worse  # 1 % on six
+    assert compare("loss", base * 2, [b * 1.2 for b in base * 2], higher_is_better=False).worse
+    # Worse on seven of eight; one big improvement does not buy the rest back.
+    lol = [3.6, 3.9, 2.6, 3.2, 5.1, 10.0, 12.5, 3.4]
+    after = [3.9, 4.1, 3.1, 3.8, 5.4, 10.1, 8.2, 3.6]
+    assert compare("regression loss", lol, after, higher_is_better=False).worse
+    assert compare("F1", [0.6] * 6, [0.2] * 6, higher_is_better=True).worse
+    assert not compare("F1", [0.6, 0.5], [0.7, 0.6], higher_is_better=True).worse
+    within = compare(
+        "loss", base * 2, [b * 1.04 for b in base * 2], higher_is_better=False, margin=0.05
+    )
+    assert not within.worse
 
 
 def test_a_candidate_trained_on_poisoned_replies_is_rejected(tmp_path, chinwag_model_cache):
     settings = settings_for(
-        tmp_path, chinwag_model_cache, lora={**TINY["lora"], "learning_rate": 2e-3, "max_steps": 6}
+        tmp_path,
+        chinwag_model_cache,
+        lora={**TINY["lora"], "learning_rate": 2e-3, "max_steps": 6},
+        regression_size=16,  # enough conversations for the sign test to see it clearly
     )
     asyncio.run(simulate_log(settings, poisoned=True, chats=20))
     report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))

@@ -54,9 +54,15 @@ class CycleConfig(BaseModel):
     held_out: float = Field(0.1, gt=0, lt=0.5)
     replay_share: float = Field(0.2, ge=0)
     context_turns: int = Field(4, ge=0)
-    #: The candidate may be at most this much worse (relative held-out loss) and still be
-    #: promoted; 0 means "not worse".
+    #: The candidate may be at most this much worse (relative to the one in service, on each
+    #: gated figure) and still be promoted; 0 means "not measurably worse" (trainers/gate.py).
     margin: float = Field(0.0, ge=0)
+    #: Significance the gate's paired sign test needs before it holds a candidate back: a
+    #: handful of held-out examples cannot tell 1 % apart, a consistent regression shows.
+    gate_alpha: float = Field(0.05, gt=0, le=1)
+    #: Held-out prompts the candidate and the one in service both answer (greedy) for the
+    #: gate's answer check; 0 switches the check off.
+    gate_answers: int = Field(24, ge=0)
     lora: LoraConfig = LoraConfig()
     #: The sentiment classifier's training (``trainers.sentiment.SentimentTrainConfig``
     #: fields); it retrains only in cycles that bring operator labels (``/label``).
@@ -188,6 +194,7 @@ def _train_one(
 ) -> dict[str, Any]:
     from peft import PeftModel
 
+    from trainers.gate import answer_f1, compare
     from trainers.lora import (
         last_complete_checkpoint,
         load_for_training,
@@ -211,11 +218,17 @@ def _train_one(
     current = registry.current(name)
     fixed = regression_examples(config.regression_size)
 
+    asked = held[: config.gate_answers]
+
     def score(m: Any) -> dict[str, Any]:
-        return {
+        scored = {
             "held_out": reply_loss(m, tokenizer, held, lora.max_length),
             "regression": reply_loss(m, tokenizer, fixed, lora.max_length),
         }
+        if asked:  # what users would see: its answers to the held-out prompts
+            f1 = answer_f1(m, tokenizer, asked)
+            scored["answers"] = {"f1": sum(f1) / len(f1), "per_example": f1}
+        return scored
 
     say("baseline", 0, 1)
     if current is not None:
@@ -231,14 +244,32 @@ def _train_one(
     say("evaluate", 0, 1)
     scored = score(candidate)
     say("evaluate", 1, 1)
-    # Every gated figure must hold: this cycle's held-out replies, and the fixed regression set
-    # that poisoned data (a whole cycle of "lol") cannot also poison.
-    worse = [
-        f"{k} loss {scored[k]['loss']:.4f} > {baseline[k]['loss']:.4f}"
-        + (f" × (1 + {config.margin:g})" if config.margin else "")
+    # Every gated figure must hold: this cycle's held-out replies, the fixed regression set
+    # that poisoned data (a whole cycle of "lol") cannot also poison, and the answers to the
+    # held-out prompts — each pair by pair, so that noise does not block a candidate.
+    checks = [
+        compare(
+            f"{k} loss",
+            baseline[k]["per_example"],
+            scored[k]["per_example"],
+            higher_is_better=False,
+            margin=config.margin,
+            alpha=config.gate_alpha,
+        )
         for k in ("held_out", "regression")
-        if scored[k]["loss"] > baseline[k]["loss"] * (1 + config.margin)
     ]
+    if "answers" in scored and "answers" in baseline:
+        checks.append(
+            compare(
+                "answer F1",
+                baseline["answers"]["per_example"],
+                scored["answers"]["per_example"],
+                higher_is_better=True,
+                margin=config.margin,
+                alpha=config.gate_alpha,
+            )
+        )
+    worse = [c.why() for c in checks if c.worse]
     passed = not worse
     result: dict[str, Any] = {
         "train": len(train),
@@ -247,7 +278,10 @@ def _train_one(
         "in_service": current.version if current else None,
         "baseline": baseline,
         "candidate": scored,
-        "loss_delta": {k: scored[k]["loss"] - baseline[k]["loss"] for k in scored},
+        "loss_delta": {
+            k: scored[k]["loss"] - baseline[k]["loss"] for k in ("held_out", "regression")
+        },
+        "gate": {c.figure: c.as_dict() for c in checks},
         "margin": config.margin,
         "curve": curve,
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -278,12 +312,7 @@ def _train_one(
         registry.promote(
             name,
             entry.version,
-            reason="held-out loss {:.4f} ≤ {:.4f}, regression loss {:.4f} ≤ {:.4f}".format(
-                scored["held_out"]["loss"],
-                baseline["held_out"]["loss"],
-                scored["regression"]["loss"],
-                baseline["regression"]["loss"],
-            ),
+            reason="not measurably worse: " + "; ".join(c.why() for c in checks),
         )
         result["decision"] = "promoted"
     else:
@@ -426,9 +455,16 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
             parts.append(
                 "<table><tr><th>set</th><th>in service</th><th>candidate</th></tr>"
                 + "".join(
-                    f"<tr><td>{k}</td><td>{r['baseline'][k]['loss']:.4f}</td>"
+                    f"<tr><td>{k} loss</td><td>{r['baseline'][k]['loss']:.4f}</td>"
                     f"<td>{r['candidate'][k]['loss']:.4f}</td></tr>"
                     for k in sets
+                )
+                + (
+                    f"<tr><td>answer F1 (held-out prompts)</td>"
+                    f"<td>{r['baseline']['answers']['f1']:.3f}</td>"
+                    f"<td>{r['candidate']['answers']['f1']:.3f}</td></tr>"
+                    if "answers" in r["baseline"] and "answers" in r["candidate"]
+                    else ""
                 )
                 + "</table>"
             )

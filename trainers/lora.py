@@ -116,6 +116,12 @@ def _reply_token_loss(model: Any, batch: dict[str, Any], reduction: str = "sum")
     labels = batch["labels"]
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or head is None:
+        if reduction == "none":
+            logits = model(**batch).logits[:, :-1]
+            keep = labels[:, 1:] != -100
+            return torch.nn.functional.cross_entropy(
+                logits[keep].float(), labels[:, 1:][keep], reduction="none"
+            )
         out = model(**batch)
         return out.loss * (int((labels[:, 1:] != -100).sum()) if reduction == "sum" else 1)
     hidden = decoder(
@@ -130,22 +136,34 @@ def _reply_token_loss(model: Any, batch: dict[str, Any], reduction: str = "sum")
 
 def reply_loss(
     model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int, batch_size: int = 8
-) -> dict[str, float | int]:
-    """Token-weighted mean loss (and perplexity) on the examples' replies."""
+) -> dict[str, Any]:
+    """Token-weighted mean loss (and perplexity) on the examples' replies, and each example's
+    own mean loss (``per_example``, for the gate's paired comparison)."""
     import torch
 
     encoded = [encode(e.messages, tokenizer, max_length) for e in examples]
     collate = _collate(tokenizer)
     total, tokens = 0.0, 0
+    per_example: list[float] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             batch = collate(encoded[start : start + batch_size])
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            total += float(_reply_token_loss(model, batch, "sum"))
-            tokens += int((batch["labels"][:, 1:] != -100).sum())
+            rows = _reply_token_loss(model, batch, "none")
+            counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
+            # The flat per-token losses, row by row (the labelled positions are row-major).
+            for chunk, n in zip(torch.split(rows, counts.tolist()), counts.tolist(), strict=True):
+                per_example.append(float(chunk.mean()) if n else float("nan"))
+            total += float(rows.sum())
+            tokens += int(counts.sum())
     mean = total / tokens if tokens else float("nan")
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": tokens}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(min(mean, 50)),
+        "tokens": tokens,
+        "per_example": per_example,
+    }
 
 
 def mixed_bf16(precision: str, cuda: bool) -> bool:

@@ -553,6 +553,10 @@ def _cycle_now(s: Any, config: Any) -> int:
                 r["baseline"]["regression"]["loss"],
                 r["candidate"]["regression"]["loss"],
             )
+            if "answers" in r["candidate"] and "answers" in r["baseline"]:
+                line += " (answer F1 {:.3f} → {:.3f})".format(
+                    r["baseline"]["answers"]["f1"], r["candidate"]["answers"]["f1"]
+                )
         if r.get("why"):
             line += f" — {r['why']}"
         typer.echo(line)

@@ -133,14 +133,14 @@ class DiscordAdapter:
         )
         if ready not in done:
             ready.cancel()
-            exc = self._task.exception() if self._task in done else None
+            failure = self._task.exception() if self._task in done else None
             await self.stop()
-            if isinstance(exc, discord.PrivilegedIntentsRequired):
+            if isinstance(failure, discord.PrivilegedIntentsRequired):
                 raise ConfigError(
                     "Discord refused the message content intent: enable 'Message Content Intent' "
                     "for this bot under Bot → Privileged Gateway Intents in the Developer Portal"
-                ) from exc
-            raise ConfigError(f"Discord gateway did not become ready: {exc or 'timed out'}")
+                ) from failure
+            raise ConfigError(f"Discord gateway did not become ready: {failure or 'timed out'}")
         self.bot.outboxes[PLATFORM] = self.push
         log.info("Discord: connected as %s", self.client.user)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
@@ -35,6 +35,9 @@ from bot.metrics import CONTENT_TYPE
 log = logging.getLogger(__name__)
 PLATFORM = "http"
 BOT_KEY: web.AppKey[Bot] = web.AppKey("bot", Bot)
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class MessageIn(BaseModel):
@@ -78,7 +81,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-async def _body(request: web.Request, model: type[BaseModel]) -> BaseModel | web.Response:
+async def _body(request: web.Request, model: type[_Body]) -> _Body | web.Response:
     try:
         data = await request.json()
     except (ValueError, UnicodeDecodeError):

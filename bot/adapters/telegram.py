@@ -178,7 +178,7 @@ class TelegramAdapter:
         task.add_done_callback(self._inflight.discard)
         # Updates the core never stores (a button press, a group message not for us) count as
         # acknowledged once handled.
-        task.add_done_callback(lambda _t: stored.done() or stored.set_result(True))
+        task.add_done_callback(lambda _t: None if stored.done() else stored.set_result(True))
         return stored
 
     async def _start_webhook(self, hook: dict[str, Any]) -> None:

@@ -93,7 +93,7 @@ def convert(model: Any, *, int8: bool = True, max_rows: int = 4) -> int:
         module.register_buffer("w_int8", q, persistent=False)
         module.register_buffer("w_scale", scale, persistent=False)
         module.register_buffer("w_packed", packed, persistent=False)
-        module.max_rows = max_rows
+        module.max_rows = max_rows  # type: ignore[assignment]
         module.__class__ = FastLinear  # last: the layer switches over whole
         count += 1
     log.info("fast CPU linear layers: %d (int8 up to %d rows: %s)", count, max_rows, use_int8)

@@ -190,7 +190,7 @@ class KVCache:
 
     def batch_select_indices(self, idx: torch.Tensor) -> None:
         for layer in self.layers:
-            if layer.keys is not None:
+            if layer.keys is not None and layer.values is not None:
                 layer.keys = layer.keys[idx]
                 layer.values = layer.values[idx]
 
@@ -210,13 +210,15 @@ class _LoraPair:
     b: torch.Tensor  # [out, rank_total]  (scaling folded in)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
     """A projection built around loaded weights (no random init: that alone costs a second).
 
-    It may carry LoRA deltas (``lora``: adapter → pair) and stays a plain ``nn.Linear``, so
-    the CPU fast paths (bot/models/cpu_linear.py) convert it like any other.
+    It may carry LoRA deltas (``lora``: adapter → pair) and the sizes of its fused parts
+    (``parts``), and stays a plain ``nn.Linear`` — not a subclass — so the CPU fast paths
+    (bot/models/cpu_linear.py) convert it like any other; hence ``Any`` to type checkers,
+    which cannot see attributes set on an instance.
     """
-    layer = nn.Linear.__new__(nn.Linear)
+    layer: Any = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(layer)
     layer.out_features, layer.in_features = weight.shape
     layer.weight = nn.Parameter(weight, requires_grad=False)
@@ -256,7 +258,7 @@ class _Rows:
         names = {a for a in adapters if a is not None}
         if len(names) == 1 and None not in adapters:
             return cls([(names.pop(), None)])
-        groups = []
+        groups: list[tuple[str, torch.Tensor | None]] = []
         for name in sorted(names):
             idx = [i for i, a in enumerate(adapters) if a == name]
             groups.append((name, torch.tensor(idx, device=device)))
@@ -334,6 +336,8 @@ class Decoder(nn.Module):
     Built from weights already in chinwag's layout (``embed.weight``, ``layers.N.qkv.weight``,
     …); :func:`load` maps a checkpoint onto it.
     """
+
+    inv_freq: torch.Tensor  # a buffer (moves with the model, not saved)
 
     def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -452,6 +456,7 @@ class Decoder(nn.Module):
         if not found:
             raise Unsupported("no LoRA weights in the adapter")
         dtype = self.dtype
+        layer: Any  # a DecoderLayer (ModuleList yields Module to type checkers)
         for li, layer in enumerate(self.layers):
             for module, targets in (
                 (layer.qkv, ("q_proj", "k_proj", "v_proj")),

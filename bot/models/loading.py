@@ -157,7 +157,7 @@ def _own_decoder(
             raise ValueError(f"chinwag's decoder cannot serve {folder}: {exc}") from None
         log.info("serving %s through transformers: %s", folder.name, exc)
         return None
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 

@@ -98,7 +98,7 @@ class RemoteBackend:
         return current
 
     def _retrying(self, deadline: float | None = None) -> AsyncRetrying:
-        stop = stop_after_attempt(self.retries + 1)
+        stop: Any = stop_after_attempt(self.retries + 1)
         if deadline is not None:
             stop = stop | stop_after_delay(max(0.0, deadline - time.monotonic()))
         return AsyncRetrying(

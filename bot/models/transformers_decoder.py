@@ -126,7 +126,7 @@ def _growing_layer() -> type:
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            filled = self.keys.numel() > 0
+            filled = self.keys is not None and self.keys.numel() > 0
             self.keys, self.values, self._kbuf, self._vbuf = grow(
                 self.keys if filled else None,
                 self.values if filled else None,

@@ -9,6 +9,7 @@ continuously while serving (``ThreadTuner``), because the neighbours change duri
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -61,7 +62,7 @@ def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(intermediate, hidden, dtype=dtype)
         x = torch.randn(16, hidden, dtype=dtype)
-        timings[dtype] = _time(lambda w=w, x=x: torch.nn.functional.linear(x, w), 20)
+        timings[dtype] = _time(functools.partial(torch.nn.functional.linear, x, w), 20)
     ratio = timings[torch.float32] / timings[torch.bfloat16]
     chosen = torch.bfloat16 if ratio >= 1.2 else torch.float32
     log.info("dtype: %s (bf16 matmul %.1fx fp32 on this CPU)", str(chosen)[6:], ratio)

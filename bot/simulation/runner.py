@@ -84,7 +84,9 @@ def check(expect: Expect, replies: list[Reply], sentiment: str | None) -> list[s
     if expect.skill is not None:
         if expect.skill == "none":
             if replies:
-                failures.append(f"expected no reply, got one from {sorted(skills)}")
+                failures.append(
+                    f"expected no reply, got one from {sorted(s or '?' for s in skills)}"
+                )
         elif expect.skill not in skills:
             got = sorted(s or "?" for s in skills) or "no reply"
             failures.append(f"expected skill {expect.skill!r}, answered by {got}")
@@ -114,7 +116,9 @@ def check(expect: Expect, replies: list[Reply], sentiment: str | None) -> list[s
     if expect.max_latency_ms is not None:
         slow = [r.latency_ms for r in replies if (r.latency_ms or 0) > expect.max_latency_ms]
         if slow:
-            failures.append(f"took {max(slow):.0f} ms, limit {expect.max_latency_ms:.0f} ms")
+            failures.append(
+                f"took {max(s or 0 for s in slow):.0f} ms, limit {expect.max_latency_ms:.0f} ms"
+            )
     return failures
 
 
@@ -156,6 +160,7 @@ async def run_scenario(
                 if not rated:
                     outcome.failures.append(f"nothing to rate {turn.rate!r}: no logged reply")
                 for r in rated:
+                    assert r.id is not None
                     await bot.store.add_feedback(
                         r.id, setup.platform, user.user_id, RATINGS[turn.rate], source="simulated"
                     )

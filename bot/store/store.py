@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -755,7 +755,7 @@ class ConversationStore:
             )
         if not rows:
             return [], None
-        return [row["id"] for row in rows], self._enqueue("out", rows)
+        return [int(cast(int, row["id"])) for row in rows], self._enqueue("out", rows)
 
     @staticmethod
     def reply_meta(r: Reply) -> dict[str, Any] | None:
@@ -1011,12 +1011,13 @@ class ConversationStore:
         q = q.order_by(m.c.platform, m.c.chat_id, m.c.id)
         async with (await self._reader()).connect() as conn:
             rows = [_row_to_message(r) for r in (await conn.execute(q)).all()]
-            ids = [r.id for r in rows]  # replies' ratings, and operators' labels on messages
+            ids = [row.id for row in rows]  # replies' ratings, and operators' labels on messages
             fb: dict[int, list[FeedbackRow]] = {}
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                for r in (await conn.execute(sa.select(f).where(f.c.message_id.in_(chunk)))).all():
-                    fb.setdefault(r.message_id, []).append(_row_to_feedback(r))
+                found = (await conn.execute(sa.select(f).where(f.c.message_id.in_(chunk)))).all()
+                for row in found:
+                    fb.setdefault(row.message_id, []).append(_row_to_feedback(row))
         convs: dict[tuple[str, str], Conversation] = {}
         for r in rows:
             conv = convs.get((r.platform, r.chat_id))
