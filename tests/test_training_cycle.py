@@ -64,13 +64,13 @@ def settings_for(root: Path, cache: Path, **trainers):
     )
 
 
-async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30) -> None:
+async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30, skip: int = 0) -> None:
     """Users from chitchat-dataset talk to the bot; a scripted rule rates the replies."""
     from bot.simulation.users import chitchat_conversations
 
     skill = Companion(poisoned)
     talks = ([text for _, text in conv] for conv in chitchat_conversations())
-    conversations = [blocks for blocks in talks if len(blocks) >= 4][:chats]
+    conversations = [blocks for blocks in talks if len(blocks) >= 4][skip : skip + chats]
     async with Bot(settings, plugins=[SkillsPlugin(skill)]) as bot:
         for i, blocks in enumerate(conversations):
             user = ChatUser(bot, chat_id=f"chat{i}", user_id=f"user{i}")
@@ -172,12 +172,22 @@ def test_a_candidate_trained_on_poisoned_replies_is_rejected(tmp_path, chinwag_m
     assert AdapterRegistry.for_data_dir(settings.data_dir).current("companion") is None
 
 
-def test_too_little_data_skips_with_a_clear_reason(tmp_path, chinwag_model_cache):
+def test_too_little_data_skips_with_a_clear_reason_and_keeps_it_for_the_next_cycle(
+    tmp_path, chinwag_model_cache
+):
     settings = settings_for(tmp_path, chinwag_model_cache)
     asyncio.run(simulate_log(settings, chats=2))
-    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
-    assert report["adapters"]["companion"]["decision"] == "skipped"
-    assert "fewer than min_examples 10" in report["adapters"]["companion"]["why"]
+    config = CycleConfig.model_validate(settings.trainers)
+    first = run_cycle(settings, config)
+    assert first["adapters"]["companion"]["decision"] == "skipped"
+    assert "fewer than min_examples 10" in first["adapters"]["companion"]["why"]
+    kept = first["dataset"]["train"] + first["dataset"]["held_out"]
+    assert kept > 0
+    # A slow night's ratings are not lost: the next cycle carries them, beside its own.
+    asyncio.run(simulate_log(settings, chats=2, skip=2))
+    second = run_cycle(settings, config)
+    assert second["dataset"]["carried"] == kept
+    assert second["dataset"]["train"] + second["dataset"]["held_out"] >= 2 * kept - 1
 
 
 def test_only_one_cycle_runs_at_a_time(tmp_path):

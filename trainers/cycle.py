@@ -150,6 +150,7 @@ def run_cycle(
             context_turns=config.context_turns,
             adapters=tuple(config.adapters),
             seed=config.lora.seed,
+            pending=state.get("pending") or {},
         )
         registry = AdapterRegistry(
             settings.models.registry_dir or AdapterRegistry.for_data_dir(settings.data_dir).root
@@ -171,12 +172,20 @@ def run_cycle(
             report["adapters"][name] = _train_one(
                 settings, config, registry, name, train, held, dataset.manifest, cycle_id, say
             )
+        # An adapter skipped for too few examples keeps them for the next cycle; one that
+        # trained (promoted or not) has used them.
+        pending = dict(state.get("pending") or {})
+        for name, r in report["adapters"].items():
+            if r.get("decision") == "skipped" and r.get("too_few"):
+                pending[name] = [cycle_id]  # this cycle's dataset holds the older ones too
+            else:
+                pending.pop(name, None)
         report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         out = trainers_dir(settings) / "reports" / cycle_id
         _write_reports(report, out)
         atomic_write(
             trainers_dir(settings) / "state.json",
-            json.dumps({"until": until.isoformat(), "last_cycle": cycle_id}),
+            json.dumps({"until": until.isoformat(), "last_cycle": cycle_id, "pending": pending}),
         )
         return report
 
@@ -208,10 +217,21 @@ def _train_one(
         msg = (
             f"skipped: {len(train)} training examples, fewer than min_examples {lora.min_examples}"
         )
-        log.info("%s: %s", name, msg)
-        return {"decision": "skipped", "why": msg, "train": len(train), "held_out": len(held)}
+        log.info("%s: %s (kept for the next cycle)", name, msg)
+        return {
+            "decision": "skipped",
+            "why": msg + "; they are kept for the next cycle",
+            "too_few": True,
+            "train": len(train),
+            "held_out": len(held),
+        }
     if not held:
-        return {"decision": "skipped", "why": "no held-out examples", "train": len(train)}
+        return {
+            "decision": "skipped",
+            "why": "no held-out examples yet; the training examples are kept for the next cycle",
+            "too_few": True,
+            "train": len(train),
+        }
     cache = settings.models.cache_dir or Path(settings.data_dir) / "models"
     started = time.perf_counter()
     model, tokenizer = load_for_training(settings.models.base_model, cache, settings.models.device)

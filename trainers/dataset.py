@@ -252,6 +252,31 @@ def replay_examples(
     return [Example(**{**asdict(e), "source": "replay"}) for e in pool[:n]]
 
 
+def carried_examples(
+    datasets_dir: Path, pending: dict[str, list[str]], forgotten_hashes: set[str]
+) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples of earlier cycles that an adapter skipped for too few.
+
+    A small bot collects feedback slowly: a night with 13 useful ratings is below
+    ``min_examples``, and throwing them away would mean it never trains. They stay pending,
+    on the side of the split they were on, until the adapter has enough to train on — minus
+    anyone who has asked to be forgotten since.
+    """
+    train: list[Example] = []
+    held: list[Example] = []
+    for adapter, cycles in pending.items():
+        for cycle in cycles:
+            for name, side in (("train.jsonl", train), ("held_out.jsonl", held)):
+                side.extend(
+                    e
+                    for e in read_examples(datasets_dir / cycle / name)
+                    if e.adapter == adapter
+                    and e.source != "replay"
+                    and not set(e.users) & forgotten_hashes
+                )
+    return train, held
+
+
 def build(
     conversations: list[Conversation],
     out_dir: Path,
@@ -264,8 +289,12 @@ def build(
     context_turns: int = 4,
     adapters: tuple[str, ...] = GENERATIVE,
     seed: int = 13,
+    pending: dict[str, list[str]] | None = None,
 ) -> Dataset:
-    """Build, redact, split and write one cycle's dataset under ``out_dir`` (atomically)."""
+    """Build, redact, split and write one cycle's dataset under ``out_dir`` (atomically).
+
+    ``pending``: adapter → earlier cycles whose examples it skipped (too few); they are
+    carried into this one (:func:`carried_examples`)."""
     gone = set(forgotten)
     found, dropped = examples_from(
         conversations, forgotten=gone, adapters=adapters, context_turns=context_turns
@@ -276,13 +305,16 @@ def build(
     if len(found) > len(unique):
         dropped["duplicate"] += len(found) - len(unique)
     train, test = split(unique, held_out, seed)
+    gone_hashes = {user_hash(p, u) for p, u in gone}
+    carried_train, carried_held = carried_examples(out_dir.parent, pending or {}, gone_hashes)
+    train, test = dedupe(carried_train + train), dedupe(carried_held + test)
     replay = replay_examples(
         out_dir.parent,
         out_dir.name,
         int(len(train) * replay_share),
-        {user_hash(p, u) for p, u in gone},
+        gone_hashes,
         seed,
-    )
+    )  # a replayed copy of a carried example is a duplicate, and dropped below
     train = dedupe(train + replay)
     ds = Dataset(train, test, dropped)
     lines = {
@@ -298,6 +330,7 @@ def build(
         "held_out": len(test),
         "by_adapter": dict(Counter(e.adapter for e in train + test)),
         "by_source": dict(Counter(e.source for e in train + test)),
+        "carried": len(carried_train) + len(carried_held),
         "dropped": dict(dropped),
         "replay_share": replay_share,
         "redaction": "bot.privacy.redact (pii + secrets)",
