@@ -49,6 +49,18 @@ def register_adapters(register: Callable[[Any], None], bot: Any) -> None:
 
 
 @hookspec
+def register_services(register: Callable[..., None], settings: Any) -> None:
+    """Register ``chinwag`` sub-commands that ``chinwag run`` keeps running beside the bot, each
+    in its own child process: ``register("train", "training schedule")``.
+
+    The child reads the same configuration, logs beside the bot, runs for as long as the bot
+    serves, and ends with it — SIGTERM then SIGKILL after 10 s on a normal stop, and by the
+    kernel when the bot itself is killed. Register only what ``settings`` asks for (the
+    trainers register their schedule unless ``trainers.schedule`` is empty).
+    """
+
+
+@hookspec
 def register_commands(cli: typer.Typer) -> None:
     """Add sub-commands to the ``chinwag`` command line."""
 

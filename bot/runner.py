@@ -66,7 +66,7 @@ async def serve(
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
-    async with Bot(settings) as bot, _training_schedule(bot, config_path, log_path):
+    async with Bot(settings) as bot, _services(bot, config_path, log_path):
         bot.warm_up_models()
         servers: list[Adapter] = []
         try:
@@ -106,51 +106,51 @@ async def serve(
 
 
 @contextlib.asynccontextmanager
-async def _training_schedule(
+async def _services(
     bot: Bot, config_path: Path | None, log_path: Path | None = None
-) -> AsyncIterator[asyncio.subprocess.Process | None]:
-    """The nightly training schedule, in a child process (``chinwag train``) for as long as the
-    bot runs: training never shares the bot's event loop, memory or fate.
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """The sub-commands plugins register as services (``register_services``: the trainers'
+    nightly schedule), each in a child process for as long as the bot runs.
 
-    Only when a loaded plugin provides ``chinwag train``: ``disabled_plugins`` and
-    ``CHINWAG_PLUGINS`` switch the schedule off with the plugin that owns it.
+    A disabled plugin (``disabled_plugins``, ``CHINWAG_PLUGINS``) registers nothing, so its
+    service goes with it.
     """
     settings = bot.settings
-    schedule = (settings.trainers or {}).get("schedule", "default")
-    if not schedule or not _provides_command(bot, "train"):
-        yield None
-        return
-    cmd = [sys.executable, "-m", "bot.cli"]
-    if config_path is not None:
-        cmd += ["--config", str(config_path)]
-    if log_path is not None:  # the console chat owns the terminal: the child logs beside it
-        cmd += ["--log-file", str(log_path.with_name("train.log"))]
-    env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
-    child = await asyncio.create_subprocess_exec(
-        *cmd, "train", env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent
-    )
-    log.info("training schedule: process %d", child.pid)
+    wanted: list[tuple[str, str]] = []
+
+    def register(command: str, label: str | None = None) -> None:
+        wanted.append((command, label or command))
+
+    bot.pm.hook.register_services(register=register, settings=settings)
+    children: list[asyncio.subprocess.Process] = []
     try:
-        yield child
+        for command, label in wanted:
+            cmd = [sys.executable, "-m", "bot.cli"]
+            if config_path is not None:
+                cmd += ["--config", str(config_path)]
+            if log_path is not None:  # the console chat owns the terminal: log beside it
+                cmd += ["--log-file", str(log_path.with_name(f"{command}.log"))]
+            env = dict(os.environ, CHINWAG_DATA_DIR=str(settings.data_dir))
+            child = await asyncio.create_subprocess_exec(
+                *cmd,
+                command,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+            children.append(child)
+            log.info("%s: process %d", label, child.pid)
+        yield children
     finally:
-        if child.returncode is None:
-            child.terminate()
+        for child in children:
+            if child.returncode is None:
+                child.terminate()
+        for child in children:
             try:
                 await asyncio.wait_for(child.wait(), 10)
             except TimeoutError:
                 child.kill()
                 await child.wait()
-
-
-def _provides_command(bot: Bot, name: str) -> bool:
-    """Whether the bot's own plugins (disabled ones left out) register CLI command ``name``."""
-    import typer
-
-    probe = typer.Typer()
-    bot.pm.hook.register_commands(cli=probe)
-    return any(
-        (c.name or getattr(c.callback, "__name__", "")) == name for c in probe.registered_commands
-    )
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ def test_the_contract_has_the_hooks_we_document():
         "register_commands",
         "register_observers",
         "register_reply_filters",
+        "register_services",
         "register_skills",
         "shutdown",
         "startup",
@@ -112,6 +113,10 @@ class EveryHook:
         register(Pager(bot))
 
     @hookimpl
+    def register_services(self, register, settings):
+        register("skills", "skill lister")  # any chinwag sub-command can be a service
+
+    @hookimpl
     def register_commands(self, cli):
         @cli.command("wave")
         def wave() -> None:
@@ -159,6 +164,17 @@ async def test_a_plugin_adds_a_platform_beside_the_built_in_ones(tmp_path):
         http, pager = adapters_for(bot)
         assert isinstance(http, HttpServer) and isinstance(pager, Pager)
         assert [type(a) for a in adapters_for(bot)] == [HttpServer, Pager]  # registered once
+
+
+async def test_chinwag_run_keeps_a_plugins_service_running_in_its_own_process(tmp_path):
+    from bot.runner import _services
+
+    async with (
+        Bot(core_settings(tmp_path), plugins=[EveryHook()], load_entry_points=False) as bot,
+        _services(bot, None, None) as children,
+    ):
+        (child,) = children  # EveryHook's; the trainers' schedule is not loaded here
+        assert await child.wait() == 0  # `chinwag skills` ran, with this configuration
 
 
 async def test_an_adapter_without_push_stops_the_start_naming_its_plugin(tmp_path):

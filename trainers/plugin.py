@@ -397,6 +397,14 @@ def startup(bot: Any) -> None:
     cycle_config(bot.settings)
 
 
+@hookimpl
+def register_services(register: Any, settings: Any) -> None:
+    """The nightly schedule runs as ``chinwag train`` beside ``chinwag run`` (its own process:
+    training never shares the bot's event loop, memory or fate)."""
+    if (settings.trainers or {}).get("schedule", "default"):
+        register("train", "training schedule")
+
+
 def cycle_config(settings: Any) -> Any:
     from pydantic import ValidationError
 
