@@ -1,211 +1,52 @@
 """The conversation store: every inbound and outbound message, feedback and privacy requests.
 
-Writes go through one writer task that commits in groups ("group commit"): whatever arrived
-while the previous transaction was committing goes into the next one. Each caller still awaits
-its own commit, so ``log_inbound`` returns only once the row is durable — that is what lets the
-core promise "logged before processed" — yet a burst from hundreds of chats costs a handful of
-transactions instead of hundreds. A batch that fails is retried one operation at a time so a
-single bad row fails only its own caller.
+Three layers: the records (:mod:`bot.store.rows`), the engine that opens and tends the
+database (:mod:`bot.store.engine`) and the group-commit writer (:mod:`bot.store.writer`);
+this module is the API the bot, the skills and the trainers call — what is written and read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.messages import Message, Reply, utcnow
 from bot.store import schema
+from bot.store.engine import StoreEngine
 from bot.store.ids import IdGenerator
-from bot.store.migrate import current_revision, head_revision, upgrade_sync
+from bot.store.rows import (
+    Conversation,
+    FeedbackRow,
+    ForgetResult,
+    StoredMessage,
+    StoreError,
+    _aware,
+    _row_to_feedback,
+    _row_to_message,
+)
+from bot.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
-
-class StoreError(Exception):
-    """The store cannot be opened or used; the message is meant for the operator."""
-
-
-@dataclass(slots=True)
-class StoredMessage:
-    id: int
-    direction: str
-    platform: str
-    chat_id: str
-    user_id: str | None
-    text: str
-    created_at: datetime
-    platform_message_id: str | None = None
-    reply_to_id: int | None = None
-    skill: str | None = None
-    kind: str | None = None
-    latency_ms: float | None = None
-    model: str | None = None
-    adapter: str | None = None
-    adapter_version: str | None = None
-    original_length: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+__all__ = [
+    "Conversation",
+    "ConversationStore",
+    "FeedbackRow",
+    "ForgetResult",
+    "StoreError",
+    "StoredMessage",
+]
 
 
-@dataclass(slots=True)
-class FeedbackRow:
-    id: int
-    message_id: int
-    platform: str
-    user_id: str
-    rating: int
-    correction: str | None
-    source: str
-    created_at: datetime
-
-
-@dataclass(slots=True)
-class Conversation:
-    platform: str
-    chat_id: str
-    messages: list[StoredMessage]
-    #: feedback keyed by the message id it is about (ratings on replies, labels on messages)
-    feedback: dict[int, list[FeedbackRow]]
-
-
-@dataclass(slots=True)
-class ForgetResult:
-    #: The user's own messages and the bot's replies to them, together.
-    messages_deleted: int
-    feedback_deleted: int
-    replies_deleted: int = 0
-
-
-@dataclass(slots=True)
-class _Op:
-    kind: str  # "in" | "out" | "meta" | "fn"
-    payload: Any
-    future: asyncio.Future[Any]
-
-
-_STOP = object()
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False)
-
-
-_MESSAGE_COLUMNS = [c.name for c in schema.messages.columns]
-_SQLITE_CHUNK = 32766 // len(_MESSAGE_COLUMNS) // 2
-
-
-def _sqlite_datetime(value: datetime) -> str:
-    # The text SQLAlchemy's SQLite DateTime type writes (and parses back), in UTC.
-    if value.tzinfo is not None and value.utcoffset():
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(" ")
-
-
-def _sqlite_insert_messages(
-    conn: Connection, rows: list[dict[str, Any]], *, skip_duplicates: bool = False
-) -> set[int]:
-    """Insert message rows with one multi-row ``INSERT`` per chunk; returns the ids inserted.
-
-    The hot path of the whole bot: SQLAlchemy's per-row parameter processing costs several
-    times what SQLite itself does, so on SQLite the rows are bound directly. With
-    ``skip_duplicates`` a row whose ``dedup_key`` is already stored (or repeated earlier in the
-    batch) is skipped, and its id is missing from the result.
-    """
-    inserted: set[int] = set()
-    cols = _MESSAGE_COLUMNS
-    row_marks = "(" + ",".join("?" * len(cols)) + ")"
-    tail = " ON CONFLICT(dedup_key) DO NOTHING RETURNING id" if skip_duplicates else ""
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        for start in range(0, len(rows), _SQLITE_CHUNK):
-            chunk = rows[start : start + _SQLITE_CHUNK]
-            params: list[Any] = []
-            for row in chunk:
-                for col in cols:
-                    value = row[col]
-                    if col == "meta":
-                        value = None if value is None else _dumps(value)
-                    elif col == "created_at":
-                        value = _sqlite_datetime(value)
-                    params.append(value)
-            sql = (
-                f"INSERT INTO messages ({','.join(cols)}) VALUES "
-                f"{','.join([row_marks] * len(chunk))}{tail}"
-            )
-            cursor.execute(sql, params)
-            if skip_duplicates:
-                inserted.update(r[0] for r in cursor.fetchall())
-            else:
-                inserted.update(row["id"] for row in chunk)
-    finally:
-        cursor.close()
-    return inserted
-
-
-def _row_to_feedback(r: Any) -> FeedbackRow:
-    return FeedbackRow(
-        r.id,
-        r.message_id,
-        r.platform,
-        r.user_id,
-        r.rating,
-        r.correction,
-        r.source,
-        _aware(r.created_at),  # type: ignore[arg-type]
-    )
-
-
-def _row_to_message(row: Any) -> StoredMessage:
-    return StoredMessage(
-        id=row.id,
-        direction=row.direction,
-        platform=row.platform,
-        chat_id=row.chat_id,
-        user_id=row.user_id,
-        text=row.text,
-        created_at=_aware(row.created_at),  # type: ignore[arg-type]
-        platform_message_id=row.platform_message_id,
-        reply_to_id=row.reply_to_id,
-        skill=row.skill,
-        kind=row.kind,
-        latency_ms=row.latency_ms,
-        model=row.model,
-        adapter=row.adapter,
-        adapter_version=row.adapter_version,
-        original_length=row.original_length,
-        meta=row.meta or {},
-    )
-
-
-class ConversationStore:
+class ConversationStore(StoreEngine, GroupCommitWriter):
     """Async access to the conversation log; SQLite by default, PostgreSQL by URL."""
 
     def __init__(
@@ -237,459 +78,6 @@ class ConversationStore:
         self._known_users: dict[tuple[str, str], str] = {}
         self._known_chats: dict[tuple[str, str], tuple[str, str]] = {}
         self._insert: Callable[..., Any] = sa.insert
-
-    # -- lifecycle -----------------------------------------------------------------------------
-
-    @property
-    def dialect(self) -> str:
-        return make_url(self.url).get_backend_name()
-
-    def _preflight(self) -> None:
-        """Turn the usual SQLite start-up failures into messages an operator can act on."""
-        url = make_url(self.url)
-        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-            return
-        if url.database.startswith("file:"):
-            return
-        path = Path(url.database)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create the database directory {path.parent}: {exc.strerror or exc}. "
-                "Set data_dir (or CHINWAG_DATA_DIR) to a writable directory."
-            ) from None
-        if path.exists() and not os.access(path, os.W_OK):
-            raise StoreError(
-                f"the database file {path} is read-only; chinwag must write every message. "
-                "Fix its permissions or point database.url elsewhere."
-            )
-        if not os.access(path.parent, os.W_OK):
-            raise StoreError(
-                f"the database directory {path.parent} is not writable (SQLite needs to create "
-                "journal files beside the database)."
-            )
-
-    async def open(self, *, migrate: bool = True) -> None:
-        self._preflight()
-        backend = self.dialect
-        kwargs: dict[str, Any] = {"echo": self._echo, "json_serializer": _dumps}
-        if backend == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            self._insert = sqlite_insert
-            kwargs["connect_args"] = {"timeout": 30}
-        elif backend == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            self._insert = pg_insert
-            kwargs["pool_pre_ping"] = True
-        try:
-            self.engine = create_async_engine(self.url, **kwargs)
-        except Exception as exc:
-            raise StoreError(f"cannot use database URL {self._safe_url()}: {exc}") from None
-        if backend == "sqlite":
-            synchronous = self._synchronous
-
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute(f"PRAGMA synchronous={synchronous}")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
-                # Checkpoints run in their own thread (see _checkpoint_loop) so they never stall
-                # a commit; this bound is only the backstop if that thread falls behind.
-                cur.execute("PRAGMA wal_autocheckpoint=32768")
-                cur.close()
-
-            event.listen(self.engine.sync_engine, "connect", _pragmas)
-            # The writer's own synchronous engine (see _transaction).
-            self._sync_engine = sa.create_engine(
-                make_url(self.url).set(drivername="sqlite"),
-                echo=self._echo,
-                json_serializer=_dumps,
-                connect_args={"timeout": 30, "check_same_thread": False},
-                poolclass=sa.pool.StaticPool,
-            )
-            event.listen(self._sync_engine, "connect", _pragmas)
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="chinwag-store-writer")
-            self._sqlite_path = make_url(self.url).database
-
-        try:
-            async with self.engine.begin() as conn:
-                if migrate:
-                    await conn.run_sync(upgrade_sync)
-                else:
-                    current = await conn.run_sync(current_revision)
-                    if current != head_revision():
-                        raise StoreError(
-                            f"the database schema is at {current or 'nothing'}, this chinwag "
-                            f"needs {head_revision()}: run `chinwag db upgrade`."
-                        )
-            if self._sync_engine is not None:
-                # Migrations at head write nothing, so prove the writer can write.
-                await asyncio.get_running_loop().run_in_executor(self._executor, self._probe_write)
-        except StoreError:
-            await self._dispose()
-            raise
-        except Exception as exc:
-            await self._dispose()
-            text = str(exc)
-            if "readonly" in text or "read-only" in text:
-                raise StoreError(
-                    f"the database {self._safe_url()} is read-only; chinwag must write every "
-                    "message. Fix its permissions or point database.url elsewhere."
-                ) from None
-            raise StoreError(f"cannot open the database {self._safe_url()}: {text}") from None
-        self._writer = asyncio.create_task(self._run_writer(), name="chinwag-store-writer")
-        if self._sync_engine is not None and self._sqlite_path not in (None, "", ":memory:"):
-            self._checkpointer = asyncio.create_task(
-                self._checkpoint_loop(), name="chinwag-store-checkpoint"
-            )
-
-    def _probe_write(self) -> None:
-        assert self._sync_engine is not None
-        with self._sync_engine.connect() as conn:
-            dbapi = conn.connection.driver_connection
-            version = dbapi.execute("PRAGMA user_version").fetchone()[0]  # type: ignore[union-attr]
-            dbapi.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
-            try:
-                dbapi.execute(f"PRAGMA user_version = {int(version)}")  # type: ignore[union-attr]
-            finally:
-                dbapi.execute("ROLLBACK")  # type: ignore[union-attr]
-
-    async def _checkpoint_loop(self) -> None:
-        """Copy the WAL back into the database file in the background, once a second.
-
-        SQLite's automatic checkpoint runs inside whichever commit crosses the threshold and
-        stalls it for milliseconds — the biggest source of tail latency in the router
-        benchmark. A PASSIVE checkpoint from another connection runs beside the writer instead.
-        """
-        import sqlite3
-
-        loop = asyncio.get_running_loop()
-        executor = ThreadPoolExecutor(1, thread_name_prefix="chinwag-store-checkpoint")
-        conn: sqlite3.Connection | None = None
-
-        def checkpoint(mode: str) -> None:
-            nonlocal conn
-            if conn is None:
-                conn = sqlite3.connect(self._sqlite_path or "", timeout=30, check_same_thread=False)
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-
-        try:
-            wal = Path(f"{self._sqlite_path}-wal")
-            while True:
-                await asyncio.sleep(self.checkpoint_interval_s)
-                try:
-                    size = wal.stat().st_size  # noqa: ASYNC240 - one stat, microseconds
-                except OSError:
-                    continue
-                idle = time.monotonic() - self._last_write >= self.checkpoint_idle_s
-                if size and (idle or size >= self.checkpoint_wal_bytes):
-                    try:
-                        await loop.run_in_executor(executor, checkpoint, "PASSIVE")
-                    except Exception:
-                        log.warning("background WAL checkpoint failed", exc_info=True)
-        except asyncio.CancelledError:
-            try:
-                await loop.run_in_executor(executor, checkpoint, "TRUNCATE")
-            except Exception:
-                log.debug("final WAL checkpoint skipped", exc_info=True)
-            raise
-        finally:
-            if conn is not None:
-                await loop.run_in_executor(executor, conn.close)
-            executor.shutdown(wait=True)
-
-    async def close(self) -> None:
-        """Flush every pending write, then close the connections."""
-        if self._writer is not None:
-            await self._queue.put(_STOP)
-            await self._writer
-            self._writer = None
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpointer
-            self._checkpointer = None
-        await self._dispose()
-
-    async def _dispose(self) -> None:
-        if self._sync_engine is not None:
-            self._sync_engine.dispose()
-            self._sync_engine = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        if self.engine is not None:
-            await self.engine.dispose()
-            self.engine = None
-
-    def _safe_url(self) -> str:
-        try:
-            return make_url(self.url).render_as_string(hide_password=True)
-        except Exception:
-            return "<unparseable URL>"
-
-    # -- the writer ----------------------------------------------------------------------------
-
-    def _enqueue(self, kind: str, payload: Any) -> asyncio.Future[Any]:
-        if self._writer is None:
-            raise StoreError("the store is not open")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending += 1
-        fut.add_done_callback(self._op_done)
-        self._queue.put_nowait(_Op(kind, payload, fut))
-        return fut
-
-    def _op_done(self, fut: asyncio.Future[Any]) -> None:
-        self._pending -= 1
-        # Retrieve the exception so fire-and-forget writes never warn "never retrieved";
-        # the writer has already logged it.
-        if not fut.cancelled():
-            fut.exception()
-
-    async def _submit(self, kind: str, payload: Any) -> Any:
-        return await self._enqueue(kind, payload)
-
-    async def flush(self) -> None:
-        """Wait until every write queued so far is committed."""
-        if self._writer is not None and self._pending:
-            await self._submit("fn", lambda conn: None)
-
-    async def _run_writer(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            while len(batch) < self._batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            await self._write_batch(batch)
-
-    async def _write_batch(self, batch: list[_Op]) -> None:
-        try:
-            results = await self._transaction(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                op = batch[0]
-                if op.kind == "fn" and not isinstance(exc, sa.exc.SQLAlchemyError):
-                    # The caller's own logic refused (e.g. LookupError): hand it back as is.
-                    if not op.future.done():
-                        op.future.set_exception(exc)
-                    return
-                log.exception("store write failed (%s)", op.kind)
-                if not op.future.done():
-                    op.future.set_exception(
-                        StoreError(f"could not write to the conversation store: {exc}")
-                    )
-                return
-            log.warning("store batch of %d failed; retrying one by one", len(batch), exc_info=True)
-            for op in batch:
-                await self._write_batch([op])
-            return
-        for op, result in zip(batch, results, strict=True):
-            if not op.future.done():
-                op.future.set_result(result)
-
-    async def _transaction(self, batch: list[_Op]) -> list[Any]:
-        """Apply a batch in one transaction.
-
-        SQLite: on a plain (sync) connection in the writer's own thread — one thread hop per
-        batch instead of one per statement, which is what aiosqlite would cost. Other databases:
-        the same code on the async engine through ``run_sync``.
-        """
-        if self._sync_engine is not None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._transaction_sync, batch)
-        assert self.engine is not None
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(self._apply, batch)
-
-    def _transaction_sync(self, batch: list[_Op]) -> list[Any]:
-        assert self._sync_engine is not None
-        self._last_write = time.monotonic()
-        with self._sync_engine.begin() as conn:
-            return self._apply(conn, batch)
-
-    def _apply(self, conn: Connection, batch: list[_Op]) -> list[Any]:
-        results: list[Any] = [None] * len(batch)
-        inbound = [(i, op.payload) for i, op in enumerate(batch) if op.kind == "in"]
-        if inbound:
-            for i, res in zip(
-                (i for i, _ in inbound),
-                self._insert_inbound(conn, [m for _, m in inbound]),
-                strict=True,
-            ):
-                results[i] = res
-        outbound = [row for op in batch if op.kind == "out" for row in op.payload]
-        if outbound:
-            self._insert_rows(conn, outbound)
-        metas = [op.payload for op in batch if op.kind == "meta"]
-        plain = [{"_id": mid, "_meta": meta} for mid, meta, pmid in metas if pmid is None]
-        sent = [
-            {"_id": mid, "_meta": meta, "_pmid": pmid}
-            for mid, meta, pmid in metas
-            if pmid is not None
-        ]
-        m = schema.messages
-        if plain:
-            conn.execute(
-                sa.update(m)
-                .where(m.c.id == sa.bindparam("_id"))
-                .values(meta=sa.bindparam("_meta")),
-                plain,
-            )
-        if sent:
-            conn.execute(
-                sa.update(m)
-                .where(m.c.id == sa.bindparam("_id"))
-                .values(meta=sa.bindparam("_meta"), platform_message_id=sa.bindparam("_pmid")),
-                sent,
-            )
-        for i, op in enumerate(batch):
-            if op.kind == "fn":
-                results[i] = op.payload(conn)
-        return results
-
-    def _insert_rows(
-        self, conn: Connection, rows: list[dict[str, Any]], *, skip_duplicates: bool = False
-    ) -> set[int]:
-        """Insert message rows (ids already assigned); returns the ids actually inserted."""
-        if not rows:
-            return set()
-        if self._sync_engine is not None:
-            return _sqlite_insert_messages(conn, rows, skip_duplicates=skip_duplicates)
-        stmt = self._insert(schema.messages)
-        if skip_duplicates and hasattr(stmt, "on_conflict_do_nothing"):
-            stmt = stmt.on_conflict_do_nothing(index_elements=["dedup_key"])
-            return set(conn.execute(stmt.returning(schema.messages.c.id), rows).scalars())
-        conn.execute(stmt, rows)
-        return {row["id"] for row in rows}
-
-    def _existing_keys(self, conn: Connection, keys: list[str]) -> set[str]:
-        existing: set[str] = set()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            if self._sync_engine is not None:
-                marks = ",".join("?" * len(chunk))
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(
-                        f"SELECT dedup_key FROM messages WHERE dedup_key IN ({marks})", chunk
-                    )
-                    existing.update(row[0] for row in cursor.fetchall())
-                finally:
-                    cursor.close()
-                continue
-            else:
-                res = conn.execute(
-                    sa.select(schema.messages.c.dedup_key).where(
-                        schema.messages.c.dedup_key.in_(chunk)
-                    )
-                )
-            existing.update(res.scalars().all())
-        return existing
-
-    def _insert_inbound(self, conn: Connection, msgs: list[Message]) -> list[bool]:
-        self._upsert_people(conn, msgs)
-        if self._sync_engine is None and not hasattr(
-            self._insert(schema.messages), "on_conflict_do_nothing"
-        ):
-            # Databases without ON CONFLICT: look the keys up first (single writer per batch).
-            keys = [m.dedup_key for m in msgs if m.dedup_key is not None]
-            existing = self._existing_keys(conn, keys) if keys else set()
-            fresh = []
-            for m in msgs:
-                if m.dedup_key is None or m.dedup_key not in existing:
-                    fresh.append(m)
-                    if m.dedup_key is not None:
-                        existing.add(m.dedup_key)
-            inserted = self._insert_rows(conn, [self._inbound_row(m) for m in fresh])
-        else:
-            rows = [self._inbound_row(m) for m in msgs]
-            inserted = self._insert_rows(conn, rows, skip_duplicates=True)
-        return [m.id in inserted for m in msgs]
-
-    @staticmethod
-    def _inbound_row(m: Message) -> dict[str, Any]:
-        meta = m.metadata or None
-        return {
-            "id": m.id,
-            "direction": "in",
-            "platform": m.platform,
-            "chat_id": m.chat_id,
-            "user_id": m.user_id,
-            "platform_message_id": m.message_id,
-            "dedup_key": m.dedup_key,
-            "reply_to_id": None,
-            "text": m.text,
-            "original_length": (meta or {}).get("original_length"),
-            "kind": "edited" if m.edited else None,
-            "skill": None,
-            "latency_ms": None,
-            "model": None,
-            "adapter": None,
-            "adapter_version": None,
-            "meta": meta,
-            "created_at": m.received_at,
-        }
-
-    def _upsert_people(self, conn: Connection, msgs: list[Message]) -> None:
-        now = utcnow()
-        users: dict[tuple[str, str], dict[str, Any]] = {}
-        chats: dict[tuple[str, str], dict[str, Any]] = {}
-        for m in msgs:
-            ukey = (m.platform, m.user_id)
-            if self._known_users.get(ukey) != m.user_name:
-                users[ukey] = {
-                    "platform": m.platform,
-                    "platform_user_id": m.user_id,
-                    "display_name": m.user_name[:256],
-                    "first_seen": now,
-                }
-            ckey = (m.platform, m.chat_id)
-            if self._known_chats.get(ckey) != (m.chat_kind, m.chat_title):
-                chats[ckey] = {
-                    "platform": m.platform,
-                    "platform_chat_id": m.chat_id,
-                    "kind": m.chat_kind,
-                    "title": m.chat_title[:256],
-                    "first_seen": now,
-                }
-        if users:
-            stmt = self._insert(schema.users)
-            if hasattr(stmt, "on_conflict_do_update"):
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["platform", "platform_user_id"],
-                    set_={"display_name": stmt.excluded.display_name},
-                )
-            conn.execute(stmt, list(users.values()))
-        if chats:
-            stmt = self._insert(schema.chats)
-            if hasattr(stmt, "on_conflict_do_update"):
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["platform", "platform_chat_id"],
-                    set_={"kind": stmt.excluded.kind, "title": stmt.excluded.title},
-                )
-            conn.execute(stmt, list(chats.values()))
-        if len(self._known_users) > 200_000:
-            self._known_users.clear()
-        if len(self._known_chats) > 200_000:
-            self._known_chats.clear()
-        for (platform, uid), row in users.items():
-            self._known_users[(platform, uid)] = row["display_name"]
-        for key, row in chats.items():
-            self._known_chats[key] = (row["kind"], row["title"])
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -800,11 +188,6 @@ class ConversationStore:
             row = (await conn.execute(q)).first()
         return _row_to_message(row) if row else None
 
-    async def run_in_writer(self, fn: Callable[[Connection], Any]) -> Any:
-        """Run ``fn(conn)`` — synchronous, on a SQLAlchemy ``Connection`` — in the writer's
-        transaction order, after every write submitted before it."""
-        return await self._submit("fn", fn)
-
     async def add_feedback(
         self,
         message_id: int,
@@ -912,18 +295,6 @@ class ConversationStore:
                 )
 
         await self.run_in_writer(write)
-
-    # -- reads ---------------------------------------------------------------------------------
-
-    def _engine(self) -> AsyncEngine:
-        if self.engine is None:
-            raise StoreError("the store is not open")
-        return self.engine
-
-    async def _reader(self) -> AsyncEngine:
-        """The engine for a read, once this process's queued writes are visible to it."""
-        await self.flush()
-        return self._engine()
 
     async def chat_settings(self) -> dict[tuple[str, str], dict[str, Any]]:
         c = schema.chats
