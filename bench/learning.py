@@ -261,6 +261,10 @@ def _gate(report: dict[str, Any]) -> dict[str, Any]:
         for which in ("baseline", "candidate"):
             for k in ("held_out", "regression"):
                 out[f"{which}_{k}_loss"] = round(qa[which][k]["loss"], 4)
+        for which in ("baseline", "candidate"):
+            if "answers" in qa[which]:
+                out[f"{which}_answer_f1"] = round(qa[which]["answers"]["f1"], 3)
+        out["comparisons"] = qa.get("gate")
         served = "candidate" if qa.get("decision") == "promoted" else "baseline"
         out["regression_loss_in_service"] = out[f"{served}_regression_loss"]
         out["tokens_per_s"] = qa.get("train_tokens_per_s")
