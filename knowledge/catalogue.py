@@ -70,8 +70,10 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
 
-class Catalogue:
-    # Set by KnowledgeBase.__init__ (knowledge/base.py).
+class KnowledgeState:
+    """What :class:`~knowledge.base.KnowledgeBase` sets in ``__init__`` and its catalogue,
+    ingest and search layers all use: declared once, for type checkers."""
+
     directory: Path
     embedder: Embedder
     _engine: sa.Engine | None
@@ -79,6 +81,8 @@ class Catalogue:
     _version: int
     _ready: bool
 
+
+class Catalogue(KnowledgeState):
     @property
     def engine(self) -> sa.Engine:
         if self._engine is None:

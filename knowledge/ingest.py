@@ -24,9 +24,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from knowledge import lexical
-from knowledge.catalogue import KnowledgeError, chunks_t, files_t
+from knowledge.catalogue import KnowledgeError, KnowledgeState, chunks_t, files_t
 from knowledge.chunking import Chunk, Chunker
-from knowledge.embedder import Embedder
 from knowledge.index import VectorIndex
 from knowledge.loaders import SkipFile, load
 
@@ -124,15 +123,7 @@ def expand(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path], list[tu
     return unique, folders, missing
 
 
-class Ingest:
-    # Set by KnowledgeBase.__init__ (knowledge/base.py).
-    directory: Path
-    embedder: Embedder
-    _engine: sa.Engine | None
-    _index: VectorIndex | None
-    _version: int
-    _ready: bool
-
+class Ingest(KnowledgeState):
     def add(
         self, paths: Sequence[str | Path], *, sync: bool = False, progress: Progress | None = None
     ) -> IngestSummary:

@@ -18,9 +18,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from knowledge import lexical
-from knowledge.catalogue import chunks_t
-from knowledge.embedder import Embedder
-from knowledge.index import VectorIndex
+from knowledge.catalogue import KnowledgeState, chunks_t
 
 log = logging.getLogger("knowledge.base")
 
@@ -72,15 +70,7 @@ def _matches(row: Any, filters: dict[str, str]) -> bool:
     return not (heading and heading.lower() not in " ".join(row.headings or []).lower())
 
 
-class Search:
-    # Set by KnowledgeBase.__init__ (knowledge/base.py).
-    directory: Path
-    embedder: Embedder
-    _engine: sa.Engine | None
-    _index: VectorIndex | None
-    _version: int
-    _ready: bool
-
+class Search(KnowledgeState):
     def _chunks_in(self, conn: sa.Connection) -> int:
         """Chunks in the catalogue, counted once per index version."""
         version, count = self._chunk_count

@@ -37,7 +37,7 @@ from typing import Any
 
 from bot.files import atomic_write
 from bot.privacy import redact
-from bot.store.store import Conversation, StoredMessage
+from bot.store.rows import Conversation, StoredMessage
 
 GENERATIVE = ("dialogue", "qa")
 

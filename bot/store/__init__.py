@@ -1,13 +1,13 @@
 """The conversation store (see :mod:`bot.store.store`)."""
 
-from bot.store.store import (
+from bot.store.rows import (
     Conversation,
-    ConversationStore,
     FeedbackRow,
     ForgetResult,
     StoredMessage,
     StoreError,
 )
+from bot.store.store import ConversationStore
 
 __all__ = [
     "Conversation",

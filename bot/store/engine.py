@@ -32,8 +32,10 @@ from bot.store.rows import (
 log = logging.getLogger("bot.store")
 
 
-class StoreEngine:
-    # Set by ConversationStore.__init__; declared here for type checkers.
+class StoreState:
+    """What :class:`~bot.store.store.ConversationStore` sets in ``__init__`` and both its halves
+    (the engine here, the writer in writer.py) use: declared once, for type checkers."""
+
     url: str
     _synchronous: str
     _batch_max: int
@@ -55,6 +57,8 @@ class StoreEngine:
     _known_chats: dict[tuple[str, str], tuple[str, str]]
     _insert: Callable[..., Any]
 
+
+class StoreEngine(StoreState):
     @property
     def dialect(self) -> str:
         return make_url(self.url).get_backend_name()

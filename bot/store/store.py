@@ -27,7 +27,6 @@ from bot.store.rows import (
     FeedbackRow,
     ForgetResult,
     StoredMessage,
-    StoreError,
     _aware,
     _row_to_feedback,
     _row_to_message,
@@ -35,15 +34,6 @@ from bot.store.rows import (
 from bot.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "Conversation",
-    "ConversationStore",
-    "FeedbackRow",
-    "ForgetResult",
-    "StoreError",
-    "StoredMessage",
-]
 
 
 class ConversationStore(StoreEngine, GroupCommitWriter):

@@ -15,17 +15,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import Connection
 
 from bot.messages import Message, utcnow
 from bot.store import schema
-from bot.store.ids import IdGenerator
+from bot.store.engine import StoreState
 from bot.store.rows import (
     StoreError,
     _sqlite_insert_messages,
@@ -44,29 +42,7 @@ class _Op:
 _STOP = object()
 
 
-class GroupCommitWriter:
-    # Set by ConversationStore.__init__; declared here for type checkers.
-    url: str
-    _synchronous: str
-    _batch_max: int
-    _echo: bool
-    engine: AsyncEngine | None
-    _sync_engine: Engine | None
-    _executor: ThreadPoolExecutor | None
-    _sqlite_path: str | None
-    _checkpointer: asyncio.Task[None] | None
-    checkpoint_interval_s: float
-    checkpoint_idle_s: float
-    checkpoint_wal_bytes: int
-    _last_write: float
-    _queue: asyncio.Queue[Any]
-    _pending: int
-    ids: IdGenerator
-    _writer: asyncio.Task[None] | None
-    _known_users: dict[tuple[str, str], str]
-    _known_chats: dict[tuple[str, str], tuple[str, str]]
-    _insert: Callable[..., Any]
-
+class GroupCommitWriter(StoreState):
     def _enqueue(self, kind: str, payload: Any) -> asyncio.Future[Any]:
         if self._writer is None:
             raise StoreError("the store is not open")
