@@ -283,9 +283,26 @@ def simulate(
 
 @app.command("config")
 def show_config() -> None:
-    """Print the effective configuration (file + environment + defaults), secrets masked."""
+    """Print the effective configuration (file + environment + defaults), secrets masked.
+
+    Plugins' sections (``[knowledge]``, ``[trainers]``…) and skills' sections are validated
+    by their plugins, every mistake listed at once (exit code 2)."""
+    from bot.plugins import load_skills, plugin_sections, unclaimed_sections
+
     s = settings(default_level="WARNING")
-    typer.echo(json.dumps(s.masked(), indent=2, default=str))
+    try:
+        pm, _ = make_manager(disabled=s.disabled_plugins)
+        load_skills(pm, s)
+        sections = plugin_sections(pm, s)
+    except (ConfigError, PluginError) as exc:
+        raise fail(str(exc)) from None
+    data = s.masked()
+    data.pop("sections", None)
+    for name, model in sections.items():
+        data[name] = model.model_dump(mode="json")
+    for name in unclaimed_sections(pm, s):
+        data[name] = s.sections[name]  # shown as written; load_skills has logged it
+    typer.echo(json.dumps(data, indent=2, default=str))
 
 
 @db_app.command("upgrade")

@@ -9,13 +9,23 @@ into exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +34,9 @@ from pydantic_settings import (
 
 CONFIG_ENV = "CHINWAG_CONFIG"
 DEFAULT_CONFIG_NAME = "chinwag.toml"
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -166,46 +179,10 @@ class ModelsSettings(_Section):
     #: Classifiers (sentiment…): requests from all chats gathered this long into one batch.
     classify_wait_ms: float = Field(2.0, ge=0)
     classify_max_batch: int = Field(64, ge=1)
-
-
-class KnowledgeSettings(_Section):
-    """The knowledge index (see knowledge/); skills search it through ``bot.services``."""
-
-    #: Default: ``<data_dir>/knowledge``.
-    directory: Path | None = None
-    #: A sentence-transformers model name or path; the default ships in a package (offline).
-    model: str = "all-MiniLM-L6-v2"
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    #: ``auto``: bfloat16 on CPUs that run it natively (2.2× faster here, same neighbours).
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    chunk_tokens: int = Field(250, ge=16, le=8192)
-    overlap: int = Field(32, ge=0)
-    #: Collections this large (chunks) get an IVF index on the next rebuild or ingest.
-    ivf_threshold: int = Field(20_000, ge=1)
-    nprobe: int = Field(16, ge=1)
-    #: Cosine similarity below which a passage counts as "nothing relevant".
-    min_score: float = Field(0.3, ge=-1.0, le=1.0)
-    batch_size: int = Field(64, ge=1)
-    #: Larger files are skipped (and listed) rather than ingested.
-    max_file_mb: float = Field(200, gt=0)
-    #: Give each FAQ pair a second vector for its question alone: better matching of user
-    #: questions (hit@3 0.86 → 0.97 on the FAQ corpus) for ~13 % more embedding time.
-    faq_question_vectors: bool = True
-    #: An ingest commits every this many chunks: a killed ingest keeps what it committed and
-    #: the next one resumes by skipping those files (checksums).
-    commit_chunks: int = Field(2048, ge=16)
-    #: ``hybrid``: the vectors, plus BM25 on the code-like words of a question
-    #: (``SESSION_COOKIE_SAMESITE``, ``--extra-files``, ``make_response()``), fused by rank;
-    #: ``dense``: the vectors alone. Flask docs, identifier questions: recall@1 0.50 → 0.89.
-    retrieval: Literal["hybrid", "dense"] = "hybrid"
-    #: Weight of the keyword list in the fusion (the vectors' weight is 1).
-    lexical_weight: float = Field(1.0, ge=0)
-    #: Embed each chunk with its heading trail ("Configuration › Builtin values\n…"): Flask
-    #: docs recall@1 0.79 → 0.88. Changing it needs ``chinwag knowledge rebuild --reembed``.
-    embed_headings: bool = True
-    #: Where the ingested folders are published, so citations link to the very section:
-    #: ``{"/srv/docs/flask/_sources" = "https://flask.palletsprojects.com/en/2.2.x/"}``.
-    links: dict[str, str] = Field(default_factory=dict)
+    #: Plugins may train a model the registry lacks in the background at first start (the
+    #: sentiment classifier does); tests and simulations turn this off, so that measuring
+    #: the bot never changes what it measures.
+    first_start_training: bool = True
 
 
 class TelegramSettings(_Section):
@@ -288,6 +265,44 @@ class _FileSource(PydanticBaseSettingsSource):
         return _FILE_DATA.get() or {}
 
 
+class _PluginSectionsEnv(PydanticBaseSettingsSource):
+    """``CHINWAG_<SECTION>`` (a JSON object) and ``CHINWAG_<SECTION>__<KEY>…`` for sections
+    plugins declare, which pydantic-settings cannot see: they are not fields of the core."""
+
+    PREFIX: ClassVar[str] = "CHINWAG_"
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        known = set(self.settings_cls.model_fields)
+        found: dict[str, Any] = {}
+        for name, value in sorted(os.environ.items()):
+            if not name.upper().startswith(self.PREFIX):
+                continue
+            path = [p.lower() for p in name[len(self.PREFIX) :].split("__")]
+            if not path[0] or path[0] in known or path[0] == "config" or not all(path):
+                continue
+            if len(path) == 1:
+                if not value.lstrip().startswith("{"):
+                    continue  # CHINWAG_PLUGINS, CHINWAG_API_TOKEN…: not configuration
+                try:
+                    whole = json.loads(value)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: not a valid JSON object: {exc}") from None
+                found[path[0]] = _deep_merge(found.get(path[0], {}), whole)
+                continue
+            parsed: Any = value
+            if value.strip().startswith(("{", "[")):
+                with contextlib.suppress(ValueError):
+                    parsed = json.loads(value)
+            node = found.setdefault(path[0], {})
+            for key in path[1:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = parsed
+        return found
+
+
 class _PlatformTokens(PydanticBaseSettingsSource):
     """``TELEGRAM_TOKEN`` and ``DISCORD_TOKEN``, the names every bot tutorial uses.
 
@@ -321,17 +336,40 @@ class Settings(BaseSettings):
     admins: dict[str, list[str]] = {"console": ["local"]}
     rate_limit: RateLimitSettings = RateLimitSettings()
     skills: dict[str, SkillSettings] = {}
-    #: The training cycle (``[trainers]``, ``[trainers.lora]``): validated by the trainers'
-    #: plugin at start — see docs/training.md.
-    trainers: dict[str, Any] = {}
     #: Per-chat overrides keyed ``"platform:chat_id"``.
     chats: dict[str, ChatSettings] = {}
     disabled_plugins: list[str] = []
     models: ModelsSettings = ModelsSettings()
-    knowledge: KnowledgeSettings = KnowledgeSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     http: HttpSettings = HttpSettings()
+    #: Sections that plugins declare (``[knowledge]``, ``[trainers]``…), as written: each is
+    #: validated by its plugin's model when the plugins load (``register_config``), and read
+    #: typed with :meth:`section`. A section no plugin declares is an error then.
+    sections: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_sections(cls, data: Any) -> Any:
+        """Tables the core does not know belong to plugins: kept for them, not refused here
+        (which plugins are loaded is only known once this configuration is read)."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        sections = dict(out.pop("sections", None) or {})
+        for key in list(out):
+            if key not in cls.model_fields and isinstance(out[key], dict):
+                sections[key] = _deep_merge(sections.get(key, {}), out.pop(key))
+        out["sections"] = sections
+        return out
+
+    def section(self, name: str, model: type[_M]) -> _M:
+        """The ``[name]`` section validated by ``model``; :class:`ConfigError` lists every
+        mistake in it at once."""
+        try:
+            return model.model_validate(self.sections.get(name) or {})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, f"[{name}]", prefix=name)) from None
 
     @field_validator("admins", mode="before")
     @classmethod
@@ -353,6 +391,7 @@ class Settings(BaseSettings):
         return (
             init_settings,
             env_settings,
+            _PluginSectionsEnv(settings_cls),
             _PlatformTokens(settings_cls),
             _FileSource(settings_cls),
             file_secret_settings,

@@ -61,6 +61,18 @@ def register_services(register: Callable[..., None], settings: Any) -> None:
 
 
 @hookspec
+def register_config(register: Callable[[str, Any], None]) -> None:
+    """Declare a top-level configuration section: ``register("knowledge", KnowledgeSettings)``.
+
+    The model (a pydantic ``BaseModel``; unknown keys are refused whatever its own setting)
+    validates ``[knowledge]`` in the file and ``CHINWAG_KNOWLEDGE__…`` in the environment when
+    the plugins load — every mistake in every section reported at once — and the plugin reads
+    it with ``settings.section("knowledge", KnowledgeSettings)``. Skills need not do this:
+    their ``config_model`` covers ``[skills.<name>]``.
+    """
+
+
+@hookspec
 def register_commands(cli: typer.Typer) -> None:
     """Add sub-commands to the ``chinwag`` command line."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pluggy
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from bot import hookspecs
 from bot.config import ConfigError, Settings, format_validation_error
@@ -147,6 +147,11 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
     """
     entries: list[SkillEntry] = []
     seen: set[str] = set()
+    problems: list[str] = []  # every configuration mistake at once, not one per restart
+    try:
+        plugin_sections(pm, settings)
+    except ConfigError as exc:
+        problems.append(str(exc))
     for reg in collect(pm, "register_skills"):
         skill = reg.obj
         check_skill(skill, reg.plugin)
@@ -155,7 +160,11 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
             raise ConfigError(f"two plugins register a skill named {name!r}")
         seen.add(name)
         section = settings.skills.get(name)
-        config = skill_config(skill, name, section)
+        try:
+            config = skill_config(skill, name, section)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
         commands: dict[str, Command] = {}
         for cmd in getattr(skill, "commands", ()) or ():
             if isinstance(cmd, str):
@@ -182,6 +191,8 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
                 uses_model=bool(getattr(skill, "uses_model", False)),
             )
         )
+    if problems:
+        raise ConfigError("\n".join(problems))
     router = Router([e for e in entries if e.enabled], settings.bot.fallback)
     if settings.bot.fallback and router.fallback is None:
         log.warning("fallback skill %r is not loaded", settings.bot.fallback)
@@ -197,6 +208,61 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
         if name not in seen:
             log.warning("configuration has a [skills.%s] section but no such skill loaded", name)
     return Loaded(entries, router, observers, filters)
+
+
+def plugin_sections(pm: pluggy.PluginManager, settings: Settings) -> dict[str, BaseModel]:
+    """Every top-level section a plugin declares (``register_config``), validated; a section
+    no loaded plugin declares is logged (``chinwag config`` shows it too).
+
+    Raises :class:`ConfigError` listing every mistake in every section.
+    """
+    models: dict[str, tuple[type[BaseModel], str]] = {}
+    for impl in reversed(pm.hook.register_config.get_hookimpls()):
+
+        def register(name: str, model: type[BaseModel], _plugin: str = impl.plugin_name) -> None:
+            if name in Settings.model_fields or name in models:
+                owner = "the core" if name in Settings.model_fields else models[name][1]
+                raise PluginError(
+                    f"plugin {_plugin!r} declares the [{name}] section, which {owner} owns"
+                )
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise PluginError(
+                    f"plugin {_plugin!r}: the model for [{name}] must be a pydantic BaseModel"
+                )
+            models[name] = (model, _plugin)
+
+        impl.function(register)
+    problems: list[str] = []
+    found: dict[str, BaseModel] = {}
+    for name, (model, _plugin) in models.items():
+        data = settings.sections.get(name) or {}
+        unknown = unknown_keys(model, data)
+        if unknown:  # a typo must not pass silently, whatever the model's own setting
+            keys = "\n  ".join(f"{name}.{k}: unknown key" for k in unknown)
+            problems.append(f"invalid configuration:\n  {keys}")
+            continue
+        try:
+            found[name] = settings.section(name, model)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for name in unclaimed_sections(pm, settings, models):
+        # A warning, as for a [skills.x] with no such skill: the plugin may be disabled here.
+        log.warning("configuration has a [%s] section but no loaded plugin declares it", name)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return found
+
+
+def unclaimed_sections(
+    pm: pluggy.PluginManager, settings: Settings, models: dict[str, Any] | None = None
+) -> list[str]:
+    """Top-level sections in the configuration that no loaded plugin declares (typos,
+    or the section of a plugin switched off)."""
+    if models is None:
+        models = {}
+        for impl in pm.hook.register_config.get_hookimpls():
+            impl.function(lambda name, model: models.__setitem__(name, model))
+    return [name for name in settings.sections if name not in models]
 
 
 def skill_config(skill: Any, name: str, section: Any) -> Any:

@@ -8,7 +8,7 @@ Fixtures:
 
 ``chinwag_config``
     dict of configuration overrides (override the fixture to change them). By default: a
-    temporary data directory, no rate limit, and no first-start sentiment training.
+    temporary data directory, no rate limit, and no first-start training.
 ``chinwag_plugins``
     extra plugin objects (modules or instances with ``@hookimpl`` methods) to load beside the
     installed ones — how a plugin's own tests load the plugin under test.
@@ -51,10 +51,10 @@ def chinwag_test_settings(
         "data_dir": tmp_path / "chinwag-data",
         "rate_limit": {"enabled": False},
         # Converting the packaged GGUF takes ~25 s: do it once per machine, not per test.
-        "models": {"cache_dir": model_cache} if model_cache else {},
-        # Training the first sentiment adapter takes minutes: tests that want labels point
-        # models.registry_dir at a trained registry (or switch this back on).
-        "skills": {"sentiment": {"train_if_missing": False}},
+        # First-start training (the sentiment classifier's) takes minutes: tests that want
+        # labels point models.registry_dir at a trained registry (or switch this back on).
+        "models": {"first_start_training": False}
+        | ({"cache_dir": model_cache} if model_cache else {}),
     }
     return load_settings(path=None, overrides=_deep_merge(base, overrides or {}))
 

@@ -13,10 +13,11 @@ import typer
 from bot import hookimpl
 from bot.config import Settings
 from knowledge.base import KnowledgeBase, KnowledgeError, Passage
+from knowledge.config import SECTION, KnowledgeSettings
 
 
 def from_settings(settings: Settings) -> KnowledgeBase:
-    k = settings.knowledge
+    k = settings.section(SECTION, KnowledgeSettings)
     return KnowledgeBase(
         k.directory or settings.data_dir / "knowledge",
         model=k.model,
@@ -64,6 +65,11 @@ class KnowledgeService:
             return [float(v @ vectors[0]) for v in vectors[1:]]
 
         return await asyncio.to_thread(run)
+
+
+@hookimpl
+def register_config(register):
+    register(SECTION, KnowledgeSettings)
 
 
 @hookimpl

@@ -99,6 +99,8 @@ class SentimentSkill(Skill):
     async def setup(self, bot: Any, config: SentimentConfig) -> None:
         registry = bot.models.registry
         current = registry.current(config.classifier)
+        if not bot.settings.models.first_start_training:
+            config = config.model_copy(update={"train_if_missing": False})
 
         def warm() -> asyncio.Task[bool]:
             """Load the version in service now, so the first message does not pay for it."""
@@ -118,7 +120,7 @@ class SentimentSkill(Skill):
             )
         elif not config.train_if_missing:
             log.warning(
-                "no %r classifier in service and train_if_missing is off: messages will not "
+                "no %r classifier in service and first-start training is off: messages will not "
                 "be labelled",
                 config.classifier,
             )

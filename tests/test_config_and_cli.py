@@ -19,9 +19,9 @@ CHINWAG = [sys.executable, "-m", "bot.cli"]
 def run_cli(*args, stdin="", env=None, tmp_path: Path):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     full_env["CHINWAG_DATA_DIR"] = str(tmp_path / "data")
-    # The CLI's specifications: the model-free fallback, no first-start sentiment training.
+    # The CLI's specifications: the model-free fallback, no first-start training.
     full_env["CHINWAG_BOT__FALLBACK"] = "fallback"
-    full_env["CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING"] = "false"
+    full_env["CHINWAG_MODELS__FIRST_START_TRAINING"] = "false"
     full_env.update(env or {})
     return subprocess.run(
         [*CHINWAG, *args],
@@ -229,9 +229,58 @@ def test_the_example_configuration_is_valid_and_matches_the_defaults(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "chinwag.toml"
     from bot.config import Settings
 
+    from bot.plugins import make_manager, plugin_sections
+
     s = load_settings(example, {"data_dir": tmp_path})
     defaults = Settings(data_dir=tmp_path)
-    assert s.model_dump() == defaults.model_dump()
+    assert s.model_dump(exclude={"sections"}) == defaults.model_dump(exclude={"sections"})
+    # The plugins' own sections ([knowledge], [trainers]) are checked by their plugins.
+    pm, _ = make_manager()
+    sections = plugin_sections(pm, s)
+    assert {"knowledge", "trainers"} <= set(sections) and set(s.sections) <= set(sections)
+    for name, value in sections.items():
+        assert value == type(value)(), f"[{name}] in the example differs from the defaults"
+
+
+def test_every_mistake_in_every_plugins_section_is_reported_at_once(tmp_path):
+    (tmp_path / "chinwag.toml").write_text(
+        "[knowledge]\nmin_score = \"high\"\nchunk_tokens = 2\n"
+        "[trainers]\ngate_alpha = \"often\"\nnightly = true\n"
+        "[skills.dialogue]\nmax_new_tokenz = 5\n"
+    )
+    result = run_cli("config", tmp_path=tmp_path)
+    assert result.returncode == 2
+    for key in (
+        "knowledge.min_score",
+        "knowledge.chunk_tokens",
+        "trainers.gate_alpha",
+        "trainers.nightly: unknown key",
+        "skills.dialogue.max_new_tokenz: unknown key",
+    ):
+        assert key in result.stderr, result.stderr
+
+
+def test_plugins_sections_read_the_environment_like_the_cores(tmp_path):
+    (tmp_path / "chinwag.toml").write_text("[knowledge]\nmin_score = 0.2\nnprobe = 4\n")
+    env = {
+        "CHINWAG_KNOWLEDGE__MIN_SCORE": "0.45",
+        "CHINWAG_TRAINERS": '{"schedule": "30 2 * * *"}',
+    }
+    result = run_cli("config", env=env, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["knowledge"]["min_score"] == 0.45 and shown["knowledge"]["nprobe"] == 4
+    assert shown["trainers"]["schedule"] == "30 2 * * *"
+    assert shown["knowledge"]["chunk_tokens"] == 250  # defaults shown in full
+    broken = run_cli("config", env={"CHINWAG_TRAINERS": "{not json"}, tmp_path=tmp_path)
+    assert broken.returncode == 2 and "CHINWAG_TRAINERS" in broken.stderr
+
+
+def test_a_section_no_plugin_declares_is_pointed_out(tmp_path):
+    (tmp_path / "chinwag.toml").write_text("[knowlege]\nmin_score = 0.5\n")
+    result = run_cli("config", tmp_path=tmp_path)
+    assert result.returncode == 0
+    assert "[knowlege] section but no loaded plugin declares it" in result.stderr
 
 
 def test_a_disabled_plugin_adds_no_cli_commands(tmp_path):

@@ -180,11 +180,8 @@ async def test_a_broken_knowledge_index_is_a_clear_reply_and_other_skills_keep_w
         index_file.write_bytes(b"\0garbage")
     from knowledge.plugin import KnowledgeService, from_settings
 
-    settings = chinwag_bot.settings.model_copy(
-        update={
-            "knowledge": chinwag_bot.settings.knowledge.model_copy(update={"directory": broken})
-        }
-    )
+    settings = chinwag_bot.settings.model_copy(deep=True)
+    settings.sections.setdefault("knowledge", {})["directory"] = str(broken)
     chinwag_bot.services["knowledge"] = KnowledgeService(from_settings(settings))
     user = chinwag_chat()
     (reply,) = await user.send("/ask How long does a building permit take?")
@@ -635,9 +632,9 @@ async def test_the_first_start_trains_a_sentiment_adapter_while_the_bot_answers(
         tmp_path,
         {
             "bot": {"fallback": "fallback"},
+            "models": {"first_start_training": True},
             "skills": {
                 "sentiment": {
-                    "train_if_missing": True,
                     "training": {
                         "max_train_examples": 64,
                         "head_init_examples": 200,
@@ -680,7 +677,7 @@ async def test_stopping_during_the_first_training_leaves_no_half_adapter(tmp_pat
 
     settings = chinwag_test_settings(
         tmp_path,
-        {"bot": {"fallback": "fallback"}, "skills": {"sentiment": {"train_if_missing": True}}},
+        {"bot": {"fallback": "fallback"}, "models": {"first_start_training": True}},
     )
     async with Bot(settings) as bot:
         task = bot.services["sentiment.training"]

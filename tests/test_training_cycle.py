@@ -93,7 +93,7 @@ def healthy(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp().parent / "chinwag-model-cache"
     settings = settings_for(root, cache)
     asyncio.run(simulate_log(settings))
-    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+    report = run_cycle(settings, settings.section("trainers", CycleConfig))
     return settings, report
 
 
@@ -166,7 +166,7 @@ def test_a_candidate_trained_on_poisoned_replies_is_rejected(tmp_path, chinwag_m
         regression_size=16,  # enough conversations for the sign test to see it clearly
     )
     asyncio.run(simulate_log(settings, poisoned=True, chats=20))
-    report = run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+    report = run_cycle(settings, settings.section("trainers", CycleConfig))
     r = report["adapters"]["companion"]
     assert r["decision"] == "rejected", r
     assert "regression loss" in r["why"]
@@ -178,7 +178,7 @@ def test_too_little_data_skips_with_a_clear_reason_and_keeps_it_for_the_next_cyc
 ):
     settings = settings_for(tmp_path, chinwag_model_cache)
     asyncio.run(simulate_log(settings, chats=2))
-    config = CycleConfig.model_validate(settings.trainers)
+    config = settings.section("trainers", CycleConfig)
     first = run_cycle(settings, config)
     assert first["adapters"]["companion"]["decision"] == "skipped"
     assert "fewer than min_examples 10" in first["adapters"]["companion"]["why"]
@@ -194,7 +194,7 @@ def test_too_little_data_skips_with_a_clear_reason_and_keeps_it_for_the_next_cyc
 def test_only_one_cycle_runs_at_a_time(tmp_path):
     settings = settings_for(tmp_path, tmp_path)
     with cycle_lock(settings), pytest.raises(CycleBusy):
-        run_cycle(settings, CycleConfig.model_validate(settings.trainers))
+        run_cycle(settings, settings.section("trainers", CycleConfig))
 
 
 async def test_a_promotion_and_a_rollback_are_served_without_restart(healthy, tmp_path):
@@ -334,7 +334,7 @@ async def test_operator_labels_retrain_the_sentiment_classifier_through_the_gate
                 assert label in ack.text
         await bot.store.flush()
     current = AdapterRegistry(registry_dir).current("sentiment")
-    config = CycleConfig.model_validate(settings.trainers)
+    config = settings.section("trainers", CycleConfig)
     report = await asyncio.to_thread(run_cycle, settings, config)  # a cycle is its own process
     r = report["adapters"]["sentiment"]
     assert r["train_labels"] + r["held_out_labels"] == 12  # distinct messages, one label each

@@ -13,15 +13,10 @@ from trainers.progress import stage_bars
 
 
 def cycle_config(settings: Any) -> Any:
-    from pydantic import ValidationError
-
-    from bot.config import ConfigError, format_validation_error
+    """The validated ``[trainers]`` section (every mistake at once, as skills' sections)."""
     from trainers.cycle import CycleConfig
 
-    try:
-        return CycleConfig.model_validate(settings.trainers or {})
-    except ValidationError as exc:  # every mistake at once, the way skills' sections report
-        raise ConfigError(format_validation_error(exc, "[trainers]", prefix="trainers")) from None
+    return settings.section("trainers", CycleConfig)
 
 
 def train(

@@ -1,6 +1,6 @@
 """The model runtime the bot owns: every model-backed skill goes through it.
 
-Skills call ``await runtime.generate(messages, adapter="qa")`` and ``await runtime.embed(texts)``;
+Skills call ``await runtime.generate(messages, adapter="qa")``;
 no skill loads a model of its own. The base model loads on first use (so a bot without
 model-backed skills never pays for it) in a worker thread, never on the event loop.
 """
@@ -16,11 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bot.config import Settings
 from bot.models.classifier import Classification, ClassifierPool
-from bot.models.embedding import Embedder
 from bot.models.local import LocalBackend, _resolve
 from bot.models.registry import AdapterRegistry
 from bot.models.remote import RemoteBackend
@@ -44,7 +41,6 @@ class ModelRuntime:
         self.settings = settings
         self.config = settings.models
         self._backend = backend
-        self._embedder: Embedder | None = None
         self.loaded_from_cache: bool | None = None
         #: Trained adapter versions and which one is in service (data_dir/adapters).
         self.registry = AdapterRegistry(
@@ -343,12 +339,6 @@ class ModelRuntime:
         finally:
             if not task.done():
                 task.cancel()
-
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        if self._embedder is None:
-            k = self.settings.knowledge
-            self._embedder = Embedder(k.model, device=k.device, dtype=k.dtype)
-        return await asyncio.to_thread(self._embedder.encode, texts)
 
     async def classify(
         self, texts: list[str], classifier: str = "sentiment"

@@ -23,6 +23,9 @@ from bot.simulation.chat import ChatUser
 from bot.simulation.scenarios import Expect, Scenario
 
 RATINGS = {"good": 1, "bad": -1}
+#: The service (and configuration section) a scenario's ``knowledge`` documents go to: a
+#: role any plugin may fill — the built-in knowledge plugin does.
+KNOWLEDGE = "knowledge"
 
 
 @dataclass
@@ -192,16 +195,12 @@ async def run_all(
 def scratch_settings(settings: Any, tmp: Path) -> Any:
     """Same bot — knowledge index, adapters, models — but a throwaway conversation log."""
     s = settings.model_copy(deep=True)
-    s.knowledge.directory = settings.knowledge.directory or settings.data_dir / "knowledge"
     s.models.registry_dir = settings.models.registry_dir or settings.data_dir / "adapters"
     s.database.url = f"sqlite+aiosqlite:///{tmp / 'simulate.sqlite3'}"
     s.rate_limit.enabled = False
     # A measurement must not change what it measures: no first-start training into the
     # operator's registry (the classifier in service, if any, is what gets evaluated).
-    from bot.config import SkillSettings
-
-    sentiment = s.skills.get("sentiment") or SkillSettings()
-    s.skills["sentiment"] = sentiment.model_copy(update={"train_if_missing": False})
+    s.models.first_start_training = False
     return s
 
 
@@ -225,12 +224,16 @@ async def simulate(
     for n, (docs, group) in enumerate(groups.items()):
         run_settings = settings
         if docs:
+            # The scenario format's ``knowledge`` documents go to whichever plugin provides
+            # the "knowledge" service, through its [knowledge] section's ``directory``.
             run_settings = settings.model_copy(deep=True)
-            run_settings.knowledge.directory = workdir / f"knowledge-{n}"
+            run_settings.sections.setdefault(KNOWLEDGE, {})["directory"] = str(
+                workdir / f"knowledge-{n}"
+            )
         async with Bot(run_settings) as bot:
             await bot.warmed()
             if docs:
-                service = bot.services.get("knowledge")
+                service = bot.services.get(KNOWLEDGE)
                 if service is None:
                     raise RuntimeError("scenarios list knowledge but no knowledge plugin is loaded")
                 await service.add(list(docs))
