@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import functools
 import hashlib
-import html
 import importlib.util
 import json
 import os
@@ -349,12 +348,12 @@ def show(name: str, c: dict[str, Any]) -> None:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     """learning.png (the curves) and report.html (figures, gate, answers before and after)."""
-    from trainers.report import _fig_to_img, _plt
+    from trainers.page import Section, Text, image, plt, render, table
 
-    plt = _plt()
+    pyplot = plt()
     corpora = {k: v for k, v in result.items() if isinstance(v, dict) and "cycles" in v}
     figures = ("containment", "answer_f1", "cited_right", "generated", "abstention")
-    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 3.6), squeeze=False)
+    fig, axes = pyplot.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 3.6), squeeze=False)
     for ax, (name, r) in zip(axes[0], corpora.items(), strict=True):
         xs = [c["cycle"] for c in r["cycles"]]
         for f in figures:
@@ -368,45 +367,51 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7, loc="best")
     fig.savefig(out / "learning.png", dpi=110, bbox_inches="tight")
-    img = _fig_to_img(fig, "learning curves")
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>chinwag learning</title>",
-        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1100px;margin:2em auto}"
-        "td,th{border:1px solid #ddd;padding:.2em .6em;vertical-align:top}"
-        "table{border-collapse:collapse;margin:1em 0}</style></head><body>",
-        "<h1>Does the bot learn from its users?</h1>",
-        f"<p>Load average {e(str(result.get('load_average_start')))} → "
-        f"{e(str(result.get('load_average_end')))}. Held-out questions never appear in "
-        "training.</p>",
-        img,
-    ]
+    intro = Text(
+        f"Load average {result.get('load_average_start')} → {result.get('load_average_end')}. "
+        "Held-out questions never appear in training."
+    )
+    sections = [Section("Learning curves", [intro, image(fig, "learning curves")])]
     for name, r in corpora.items():
-        parts.append(f"<h2>{e(name)}</h2><table><tr><th>cycle</th>")
-        parts.append("".join(f"<th>{e(f)}</th>" for f in figures))
-        parts.append("<th>taught</th><th>gate</th><th>regression loss in service</th></tr>")
+        rows = []
         for c in r["cycles"]:
             gate = c.get("gate") or {}
             why = f" — {gate['why']}" if gate.get("why") else ""
-            parts.append(
-                f"<tr><td>{c['cycle']}</td>"
-                + "".join(f"<td>{c[f]:.3f}</td>" for f in figures)
-                + f"<td>{e(json.dumps(c.get('taught', {})))}</td>"
-                + f"<td>{e(str(gate.get('decision', '–')) + why)}</td>"
-                + f"<td>{gate.get('regression_loss_in_service', '–')}</td></tr>"
+            rows.append(
+                [
+                    c["cycle"],
+                    *(c[f] for f in figures),
+                    json.dumps(c.get("taught", {})),
+                    f"{gate.get('decision', '–')}{why}",
+                    gate.get("regression_loss_in_service"),
+                ]
             )
-        parts.append("</table><h3>Held-out answers, before and after</h3><table>")
-        parts.append("<tr><th>question</th><th>cycle 0</th><th>last cycle</th></tr>")
         before, after = r["cycles"][0]["rows"], r["cycles"][-1]["rows"]
-        for b, a in list(zip(before, after, strict=True))[:20]:
-            parts.append(
-                f"<tr><td>{e(b['question'])}</td>"
-                f"<td>{'✓' if b['contained'] else '✗'} {e(b['answer'][:400])}</td>"
-                f"<td>{'✓' if a['contained'] else '✗'} {e(a['answer'][:400])}</td></tr>"
+        answers = [
+            [
+                b["question"],
+                f"{'✓' if b['contained'] else '✗'} {b['answer'][:400]}",
+                f"{'✓' if a['contained'] else '✗'} {a['answer'][:400]}",
+            ]
+            for b, a in list(zip(before, after, strict=True))[:20]
+        ]
+        sections.append(
+            Section(
+                name,
+                [
+                    table(
+                        ["cycle", *figures, "taught", "gate", "regression loss in service"], rows
+                    ),
+                    table(
+                        ["question", "cycle 0", "last cycle"],
+                        answers,
+                        title="Held-out answers, before and after",
+                    ),
+                ],
             )
-        parts.append("</table>")
-    parts.append("</body></html>")
-    (out / "report.html").write_text("".join(parts), encoding="utf-8")
+        )
+    page = render("Does the bot learn from its users?", sections)
+    (out / "report.html").write_text(page, encoding="utf-8")
 
 
 def main() -> None:

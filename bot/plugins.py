@@ -235,14 +235,8 @@ def plugin_sections(pm: pluggy.PluginManager, settings: Settings) -> dict[str, B
     problems: list[str] = []
     found: dict[str, BaseModel] = {}
     for name, (model, _plugin) in models.items():
-        data = settings.sections.get(name) or {}
-        unknown = unknown_keys(model, data)
-        if unknown:  # a typo must not pass silently, whatever the model's own setting
-            keys = "\n  ".join(f"{name}.{k}: unknown key" for k in unknown)
-            problems.append(f"invalid configuration:\n  {keys}")
-            continue
         try:
-            found[name] = settings.section(name, model)
+            found[name] = validate_section(model, settings.sections.get(name) or {}, name)
         except ConfigError as exc:
             problems.append(str(exc))
     for name in unclaimed_sections(pm, settings, models):
@@ -274,13 +268,19 @@ def skill_config(skill: Any, name: str, section: Any) -> Any:
             keys = ", ".join(f"skills.{name}.{k}" for k in options)
             raise ConfigError(f"invalid configuration:\n  {keys}: unknown key")
         return None
-    unknown = unknown_keys(model, options)
-    if unknown:  # a typo must not pass silently, whatever the model's own setting
-        keys = "\n  ".join(f"skills.{name}.{k}: unknown key" for k in unknown)
-        raise ConfigError(f"invalid configuration:\n  {keys}")
+    return validate_section(model, options, f"skills.{name}")
+
+
+def validate_section(model: type[BaseModel], data: dict[str, Any], prefix: str) -> Any:
+    """``data`` validated by ``model``, or :class:`ConfigError` listing every mistake: bad
+    values, missing keys, and unknown keys whatever the model's own ``extra`` setting (a typo
+    must not pass silently)."""
+    unknown = unknown_keys(model, data)
+    lines = [f"  {prefix}.{k}: unknown key" for k in unknown]
     try:
-        return model(**options)
+        value = model.model_validate({k: v for k, v in data.items() if k not in unknown})
     except ValidationError as exc:
-        raise ConfigError(
-            format_validation_error(exc, f"[skills.{name}]", prefix=f"skills.{name}")
-        ) from None
+        lines += format_validation_error(exc, f"[{prefix}]", prefix=prefix).splitlines()[1:]
+    if lines:
+        raise ConfigError("\n".join([f"invalid configuration in [{prefix}]:", *lines]))
+    return value

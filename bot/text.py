@@ -12,9 +12,18 @@ import re
 from collections.abc import Iterable
 
 _WORD = re.compile(r"[^\W_]+(?:[.,'’-][^\W_]+)*", re.UNICODE)
-# A sentence ends at . ! ? … followed by a capital or a quote: "6 kap. 7 §", "e.g. a", "ch. 8:2"
-# stay whole.
-_SENTENCE = re.compile(r"(?<=[.!?…])\s+(?=[\"'“‘(\[]?[A-ZÅÄÖÉÜ])|\n+")
+# The one sentence rule (replies, quotes, chunking, message splitting, training data): a
+# sentence ends at . ! ? … followed by a capital, perhaps after a quote or bracket — so
+# "e.g. a" and "ch. 8:2" stay whole; a digit may start one only where asked ("6 kap. 7 §" in
+# a reply stays whole, "Step 1. 2. Unpack" in a document splits).
+_BREAK = r"(?<=[.!?…])\s+(?=[\"'“‘(\[]?[A-ZÀ-ÖØ-Þ{digits}])"
+SENTENCE_BREAK = re.compile(_BREAK.format(digits=""))
+_BREAKS = {
+    (False, False): SENTENCE_BREAK,
+    (True, False): re.compile(SENTENCE_BREAK.pattern + r"|\n+"),
+    (False, True): re.compile(_BREAK.format(digits="0-9")),
+    (True, True): re.compile(_BREAK.format(digits="0-9") + r"|\n+"),
+}
 STOPWORDS = frozenset(
     """a about above after again against all am an and any are as at be because been before being
     below between both but by can could did do does doing down during each few for from further
@@ -41,8 +50,11 @@ def content_words(text: str) -> list[str]:
     return [w for w in words(text) if w not in STOPWORDS and (len(w) > 2 or w[0].isdigit())]
 
 
-def sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text) if s and s.strip()]
+def sentences(text: str, *, lines: bool = True, numbers: bool = False) -> list[str]:
+    """``text``'s sentences, stripped. ``lines``: a line break ends one too (replies and
+    quotes; not running prose a loader has already joined); ``numbers``: one may start with a
+    digit (documents' numbered steps)."""
+    return [s.strip() for s in _BREAKS[lines, numbers].split(text) if s and s.strip()]
 
 
 def support(answer: str, passages: Iterable[str]) -> float:

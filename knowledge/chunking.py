@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from bot.text import sentences
 from knowledge.loaders import Section
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
-_SENTENCE = re.compile(r"(?<=[.!?…])\s+(?=[\"'(\[]?[A-ZÀ-ÖØ-Þ0-9])")
 
 
 @dataclass(slots=True)
@@ -76,7 +76,7 @@ class Chunker:
         for para in _PARAGRAPH.split(text.strip()):
             para = para.strip()
             if para:
-                units.extend(s.strip() for s in _SENTENCE.split(para) if s.strip())
+                units.extend(sentences(para, lines=False, numbers=True))
                 units.append("\n\n")  # paragraph boundary marker
         return units[:-1] if units else units
 

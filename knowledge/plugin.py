@@ -96,24 +96,6 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _progress():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-
-
 app = typer.Typer(help="The knowledge base skills answer from.", no_args_is_help=True)
 
 
@@ -134,14 +116,12 @@ def add(
         if as_json:
             summary = kb.add(paths, sync=sync)
         else:
-            with _progress() as bar:
-                tasks: dict[str, Any] = {}
+            from rich.console import Console
 
-                def report(stage: str, done: int, total: int) -> None:
-                    if stage not in tasks:
-                        tasks[stage] = bar.add_task(stage, total=total)
-                    bar.update(tasks[stage], completed=done, total=total)
+            from bot.progress import stage_bars
 
+            # On stderr: stdout carries the summary (scripts read it); piped, plain lines.
+            with stage_bars(Console(stderr=True)) as report:
                 summary = kb.add(paths, sync=sync, progress=report)
     except KnowledgeError as exc:
         raise _fail(exc) from None

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from bot import Command, Context, Escalation, Message, Reply, Skill, hookimpl
 from bot.models.classifier import NoClassifier, describe
 from bot.process import die_with_parent
+from bot.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,8 @@ async def train_in_subprocess(
                     shown[stage] = pct
                     left = ""
                     if first < done < total:
-                        left = ", " + _duration((now - since) / (done - first) * (total - done))
+                        left = (now - since) / (done - first) * (total - done)
+                        left = f", about {duration(left)} left"
                     log.info("sentiment training: %s %d/%d (%d%%%s)", stage, done, total, pct, left)
             elif parts[:1] == ["ready"] and len(parts) >= 3:
                 log.info(
@@ -374,12 +376,6 @@ async def train_in_subprocess(
         log.error("sentiment training failed (exit %s): %s", proc.returncode, reason)
         return False
     return True
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"about {max(1, round(seconds))} s left"
-    return f"about {round(seconds / 60)} min left"
 
 
 SKILL = SentimentSkill()

@@ -228,7 +228,6 @@ def test_a_third_party_skills_bad_config_names_its_key(tmp_path):
 def test_the_example_configuration_is_valid_and_matches_the_defaults(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "chinwag.toml"
     from bot.config import Settings
-
     from bot.plugins import make_manager, plugin_sections
 
     s = load_settings(example, {"data_dir": tmp_path})
@@ -244,8 +243,8 @@ def test_the_example_configuration_is_valid_and_matches_the_defaults(tmp_path):
 
 def test_every_mistake_in_every_plugins_section_is_reported_at_once(tmp_path):
     (tmp_path / "chinwag.toml").write_text(
-        "[knowledge]\nmin_score = \"high\"\nchunk_tokens = 2\n"
-        "[trainers]\ngate_alpha = \"often\"\nnightly = true\n"
+        '[knowledge]\nmin_score = "high"\nchunk_tokens = 2\n'
+        '[trainers]\ngate_alpha = "often"\nnightly = true\n'
         "[skills.dialogue]\nmax_new_tokenz = 5\n"
     )
     result = run_cli("config", tmp_path=tmp_path)

@@ -285,3 +285,21 @@ async def test_a_judge_biased_towards_the_first_answer_ends_in_a_tie(judge_serve
         await panel.close()
     assert result["judge_unreadable"] == 6  # 3 judges × 2 orders, none readable
     assert result["judge_vs_reference"] == 0.5  # no readable verdict is no win
+
+
+def test_what_users_typed_shows_as_text_in_the_report_never_as_markup(tmp_path):
+    from trainers.report import write_report
+
+    hostile = '<img src=x onerror="alert(1)">'
+    _, html_path = write_report(
+        {
+            "suites": {
+                "qa": {"f1": 0.1, "cases": [{"question": hostile, "reply": "</table>", "f1": 0.0}]},
+                "scenarios": {"failures": [{"name": hostile, "file": "a.yaml", "why": "<b>"}]},
+            }
+        },
+        tmp_path,
+    )
+    page = html_path.read_text()
+    assert hostile not in page and "&lt;img src=x onerror=" in page
+    assert page.count("</table>") == page.count("<table>")  # the reply did not close a table

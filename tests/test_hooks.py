@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from bot import Escalation, Reply, Skill, hookimpl, hookspecs
@@ -28,6 +29,7 @@ def test_the_contract_has_the_hooks_we_document():
         "escalate",
         "register_adapters",
         "register_commands",
+        "register_config",
         "register_observers",
         "register_reply_filters",
         "register_services",
@@ -90,6 +92,13 @@ class Pager:
         self.pushed.append((chat_id, reply.text))
 
 
+class PagerConfig(BaseModel):
+    """``[pager]``: a section of the plugin's own, beside the core's."""
+
+    url: str
+    timeout_s: float = 5.0
+
+
 class EveryHook:
     """One plugin implementing every hook, recording what happened."""
 
@@ -115,6 +124,10 @@ class EveryHook:
     @hookimpl
     def register_services(self, register, settings):
         register("skills", "skill lister")  # any chinwag sub-command can be a service
+
+    @hookimpl
+    def register_config(self, register):
+        register("pager", PagerConfig)
 
     @hookimpl
     def register_commands(self, cli):
@@ -143,7 +156,8 @@ class EveryHook:
 
 async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_path):
     plugin = EveryHook()
-    bot = Bot(core_settings(tmp_path), plugins=[plugin], load_entry_points=False)
+    settings = core_settings(tmp_path, {"pager": {"url": "https://pager.example"}})
+    bot = Bot(settings, plugins=[plugin], load_entry_points=False)
     await bot.start()
     assert plugin.events == ["startup:1"]
     user = ChatUser(bot, user_name="Ann")
@@ -155,11 +169,28 @@ async def test_skills_observers_filters_and_lifecycle_hooks_work_together(tmp_pa
     assert plugin.events == ["startup:1", "escalate:user-1:asked for a human", "shutdown"]
 
 
+async def test_a_plugins_own_section_is_validated_at_start_and_read_typed(tmp_path):
+    from bot.config import ConfigError
+
+    broken = core_settings(tmp_path, {"pager": {"timeout_s": "soon", "retries": 3}})
+    with pytest.raises(ConfigError) as caught:
+        await Bot(broken, plugins=[EveryHook()], load_entry_points=False).start()
+    # Every mistake at once, each named by its key.
+    for key in ("pager.url", "pager.timeout_s", "pager.retries"):
+        assert key in str(caught.value)
+    fine = core_settings(tmp_path, {"pager": {"url": "https://pager.example"}})
+    async with Bot(fine, plugins=[EveryHook()], load_entry_points=False) as bot:
+        pager = bot.settings.section("pager", PagerConfig)
+        assert (pager.url, pager.timeout_s) == ("https://pager.example", 5.0)
+
+
 async def test_a_plugin_adds_a_platform_beside_the_built_in_ones(tmp_path):
     from bot.adapters.http import HttpServer
     from bot.runner import adapters_for
 
-    settings = core_settings(tmp_path, {"http": {"enabled": True, "tokens": ["t"]}})
+    settings = core_settings(
+        tmp_path, {"http": {"enabled": True, "tokens": ["t"]}, "pager": {"url": "p"}}
+    )
     async with Bot(settings, plugins=[EveryHook()], load_entry_points=False) as bot:
         http, pager = adapters_for(bot)
         assert isinstance(http, HttpServer) and isinstance(pager, Pager)
@@ -169,8 +200,9 @@ async def test_a_plugin_adds_a_platform_beside_the_built_in_ones(tmp_path):
 async def test_chinwag_run_keeps_a_plugins_service_running_in_its_own_process(tmp_path):
     from bot.runner import _services
 
+    settings = core_settings(tmp_path, {"pager": {"url": "p"}})
     async with (
-        Bot(core_settings(tmp_path), plugins=[EveryHook()], load_entry_points=False) as bot,
+        Bot(settings, plugins=[EveryHook()], load_entry_points=False) as bot,
         _services(bot, None, None) as children,
     ):
         (child,) = children  # EveryHook's; the trainers' schedule is not loaded here

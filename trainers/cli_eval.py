@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trainers.progress import stage_bars
+from bot.progress import stage_bars
 
 eval_app = typer.Typer(
     help="Evaluate the bot: figures, plots and an HTML report.", invoke_without_command=True

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from bot.progress import stage_bars
 from bot.text import plural
-from trainers.progress import stage_bars
 
 
 def cycle_config(settings: Any) -> Any:

@@ -414,44 +414,33 @@ def _train_sentiment(
 
 def _write_reports(report: dict[str, Any], out: Path) -> None:
     """JSON and HTML (loss curves, held-out loss before/after) beside the data."""
-    import html
-
-    from trainers.report import _fig_to_img, _plt
+    from trainers.page import Section, Text, image, plt, render, table
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
     adapters = report.get("adapters") or {report.get("adapter", "adapter"): report}
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>chinwag training</title>",
-        "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto}"
-        "td,th{border:1px solid #ddd;padding:.2em .6em}table{border-collapse:collapse}</style>",
-        f"</head><body><h1>Training cycle {html.escape(str(report.get('cycle', '')))}</h1>",
-    ]
-    plt = _plt()
+    pyplot = plt()
+    sections = []
     for name, r in adapters.items():
-        parts.append(f"<h2>{html.escape(name)}: {html.escape(str(r.get('decision')))}</h2>")
-        if r.get("why"):
-            parts.append(f"<p>{html.escape(r['why'])}</p>")
+        blocks: list[Any] = [Text(r["why"])] if r.get("why") else []
         if r.get("curve"):
-            fig, ax = plt.subplots(figsize=(5.5, 3))
+            fig, ax = pyplot.subplots(figsize=(5.5, 3))
             ax.plot([c["step"] for c in r["curve"]], [c["loss"] for c in r["curve"]])
             ax.set_xlabel("step")
             ax.set_ylabel("training loss")
             ax.set_title("Training loss")
-            parts.append(_fig_to_img(fig, f"{name} training loss"))
+            blocks.append(image(fig, f"{name} training loss"))
         if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier's figures
             before = r.get("baseline") or {}
-            parts.append(
-                "<table><tr><th>figure</th><th>in service</th><th>candidate</th></tr>"
-                + "".join(
-                    f"<tr><td>{k}</td><td>{before.get(k, '–')}</td><td>{v}</td></tr>"
-                    for k, v in r["candidate"].items()
+            blocks.append(
+                table(
+                    ["figure", "in service", "candidate"],
+                    [[k, before.get(k), v] for k, v in r["candidate"].items()],
                 )
-                + "</table>"
             )
         elif r.get("baseline") and r.get("candidate"):
             sets = ("held_out", "regression")
-            fig, ax = plt.subplots(figsize=(5, 3))
+            fig, ax = pyplot.subplots(figsize=(5, 3))
             x = range(len(sets))
             ax.bar(
                 [i - 0.2 for i in x],
@@ -471,22 +460,20 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
             ax.set_ylabel("reply loss")
             ax.set_title("Gate: lower is better")
             ax.legend()
-            parts.append(_fig_to_img(fig, f"{name} gate"))
-            parts.append(
-                "<table><tr><th>set</th><th>in service</th><th>candidate</th></tr>"
-                + "".join(
-                    f"<tr><td>{k} loss</td><td>{r['baseline'][k]['loss']:.4f}</td>"
-                    f"<td>{r['candidate'][k]['loss']:.4f}</td></tr>"
-                    for k in sets
+            blocks.append(image(fig, f"{name} gate"))
+            rows = [
+                [f"{k} loss", f"{r['baseline'][k]['loss']:.4f}", f"{r['candidate'][k]['loss']:.4f}"]
+                for k in sets
+            ]
+            if "answers" in r["baseline"] and "answers" in r["candidate"]:
+                rows.append(
+                    [
+                        "answer F1 (held-out prompts)",
+                        r["baseline"]["answers"]["f1"],
+                        r["candidate"]["answers"]["f1"],
+                    ]
                 )
-                + (
-                    f"<tr><td>answer F1 (held-out prompts)</td>"
-                    f"<td>{r['baseline']['answers']['f1']:.3f}</td>"
-                    f"<td>{r['candidate']['answers']['f1']:.3f}</td></tr>"
-                    if "answers" in r["baseline"] and "answers" in r["candidate"]
-                    else ""
-                )
-                + "</table>"
-            )
-    parts.append("</body></html>")
-    atomic_write(out / "report.html", "".join(parts))
+            blocks.append(table(["set", "in service", "candidate"], rows))
+        sections.append(Section(f"{name}: {r.get('decision')}", blocks))
+    title = f"Training cycle {report.get('cycle', '')}"
+    atomic_write(out / "report.html", render(title, sections))

@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import math
 import random
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from bot.models.classifier import load_encoder_tokenizer
 from bot.models.registry import AdapterRegistry, AdapterVersion
+from bot.text import sentences
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,6 @@ def rotten_tomatoes_path() -> Path:
     return path
 
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
-
-
 def load_rotten_tomatoes(path: Path | None = None, *, neutral_per_plot: int = 5) -> list[Example]:
     path = path or rotten_tomatoes_path()
     out: list[Example] = []
@@ -111,8 +108,8 @@ def load_rotten_tomatoes(path: Path | None = None, *, neutral_per_plot: int = 5)
                 if text:
                     out.append(Example(text, LABEL_OF[row["category"]], movie))
             elif row["category"] == "plot":
-                sentences = [s for s in _SENTENCE.split(text) if 5 <= len(s.split()) <= 40]
-                out.extend(Example(s, NEUTRAL, movie) for s in sentences[:neutral_per_plot])
+                found = [s for s in sentences(text, lines=False) if 5 <= len(s.split()) <= 40]
+                out.extend(Example(s, NEUTRAL, movie) for s in found[:neutral_per_plot])
     return out
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 
-_BOUNDARIES = (r"\n\s*\n", r"\n", r"(?<=[.!?…])\s", r"\s")
+from bot.text import SENTENCE_BREAK
+
+# Between paragraphs, lines, sentences (the rule replies and quotes use), words.
+_BOUNDARIES = (r"\n\s*\n", r"\n", SENTENCE_BREAK.pattern, r"\s")
 _FENCE = re.compile(r"^```(\S*)", re.M)
 
 

@@ -1,5 +1,6 @@
-"""Progress for long work (evaluation suites, training steps): bars on a terminal, plain lines
-with an ETA when piped (cron, CI, a bench's log)."""
+"""Progress for long work (ingest, evaluation suites, training steps): bars with an ETA on a
+terminal, plain lines with an ETA when piped (cron, CI, a bench's log). One helper for every
+plugin's long commands, so they all report alike."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from typing import Any
 def stage_bars(
     console: Any, *, transient: bool = False
 ) -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(stage, done, total)`` callback drawing one bar per stage (eval suites,
-    training steps) — the shape every long-running trainers function reports in."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage (ingest stages,
+    eval suites, training steps) — the shape every long-running function reports in."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     if not console.is_terminal:
         # Piped (cron, CI, a bench's log): rich draws nothing until the end, so say how far
@@ -26,6 +33,7 @@ def stage_bars(
         TextColumn("{task.description:>10}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TimeRemainingColumn(),
         console=console,
         transient=transient,
     ) as bars:
@@ -59,15 +67,16 @@ def _progress_lines(
         line = f"{stage}: {done}/{total}"
         if 0 < done < total:
             left = (now - start) / done * (total - done)
-            line += f" ({done / total:.0%}, about {_duration(left)} left)"
+            line += f" ({done / total:.0%}, about {duration(left)} left)"
         elif finished and now - start >= 1:
-            line += f" (done in {_duration(now - start)})"
+            line += f" (done in {duration(now - start)})"
         console.print(line, markup=False, highlight=False)
 
     yield progress
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``1.5 h``: how long, the way a person would say it."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
