@@ -132,11 +132,11 @@ def run_async(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 @app.command()
 def run() -> None:
     """Start every configured platform adapter; the console chat when none is configured."""
-    from bot.runner import serve, uses_console
+    from bot.runner import serve
 
     s = settings()
-    log_path = interactive_log(s) if uses_console(s) and sys.stdin.isatty() else None
-    run_async(lambda: serve(s, config_path=state.config, log_path=log_path))
+    console_log = (lambda: interactive_log(s)) if sys.stdin.isatty() else None
+    run_async(lambda: serve(s, config_path=state.config, console_log=console_log))
 
 
 @app.command()

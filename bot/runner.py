@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from bot.adapters.base import Adapter
@@ -24,20 +24,6 @@ from bot.plugins import collect
 from bot.process import die_with_parent, exit_within
 
 log = logging.getLogger(__name__)
-
-
-def configured_platforms(settings: Settings) -> list[str]:
-    found = []
-    if settings.telegram.token is not None:
-        found.append("telegram")
-    if settings.discord.token is not None:
-        found.append("discord")
-    return found
-
-
-def uses_console(settings: Settings) -> bool:
-    """No platform and no HTTP API configured: ``chinwag run`` chats on the console."""
-    return not configured_platforms(settings) and not settings.http.enabled
 
 
 class NothingToServe(ConfigError):
@@ -61,16 +47,25 @@ def adapters_for(bot: Bot) -> list[Adapter]:
 
 
 async def serve(
-    settings: Settings, *, config_path: Path | None = None, log_path: Path | None = None
+    settings: Settings,
+    *,
+    config_path: Path | None = None,
+    console_log: Callable[[], Path] | None = None,
 ) -> None:
+    """Every adapter the plugins register (built-in or third-party); the console chat when
+    there is none. ``console_log`` moves the log off the terminal when the console chat
+    will own it, and says where it went."""
     if settings.http.enabled and not settings.http.tokens:
         # Checked before anything starts: an open API would answer anyone.
         raise ConfigError("http.tokens is empty: the HTTP API needs at least one bearer token")
-    async with Bot(settings) as bot, _services(bot, config_path, log_path):
+    bot = Bot(settings)
+    # Built (not started) before the bot starts: whether anyone but the console will chat
+    # decides where the log goes, for the bot and its services alike.
+    servers: list[Adapter] = adapters_for(bot)
+    log_path = console_log() if console_log is not None and not servers else None
+    async with bot, _services(bot, config_path, log_path):
         bot.warm_up_models()
-        servers: list[Adapter] = []
         try:
-            servers = adapters_for(bot)
             if servers:
                 # Listening before the first start: a SIGTERM while an adapter is still
                 # connecting must mean "shut down gracefully", not the default instant death.
