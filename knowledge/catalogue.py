@@ -9,6 +9,7 @@ reads.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import time
@@ -66,6 +67,47 @@ class KnowledgeError(Exception):
     """Something about the knowledge base needs the operator; the message says what."""
 
 
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+@functools.cache
+def _head() -> str | None:
+    from bot.store.migrate import head_revision
+
+    return head_revision(MIGRATIONS)
+
+
+def _migrate(engine: sa.Engine, lock: Path) -> None:
+    """Bring the catalogue to the schema this code reads (Alembic, knowledge/migrations/):
+    a new one is created, an older one upgraded in place, one from a newer chinwag refused.
+    Under the write lock, so two processes opening one catalogue migrate it once."""
+    from alembic.runtime.migration import MigrationContext
+
+    from bot.store.migrate import upgrade_sync
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current == _head():
+        return  # every open but the first: one query
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            with engine.begin() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == _head():
+                    return
+                try:
+                    upgrade_sync(conn, location=MIGRATIONS)
+                except Exception as exc:  # an unknown revision: written by a newer chinwag
+                    raise KnowledgeError(
+                        f"{engine.url.database}: cannot migrate the catalogue from revision "
+                        f"{current!r} ({exc}); was it written by a newer chinwag?"
+                    ) from None
+            log.info("knowledge: catalogue schema %s → %s", current or "none", _head())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
@@ -121,9 +163,7 @@ class Catalogue(KnowledgeState):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
 
-        _meta.create_all(engine)
-        with engine.begin() as conn:
-            conn.execute(sa.text(lexical.DDL))
+        _migrate(engine, self.directory / ".write.lock")
         self._engine = engine
 
     def _ensure_lexical(self) -> None:

@@ -22,10 +22,6 @@ import sqlalchemy as sa
 
 TABLE = "chunks_fts"
 
-DDL = (
-    f"CREATE VIRTUAL TABLE IF NOT EXISTS {TABLE} USING fts5("
-    "headings, text, tokenize = 'porter unicode61 remove_diacritics 2')"
-)
 
 #: A name in more than this share of the chunks (and more than COMMON_MIN) is not searched.
 COMMON_SHARE = 0.02

@@ -228,17 +228,8 @@ def rebuild(
 ) -> None:
     """Recreate the index from the catalogue (repairs a corrupt index; applies IVF settings)."""
     kb = _kb()
-    kb.directory.mkdir(parents=True, exist_ok=True)
     try:
-        kb._engine = None
-        # Opening validates the current index; a rebuild must work precisely when that fails.
-        import sqlalchemy as sa
-
-        from knowledge.base import _meta
-
-        engine = sa.create_engine(f"sqlite:///{kb.directory / 'catalogue.sqlite3'}")
-        _meta.create_all(engine)
-        kb._engine = engine
+        # The catalogue alone is opened: the index is what may be broken.
         result = kb.rebuild(reembed=reembed)
     except KnowledgeError as exc:
         raise _fail(exc) from None

@@ -445,10 +445,6 @@ def test_a_corrupt_index_is_detected_with_a_rebuild_hint_and_rebuild_repairs_it(
         fresh.open()
     fresh.close()
     repaired = KnowledgeBase(kb.directory, embedder=kb.embedder)
-    repaired._engine = None
-    import sqlalchemy as sa
-
-    repaired._engine = sa.create_engine(f"sqlite:///{kb.directory / 'catalogue.sqlite3'}")
     repaired.rebuild()
     assert "five working days" in repaired.search("how long do refunds take", k=1)[0].text
 
@@ -700,3 +696,49 @@ def test_bf16_and_fp32_embeddings_are_unit_vectors_with_the_same_neighbours():
     assert float((full * half).sum(axis=1).min()) > 0.99
     nearest = [np.argsort(-(v @ v.T), axis=1)[:, 1] for v in (full, half)]
     assert nearest[0].tolist() == nearest[1].tolist()
+
+
+def test_a_catalogue_from_before_migrations_is_upgraded_in_place_and_keeps_its_chunks(
+    tmp_path, embedder
+):
+    """An operator's index written by an older chinwag opens as it is: no re-ingest."""
+    import sqlalchemy as sa
+
+    directory = tmp_path / "old-kb"
+    kb = KnowledgeBase(directory, embedder=embedder)
+    kb.add([write(tmp_path / "refunds.txt", "Refunds take five working days to arrive.")])
+    kb.close()
+    # What an older catalogue looked like: no version table, no keyword index, and chunks
+    # without the column added later.
+    engine = sa.create_engine(f"sqlite:///{directory / 'catalogue.sqlite3'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+        conn.exec_driver_sql("DROP TABLE chunks_fts")
+        conn.exec_driver_sql("ALTER TABLE chunks DROP COLUMN question_embedding")
+        conn.exec_driver_sql("DELETE FROM state WHERE key = 'lexical'")
+    engine.dispose()
+
+    reopened = KnowledgeBase(directory, embedder=embedder)
+    (hit,) = reopened.search("how long do refunds take", k=1)
+    assert "five working days" in hit.text
+    assert reopened.search("Refunds", k=1)  # the keyword index was rebuilt too
+    with reopened.engine.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("chunks")}
+        version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+    assert "question_embedding" in columns and version == "k0001"
+    reopened.close()
+
+
+def test_a_catalogue_from_a_newer_chinwag_is_refused_with_a_reason(tmp_path, embedder):
+    import sqlalchemy as sa
+
+    directory = tmp_path / "new-kb"
+    kb = KnowledgeBase(directory, embedder=embedder)
+    kb.add([write(tmp_path / "a.txt", "Anchors hold ships in place.")])
+    kb.close()
+    engine = sa.create_engine(f"sqlite:///{directory / 'catalogue.sqlite3'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = 'k9999'")
+    engine.dispose()
+    with pytest.raises(KnowledgeError, match="newer chinwag"):
+        KnowledgeBase(directory, embedder=embedder).search("anchors", k=1)
