@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from bot.chats import ChatPolicy
@@ -144,11 +145,15 @@ class Pipeline:
                 replies = [Reply(rl.message, kind="notice", skill="core:rate_limit")]
                 return await self._finish(message, replies, started, send)
 
-        replies = notices + await self._answer(message, is_admin)
-        replies = await self._filter(replies, message, is_admin)
+        # One context per message: what an observer leaves in ``extras`` the skill and the
+        # filters of the same message see (each step gets its own view of config and match).
+        base = Context(self.services, is_admin=is_admin)
+        replies = notices + await self._answer(message, base)
+        replies = await self._filter(replies, message, base)
         return await self._finish(message, replies, started, send)
 
-    async def _answer(self, message: Message, is_admin: bool) -> list[Reply]:
+    async def _answer(self, message: Message, base: Context) -> list[Reply]:
+        is_admin = base.is_admin
         if not message.text.strip():
             if message.attachments:
                 text = "I can only read text messages for now — please type your question."
@@ -157,7 +162,7 @@ class Pipeline:
             return [Reply(text, kind="notice", skill="core")]
 
         if self.loaded.observers:
-            await self._observe(message, is_admin)
+            await self._observe(message, base)
 
         parsed = parse_command(message.text)
         command: str | None = None
@@ -185,7 +190,7 @@ class Pipeline:
         match = None
         if parsed is None:
             found = await self.loaded.router.best(
-                message, self.chats.allowed, lambda e: self._context(e, is_admin)
+                message, self.chats.allowed, lambda e: self._context(base, e)
             )
             entry, match = found if found is not None else (None, None)
             if entry is None:
@@ -199,14 +204,20 @@ class Pipeline:
                         )
                     ]
         assert entry is not None  # a command's owner, the best scorer or the fallback
-        ctx = self._context(entry, is_admin, command, args)
-        ctx.match = match
+        ctx = self._context(base, entry, command, args, match)
         return await self._run_skill(entry, message, ctx)
 
+    @staticmethod
     def _context(
-        self, entry: SkillEntry, is_admin: bool, command: str | None = None, args: str = ""
+        base: Context,
+        entry: SkillEntry,
+        command: str | None = None,
+        args: str = "",
+        match: Any = None,
     ) -> Context:
-        return Context(self.services, entry.config, command, args, is_admin)
+        """The message's context as one skill sees it: its own configuration and match, the
+        message's shared ``extras``."""
+        return replace(base, config=entry.config, command=command, args=args, match=match)
 
     def _unknown_command(self, name: str, message: Message) -> Reply:
         commands = self.loaded.router.commands
@@ -219,10 +230,9 @@ class Pipeline:
             skill="core",
         )
 
-    async def _observe(self, message: Message, is_admin: bool) -> None:
+    async def _observe(self, message: Message, ctx: Context) -> None:
         timeout = self.settings.bot.observer_timeout_s
         before = dict(message.metadata)
-        ctx = Context(self.services, None, None, "", is_admin)
         for reg in self.loaded.observers:
             observer = reg.obj
             try:
@@ -324,11 +334,10 @@ class Pipeline:
         log.info("skill %s: model busy (%s)", entry.name, exc)
         return busy_reply(self.settings, exc, entry.name)
 
-    async def _filter(self, replies: list[Reply], message: Message, is_admin: bool) -> list[Reply]:
+    async def _filter(self, replies: list[Reply], message: Message, ctx: Context) -> list[Reply]:
         if not self.loaded.filters or not replies:
             return replies
         timeout = self.settings.bot.filter_timeout_s
-        ctx = Context(self.services, None, None, "", is_admin)
         out: list[Reply] = []
         for reply in replies:
             current: Reply | None = reply

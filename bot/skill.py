@@ -65,8 +65,10 @@ class Match:
 class Context:
     """Everything a skill may use while answering one message.
 
-    Built per message; ``bot`` is the interface to the shared services — the store, the
-    configuration, the model runtime, the knowledge index, per-chat policy, the loaded skills
+    Built once per message; each step (observers, scoring, the skill, reply filters) sees it
+    with its own ``config``, ``command`` and ``match``, and all of them share ``extras``.
+    ``bot`` is the interface to the shared services — the store, the configuration, the model
+    runtime, the knowledge index, per-chat policy, the loaded skills
     (:class:`bot.services.BotServices` lists them) — not the core itself.
     """
 
@@ -75,6 +77,8 @@ class Context:
     command: str | None = None
     args: str = ""
     is_admin: bool = False
+    #: Per-message scratch shared by the observers, the skill and the reply filters of one
+    #: message (an observer's detected language, read by a filter); gone with the message.
     extras: dict[str, Any] = field(default_factory=dict)
     #: ``Match.data`` from this skill's ``score`` for this message (``None`` for commands).
     match: Any = None

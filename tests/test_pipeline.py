@@ -252,3 +252,45 @@ async def test_stop_lets_in_flight_messages_finish(tmp_path):
     await asyncio.sleep(0.001)
     await bot.stop()
     assert [r.text for r in await task] == ["10"]
+
+
+async def test_an_observers_note_reaches_the_skill_and_the_reply_filter_of_that_message_only(
+    tmp_path,
+):
+    from bot.core import Bot
+    from bot.testing import ChatUser
+
+    class Language:
+        name = "language"
+
+        async def observe(self, message, ctx):
+            if "hej" in message.text:
+                ctx.extras["language"] = "sv"
+
+    class Greet(Skill):
+        name = "greet"
+        commands = ("greet",)
+
+        async def handle(self, message, ctx):
+            return "Hej!" if ctx.extras.get("language") == "sv" else "Hello!"
+
+    class Flag:
+        name = "flag"
+
+        async def filter(self, reply, message, ctx):
+            reply.text += f" [{ctx.extras.get('language', '?')}]"
+            return reply
+
+    class Plugin:
+        @hookimpl
+        def register_observers(self, register):
+            register(Language())
+
+        @hookimpl
+        def register_reply_filters(self, register):
+            register(Flag())
+
+    async with Bot(core_settings(tmp_path), plugins=[SkillsPlugin(Greet()), Plugin()]) as bot:
+        user = ChatUser(bot)
+        assert await user.ask("/greet hej") == "Hej! [sv]"
+        assert await user.ask("/greet there") == "Hello! [?]"  # nothing left from the last one
