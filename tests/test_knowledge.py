@@ -402,9 +402,11 @@ def test_removed_documents_leave_no_keyword_hits_and_old_catalogues_are_indexed(
         for p in kb.search("SESSION_COOKIE_SAMESITE", 3, min_score=-1)
     )
     kb.add([tmp_path / "config.rst"])
-    # A catalogue written before keyword search existed: no FTS table, no state flag.
+    # A catalogue written before keyword search (and migrations) existed: no FTS table, no
+    # state flag, no schema version.
     with kb.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE chunks_fts"))
+        conn.execute(sa.text("DROP TABLE alembic_version"))
         conn.execute(sa.text("DELETE FROM state WHERE key = 'lexical'"))
     kb.close()
     reopened = KnowledgeBase(kb.directory, embedder=kb.embedder)
