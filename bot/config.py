@@ -345,7 +345,8 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     #: Sections that plugins declare (``[knowledge]``, ``[trainers]``…), as written: each is
     #: validated by its plugin's model when the plugins load (``register_config``), and read
-    #: typed with :meth:`section`. A section no plugin declares is an error then.
+    #: typed with :meth:`section`. A section no loaded plugin declares is logged then (it may
+    #: belong to a plugin switched off here).
     sections: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="before")

@@ -82,6 +82,7 @@ def _migrate(engine: sa.Engine, lock: Path) -> None:
     a new one is created, an older one upgraded in place, one from a newer chinwag refused.
     Under the write lock, so two processes opening one catalogue migrate it once."""
     from alembic.runtime.migration import MigrationContext
+    from alembic.util import CommandError
 
     from bot.store.migrate import upgrade_sync
 
@@ -98,7 +99,7 @@ def _migrate(engine: sa.Engine, lock: Path) -> None:
                     return
                 try:
                     upgrade_sync(conn, location=MIGRATIONS)
-                except Exception as exc:  # an unknown revision: written by a newer chinwag
+                except CommandError as exc:  # an unknown revision: written by a newer chinwag
                     raise KnowledgeError(
                         f"{engine.url.database}: cannot migrate the catalogue from revision "
                         f"{current!r} ({exc}); was it written by a newer chinwag?"
