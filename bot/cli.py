@@ -287,21 +287,22 @@ def show_config() -> None:
 
     Plugins' sections (``[knowledge]``, ``[trainers]``…) and skills' sections are validated
     by their plugins, every mistake listed at once (exit code 2)."""
-    from bot.plugins import load_skills, plugin_sections, unclaimed_sections
+    from bot.plugins import load_skills
 
     s = settings(default_level="WARNING")
     try:
         pm, _ = make_manager(disabled=s.disabled_plugins)
-        load_skills(pm, s)
-        sections = plugin_sections(pm, s)
+        loaded = load_skills(pm, s)
     except (ConfigError, PluginError) as exc:
         raise fail(str(exc)) from None
     data = s.masked()
     data.pop("sections", None)
-    for name, model in sections.items():
-        data[name] = model.model_dump(mode="json")
-    for name in unclaimed_sections(pm, s):
-        data[name] = s.sections[name]  # shown as written; load_skills has logged it
+    for name, written in s.sections.items():
+        # Declared: validated, defaults filled in. Not declared: as written (logged above).
+        model = loaded.sections.get(name)
+        data[name] = model.model_dump(mode="json") if model is not None else written
+    for name, model in loaded.sections.items():
+        data.setdefault(name, model.model_dump(mode="json"))
     typer.echo(json.dumps(data, indent=2, default=str))
 
 

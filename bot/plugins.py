@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
@@ -136,6 +136,8 @@ class Loaded:
     router: Router
     observers: list[Registered]
     filters: list[Registered]
+    #: The plugins' own top-level sections (``register_config``), validated.
+    sections: dict[str, BaseModel] = field(default_factory=dict)
 
 
 def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
@@ -148,8 +150,9 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
     entries: list[SkillEntry] = []
     seen: set[str] = set()
     problems: list[str] = []  # every configuration mistake at once, not one per restart
+    sections: dict[str, BaseModel] = {}
     try:
-        plugin_sections(pm, settings)
+        sections = plugin_sections(pm, settings)
     except ConfigError as exc:
         problems.append(str(exc))
     for reg in collect(pm, "register_skills"):
@@ -207,7 +210,7 @@ def load_skills(pm: pluggy.PluginManager, settings: Settings) -> Loaded:
     for name in settings.skills:
         if name not in seen:
             log.warning("configuration has a [skills.%s] section but no such skill loaded", name)
-    return Loaded(entries, router, observers, filters)
+    return Loaded(entries, router, observers, filters, sections)
 
 
 def plugin_sections(pm: pluggy.PluginManager, settings: Settings) -> dict[str, BaseModel]:
@@ -239,24 +242,14 @@ def plugin_sections(pm: pluggy.PluginManager, settings: Settings) -> dict[str, B
             found[name] = validate_section(model, settings.sections.get(name) or {}, name)
         except ConfigError as exc:
             problems.append(str(exc))
-    for name in unclaimed_sections(pm, settings, models):
-        # A warning, as for a [skills.x] with no such skill: the plugin may be disabled here.
-        log.warning("configuration has a [%s] section but no loaded plugin declares it", name)
+    for name in settings.sections:
+        if name not in models:
+            # A warning, as for a [skills.x] with no such skill: the plugin may be disabled
+            # here (or it is a typo: ``chinwag config`` shows it as written).
+            log.warning("configuration has a [%s] section but no loaded plugin declares it", name)
     if problems:
         raise ConfigError("\n".join(problems))
     return found
-
-
-def unclaimed_sections(
-    pm: pluggy.PluginManager, settings: Settings, models: dict[str, Any] | None = None
-) -> list[str]:
-    """Top-level sections in the configuration that no loaded plugin declares (typos,
-    or the section of a plugin switched off)."""
-    if models is None:
-        models = {}
-        for impl in pm.hook.register_config.get_hookimpls():
-            impl.function(lambda name, model: models.__setitem__(name, model))
-    return [name for name in settings.sections if name not in models]
 
 
 def skill_config(skill: Any, name: str, section: Any) -> Any:

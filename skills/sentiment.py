@@ -348,8 +348,8 @@ async def train_in_subprocess(
                     shown[stage] = pct
                     left = ""
                     if first < done < total:
-                        left = (now - since) / (done - first) * (total - done)
-                        left = f", about {duration(left)} left"
+                        seconds = (now - since) / (done - first) * (total - done)
+                        left = f", about {duration(seconds)} left"
                     log.info("sentiment training: %s %d/%d (%d%%%s)", stage, done, total, pct, left)
             elif parts[:1] == ["ready"] and len(parts) >= 3:
                 log.info(
