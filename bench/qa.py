@@ -13,11 +13,12 @@ Per corpus it prints:
 - retrieval, ``dense`` (vectors) and ``hybrid`` (vectors + BM25 on code-like words) side by
   side on the same index: recall@1, recall@5, MRR (the right source among the first k);
 - through plain chat, one question at a time: routed to QA, right source cited, key fact
-  contained, answer token-F1 against the reference, share generated (vs quoted), latency
+  contained, answer token-F1 (SQuAD's, of the answer without its source list) against the
+  reference, share generated (vs quoted), latency
   p50/p95;
 - off-corpus questions asked as plain chat: share declined, abstained or hedged.
 
-    .venv/bin/python bench/qa.py [--corpus faq flask click] [--limit N]
+    .venv/bin/python bench/qa.py [--corpus faq flask click] [--limit N] [--set KEY=VALUE]
 
 Last line: JSON.
 """
@@ -27,10 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 DATA = ROOT / "tests" / "data"
 BENCH_DATA = ROOT / "bench" / "data"
-CACHE = Path.home() / ".cache" / "chinwag" / "bench"
+sys.path.insert(0, str(ROOT))  # bench.corpora, and the checkout's own packages
+
+from bench.corpora import debian_docs  # noqa: E402
+from trainers.metrics import token_f1  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -52,37 +54,10 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def _tokens(text: str) -> list[str]:
-    text = _ARTICLES.sub(" ", text.lower())
-    return re.findall(r"\w+", text)
-
-
-def token_f1(answer: str, reference: str) -> float:
-    """SQuAD-style token F1 (lower-cased, punctuation and articles dropped)."""
-    a, r = _tokens(answer), _tokens(reference)
-    common = sum((Counter(a) & Counter(r)).values())
-    if not common:
-        return 0.0
-    precision, recall = common / len(a), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def debian_docs(package: str) -> Path:
-    """The Sphinx sources of a Debian documentation package, fetched once if needed."""
-    for base in (Path("/usr/share/doc") / package, CACHE / package / "usr/share/doc" / package):
-        sources = base / "html" / "_sources"
-        if sources.is_dir():
-            return sources
-    target = CACHE / package
-    target.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["apt-get", "download", package], cwd=tmp, check=True, capture_output=True)
-        (deb,) = Path(tmp).glob("*.deb")
-        subprocess.run(["dpkg", "-x", str(deb), str(target)], check=True)
-    return target / "usr/share/doc" / package / "html" / "_sources"
+def answer_of(reply: Any) -> str:
+    """What the reply answers, without the "Sources:" list a QA reply ends with: the list is
+    navigation, and scoring it would charge every cited title against the answer's F1."""
+    return str(reply.metadata.get("answer") or reply.text)
 
 
 @dataclass
@@ -154,13 +129,40 @@ def is_abstention(reply: Any) -> bool:
     return bool(reply.metadata.get("abstained") or reply.metadata.get("hedged"))
 
 
-async def evaluate(corpus: Corpus, off: list[str], work: Path, models: Path) -> dict[str, Any]:
+def overrides_from(pairs: list[str]) -> dict[str, Any]:
+    """``skills.qa.min_new_facts=1`` → nested settings overrides (values parsed as JSON when
+    they parse, else kept as strings): the same bench, one setting changed, side by side."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, raw = pair.partition("=")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+async def evaluate(
+    corpus: Corpus,
+    off: list[str],
+    work: Path,
+    models: Path,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from bot.config import _deep_merge
     from bot.core import Bot
     from bot.testing import ChatUser, chinwag_test_settings
     from knowledge.plugin import from_settings
 
     settings = chinwag_test_settings(
-        work / corpus.name, {"knowledge": {"directory": work / corpus.name / "kb"}}, models
+        work / corpus.name,
+        _deep_merge({"knowledge": {"directory": work / corpus.name / "kb"}}, overrides or {}),
+        models,
     )
     kb = from_settings(settings)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -191,13 +193,17 @@ async def evaluate(corpus: Corpus, off: list[str], work: Path, models: Path) -> 
     n = len(rows)
     cited = sum(any(corpus.relevant(c, s.location, s.title) for s in r.sources) for c, r in rows)
     facts = sum(c["fact"].lower() in r.text.lower() for c, r in rows)
-    f1 = [token_f1(r.text, c["answer"]) for c, r in rows]
+    f1 = [token_f1(answer_of(r), c["answer"]) for c, r in rows]
+    by_mode: dict[str, list[float]] = {}
+    for (_c, r), score in zip(rows, f1, strict=True):
+        by_mode.setdefault(str(r.metadata.get("mode", r.skill)), []).append(score)
     latency = [r.latency_ms / 1000 for _, r in qa if r.latency_ms is not None]
     result.update(
         routed_to_qa=round(len(qa) / n, 3),
         cited_right=round(cited / n, 3),
         key_fact=round(facts / n, 3),
         answer_f1=round(statistics.mean(f1), 3),
+        answer_f1_by_mode={m: round(statistics.mean(v), 3) for m, v in sorted(by_mode.items())},
         generated_share=round(
             sum(r.metadata.get("mode") == "generated" for _, r in qa) / max(len(qa), 1), 3
         ),
@@ -243,6 +249,7 @@ def show(name: str, r: dict[str, Any]) -> None:
         f"{r['cited_right']:.2f}, key fact {r['key_fact']:.2f}, F1 {r['answer_f1']:.2f}, "
         f"generated {r['generated_share']:.2f}"
     )
+    print(f"answer F1 by mode   {r['answer_f1_by_mode']}")
     print(f"QA latency          p50 {r['qa_p50_s']} s, p95 {r['qa_p95_s']} s")
     print(f"off-corpus          abstained/declined/hedged {r['off_corpus_abstained']:.2f}")
     for q, skill, where in r["missed"]:
@@ -253,18 +260,27 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", nargs="+", default=["faq", "flask", "click"])
     parser.add_argument("--limit", type=int, default=0, help="at most N questions per corpus")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a settings override, e.g. skills.qa.min_new_facts=1 (repeatable)",
+    )
     args = parser.parse_args()
     import os
 
     off = [q for q in (DATA / "off_corpus_heldout.txt").read_text().splitlines() if q.strip()]
     result: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    if args.set:
+        result["overrides"] = args.set
     with tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp:
         work = Path(tmp)
         for name in args.corpus:
             corpus = load_corpus(name)
             if args.limit:
                 corpus.cases = corpus.cases[: args.limit]
-            r = await evaluate(corpus, off, work, work / "models")
+            r = await evaluate(corpus, off, work, work / "models", overrides_from(args.set))
             show(name, r)
             result[name] = r
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

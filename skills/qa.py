@@ -229,6 +229,8 @@ class QASkill(Skill):
                     and "don't know" not in generation.text.lower()
                 ):
                     answer = generation.text.strip()
+                else:  # kept for the operator (and the log): why the user got a quote
+                    meta["rejected_generation"] = generation.text.strip()
             except TimeoutError:
                 log.warning(
                     "qa: generation took over %.0fs; quoting instead", cfg.generate_timeout_s
