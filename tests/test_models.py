@@ -408,6 +408,28 @@ def test_the_thread_count_moves_back_within_steps_when_the_neighbour_leaves():
     assert tuner.current == 2
 
 
+def test_training_takes_the_thread_count_that_runs_its_work_fastest_now_and_restores_torch():
+    """The trainers re-measure every few steps: a stall on some runs must count, not hide."""
+    import time
+
+    import torch
+
+    from bot.models.tuning import fastest_threads
+
+    runs = {1: 0, 2: 0}
+
+    def work() -> None:  # two threads: usually quick, but every other run waits for a core
+        n = torch.get_num_threads()
+        runs[n] += 1
+        time.sleep(0.004 if n == 1 else (0.001 if runs[n] % 2 else 0.03))
+
+    before = torch.get_num_threads()
+    assert fastest_threads([1, 2], work, repeats=9) == 1
+    assert torch.get_num_threads() == before
+    assert fastest_threads([1, 2], lambda: time.sleep(0.002 * torch.get_num_threads())) == 1
+    assert fastest_threads([1, 2], lambda: time.sleep(0.006 / torch.get_num_threads())) == 2
+
+
 async def test_a_superseded_reply_ends_with_what_it_has_and_a_waiting_one_is_dropped(backend):
     import threading
 

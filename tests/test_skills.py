@@ -574,6 +574,27 @@ async def test_a_model_failure_is_a_clear_reply_and_other_skills_keep_working(
     assert "/ask" in await user.ask("/help")
 
 
+async def test_an_answer_the_passages_do_not_support_is_replaced_by_a_quote_and_kept_for_review(
+    chinwag_chat, chinwag_bot
+):
+    """The user never reads the model's invention; the operator can see what was withheld."""
+    from bot.models.types import Generation
+
+    invented = "Permits are issued by the national ministry within 3 days."
+
+    async def hallucinate(*args, **kwargs):
+        return Generation(invented, "smollm2", None, None, 10, 12, "stop")
+
+    chinwag_bot.models.generate = hallucinate
+    (qa,) = await chinwag_chat().send("How long does it take to get a building permit?")
+    assert qa.skill == "qa" and qa.metadata["mode"] == "quoted"
+    assert "ministry" not in qa.text and "weeks" in qa.text
+    await chinwag_bot.store.flush()
+    (stored,) = [r for r in await chinwag_bot.store.messages(direction="out") if r.skill == "qa"]
+    assert stored.meta["rejected_generation"] == invented
+    assert stored.meta["support"] < 0.75 or not stored.meta["numbers_kept"]
+
+
 async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):
     """The runtime refuses what it cannot finish by the deadline; nobody waits for an apology."""
     import time

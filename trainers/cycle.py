@@ -234,7 +234,9 @@ def _train_one(
         }
     cache = settings.models.cache_dir or Path(settings.data_dir) / "models"
     started = time.perf_counter()
-    model, tokenizer = load_for_training(settings.models.base_model, cache, settings.models.device)
+    model, tokenizer = load_for_training(
+        settings.models.base_model, cache, settings.models.device, lora.precision
+    )
     current = registry.current(name)
     fixed = regression_examples(config.regression_size)
 

@@ -2,9 +2,10 @@
 compares.
 
 transformers' ``Trainer`` with a peft LoRA adapter: loss on the rated reply's tokens only (the
-context is input, not something to imitate — earlier bot turns were never rated), seeded, bf16 on
-CUDA and fp32 on CPU, checkpoints every ``save_steps`` so an interrupted run resumes where it
-stopped. The result is saved in peft's own format, which vLLM's ``--lora-modules`` loads as is.
+context is input, not something to imitate — earlier bot turns were never rated), seeded,
+bf16 mixed precision where the hardware runs it natively (see ``mixed_bf16``), checkpoints every
+``save_steps`` so an interrupted run resumes where it stopped. The result is saved in peft's own
+format, which vLLM's ``--lora-modules`` loads as is.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class LoraConfig(BaseModel):
     seed: int = 13
     #: ``auto``: bf16 mixed precision where the hardware runs bf16 natively — CUDA with bf16,
     #: CPUs with AMX/AVX512-BF16 where a bf16 matmul measures faster (1.4–1.6× the fp32
-    #: training step on the project's 2-core machine) — else fp32. The weights and the LoRA
-    #: parameters stay fp32; only the matmuls run in bf16 (autocast).
+    #: training step on the project's 2-core machine) — else fp32. The frozen base weights are
+    #: then stored in bf16; the LoRA parameters and their optimiser state stay fp32, and the
+    #: matmuls run in bf16 (autocast).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: Below this many training examples the cycle skips the adapter (too little to learn).
     min_examples: int = Field(20, ge=1)
@@ -184,13 +186,21 @@ def mixed_bf16(precision: str, cuda: bool) -> bool:
     return choose_cpu_dtype() is torch.bfloat16
 
 
-def load_for_training(base_model: str, cache_dir: Path, device: str = "auto") -> tuple[Any, Any]:
-    """A private copy of the base model (the serving one is never touched), fp32 on CPU and
-    bf16 on CUDA where supported."""
+def load_for_training(
+    base_model: str, cache_dir: Path, device: str = "auto", precision: str = "auto"
+) -> tuple[Any, Any]:
+    """A private copy of the base model (the serving one is never touched).
+
+    The frozen base weights are stored in bf16 whenever training runs mixed precision (see
+    ``mixed_bf16``), on CPU as on CUDA: under autocast every matmul would otherwise cast its fp32
+    weight to bf16 on each forward and backward pass — a tenth to a quarter of a training step
+    on the 2-core machine (342 → 376–427 tokens/s, 4 × 100 tokens). Only the LoRA parameters
+    are trained, and peft keeps those (and so the optimiser's updates) in fp32.
+    """
     from bot.models.loading import load_base, pick_device
 
     dev = pick_device(device)
-    dtype = "bfloat16" if dev.startswith("cuda") else "float32"
+    dtype = "bfloat16" if mixed_bf16(precision, dev.startswith("cuda")) else "float32"
     # transformers' model: peft trains it (chinwag's serving decoder has no backward pass).
     model, tokenizer, _name, _cached = load_base(
         base_model, device=dev, dtype=dtype, cache_dir=cache_dir, implementation="transformers"
@@ -216,6 +226,7 @@ def train_lora(
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
+    from peft.helpers import disable_input_dtype_casting
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -251,6 +262,7 @@ def train_lora(
                 progress("train", state.global_step, state.max_steps)
 
     cuda = torch.cuda.is_available() and str(model.device).startswith("cuda")
+    seen = {"tokens": 0}
     bf16 = mixed_bf16(config.precision, cuda)
     per_step = config.batch_size * config.gradient_accumulation
     total = config.max_steps or math.ceil(math.ceil(len(encoded) / per_step) * config.epochs)
@@ -279,9 +291,13 @@ def train_lora(
 
     class _ReplyTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen["tokens"] += int(inputs["attention_mask"].sum())
             # Explicit autocast: the reply-only loss calls the decoder and the head directly,
             # past the wrapped forward through which the Trainer would apply it.
-            with torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=bf16):
+            with (
+                torch.autocast("cuda" if cuda else "cpu", torch.bfloat16, enabled=bf16),
+                _attention_kernel(cuda, inputs["input_ids"].shape[-1]),
+            ):
                 if num_items_in_batch:  # token-weighted across gradient-accumulation steps
                     loss = _reply_token_loss(model, inputs, "sum") / num_items_in_batch
                 else:
@@ -293,7 +309,7 @@ def train_lora(
         args=args,
         train_dataset=_Data(),
         data_collator=_collate(tokenizer),
-        callbacks=[_Watch()],
+        callbacks=[_Watch()] if cuda else [_Watch(), _cpu_threads()],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -301,22 +317,85 @@ def train_lora(
     resume = last_complete_checkpoint(checkpoint_dir)
     if resume is not None and progress:
         progress("resume", 1, 1)
-    start_step = int(resume.name.split("-")[-1]) if resume else 0
     started = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Under autocast every matmul already runs in bf16: peft's own cast of each adapted layer's
+    # input to the adapter's fp32 (and autocast's cast back) was a tenth of a training step on
+    # CPU (398 → 453 tokens/s). Only while training: scoring runs without autocast and needs it.
+    with disable_input_dtype_casting(peft_model, active=bf16):
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
     peft_model.eval()
-    # Tokens actually run through the model (padding excluded), for the throughput figure.
-    steps = out.global_step - start_step
-    mean_len = sum(len(e["input_ids"]) for e in encoded) / max(1, len(encoded))
-    tokens = steps * per_step * mean_len
+    # Tokens this run put through the model (padding excluded), counted batch by batch: an
+    # estimate from the mean length misjudges short runs, which start with the longest batch.
     stats = {
         "train_steps": out.global_step,
-        "train_tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "train_tokens": seen["tokens"],
+        "train_tokens_per_s": round(seen["tokens"] / seconds, 1) if seconds else 0.0,
         "peak_memory_mb": round(_peak_memory_mb(cuda), 1),
         "precision": "bf16" if bf16 else "fp32",
     }
     return peft_model, curve, stats
+
+
+def _cpu_threads() -> Any:
+    """A callback that sets torch's thread count for CPU training steps by measurement.
+
+    Two threads on the 2-core machine train at 411–429 tokens/s alone but at 35 beside one busy
+    core (each parallel region waits for the thread that lost its core), where one thread keeps
+    269 (273 alone). Trying the other count on real steps, as the serving tuner does with its
+    millisecond decode steps, costs whole seconds here when it is the wrong one (two such steps
+    beside a busy core: 50 s), so every ``CHECK_EVERY`` steps a matmul of a training batch's
+    shape is timed at each count instead (about 0.1 s) and the faster one trains.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    from bot.models.tuning import fastest_threads, usable_cpus
+
+    n = usable_cpus()
+    candidates = sorted({1, max(1, n - 1), n})
+    x = torch.randn(800, 576, dtype=torch.bfloat16)
+    w = torch.randn(1536, 576, dtype=torch.bfloat16)
+
+    def work() -> None:
+        for _ in range(4):
+            torch.nn.functional.linear(x, w)
+
+    class CpuThreads(TrainerCallback):
+        threads = n
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if len(candidates) < 2 or state.global_step % CHECK_EVERY:
+                return
+            chosen = fastest_threads(candidates, work, repeats=11)
+            if chosen != self.threads:
+                log.info("training threads: %d → %d", self.threads, chosen)
+            self.threads = chosen
+            torch.set_num_threads(chosen)
+
+    return CpuThreads()
+
+
+#: How often (in optimiser steps) CPU training re-measures its thread count (see _cpu_threads).
+CHECK_EVERY = 4
+
+
+#: Below this many positions a CPU training batch runs attention with SDPA's matmul ("math")
+#: kernel, above it with the flash kernel: on the 2-core machine (bf16, 4 rows) math was 1.14×
+#: the flash kernel's tokens/s at 100 positions and 1.10× at 160, even at 200, and 0.91× at 250
+#: and 0.62× at 450 — chat examples are mostly short (a 60-conversation log: mean 100, max 406).
+MATH_ATTENTION_MAX_POSITIONS = 192
+
+
+def _attention_kernel(cuda: bool, positions: int) -> Any:
+    """The SDPA kernel for one training batch (see ``MATH_ATTENTION_MAX_POSITIONS``)."""
+    import contextlib
+
+    if cuda or positions > MATH_ATTENTION_MAX_POSITIONS:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _peak_memory_mb(cuda: bool) -> float:

@@ -1,10 +1,11 @@
-"""CPU settings chosen by measurement: dtype at load, torch threads while serving.
+"""CPU settings chosen by measurement: dtype at load, torch threads while serving and training.
 
 On the project's 2-core machines a bf16 matmul (AMX/AVX512-BF16) is several times faster than
 fp32, and two torch threads collapse to a fraction of one thread's speed as soon as anything
 else runs beside the bot. Neither is a safe constant across users' machines, so both are
 measured: the dtype once at load with a matmul of the model's own shape, the thread count
-continuously while serving (``ThreadTuner``), because the neighbours change during the day.
+continuously while serving and training (``ThreadTuner``), because the neighbours change
+during the day.
 """
 
 from __future__ import annotations
@@ -45,6 +46,34 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def fastest_threads(candidates: list[int], work: Callable[[], Any], repeats: int = 15) -> int:
+    """The thread count that runs ``work`` fastest now, by the median of ``repeats`` runs.
+
+    The median, not the best run: a thread that lost its core to a neighbour stalls only some
+    runs, and the best of them hides it (2 threads beside a busy core: best 8.9 ms, median
+    18–24 ms, against 9.5–10 ms on one thread).
+    """
+    import statistics
+
+    import torch
+
+    before = torch.get_num_threads()
+    timings = {}
+    try:
+        for n in candidates:
+            torch.set_num_threads(n)
+            work()
+            runs = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                work()
+                runs.append(time.perf_counter() - t)
+            timings[n] = statistics.median(runs)
+    finally:
+        torch.set_num_threads(before)
+    return min(timings, key=lambda n: timings[n])
 
 
 def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
