@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
 import subprocess
@@ -149,40 +148,25 @@ def index_at_scale(
     }
 
 
-def _spin(stop: float) -> None:
-    while time.monotonic() < stop:
-        pass
-
-
 def docs_ingest(package: str, folder: str, *, neighbour: bool) -> dict[str, float]:
     """``chinwag knowledge add`` of a whole documentation set in a child process."""
     from bench.corpora import debian_docs
+    from bench.neighbours import busy_core
 
     sources = debian_docs(package, folder)
     files = sum(1 for _ in sources.rglob("*.txt"))
-    hog = None
-    if neighbour:
-        hog = multiprocessing.Process(target=_spin, args=(time.monotonic() + 3600,), daemon=True)
-        hog.start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="chinwag-bench-docs-") as tmp:
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            load0 = os.getloadavg()[0]
-            t0 = time.perf_counter()
-            command = [sys.executable, "-m", "bot.cli", "--data-dir", tmp]
-            command += ["knowledge", "add", "--json", str(sources)]
-            # In the empty folder: no chinwag.toml of the caller's is read.
-            env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-            env["PYTHONPATH"] = str(ROOT)
-            out = subprocess.run(
-                command, check=True, capture_output=True, text=True, cwd=tmp, env=env
-            )
-            wall = time.perf_counter() - t0
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.join()
+    with busy_core(neighbour), tempfile.TemporaryDirectory(prefix="chinwag-bench-docs-") as tmp:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        command = [sys.executable, "-m", "bot.cli", "--data-dir", tmp]
+        command += ["knowledge", "add", "--json", str(sources)]
+        # In the empty folder: no chinwag.toml of the caller's is read.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+        env["PYTHONPATH"] = str(ROOT)
+        out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp, env=env)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = json.loads(out.stdout)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     chunks = int(summary["chunks_added"])

@@ -4,7 +4,8 @@ does to the running bot's reply latency — measured side by side in one run.
 1. A simulated log: users from chitchat-dataset talk to a scripted skill, every reply rated.
 2. ``chinwag train --now`` alone with the default training configuration (rank 16, all-linear,
    batch 4 × 2 accumulation, max length 512, one epoch of the log; ``--steps N`` stops after N
-   steps) → tokens/s (real tokens counted batch by batch) and peak memory.
+   steps) → tokens/s (real tokens counted batch by batch) and peak memory; then the same
+   beside a busy core (``bench/neighbours.py``), as on a shared machine.
 3. The bot (real dialogue skill, SmolLM2) answers ``--messages`` messages one after another,
    idle → p50/p95.
 4. The same messages while a second cycle trains in its own (niced) process → p50/p95.
@@ -100,6 +101,29 @@ async def reply_latencies(data_dir: Path, cache: Path, prompts: list[str]) -> li
         return out
 
 
+def train_once(data_dir: Path, log_dir: Path, cache: Path, trainers: dict) -> dict:
+    """One ``chinwag train --now`` on a copy of the log; its report's figures for the adapter."""
+    shutil.copytree(log_dir, data_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=child_env(data_dir, cache, trainers),
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        # The cycle says why on its output; a bench that hides it leaves nothing to act on.
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
+        raise SystemExit(f"the training cycle failed (exit {done.returncode}):\n{tail}")
+    (report_path,) = (data_dir / "trainers" / "reports").glob("*/report.json")
+    result = json.loads(report_path.read_text())["adapters"]["companion"]
+    print(
+        f"  {result['train_tokens_per_s']:.0f} tokens/s, peak memory "
+        f"{result['peak_memory_mb']:.0f} MB, {result['train_steps']} steps "
+        f"({result['decision']}), load average {os.getloadavg()[0]:.2f}"
+    )
+    return result
+
+
 def p95(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, int(0.95 * len(values)))]
 
@@ -113,8 +137,10 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=60)
     args = parser.parse_args()
 
+    from bench.neighbours import busy_core
     from bot.simulation.users import _chitchat
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="chinwag-bench-training-"))
     cache = Path(tempfile.gettempdir()) / "chinwag-model-cache"
     log_dir = work / "log"
@@ -125,27 +151,12 @@ def main() -> None:
         lora["max_steps"] = args.steps
     trainers = {"adapters": ["companion"], "lora": lora}
 
-    alone = work / "alone"
-    shutil.copytree(log_dir, alone)
     length = f"{args.steps} steps" if args.steps else "one epoch"
     print(f"training alone ({length}, default LoRA shape) …", flush=True)
-    done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "--now"],
-        env=child_env(alone, cache, trainers),
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        # The cycle says why on its output; a bench that hides it leaves nothing to act on.
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-20:])
-        raise SystemExit(f"the training cycle failed (exit {done.returncode}):\n{tail}")
-    (report_path,) = (alone / "trainers" / "reports").glob("*/report.json")
-    result = json.loads(report_path.read_text())["adapters"]["companion"]
-    print(
-        f"  {result['train_tokens_per_s']:.0f} tokens/s, peak memory "
-        f"{result['peak_memory_mb']:.0f} MB, {result['train_steps']} steps "
-        f"({result['decision']})"
-    )
+    result = train_once(work / "alone", log_dir, cache, trainers)
+    print(f"training beside a busy core ({length}) …", flush=True)
+    with busy_core():
+        beside = train_once(work / "beside", log_dir, cache, trainers)
 
     prompts = [c[0] for c in _chitchat()[200 : 200 + args.messages]]
     print(f"reply latency, idle ({len(prompts)} messages) …", flush=True)
@@ -173,8 +184,10 @@ def main() -> None:
         child.kill()
         child.wait()
     figures = {
+        "load_average_start": load_start,
         "train_tokens_per_s": result["train_tokens_per_s"],
         "train_steps": result["train_steps"],
+        "train_tokens_per_s_beside_busy_core": beside["train_tokens_per_s"],
         "train_peak_memory_mb": result["peak_memory_mb"],
         "reply_p50_ms_idle": round(statistics.median(idle), 1),
         "reply_p95_ms_idle": round(p95(idle), 1),
@@ -182,6 +195,7 @@ def main() -> None:
         "reply_p95_ms_during_training": round(p95(busy), 1),
         "reply_p95_ratio_during_training": round(p95(busy) / p95(idle), 2),
         "training_ran_throughout": still_training,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "targets": {"train_tokens_per_s": ">= 400", "reply_p95_ratio_during_training": "<= 1.3"},
     }
     for k, v in figures.items():

@@ -97,11 +97,13 @@ def answer_f1(
     """Greedy answers to each example's prompt, scored by token F1 against its reply."""
     import torch
 
+    from trainers import threads
     from trainers.metrics import token_f1
 
     scores = []
     model.eval()
     for e in examples:
+        threads.adjust(model.device)
         prompt = tokenizer.apply_chat_template(
             list(e.messages[:-1]), add_generation_prompt=True, return_tensors="pt"
         )

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainers import threads
 from trainers.dataset import Example
 
 Progress = Callable[[str, int, int], None]
@@ -150,6 +151,7 @@ def reply_loss(
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
+            threads.adjust(model.device)
             batch = collate(encoded[start : start + batch_size])
             batch = {k: v.to(model.device) for k, v in batch.items()}
             rows = _reply_token_loss(model, batch, "none")
@@ -257,6 +259,9 @@ def train_lora(
             if logs and "loss" in logs:
                 curve.append({"step": state.global_step, "loss": float(logs["loss"])})
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            threads.adjust(model.device)  # see trainers/threads.py
+
         def on_step_end(self, args, state, control, **kwargs):
             if progress:
                 progress("train", state.global_step, state.max_steps)
@@ -309,7 +314,7 @@ def train_lora(
         args=args,
         train_dataset=_Data(),
         data_collator=_collate(tokenizer),
-        callbacks=[_Watch()] if cuda else [_Watch(), _cpu_threads()],
+        callbacks=[_Watch()],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -335,49 +340,6 @@ def train_lora(
         "precision": "bf16" if bf16 else "fp32",
     }
     return peft_model, curve, stats
-
-
-def _cpu_threads() -> Any:
-    """A callback that sets torch's thread count for CPU training steps by measurement.
-
-    Two threads on the 2-core machine train at 411–429 tokens/s alone but at 35 beside one busy
-    core (each parallel region waits for the thread that lost its core), where one thread keeps
-    269 (273 alone). Trying the other count on real steps, as the serving tuner does with its
-    millisecond decode steps, costs whole seconds here when it is the wrong one (two such steps
-    beside a busy core: 50 s), so every ``CHECK_EVERY`` steps a matmul of a training batch's
-    shape is timed at each count instead (about 0.1 s) and the faster one trains.
-    """
-    import torch
-    from transformers import TrainerCallback
-
-    from bot.models.tuning import fastest_threads, usable_cpus
-
-    n = usable_cpus()
-    candidates = sorted({1, max(1, n - 1), n})
-    x = torch.randn(800, 576, dtype=torch.bfloat16)
-    w = torch.randn(1536, 576, dtype=torch.bfloat16)
-
-    def work() -> None:
-        for _ in range(4):
-            torch.nn.functional.linear(x, w)
-
-    class CpuThreads(TrainerCallback):
-        threads = n
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if len(candidates) < 2 or state.global_step % CHECK_EVERY:
-                return
-            chosen = fastest_threads(candidates, work, repeats=11)
-            if chosen != self.threads:
-                log.info("training threads: %d → %d", self.threads, chosen)
-            self.threads = chosen
-            torch.set_num_threads(chosen)
-
-    return CpuThreads()
-
-
-#: How often (in optimiser steps) CPU training re-measures its thread count (see _cpu_threads).
-CHECK_EVERY = 4
 
 
 #: Below this many positions a CPU training batch runs attention with SDPA's matmul ("math")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from bot.models.classifier import load_encoder_tokenizer
 from bot.models.registry import AdapterRegistry, AdapterVersion
 from bot.text import sentences
+from trainers import threads
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ def init_head(model, tokenizer, examples: Sequence[Example], config: SentimentTr
     model.eval()
     with torch.inference_mode(), _fast_inference():
         for i in range(0, len(sample), 64):
+            threads.adjust(model.device)
             enc = tokenizer(
                 [e.text for e in sample[i : i + 64]],
                 truncation=True,
@@ -234,6 +236,7 @@ def predict_proba(model, tokenizer, texts: Sequence[str], max_length: int, batch
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
+            threads.adjust(model.device)  # see trainers/threads.py
             enc = tokenizer(
                 list(texts[i : i + batch_size]),
                 truncation=True,
@@ -349,6 +352,9 @@ def train_sentiment(
     curve: list[dict[str, float]] = []
 
     class _Progress(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            threads.adjust(model.device)
+
         def on_step_end(self, args, state, control, **kwargs):
             if progress:
                 progress("train", state.global_step, state.max_steps)
