@@ -4,8 +4,9 @@ On the project's 2-core machines a bf16 matmul (AMX/AVX512-BF16) is several time
 fp32, and two torch threads collapse to a fraction of one thread's speed as soon as anything
 else runs beside the bot. Neither is a safe constant across users' machines, so both are
 measured: the dtype once at load with a matmul of the model's own shape, the thread count
-continuously while serving and training (``ThreadTuner``), because the neighbours change
-during the day.
+continuously — while serving from the decode steps themselves (``ThreadTuner``), while training
+from a short matmul timed at each count (``fastest_threads``, see trainers/threads.py) —
+because the neighbours change during the day.
 """
 
 from __future__ import annotations
