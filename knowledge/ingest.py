@@ -189,7 +189,7 @@ class Ingest(KnowledgeState):
                 chunks = [c for *_, cs in batch for c in cs]
                 questions = [c.meta["question"] for c in chunks if c.meta.get("question")]
                 texts = [
-                    self._embedding_text(str(path), c.headings, c.text)
+                    self.embedding_text(str(path), c.headings, c.text)
                     for path, _, _, cs in batch
                     for c in cs
                 ] + questions
@@ -213,7 +213,7 @@ class Ingest(KnowledgeState):
         summary.seconds = time.perf_counter() - started
         return summary
 
-    def _embedding_text(self, source: str, headings: Sequence[str] | None, text: str) -> str:
+    def embedding_text(self, source: str, headings: Sequence[str] | None, text: str) -> str:
         """What the vector is computed from: the document's own headings, then the text.
 
         The names loaders make up (the file's name for a plain-text file, "page 3") are left
@@ -406,7 +406,7 @@ class Ingest(KnowledgeState):
                         )
                         rows = conn.execute(query.order_by(chunks_t.c.id)).all()
                         vectors = self._embed(
-                            [self._embedding_text(r.source, r.headings, r.text) for r in rows],
+                            [self.embedding_text(r.source, r.headings, r.text) for r in rows],
                             progress,
                         )
                         asked = [r for r in rows if (r.meta or {}).get("question")]
