@@ -17,8 +17,8 @@
    through the project's own ``VectorIndex`` (IVF past the threshold); 1,000 held-out queries
    from the same mixture; single-query latency p50/p99 and recall@10 against exact search.
 
-The last line is a JSON object with ``ingest_ratio``, ``docs_chunks_per_cpu_s``, ``p50_ms_100k``, ``recall10_100k``,
-``p50_ms_1m``, ``recall10_1m``.
+The last line is a JSON object with ``ingest_ratio``, ``docs_chunks_per_cpu_s``,
+``p50_ms_100k``, ``recall10_100k``, ``p50_ms_1m``, ``recall10_1m``.
 """
 
 from __future__ import annotations

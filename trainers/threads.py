@@ -11,6 +11,7 @@ candidate count instead and the fastest runs the next stretch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -20,27 +21,26 @@ log = logging.getLogger(__name__)
 #: How long a measured thread count stands before the next measurement.
 INTERVAL_S = 6.0
 
-_state: dict[str, Any] = {"checked": float("-inf"), "threads": None, "work": None}
+_state: dict[str, Any] = {"checked": float("-inf"), "threads": None}
 
 
+@functools.cache
 def _work() -> Any:
+    """Four matmuls of a training batch's shape (800 positions, SmolLM2's MLP), in the dtype
+    training runs in here: emulated bf16 would time other kernels."""
     import torch
 
-    if _state["work"] is None:
-        from bot.models.tuning import cpu_flags
+    from bot.models.tuning import has_native_bf16
 
-        # The dtype training runs in here: emulated bf16 would time other kernels.
-        native = bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-        dtype = torch.bfloat16 if native else torch.float32
-        x = torch.randn(800, 576, dtype=dtype)
-        w = torch.randn(1536, 576, dtype=dtype)
+    dtype = torch.bfloat16 if has_native_bf16() else torch.float32
+    x = torch.randn(800, 576, dtype=dtype)
+    w = torch.randn(1536, 576, dtype=dtype)
 
-        def work() -> None:
-            for _ in range(4):
-                torch.nn.functional.linear(x, w)
+    def work() -> None:
+        for _ in range(4):
+            torch.nn.functional.linear(x, w)
 
-        _state["work"] = work
-    return _state["work"]
+    return work
 
 
 def adjust(device: Any = "cpu") -> None:
@@ -55,10 +55,9 @@ def adjust(device: Any = "cpu") -> None:
         return
     import torch
 
-    from bot.models.tuning import fastest_threads, usable_cpus
+    from bot.models.tuning import fastest_threads, thread_candidates
 
-    n = usable_cpus()
-    candidates = sorted({1, max(1, n - 1), n})
+    candidates = thread_candidates()
     if len(candidates) < 2:
         return
     chosen = fastest_threads(candidates, _work(), repeats=11)

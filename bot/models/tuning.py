@@ -39,14 +39,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
+def _time(fn: Callable[[], Any], repeats: int, pick: Callable[[list[float]], float] = min) -> float:
+    """``fn``'s time after one warm-up run: the best of ``repeats`` runs, or ``pick`` of them."""
     fn()
-    best = float("inf")
+    runs = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        runs.append(time.perf_counter() - t)
+    return pick(runs)
+
+
+def thread_candidates() -> list[int]:
+    """One thread, all cores but one (left to the event loop, the embedder and the
+    classifier) and all cores: the counts worth measuring."""
+    n = usable_cpus()
+    return sorted({1, max(1, n - 1), n})
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated and always slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def fastest_threads(candidates: list[int], work: Callable[[], Any], repeats: int = 15) -> int:
@@ -65,13 +79,7 @@ def fastest_threads(candidates: list[int], work: Callable[[], Any], repeats: int
     try:
         for n in candidates:
             torch.set_num_threads(n)
-            work()
-            runs = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                work()
-                runs.append(time.perf_counter() - t)
-            timings[n] = statistics.median(runs)
+            timings[n] = _time(work, repeats, statistics.median)
     finally:
         torch.set_num_threads(before)
     return min(timings, key=lambda n: timings[n])
@@ -85,8 +93,7 @@ def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
     """
     import torch
 
-    flags = cpu_flags()
-    if not flags & {"avx512_bf16", "amx_bf16"}:
+    if not has_native_bf16():
         return torch.float32
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -108,8 +115,7 @@ class ThreadTuner:
     within seconds (at once when steps suddenly take twice as long), and back when it leaves
     (at once too when steps suddenly take under two thirds of their usual time: the core it
     gave up may be free again).
-    The default candidates are one thread, all cores but one (left to the event loop, the
-    embedder and the classifier) and all cores.
+    The default candidates are ``thread_candidates()``.
     """
 
     def __init__(
@@ -121,8 +127,7 @@ class ThreadTuner:
         margin: float = 0.1,
     ) -> None:
         if candidates is None:
-            n = usable_cpus()
-            candidates = sorted({1, max(1, n - 1), n})
+            candidates = thread_candidates()
         self.candidates = candidates
         self.current = candidates[-1] if len(candidates) == 1 else candidates[0]
         self.explore_every = explore_every
