@@ -27,13 +27,10 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +40,7 @@ import torch
 
 from bot.config import load_settings
 from bot.models import ModelRuntime
+from bot.models.vllm_server import VLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -149,6 +147,7 @@ COLD = """
 import asyncio, sys, time
 from bot.config import load_settings
 from bot.models import ModelRuntime
+from bot.models.vllm_server import VLLMServer
 async def main():
     rt = ModelRuntime(load_settings(overrides={{"data_dir": {data!r}, "models": {{"device": {device!r}}}}}))
     await rt.generate([{{"role": "user", "content": "Hi!"}}], max_new_tokens=8)
@@ -166,49 +165,6 @@ def cold_start(data_dir: Path, device: str) -> float:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     return float(out.stdout.strip().splitlines()[-1]) - started
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VLLMServer:
-    def __init__(self, python: Path, model: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(
-            os.environ,
-            VLLM_CPU_KVCACHE_SPACE="2",
-            HF_HUB_OFFLINE="1",
-            VLLM_LOGGING_LEVEL="WARNING",
-        )
-        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-        cmd += ["--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--dtype", "bfloat16", "--max-model-len", "2048"]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-            )
-        until = time.monotonic() + 300
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited at start: see {log}")
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError("vLLM did not start within 300 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def _cpu_busy() -> tuple[float, float]:
@@ -278,7 +234,19 @@ async def main() -> None:
         server = None
         if use_vllm:
             (model_dir,) = [p for p in (data / "models").iterdir() if (p / "config.json").exists()]
-            server = VLLMServer(vllm_python, model_dir, data / "vllm.log")
+            # Started the way chinwag's own ``backend = "vllm"`` starts it, without LoRA (so
+            # its compiled graph is on, as a user serving the base model would run it).
+            server = VLLMServer(
+                model_dir,
+                python=vllm_python,
+                served_name="smollm2",
+                dtype="bfloat16",
+                max_model_len=2048,
+                lora=None,
+                env={"HF_HUB_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+                log_file=data / "vllm.log",
+            )
+            server.start_blocking(300)
             remote = ModelRuntime(
                 load_settings(
                     overrides={
@@ -321,7 +289,7 @@ async def main() -> None:
             for rt in engines.values():
                 await rt.stop()
             if server is not None:
-                server.stop()
+                server.stop_blocking()
 
     def best(name: str, n: int, key: str = "tokens_per_s") -> float:
         return float(np.median([f[key] for f in figures[(name, n)]]))

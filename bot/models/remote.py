@@ -333,6 +333,15 @@ class RemoteBackend:
                 response.release()
         self._paths[served] = path
 
+    async def restore_adapters(self) -> None:
+        """Load every adapter in service into a server that restarted and forgot them (a
+        request would reload its own adapter anyway; this spares the first one the wait)."""
+        for served, _ in list(self._adapters.values()):
+            path = self._paths.get(served)
+            if path is not None:
+                await self._register(served, path)
+                log.info("the model server has adapter %s again", served)
+
     async def load_adapter(self, name: str, path: Path, version: str) -> None:
         await self.start()
         served = f"{name}-v{version}"

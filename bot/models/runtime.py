@@ -30,6 +30,7 @@ from bot.models.types import (
     RuntimeBusy,
     ShuttingDown,
 )
+from bot.models.vllm_server import VLLMServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class ModelRuntime:
         self._follow: asyncio.Task[None] | None = None
         self._interrupted = False
         self._start_task: asyncio.Future[Backend] | None = None
+        #: ``models.backend = "vllm"``: the server chinwag started, and the task watching it.
+        self.server: VLLMServer | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self.classifiers = ClassifierPool(
             self.registry,
             device=self.config.device,
@@ -134,6 +138,8 @@ class ModelRuntime:
 
     async def _create(self) -> Backend:
         cfg = self.config
+        if cfg.backend == "vllm":
+            return await self._start_vllm()
         if cfg.backend == "remote":
             from bot.models.remote import RemoteBackend
 
@@ -191,6 +197,46 @@ class ModelRuntime:
         )
         return backend
 
+    async def _start_vllm(self) -> RemoteBackend:
+        """Start the vLLM server chinwag supervises, and the remote backend that talks to it."""
+        from bot.models.loading import weights_for_server
+
+        cfg, v = self.config, self.config.vllm
+        try:
+            weights, name = await _in_daemon_thread(
+                weights_for_server, cfg.base_model, cache_dir=self.cache_dir
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot prepare the base model {cfg.base_model!r}: {exc}") from None
+        if self.server is None:  # a retried start keeps the port
+            self.server = VLLMServer(
+                weights,
+                python=v.python,
+                served_name=name,
+                host=v.host,
+                port=v.port,
+                dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                max_model_len=cfg.context_window,
+                lora=(v.max_lora_rank, v.max_loras),
+                args=v.args,
+                env=v.env,
+                log_file=self.settings.data_dir / "logs" / "vllm.log",
+                restart_backoff_s=v.restart_backoff_s,
+            )
+        server = self.server
+        await server.start(v.start_timeout_s)
+        backend = RemoteBackend(
+            server.url,
+            model=name,
+            timeout_s=cfg.request_timeout_s,
+            retries=cfg.remote_retries,
+        )
+        self._supervisor = asyncio.create_task(
+            server.supervise(v.start_timeout_s, on_restart=backend.restore_adapters),
+            name="vllm-supervisor",
+        )
+        return backend
+
     async def interrupt(self) -> None:
         """Shutting down: fail every waiting and running generation with
         :class:`ShuttingDown` (within one decode step) and refuse new ones."""
@@ -214,12 +260,18 @@ class ModelRuntime:
                 await self._follow
             self._follow = None
         await self.classifiers.close()
-        if self._backend is None:
-            return
-        if isinstance(self._backend, LocalBackend):
-            await asyncio.to_thread(self._backend.stop)
-        else:
-            await self._backend.stop()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
+        if self._backend is not None:
+            if isinstance(self._backend, LocalBackend):
+                await asyncio.to_thread(self._backend.stop)
+            else:
+                await self._backend.stop()
+        if self.server is not None:
+            await self.server.stop()
 
     def _params(
         self, max_new_tokens: int | None, temperature: float, top_p: float, stop: Any
@@ -263,6 +315,10 @@ class ModelRuntime:
         """
         deadline = self.deadline(within_s)
         backend = await self._start_by(deadline)
+        if self.server is not None and not self.server.serving:
+            # The supervised vLLM died and is starting again: say so now rather than let the
+            # request retry into its deadline.
+            raise RuntimeBusy("the model server is restarting", retry_after_s=30.0)
         params = self._params(max_new_tokens, temperature, top_p, stop)
         # The backend ends the row at the deadline itself; this is the backstop.
         async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + 2.0):
@@ -373,7 +429,10 @@ class ModelRuntime:
 
     @property
     def ready(self) -> bool:
-        """The base model is loaded (or the server connected) and serving."""
+        """The base model is loaded (or the server connected) and serving; with
+        ``backend = "vllm"``, the server chinwag supervises is up (not restarting)."""
+        if self.server is not None and not self.server.serving:
+            return False
         return self._backend is not None and self._backend.running
 
     def adapter_for(self, name: str) -> str | None:
