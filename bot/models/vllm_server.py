@@ -151,9 +151,9 @@ class VLLMServer:
             "vLLM: process %d starting on %s (log: %s)", self.proc.pid, self.url, self.log_file
         )
 
-    def _answers(self) -> bool:
+    def _answers(self, path: str = "/v1/models", timeout: float = 2.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout) as response:
                 return bool(response.status == 200)
         except (OSError, urllib.error.URLError):
             return False
@@ -202,7 +202,7 @@ class VLLMServer:
                 log.info("vLLM: ready on %s after %.0f s", self.url, self.uptime())
                 return
             await asyncio.sleep(1.0)
-        await self.stop()
+        await self._end()
         raise ModelError(f"vLLM did not answer within {start_timeout_s:.0f} s:\n{self.tail()}")
 
     def uptime(self) -> float:
@@ -225,14 +225,34 @@ class VLLMServer:
         start_timeout_s: float,
         on_restart: Callable[[], Awaitable[None]] | None = None,
         every_s: float = 1.0,
+        health_every_s: float = 10.0,
+        health_misses: int = 3,
     ) -> None:
-        """Run beside the bot: a server that died is started again on the same port, after
-        a pause that doubles while it keeps dying young (at most a minute); ``on_restart``
-        then runs (the runtime loads its adapters into the new server)."""
+        """Run beside the bot: a server that died — or stopped answering ``/health`` for
+        ``health_misses`` looks in a row, ``health_every_s`` apart — is started again on the
+        same port, after a pause that doubles while it keeps dying young (at most a minute);
+        ``on_restart`` then runs (the runtime loads its adapters into the new server)."""
         pause = self.restart_backoff_s
+        misses = 0
+        last_look = time.monotonic()
         while True:
             await asyncio.sleep(every_s)
-            if self._stopping or self.proc is None or self.proc.poll() is None:
+            if self._stopping or self.proc is None:
+                continue
+            if self.proc.poll() is None:
+                if self.serving and time.monotonic() - last_look >= health_every_s:
+                    last_look = time.monotonic()
+                    healthy = await asyncio.to_thread(self._answers, "/health", health_every_s)
+                    misses = 0 if healthy else misses + 1
+                    if misses >= health_misses:
+                        log.error(
+                            "vLLM: process %d has not answered /health for %.0f s; restarting it",
+                            self.proc.pid,
+                            misses * health_every_s,
+                        )
+                        misses = 0
+                        self.serving = False
+                        await self._end()
                 continue
             self.serving = False
             lived = self.uptime()
@@ -268,8 +288,12 @@ class VLLMServer:
                 os.killpg(self.proc.pid, sig)
 
     async def stop(self) -> None:
-        """SIGTERM through the guard (vLLM gets ``grace_s`` to exit, then SIGKILL)."""
+        """SIGTERM through the guard (vLLM gets ``grace_s`` to exit, then SIGKILL); not
+        restarted after."""
         self._stopping = True
+        await self._end()
+
+    async def _end(self) -> None:
         self.serving = False
         proc = self.proc
         if proc is None:

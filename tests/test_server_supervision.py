@@ -1,15 +1,17 @@
-"""Children that end with the bot: the guard chinwag starts model servers through.
+"""The model server chinwag supervises (``backend = "vllm"``): it ends with the bot, and one
+that crashes or hangs is started again.
 
 vLLM's API server forks engine and worker processes that outlive it when it is killed, and
-the kernel's parent-death signal reaches only a direct child. These tests use a stand-in that
-forks the same way (a shell with a background grandchild), so they run without vLLM; the real
-server is covered in tests/test_vllm.py.
+the kernel's parent-death signal reaches only a direct child. These tests use stand-ins — a
+shell that forks a stubborn worker, a small HTTP server that answers like vLLM's health
+endpoints — so they run without vLLM; the real server is covered in tests/test_vllm.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -135,3 +137,59 @@ async def test_a_missing_interpreter_is_named(tmp_path):
     server = VLLMServer("m", python=tmp_path / "nope" / "python", log_file=tmp_path / "l.log")
     with pytest.raises(ModelError, match="no Python interpreter at"):
         await server.start(10)
+
+
+def _fake_vllm(tmp_path: Path, **kwargs) -> VLLMServer:
+    """A server that answers ``/v1/models`` and ``/health`` the way vLLM does (HTTP 200)."""
+    root = tmp_path / "www"
+    (root / "v1").mkdir(parents=True, exist_ok=True)
+    (root / "v1" / "models").write_text("{}")
+    (root / "health").write_text("")
+    server = VLLMServer("unused", log_file=tmp_path / "server.log", grace_s=1.0, **kwargs)
+    server.command = lambda: [  # type: ignore[method-assign]
+        sys.executable, "-m", "http.server", str(server.port), "--bind", "127.0.0.1",
+        "--directory", str(root),
+    ]  # fmt: skip
+    return server
+
+
+async def _until(check, within: float = 30.0) -> None:
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 - polling a process from outside
+            await asyncio.sleep(0.05)
+
+
+async def test_a_crashed_server_is_started_again_on_its_port_and_told_to_restore(tmp_path):
+    server = _fake_vllm(tmp_path, restart_backoff_s=0.1)
+    restored = []
+
+    async def restore() -> None:
+        restored.append(server.url)
+
+    await server.start(30)
+    url = server.url
+    watch = asyncio.create_task(server.supervise(30, on_restart=restore, every_s=0.05))
+    try:
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the whole server dies at once
+        await _until(lambda: not server.serving)
+        await _until(lambda: server.serving and server.restarts == 1)
+        assert server.url == url and restored == [url]  # same port: the backend's URL holds
+    finally:
+        watch.cancel()
+        await server.stop()
+
+
+async def test_a_server_that_stops_answering_is_restarted(tmp_path):
+    server = _fake_vllm(tmp_path, restart_backoff_s=0.1)
+    await server.start(30)
+    watch = asyncio.create_task(
+        server.supervise(30, every_s=0.05, health_every_s=0.3, health_misses=2)
+    )
+    try:
+        (hung,) = [p for p in _group(server.proc.pid) if p != server.proc.pid]
+        os.kill(hung, signal.SIGSTOP)  # alive, but answers nothing: a hung engine
+        await _until(lambda: server.restarts == 1 and server.serving)
+        assert hung not in _group(server.proc.pid)
+    finally:
+        watch.cancel()
+        await server.stop()
