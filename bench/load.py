@@ -310,6 +310,11 @@ async def main() -> None:
             kinds["refused_after_close"] = sum(o.kind == "refused" for o in level.outcomes)
             kinds["cut"] = sum(o.kind in ("failed", "timeout") for o in level.outcomes)
             print(f"SIGTERM under load: exited in {exit_s:.1f} s (code {proc.returncode}); {kinds}")
+            # What the bot logged while stopping (each step's time): why a slow stop was slow.
+            lines = (data / "bot.log").read_text(errors="replace").splitlines()
+            start = max((i for i, x in enumerate(lines) if "stopping (signal" in x), default=0)
+            for line in lines[start:][-12:]:
+                print(f"  | {line[:160]}")
         finally:
             if proc.poll() is None:
                 proc.kill()

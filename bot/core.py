@@ -14,6 +14,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,18 +189,32 @@ class Bot:
             return
         if drain_timeout is None:
             drain_timeout = self.settings.bot.shutdown_timeout_s * 0.6
+        # Each step's time is logged: an operator whose stop took long sees which step did.
+        t0 = time.monotonic()
         await self.begin_shutdown()
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout)
         except TimeoutError:
             log.warning("stopping with %d messages still in flight", self._inflight)
+        drained = time.monotonic()
         for result in call_lifecycle(self.pm, "shutdown", bot=self):
             try:
                 await _maybe_await(result)
             except Exception:
                 log.exception("a shutdown hook failed")
+        hooks = time.monotonic()
         await self.models.stop()
+        models = time.monotonic()
         await self.store.close()
+        log.info(
+            "stopped in %.1f s: in-flight messages %.1f s, shutdown hooks %.1f s, models %.1f s, "
+            "store %.1f s",
+            time.monotonic() - t0,
+            drained - t0,
+            hooks - drained,
+            models - hooks,
+            time.monotonic() - models,
+        )
         self._started = False
         self._stopping = False
 

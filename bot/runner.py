@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -76,6 +77,7 @@ async def serve(
                             if getattr(server, "pushes", True):
                                 bot.outboxes.setdefault(server.platform, server.push)
                     await stop.wait()
+                    log.info("stopping (signal received)")
                     exit_within(settings.bot.shutdown_timeout_s)
                     # Model work first: the users waiting on it get the shutdown notice
                     # while the adapters can still deliver it.
@@ -83,7 +85,9 @@ async def serve(
                 return
         finally:
             for server in reversed(servers):
+                t0 = time.monotonic()
                 await server.stop()  # in-flight work finishes first
+                log.info("%s adapter stopped in %.1f s", server.platform, time.monotonic() - t0)
         from bot.adapters.console import ConsoleChat
 
         console = ConsoleChat(bot)
