@@ -52,6 +52,9 @@ def test_a_toml_file_and_environment_combine_with_environment_winning(tmp_path, 
         ("[database]\nsynchronous = 'SOMETIMES'\n", "database.synchronous"),
         ("[bot\nname = 1\n", "not valid TOML"),
         ("[rate_limit]\nburst = 'lots'\n", "rate_limit.burst"),
+        ("[models]\nbackend = 'vlm'\n", "models.backend"),
+        ("[models.vllm]\nprot = 8000\n", "models.vllm.prot: unknown key"),
+        ("[models.vllm]\nport = 70000\n", "models.vllm.port"),
     ],
 )
 def test_a_broken_config_names_the_key_and_the_problem(tmp_path, toml, expected):
