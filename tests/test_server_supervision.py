@@ -193,3 +193,16 @@ async def test_a_server_that_stops_answering_is_restarted(tmp_path):
     finally:
         watch.cancel()
         await server.stop()
+
+
+async def test_the_server_log_stays_bounded_across_starts(tmp_path, monkeypatch):
+    from bot.models import vllm_server
+
+    monkeypatch.setattr(vllm_server, "LOG_ROTATE_BYTES", 100)
+    server = _fake_vllm(tmp_path)
+    (tmp_path / "server.log").write_text("old run\n" * 50)
+    await server.start(30)
+    await server.stop()
+    assert (tmp_path / "server.log.1").read_text().startswith("old run")
+    assert (tmp_path / "server.log").read_text().lstrip().startswith("--- chinwag: starting")
+    assert "--disable-uvicorn-access-log" in VLLMServer("m", log_file=tmp_path / "x").command()

@@ -37,6 +37,8 @@ from bot.models.types import ModelError
 log = logging.getLogger(__name__)
 
 GUARD = Path(__file__).resolve().parents[1] / "process_guard.py"
+#: The server's log starts afresh (the old one kept as ``vllm.log.1``) past this size.
+LOG_ROTATE_BYTES = 20 * 2**20
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -108,6 +110,9 @@ class VLLMServer:
         if self.lora is not None:
             rank, count = self.lora
             cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(count)]
+        # A line per request (and per health check) would grow the log without end; ``args``
+        # may turn it back on (--no-disable-uvicorn-access-log).
+        cmd += ["--disable-uvicorn-access-log"]
         return cmd + self.args
 
     # -- starting ----------------------------------------------------------------------------
@@ -129,6 +134,9 @@ class VLLMServer:
         # GPU builds ignore it.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # kept bounded: the previous one is kept beside it
+            if self.log_file.stat().st_size > LOG_ROTATE_BYTES:
+                os.replace(self.log_file, self.log_file.with_name(self.log_file.name + ".1"))
         with self.log_file.open("ab") as out:
             out.write(f"\n--- chinwag: starting {' '.join(self.command())}\n".encode())
             out.flush()
