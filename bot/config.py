@@ -201,6 +201,9 @@ class ModelsSettings(_Section):
     remote_url: str | None = None
     remote_api_key: SecretStr | None = None
     remote_retries: int = Field(3, ge=0)
+    #: Refuse at once ("busy") what a vLLM server's queue says it cannot finish before the
+    #: reply's deadline, from the server's /metrics (other servers: not watched).
+    remote_admission: bool = True
     vllm: VLLMSettings = VLLMSettings()
     #: Classifiers (sentiment…): requests from all chats gathered this long into one batch.
     classify_wait_ms: float = Field(2.0, ge=0)

@@ -3,7 +3,9 @@
 Answers ``echo(<model>): <last user message>``; serves the base model and LoRA adapters loaded
 through vLLM's runtime endpoints; ``POST /control`` sets failure modes: ``fail_next`` requests
 answered with ``fail_status``, or ``die_mid_stream`` (the process exits after two streamed
-pieces, as a crashed server would).
+pieces, as a crashed server would). With ``slots`` set it serves that many requests at once,
+each taking ``delay_s``, the rest waiting their turn — a saturated server — and publishes
+vLLM's load figures on ``GET /metrics`` (waiting, running, finished, inference time).
 """
 
 from __future__ import annotations
@@ -12,10 +14,59 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 from aiohttp import web
 
-state = {"fail_next": 0, "fail_status": 503, "die_mid_stream": False, "requests": 0, "adapters": {}}
+state = {
+    "fail_next": 0,
+    "fail_status": 503,
+    "die_mid_stream": False,
+    "requests": 0,
+    "adapters": {},
+    "slots": None,
+    "delay_s": 0.0,
+}
+load = {"waiting": 0, "running": 0, "finished": 0, "inference_sum": 0.0}
+_slots: list[asyncio.Semaphore] = []
+
+
+async def _serve_in_turn() -> None:
+    """Wait for a slot, then take ``delay_s`` in it (only when ``slots`` is set)."""
+    if not state["slots"]:
+        return
+    if not _slots:
+        _slots.append(asyncio.Semaphore(int(state["slots"])))
+    load["waiting"] += 1
+    try:
+        await _slots[0].acquire()
+    finally:
+        load["waiting"] -= 1
+    load["running"] += 1
+    started = time.monotonic()
+    try:
+        await asyncio.sleep(float(state["delay_s"]))
+    finally:
+        load["running"] -= 1
+        load["finished"] += 1
+        load["inference_sum"] += time.monotonic() - started
+        _slots[0].release()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = (
+        f"# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{model_name="smollm2"}} {load["waiting"]}\n'
+        f"# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{model_name="smollm2"}} {load["running"]}\n'
+        f"# TYPE vllm:request_success counter\n"
+        f'vllm:request_success_total{{finished_reason="stop"}} {load["finished"]}\n'
+        f"# TYPE vllm:request_inference_time_seconds histogram\n"
+        f'vllm:request_inference_time_seconds_bucket{{le="+Inf"}} {load["finished"]}\n'
+        f"vllm:request_inference_time_seconds_count {load['finished']}\n"
+        f"vllm:request_inference_time_seconds_sum {load['inference_sum']}\n"
+    )
+    return web.Response(text=body, content_type="text/plain")
 
 
 async def control(request: web.Request) -> web.Response:
@@ -37,6 +88,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"error": {"message": f"The model `{model}` does not exist."}}, status=404
         )
+    await _serve_in_turn()
     prompt = body["messages"][-1]["content"]
     text = f"echo({model}): {prompt}"
     words = text.split(" ")
@@ -80,6 +132,7 @@ async def serve(port: int) -> None:
     app.router.add_post("/v1/load_lora_adapter", load_lora)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora)
     app.router.add_post("/control", control)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

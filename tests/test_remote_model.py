@@ -166,3 +166,77 @@ async def test_the_runtime_uses_the_remote_backend_from_configuration(server, tm
         )
     finally:
         await runtime.stop()
+
+
+async def test_a_saturated_server_refuses_at_once_what_it_cannot_finish_in_time(server):
+    """Past its capacity a vLLM server queues; a reply that would wait past its deadline is
+    refused at once, from the server's own /metrics, rather than after the user waited it
+    out — and the replies that are admitted arrive in time."""
+    from bot.models import RuntimeBusy
+
+    url, control, _ = server
+    control(slots=1, delay_s=0.4)  # one request at a time, 0.4 s each: 2.5 a second
+    backend = RemoteBackend(url, model="smollm2", retries=0)
+    backend.load.interval_s, backend.load.min_window_s = 0.1, 1.0
+    try:
+        await backend.start()
+        # A busy spell with time to spare: everything is served, and the figures fill in.
+        await asyncio.gather(*(backend.generate(ask(f"warm {i}"), P) for i in range(6)))
+
+        async def one(i: int) -> tuple[str, float, float]:
+            t0 = time.monotonic()
+            try:
+                await backend.generate(ask(f"q{i}"), P, deadline=t0 + 2.0)
+                return "answer", time.monotonic() - t0, 0.0
+            except RuntimeBusy as exc:
+                return "busy", time.monotonic() - t0, exc.retry_after_s
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(12)))
+        answered = [t for kind, t, _ in outcomes if kind == "answer"]
+        refused = [t for kind, t, _ in outcomes if kind == "busy"]
+        assert all(retry >= 1 for kind, _, retry in outcomes if kind == "busy")
+        assert len(answered) >= 2 and len(refused) >= 5, outcomes
+        assert max(refused) < 0.5  # at once, not at the deadline
+        assert max(answered) < 2.0  # admitted replies made it
+    finally:
+        await backend.stop()
+
+
+async def test_a_server_without_vllm_metrics_is_not_watched(tmp_path):
+    """TGI, llama.cpp's server or a proxy: no admission figures, requests go as before."""
+    from aiohttp import web
+
+    app = web.Application()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    backend = RemoteBackend(f"http://127.0.0.1:{port}", model="m", retries=0)
+    try:
+        await backend.start()
+        await backend.load.poll()
+        assert backend.load.available is False
+    finally:
+        await backend.stop()
+        await runner.cleanup()
+
+
+def test_the_admission_estimate_follows_the_servers_queue():
+    from bot.models.server_load import LoadWatch, Sample
+
+    watch = LoadWatch("http://x/metrics", lambda: None, interval_s=1.0, min_window_s=2.0)
+
+    def sample(at, waiting, running, finished):
+        return Sample(at, waiting, running, finished, inference_sum=finished * 2.0,
+                      inference_count=finished)  # fmt: skip
+
+    watch.samples.extend([sample(0, 0, 1, 0)])
+    assert watch.estimate(now=0.5) == (0.0, 0.0)  # an idle server: start at once
+    # Full: 4 running (its slots) and a queue; 2 requests finish a second, 2 s each.
+    watch.samples.extend(sample(t, 6, 4, 2 * t) for t in (1, 2, 3, 4))
+    wait, service = watch.estimate(now=4.5)
+    assert service == 2.0 and wait == 6 / 2
+    watch.sent()
+    watch.sent()
+    assert watch.estimate(now=4.5)[0] == 8 / 2  # ours, not yet in its figures, count too
+    assert watch.estimate(now=20) is None  # stale figures say nothing

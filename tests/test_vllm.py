@@ -141,6 +141,12 @@ async def test_vllm_generates_and_streams_through_the_remote_backend(vllm, tmp_p
         assert whole.completion_tokens > 0
         pieces = [p async for p in runtime.stream(QUESTION, max_new_tokens=12)]
         assert len(pieces) > 1 and "".join(pieces).strip() == whole.text
+        # Admission control reads vLLM's own load figures: the names are the real ones.
+        load = runtime._backend.load
+        await load.poll()
+        assert load.available and load.samples[-1].finished >= 2
+        assert load.samples[-1].waiting == 0 and load.samples[-1].inference_count >= 2
+        assert load.estimate()[0] == 0.0  # nothing queued: a new request starts at once
     finally:
         await runtime.stop()
 

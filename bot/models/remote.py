@@ -29,6 +29,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from bot.models.server_load import LoadWatch, stop_task
 from bot.models.types import (
     ChatMessages,
     Generation,
@@ -56,6 +57,7 @@ class RemoteBackend:
         timeout_s: float = 120.0,
         retries: int = 3,
         backoff_s: float = 0.5,
+        admission: bool = True,
     ) -> None:
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1"):
@@ -70,6 +72,13 @@ class RemoteBackend:
         self._paths: dict[str, Path] = {}  # served name → adapter folder, to reload it
         self._inflight: set[asyncio.Task[Any]] = set()
         self._interrupted = False
+        #: The server's own load figures (vLLM's /metrics), for refusing at once what it
+        #: cannot finish in time (bot/models/server_load.py); None when switched off.
+        self.load: LoadWatch | None = None
+        if admission:
+            metrics = self.url[: -len("/v1")] + "/metrics"
+            self.load = LoadWatch(metrics, lambda: self._session)
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -79,8 +88,12 @@ class RemoteBackend:
         if self._session is None:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             self._session = aiohttp.ClientSession(headers=headers, timeout=self.timeout)
+        if self.load is not None and self._watch is None:
+            self._watch = asyncio.create_task(self.load.run(), name="model-server-load")
 
     async def stop(self) -> None:
+        await stop_task(self._watch)
+        self._watch = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -158,6 +171,13 @@ class RemoteBackend:
         """One completion; ``deadline`` (``time.monotonic()``) bounds it, retries included."""
         if self._interrupted:
             raise ShuttingDown("the bot is shutting down")
+        if self.load is not None and self.load.available:
+            retry = self.load.refuse(deadline)
+            if retry is not None:
+                raise RuntimeBusy(
+                    "the model server's queue would not clear in time", retry_after_s=retry
+                )
+            self.load.sent()
         inner = asyncio.ensure_future(self._generate(messages, params, adapter, stream, deadline))
         self._inflight.add(inner)
         try:

@@ -152,6 +152,7 @@ class ModelRuntime:
                 api_key=key,
                 timeout_s=cfg.request_timeout_s,
                 retries=cfg.remote_retries,
+                admission=cfg.remote_admission,
             )
         from bot.models.loading import load_base
 
@@ -230,6 +231,7 @@ class ModelRuntime:
             model=name,
             timeout_s=cfg.request_timeout_s,
             retries=cfg.remote_retries,
+            admission=cfg.remote_admission,
         )
         self._supervisor = asyncio.create_task(
             server.supervise(v.start_timeout_s, on_restart=backend.restore_adapters),

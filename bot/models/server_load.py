@@ -1,0 +1,202 @@
+"""Admission control for a model server chinwag does not run in-process (vLLM), from its own
+load figures.
+
+The local backend refuses a reply at once when its measured step time says it cannot finish
+in time. Against a remote server chinwag cannot see the batch, but vLLM publishes what is
+needed on ``/metrics`` (Prometheus text): how many requests wait for a slot, how many have
+finished (a counter), and how long inference takes. :class:`LoadWatch` reads it about once a
+second; a new request is estimated to start after the ones already waiting have gone through
+at the rate requests have been finishing, then to take the recent mean inference time. When
+that lands past the request's deadline the skill hears :class:`RuntimeBusy` at once — instead
+of the user waiting out the deadline for the same answer. The figures are the server's, so
+several chinwag workers sharing one server see each other's load.
+
+It refuses only while requests are waiting at the server (when none wait, a new request
+starts at once, and its deadline still bounds it), and says nothing while its figures are
+stale, missing or too young to give a rate. A server without vLLM's metrics (TGI, llama.cpp's
+server, a proxy) is simply not watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+#: Estimates are stretched this much before they are compared with a deadline (as the local
+#: backend's are): a reply admitted on a tight estimate must not then arrive late.
+SAFETY = 1.25
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float  # time.monotonic()
+    waiting: float
+    running: float
+    finished: float  # requests finished since the server started (a counter)
+    inference_sum: float  # seconds of inference, over ``inference_count`` requests
+    inference_count: float
+
+
+def parse(text: str, at: float) -> Sample | None:
+    """vLLM's figures from a ``/metrics`` page, summed over its label sets; None when the
+    page is not vLLM's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "vllm:num_requests_waiting": "waiting",
+        "vllm:num_requests_running": "running",
+        "vllm:request_success_total": "finished",
+        "vllm:request_inference_time_seconds_sum": "inference_sum",
+        "vllm:request_inference_time_seconds_count": "inference_count",
+    }
+    found: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = wanted.get(sample.name)
+                if key is not None:
+                    found[key] = found.get(key, 0.0) + float(sample.value)
+    except ValueError:
+        return None
+    if "waiting" not in found or "finished" not in found:
+        return None
+    return Sample(
+        at=at,
+        waiting=found["waiting"],
+        running=found.get("running", 0.0),
+        finished=found["finished"],
+        inference_sum=found.get("inference_sum", 0.0),
+        inference_count=found.get("inference_count", 0.0),
+    )
+
+
+class LoadWatch:
+    """The server's load over the last ``window_s`` seconds, polled every ``interval_s``."""
+
+    def __init__(
+        self,
+        metrics_url: str,
+        session: Callable[[], aiohttp.ClientSession | None],
+        *,
+        interval_s: float = 1.0,
+        window_s: float = 15.0,
+        min_window_s: float = 3.0,
+    ) -> None:
+        self.metrics_url = metrics_url
+        self._session = session
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self.min_window_s = min_window_s
+        self.samples: deque[Sample] = deque()
+        #: False once the server showed it has no vLLM metrics: nothing more is asked.
+        self.available = True
+        self._sent_since: list[float] = []  # our requests sent after the last sample
+
+    async def run(self) -> None:
+        while self.available:
+            await self.poll()
+            await asyncio.sleep(self.interval_s)
+
+    async def poll(self) -> None:
+        session = self._session()
+        if session is None:
+            return
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(1.0, 2 * self.interval_s))
+            async with session.get(self.metrics_url, timeout=timeout) as response:
+                if response.status == 404:
+                    self._give_up("the server has no /metrics")
+                    return
+                if response.status != 200:
+                    return
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return  # down or slow: the figures go stale and say nothing
+        sample = parse(text, time.monotonic())
+        if sample is None:
+            self._give_up("its /metrics are not vLLM's")
+            return
+        self.samples.append(sample)
+        self._sent_since = [t for t in self._sent_since if t > sample.at]
+        while self.samples and sample.at - self.samples[0].at > self.window_s:
+            self.samples.popleft()
+
+    def _give_up(self, why: str) -> None:
+        self.available = False
+        log.info("remote admission control off: %s", why)
+
+    def sent(self) -> None:
+        """A request of ours went to the server (it shows in the figures from the next poll)."""
+        self._sent_since.append(time.monotonic())
+
+    def estimate(self, now: float | None = None) -> tuple[float, float] | None:
+        """``(seconds until a new request would start, seconds it would then take)``, or
+        None when the figures cannot say.
+
+        Requests ahead of a new one: those waiting at the server, plus ours sent since the
+        last look — or, once the server has been seen full (requests waiting beside
+        ``running`` ones: that many slots), everything beyond its slots. They clear at the
+        rate requests finished while the server was busy.
+        """
+        if not self.samples:
+            return None
+        now = time.monotonic() if now is None else now
+        last = self.samples[-1]
+        if now - last.at > 5 * self.interval_s + 2:
+            return None  # stale: the server stopped answering /metrics
+        service = self._inference_s(self.samples[0], last)
+        full = [s.running for s in self.samples if s.waiting > 0]
+        ours = len(self._sent_since)
+        if full:
+            ahead = max(0.0, last.running + last.waiting + ours - max(full))
+        else:
+            ahead = last.waiting + ours if last.waiting > 0 else 0.0
+        if ahead <= 0:
+            return 0.0, service or 0.0
+        busy = done = 0.0
+        for before, after in zip(self.samples, list(self.samples)[1:], strict=False):
+            if before.running + before.waiting > 0 and after.finished >= before.finished:
+                busy += after.at - before.at
+                done += after.finished - before.finished
+        if busy < self.min_window_s or done <= 0 or service is None:
+            return None  # too little seen to know the rate (or nothing finished yet)
+        return ahead / (done / busy), service
+
+    @staticmethod
+    def _inference_s(first: Sample, last: Sample) -> float | None:
+        count = last.inference_count - first.inference_count
+        if count > 0:
+            return (last.inference_sum - first.inference_sum) / count
+        if last.inference_count > 0:
+            return last.inference_sum / last.inference_count
+        return None
+
+    def refuse(self, deadline: float | None) -> float | None:
+        """Seconds to suggest waiting before trying again, when a request due by ``deadline``
+        (``time.monotonic()``) cannot make it; None to send it."""
+        if deadline is None:
+            return None
+        now = time.monotonic()
+        est = self.estimate(now)
+        if est is None:
+            return None
+        wait, service = est
+        if wait <= 0 or now + SAFETY * (wait + service) <= deadline:
+            return None
+        return max(1.0, wait)
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
