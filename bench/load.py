@@ -164,6 +164,7 @@ def summary(level: Level, seconds: float, deadline_s: float) -> dict[str, float]
     o = level.outcomes
     n = max(1, len(o))
     answers = [x for x in o if x.kind == "answer" and x.total_s <= deadline_s]
+    busy = [x.total_s for x in o if x.kind == "busy"]
     replied = [x for x in o if x.kind in ("answer", "busy", "notice") and x.total_s <= deadline_s]
     ttft = [x.ttft_s for x in answers if x.ttft_s is not None]
     full = [x.total_s for x in answers]
@@ -176,7 +177,9 @@ def summary(level: Level, seconds: float, deadline_s: float) -> dict[str, float]
         "offered_per_s": round(level.rate, 3),
         "messages": len(o),
         "goodput_per_s": round(len(answers) / seconds, 3),
-        "busy_share": round(sum(x.kind == "busy" for x in o) / n, 3),
+        "busy_share": round(len(busy) / n, 3),
+        "busy_p50_s": pct(busy, 50),  # how long a user waited to hear "busy"
+        "busy_p95_s": pct(busy, 95),
         "replied_within_deadline": round(len(replied) / n, 3),
         "timeouts": sum(x.kind in ("timeout", "failed") for x in o),
         "ttft_p50_s": pct(ttft, 50),
@@ -211,10 +214,11 @@ async def capacity(url: str, chats: int, seconds: float, deadline_s: float) -> f
         return done / (time.monotonic() - t0)
 
 
-def start_bot(data: Path, port: int) -> subprocess.Popen[bytes]:
+def start_bot(data: Path, port: int, models: str = "") -> subprocess.Popen[bytes]:
     config = data / "chinwag.toml"
     config.write_text(
         f"""data_dir = "{data}"
+{models}
 [http]
 enabled = true
 port = {port}
@@ -263,13 +267,32 @@ async def main() -> None:
     parser.add_argument("--deadline", type=float, default=30.0, help="the dialogue skill's")
     parser.add_argument("--help-rate", type=float, default=5.0)
     parser.add_argument("--max-clients", type=int, default=512)
+    parser.add_argument(
+        "--backend",
+        choices=["local", "vllm"],
+        default="local",
+        help="vllm: the bot starts and supervises vLLM's server (VLLM_PYTHON or .venv-vllm)",
+    )
+    parser.add_argument(
+        "--no-admission", action="store_true", help="vllm: no admission from its /metrics"
+    )
     args = parser.parse_args()
-    result: dict[str, object] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    models = ""
+    if args.backend == "vllm":
+        python = os.environ.get("VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
+        models = (
+            f'[models]\nbackend = "vllm"\nremote_admission = {str(not args.no_admission).lower()}'
+            f'\n[models.vllm]\npython = "{python}"\nargs = ["--max-model-len", "2048"]\n'
+        )
+    result: dict[str, object] = {
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "backend": args.backend + (" (no admission)" if args.no_admission else ""),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start_bot(data, port)
+        proc = start_bot(data, port, models)
         try:
             await wait_ready(url, proc)
             # A first burst, then a quiet moment: the runtime prepares its faster CPU layers

@@ -3,9 +3,10 @@
 Answers ``echo(<model>): <last user message>``; serves the base model and LoRA adapters loaded
 through vLLM's runtime endpoints; ``POST /control`` sets failure modes: ``fail_next`` requests
 answered with ``fail_status``, or ``die_mid_stream`` (the process exits after two streamed
-pieces, as a crashed server would). With ``slots`` set it serves that many requests at once,
-each taking ``delay_s``, the rest waiting their turn — a saturated server — and publishes
-vLLM's load figures on ``GET /metrics`` (waiting, running, finished, inference time).
+pieces, as a crashed server would), or ``piece_delay_s`` between streamed pieces. With
+``slots`` set it serves that many requests at once, each taking ``delay_s``, the rest waiting
+their turn — a saturated server — and publishes vLLM's load figures on ``GET /metrics``
+(waiting, running, finished, inference time).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ state = {
     "adapters": {},
     "slots": None,
     "delay_s": 0.0,
+    "piece_delay_s": 0.0,
 }
 load = {"waiting": 0, "running": 0, "finished": 0, "inference_sum": 0.0}
 _slots: list[asyncio.Semaphore] = []
@@ -107,6 +109,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         piece = word if i == 0 else " " + word
         event = {"choices": [{"delta": {"content": piece}, "finish_reason": None}]}
         await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await asyncio.sleep(float(state["piece_delay_s"]))  # a slow, busy server
         if state["die_mid_stream"] and i == 1:
             os._exit(1)
     await response.write(b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n')

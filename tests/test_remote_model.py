@@ -240,3 +240,52 @@ def test_the_admission_estimate_follows_the_servers_queue():
     watch.sent()
     assert watch.estimate(now=4.5)[0] == 8 / 2  # ours, not yet in its figures, count too
     assert watch.estimate(now=20) is None  # stale figures say nothing
+
+
+async def test_a_reply_the_deadline_cuts_short_keeps_what_arrived(server):
+    """As the local backend's rows do: the user gets the words generated in time, marked as
+    cut by the deadline, not an error — also when the caller did not ask for a stream."""
+    url, control, _ = server
+    control(piece_delay_s=0.25)
+    backend = RemoteBackend(url, model="smollm2", retries=0)
+    try:
+        t0 = time.monotonic()
+        gen = await backend.generate(
+            ask("one two three four five six seven eight nine ten"), P, deadline=t0 + 1.0
+        )
+        assert time.monotonic() - t0 < 1.5
+        assert gen.finish_reason == "deadline"
+        assert gen.text.startswith("echo(smollm2): one") and "ten" not in gen.text
+    finally:
+        await backend.stop()
+
+
+def test_a_batching_server_that_shares_its_tokens_too_thinly_refuses_long_replies():
+    """vLLM runs every request it can at once: overload shows as each reply getting a thinner
+    share of the token rate, not as a queue. A reply that could not finish in time on that
+    share is refused at once; a short one, or one with time enough, is sent."""
+    from bot.models.server_load import LoadWatch, Sample
+
+    watch = LoadWatch("http://x/metrics", lambda: None, interval_s=1.0, min_window_s=2.0)
+    now = time.monotonic()
+
+    def second(t: int) -> Sample:  # 10 running, 100 tokens/s between them, 60-token replies
+        return Sample(
+            now - 4 + t,
+            waiting=0,
+            running=10,
+            finished=t,
+            inference_sum=6.0 * t,
+            inference_count=t,
+            generated=100.0 * t,
+            reply_tokens_sum=60.0 * t,
+            reply_count=t,
+        )
+
+    watch.samples.extend(second(t) for t in range(5))
+    wait, service = watch.estimate(now=now)
+    assert wait == 0.0 and service == 60 * 11 / 100  # shared 11 ways with ours
+    assert watch.estimate(now=now, max_tokens=20)[1] == 20 * 11 / 100
+    assert watch.refuse(now + 5.0) is not None  # 6.6 s (x1.25) cannot fit in 5
+    assert watch.refuse(now + 10.0) is None
+    assert watch.refuse(now + 5.0, max_tokens=20) is None  # 2.2 s does

@@ -172,7 +172,7 @@ class RemoteBackend:
         if self._interrupted:
             raise ShuttingDown("the bot is shutting down")
         if self.load is not None and self.load.available:
-            retry = self.load.refuse(deadline)
+            retry = self.load.refuse(deadline, params.max_new_tokens)
             if retry is not None:
                 raise RuntimeBusy(
                     "the model server's queue would not clear in time", retry_after_s=retry
@@ -235,7 +235,7 @@ class RemoteBackend:
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "stream": stream is not None,
+            "stream": True,
         }
         if params.stop:
             payload["stop"] = list(params.stop)
@@ -243,14 +243,11 @@ class RemoteBackend:
         try:
             if deadline is not None and deadline <= time.monotonic():
                 raise RuntimeBusy("no time left for this reply", retry_after_s=5.0)
-            if stream is None:
-                data = await self._complete(payload, deadline)
-                choice = data["choices"][0]
-                text = choice["message"]["content"] or ""
-                finish = choice.get("finish_reason") or "stop"
-                usage = data.get("usage") or {}
-            else:
-                text, finish, usage = await self._stream(payload, stream, deadline)
+            # Always streamed from the server, even when the caller wants the whole reply:
+            # a reply the deadline cuts short then ends with the text it has (as the local
+            # backend's rows do) instead of being lost whole.
+            out: asyncio.Queue[str | None] = stream if stream is not None else asyncio.Queue()
+            text, finish, usage = await self._stream(payload, out, deadline)
         except _Transient as exc:
             if deadline is not None and time.monotonic() >= deadline - 0.05:
                 raise RuntimeBusy(
@@ -270,22 +267,10 @@ class RemoteBackend:
             adapter_version=version,
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
-            finish_reason="length" if finish == "length" else "stop",
+            finish_reason=finish if finish in ("length", "deadline") else "stop",  # type: ignore[arg-type]
             timings={"generate_s": time.perf_counter() - started},
             extra={"served_model": served},
         )
-
-    async def _complete(self, payload: dict[str, Any], deadline: float | None) -> dict[str, Any]:
-        async for attempt in self._retrying(deadline):
-            with attempt:
-                response = await self._post("/chat/completions", payload, deadline)
-                try:
-                    return await response.json()
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                    raise _Transient(f"response cut off: {exc}") from exc
-                finally:
-                    response.release()
-        raise AssertionError("unreachable")
 
     async def _stream(
         self, payload: dict[str, Any], out: asyncio.Queue[str | None], deadline: float | None
@@ -314,6 +299,12 @@ class RemoteBackend:
                             pieces.append(delta)
                             out.put_nowait(delta)
                         finish = choice.get("finish_reason") or finish
+                except TimeoutError as exc:
+                    # The reply's deadline, mid-stream: what arrived is the reply.
+                    if pieces:
+                        usage.setdefault("completion_tokens", len(pieces))
+                        return "".join(pieces), "deadline", usage
+                    raise _Transient(f"no token before the deadline: {exc}") from exc
                 except (
                     aiohttp.ClientPayloadError,
                     aiohttp.ClientConnectionError,

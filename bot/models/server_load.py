@@ -44,6 +44,9 @@ class Sample:
     finished: float  # requests finished since the server started (a counter)
     inference_sum: float  # seconds of inference, over ``inference_count`` requests
     inference_count: float
+    generated: float = 0.0  # tokens generated since the server started (a counter)
+    reply_tokens_sum: float = 0.0  # tokens per finished request, over ``reply_count``
+    reply_count: float = 0.0
 
 
 def parse(text: str, at: float) -> Sample | None:
@@ -57,6 +60,9 @@ def parse(text: str, at: float) -> Sample | None:
         "vllm:request_success_total": "finished",
         "vllm:request_inference_time_seconds_sum": "inference_sum",
         "vllm:request_inference_time_seconds_count": "inference_count",
+        "vllm:generation_tokens_total": "generated",
+        "vllm:request_generation_tokens_sum": "reply_tokens_sum",
+        "vllm:request_generation_tokens_count": "reply_count",
     }
     found: dict[str, float] = {}
     try:
@@ -76,6 +82,9 @@ def parse(text: str, at: float) -> Sample | None:
         finished=found["finished"],
         inference_sum=found.get("inference_sum", 0.0),
         inference_count=found.get("inference_count", 0.0),
+        generated=found.get("generated", 0.0),
+        reply_tokens_sum=found.get("reply_tokens_sum", 0.0),
+        reply_count=found.get("reply_count", 0.0),
     )
 
 
@@ -138,14 +147,19 @@ class LoadWatch:
         """A request of ours went to the server (it shows in the figures from the next poll)."""
         self._sent_since.append(time.monotonic())
 
-    def estimate(self, now: float | None = None) -> tuple[float, float] | None:
+    def estimate(
+        self, now: float | None = None, max_tokens: int | None = None
+    ) -> tuple[float, float] | None:
         """``(seconds until a new request would start, seconds it would then take)``, or
         None when the figures cannot say.
 
-        Requests ahead of a new one: those waiting at the server, plus ours sent since the
-        last look — or, once the server has been seen full (requests waiting beside
-        ``running`` ones: that many slots), everything beyond its slots. They clear at the
-        rate requests finished while the server was busy.
+        Start: requests ahead of a new one — those waiting at the server plus ours sent since
+        the last look, or, once the server has been seen full (requests waiting beside
+        ``running`` ones: that many slots), everything beyond its slots — clear at the rate
+        requests finished while the server was busy. Duration: a batching server shares its
+        token rate among the requests running, so a new one gets about ``rate / (running +
+        1)`` tokens a second for the reply length seen lately (at most ``max_tokens``); before
+        any token rate is known, the recent mean inference time.
         """
         if not self.samples:
             return None
@@ -153,23 +167,51 @@ class LoadWatch:
         last = self.samples[-1]
         if now - last.at > 5 * self.interval_s + 2:
             return None  # stale: the server stopped answering /metrics
-        service = self._inference_s(self.samples[0], last)
+        first = self.samples[0]
         full = [s.running for s in self.samples if s.waiting > 0]
         ours = len(self._sent_since)
-        if full:
-            ahead = max(0.0, last.running + last.waiting + ours - max(full))
+        slots = max(full) if full else None
+        if slots is not None:
+            ahead = max(0.0, last.running + last.waiting + ours - slots)
         else:
             ahead = last.waiting + ours if last.waiting > 0 else 0.0
-        if ahead <= 0:
-            return 0.0, service or 0.0
-        busy = done = 0.0
+        busy = done = made = 0.0
         for before, after in zip(self.samples, list(self.samples)[1:], strict=False):
             if before.running + before.waiting > 0 and after.finished >= before.finished:
                 busy += after.at - before.at
                 done += after.finished - before.finished
-        if busy < self.min_window_s or done <= 0 or service is None:
+                made += max(0.0, after.generated - before.generated)
+        known = busy >= self.min_window_s
+        service = self._service_s(first, last, made / busy if known else 0.0, max_tokens, slots)
+        if ahead <= 0:
+            return 0.0, service or 0.0
+        if not known or done <= 0 or service is None:
             return None  # too little seen to know the rate (or nothing finished yet)
         return ahead / (done / busy), service
+
+    def _service_s(
+        self,
+        first: Sample,
+        last: Sample,
+        token_rate: float,
+        max_tokens: int | None,
+        slots: float | None,
+    ) -> float | None:
+        count = last.reply_count - first.reply_count
+        if count > 0:
+            tokens = (last.reply_tokens_sum - first.reply_tokens_sum) / count
+        elif last.reply_count > 0:
+            tokens = last.reply_tokens_sum / last.reply_count
+        else:
+            tokens = 0.0
+        if max_tokens:
+            tokens = min(tokens, float(max_tokens))
+        if token_rate > 0 and tokens > 0:
+            sharing = last.running + len(self._sent_since) + 1
+            if slots is not None:
+                sharing = min(sharing, slots)
+            return tokens * sharing / token_rate
+        return self._inference_s(first, last)
 
     @staticmethod
     def _inference_s(first: Sample, last: Sample) -> float | None:
@@ -180,19 +222,19 @@ class LoadWatch:
             return last.inference_sum / last.inference_count
         return None
 
-    def refuse(self, deadline: float | None) -> float | None:
+    def refuse(self, deadline: float | None, max_tokens: int | None = None) -> float | None:
         """Seconds to suggest waiting before trying again, when a request due by ``deadline``
-        (``time.monotonic()``) cannot make it; None to send it."""
+        (``time.monotonic()``) cannot finish by then; None to send it."""
         if deadline is None:
             return None
         now = time.monotonic()
-        est = self.estimate(now)
+        est = self.estimate(now, max_tokens)
         if est is None:
             return None
         wait, service = est
-        if wait <= 0 or now + SAFETY * (wait + service) <= deadline:
+        if now + SAFETY * (wait + service) <= deadline:
             return None
-        return max(1.0, wait)
+        return max(1.0, wait + service - (deadline - now))
 
 
 async def stop_task(task: asyncio.Task[None] | None) -> None:
