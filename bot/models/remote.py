@@ -8,7 +8,10 @@ the weights behind a request already in flight — the same contract as the loca
 
 Transient failures (connection refused or reset, timeouts, 429, 5xx) are retried with
 exponential backoff and jitter (tenacity); a stream that breaks after its first token is not
-retried (the user has already seen part of the answer) and fails with a clear error.
+retried (the user has already seen part of the answer) and fails with a clear error. Replies
+are always streamed from the server, so one that reaches its deadline keeps the text that
+arrived. Against vLLM, its ``/metrics`` drive admission control (bot/models/server_load.py):
+what it could not finish in time is refused at once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from tenacity import (
@@ -41,6 +44,13 @@ from bot.models.types import (
 )
 
 log = logging.getLogger(__name__)
+
+
+#: The server's finish reasons, as :class:`Generation` names them ("deadline": ours).
+_FINISH: dict[str, Literal["stop", "length", "deadline"]] = {
+    "length": "length",
+    "deadline": "deadline",
+}
 
 
 class _Transient(Exception):
@@ -175,7 +185,8 @@ class RemoteBackend:
             retry = self.load.refuse(deadline, params.max_new_tokens)
             if retry is not None:
                 raise RuntimeBusy(
-                    "the model server's queue would not clear in time", retry_after_s=retry
+                    "the model server is too busy to finish this reply in time",
+                    retry_after_s=retry,
                 )
             self.load.sent()
         inner = asyncio.ensure_future(self._generate(messages, params, adapter, stream, deadline))
@@ -267,7 +278,7 @@ class RemoteBackend:
             adapter_version=version,
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
-            finish_reason=finish if finish in ("length", "deadline") else "stop",  # type: ignore[arg-type]
+            finish_reason=_FINISH.get(finish, "stop"),
             timings={"generate_s": time.perf_counter() - started},
             extra={"served_model": served},
         )
