@@ -3,10 +3,11 @@
 Answers ``echo(<model>): <last user message>``; serves the base model and LoRA adapters loaded
 through vLLM's runtime endpoints; ``POST /control`` sets failure modes: ``fail_next`` requests
 answered with ``fail_status``, or ``die_mid_stream`` (the process exits after two streamed
-pieces, as a crashed server would), or ``piece_delay_s`` between streamed pieces. With
-``slots`` set it serves that many requests at once, each taking ``delay_s``, the rest waiting
-their turn — a saturated server — and publishes vLLM's load figures on ``GET /metrics``
-(waiting, running, finished, inference time).
+pieces, as a crashed server would), ``piece_delay_s`` between streamed pieces, or
+``ignore_stream`` (whole JSON replies, as some proxies send). With ``slots`` set it serves
+that many requests at once, each taking ``delay_s``, the rest waiting their turn — a
+saturated server — and publishes vLLM's load figures on ``GET /metrics`` (waiting, running,
+finished, inference time).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ state = {
     "slots": None,
     "delay_s": 0.0,
     "piece_delay_s": 0.0,
+    "ignore_stream": False,
 }
 load = {"waiting": 0, "running": 0, "finished": 0, "inference_sum": 0.0}
 _slots: list[asyncio.Semaphore] = []
@@ -94,7 +96,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     prompt = body["messages"][-1]["content"]
     text = f"echo({model}): {prompt}"
     words = text.split(" ")
-    if not body.get("stream"):
+    if not body.get("stream") or state["ignore_stream"]:
         return web.json_response(
             {
                 "choices": [

@@ -289,3 +289,19 @@ def test_a_batching_server_that_shares_its_tokens_too_thinly_refuses_long_replie
     assert watch.refuse(now + 5.0) is not None  # 6.6 s (x1.25) cannot fit in 5
     assert watch.refuse(now + 10.0) is None
     assert watch.refuse(now + 5.0, max_tokens=20) is None  # 2.2 s does
+
+
+async def test_a_server_that_ignores_streaming_still_answers(server):
+    """Replies are asked for as a stream; a server that sends the whole JSON reply instead
+    (some OpenAI-compatible proxies do) still works, streamed callers included."""
+    url, control, _ = server
+    control(ignore_stream=True)
+    backend = RemoteBackend(url, model="smollm2", retries=0)
+    try:
+        whole = await backend.generate(ask("hi there"), P)
+        assert whole.text == "echo(smollm2): hi there" and whole.finish_reason == "stop"
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        streamed = await backend.generate(ask("hi there"), P, stream=pieces)
+        assert streamed.text == whole.text and pieces.get_nowait() == whole.text
+    finally:
+        await backend.stop()

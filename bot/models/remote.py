@@ -294,6 +294,15 @@ class RemoteBackend:
             with attempt:
                 response = await self._post("/chat/completions", payload, deadline)
                 try:
+                    if response.content_type == "application/json":
+                        # A server that ignores "stream" answers with the whole reply.
+                        data = await response.json()
+                        choice = data["choices"][0]
+                        text = choice["message"]["content"] or ""
+                        if text:
+                            out.put_nowait(text)
+                        usage = data.get("usage") or {}
+                        return text, choice.get("finish_reason") or "stop", usage
                     async for raw in response.content:
                         line = raw.decode("utf-8", "replace").strip()
                         if not line.startswith("data:"):
