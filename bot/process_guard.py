@@ -39,7 +39,7 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """Live processes of group ``pgid`` other than this one (from /proc; Linux)."""
     found = []
     me = os.getpid()
@@ -64,7 +64,7 @@ def _members(pgid: int) -> list[int]:
 
 def _signal_others(pgid: int, sig: int, fallback: subprocess.Popen[bytes]) -> None:
     """``sig`` to every other process of the group (to the command alone off Linux)."""
-    targets = _members(pgid) if LINUX else [fallback.pid]
+    targets = group_members(pgid) if LINUX else [fallback.pid]
     for pid in targets:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
@@ -77,7 +77,7 @@ def end_group(child: subprocess.Popen[bytes], grace_s: float) -> None:
     until = time.monotonic() + grace_s
     while time.monotonic() < until:
         child.poll()  # reap the command, so it stops counting as alive
-        if (not _members(pgid)) if LINUX else child.returncode is not None:
+        if (not group_members(pgid)) if LINUX else child.returncode is not None:
             return
         time.sleep(0.1)
     _signal_others(pgid, signal.SIGKILL, child)

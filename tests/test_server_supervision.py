@@ -22,25 +22,14 @@ import pytest
 from bot.config import load_settings
 from bot.models import ModelError, ModelRuntime
 from bot.models.vllm_server import GUARD, VLLMServer
+from bot.process_guard import group_members
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
 
-def _group(pgid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+_group = group_members  # live processes of a group (from /proc), this one excluded
 
 
 def _wait_gone(pgid: int, within: float) -> bool:

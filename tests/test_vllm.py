@@ -11,6 +11,7 @@ that forgot every adapter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from bot.models import ModelRuntime
 from bot.models.registry import AdapterRegistry
 from bot.models.types import RuntimeBusy
 from bot.models.vllm_server import VLLMServer
+from bot.process_guard import group_members
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -252,17 +254,10 @@ def _supervised(data: Path, cache: Path) -> dict:
 def _group(pgid: int) -> list[tuple[int, str]]:
     """Live processes of a process group, with their command lines (Linux /proc)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append((int(entry), cmdline))
+    for pid in group_members(pgid):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            found.append((pid, cmdline))
     return found
 
 

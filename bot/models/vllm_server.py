@@ -302,33 +302,33 @@ class VLLMServer:
         await self._end()
 
     async def _end(self) -> None:
-        self.serving = False
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+        proc = self._ask_to_end()
+        if proc is not None:
             until = time.monotonic() + self.grace_s + 5
             while proc.poll() is None and time.monotonic() < until:  # noqa: ASYNC110 - a process
                 await asyncio.sleep(0.1)
-        self._kill_group()  # only if the guard itself hung
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        log.info("vLLM: process %d stopped", proc.pid)
+            self._ended(proc)
 
     def stop_blocking(self) -> None:
         """:meth:`stop` for code without an event loop (benchmarks, test fixtures)."""
         self._stopping = True
-        self.serving = False
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
+        proc = self._ask_to_end()
+        if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(self.grace_s + 5)
-        self._kill_group()
+            self._ended(proc)
+
+    def _ask_to_end(self) -> subprocess.Popen[bytes] | None:
+        """SIGTERM to the guard, which ends vLLM's group; the process to wait for."""
+        self.serving = False
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        return proc
+
+    def _ended(self, proc: subprocess.Popen[bytes]) -> None:
+        self._kill_group()  # only if the guard itself hung past the grace period
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
+        log.info("vLLM: process %d stopped", proc.pid)
