@@ -283,6 +283,19 @@ def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
     assert "train: 4/4" in done.stderr and "log: 1/1" in done.stderr
 
 
+def test_a_checkpoint_killed_while_writing_its_state_is_skipped_not_resumed(tmp_path):
+    """A kill during ``trainer_state.json`` leaves it empty or cut; the run before it is used."""
+    from trainers.lora import last_complete_checkpoint
+
+    for step, state in ((1, '{"global_step": 1}'), (2, '{"global_step": 2}'), (3, ""), (4, '{"glo')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-5").mkdir()  # killed before the state file was begun
+
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
 async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_path):
     from bot.config import ConfigError
 

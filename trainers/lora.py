@@ -374,14 +374,25 @@ def _peak_memory_mb(cuda: bool) -> float:
 def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest checkpoint a killed run finished writing; half-written ones are removed.
 
-    ``Trainer`` writes the weights first and ``trainer_state.json`` last, so a kill in between
-    leaves a folder its own resume logic would pick and then fail on.
+    ``Trainer`` writes the weights first and ``trainer_state.json`` last, and writes that file
+    in place, so a kill in between (or during it) leaves a folder its own resume logic would
+    pick and then fail on with a ``JSONDecodeError``: only a state file that parses counts.
     """
     import shutil
 
     found = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [p for p in found if (p / "trainer_state.json").exists()]
+    complete = [p for p in found if _state_is_whole(p / "trainer_state.json")]
     for p in found:
         if p not in complete:
             shutil.rmtree(p, ignore_errors=True)
     return complete[-1] if complete else None
+
+
+def _state_is_whole(path: Path) -> bool:
+    """Whether a checkpoint's ``trainer_state.json`` was written to the end."""
+    import json
+
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False
