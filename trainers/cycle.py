@@ -121,7 +121,7 @@ def run_cycle(
     resume: bool = True,
 ) -> dict[str, Any]:
     """Run one cycle; returns its report (also written under ``data_dir/trainers/reports``)."""
-    from trainers.dataset import build
+    from trainers.dataset import build, user_hash
 
     config = config or CycleConfig()
     say = progress or (lambda stage, done, total: None)
@@ -166,7 +166,13 @@ def run_cycle(
             train, held = dataset.for_adapter(name)
             if name == "sentiment":
                 report["adapters"][name] = _train_sentiment(
-                    config, registry, train, held, dataset.manifest, cycle_id, say
+                    config,
+                    registry,
+                    len(train) + len(held),
+                    Path(settings.data_dir) / "datasets",
+                    {user_hash(p, u) for p, u in forgotten},
+                    cycle_id,
+                    say,
                 )
                 continue
             report["adapters"][name] = _train_one(
@@ -351,20 +357,39 @@ def _train_one(
 def _train_sentiment(
     config: CycleConfig,
     registry: AdapterRegistry,
-    train: list[Any],
-    held: list[Any],
-    manifest: dict[str, Any],
+    new_labels: int,
+    datasets_dir: Path,
+    forgotten: set[str],
     cycle_id: str,
     say: Progress,
 ) -> dict[str, Any]:
-    """Retrain the classifier with the operators' labels beside the original data; gate on
-    accuracy, macro-F1 and ROC-AUC against the version in service, on the same held-out set."""
+    """Tune the classifier on every operator label so far; gate it pair by pair against the
+    version in service on the operators' held-out labels and on the original held-out set.
+
+    The operators' labels are the users' own domain (what the classifier is there to get
+    right); the original held-out set guards against forgetting what it knew. On each the
+    candidate is held back when it is wrong on significantly more messages that the one in
+    service gets right than the other way round (McNemar's test: the sign test of
+    trainers/gate.py on the messages where exactly one of the two is right).
+    """
+    import time
+
+    import numpy as np
+
     from bot.models.classifier import LoadedClassifier
+    from trainers.dataset import operator_labels
+    from trainers.gate import compare
     from trainers.metrics import classification_report
-    from trainers.sentiment import LABELS, SentimentTrainConfig, held_out_set, train_sentiment
+    from trainers.sentiment import (
+        LABELS,
+        SentimentTrainConfig,
+        held_out_set,
+        train_sentiment,
+        tune_sentiment,
+    )
     from trainers.sentiment import Example as Labelled
 
-    if not train and not held:
+    if not new_labels:
         return {"decision": "skipped", "why": "no operator-labelled messages since the last cycle"}
     cfg = SentimentTrainConfig.model_validate(config.sentiment)
 
@@ -376,34 +401,58 @@ def _train_sentiment(
             for e in examples
         ]
 
-    extra_train, extra_test = convert(train), convert(held)
+    train, held = (convert(side) for side in operator_labels(datasets_dir, forgotten))
     current = registry.current("sentiment")
-    entry = train_sentiment(
-        registry, cfg, promote=False, progress=say, extra_train=extra_train, extra_test=extra_test
-    )
-    texts, y = held_out_set(cfg, extra_test)
-    scored = classification_report(y, LoadedClassifier(entry, "cpu").predict(texts), LABELS)
-    gated = ("accuracy", "macro_f1", "roc_auc")
+    started = time.perf_counter()
+    if current is None:  # nothing to tune: the full training, with the labels beside the data
+        entry = train_sentiment(registry, cfg, promote=False, progress=say, extra_train=train)
+    else:
+        entry = tune_sentiment(registry, current, train, cfg, progress=say)
+    seconds = round(time.perf_counter() - started, 1)
+    sets = {"operators": ([e.text for e in held], [e.label for e in held])}
+    sets["original"] = held_out_set(cfg)
+
+    def score(version: Any) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+        clf = LoadedClassifier(version, "cpu")
+        out = {}
+        for name, (texts, y) in sets.items():
+            if texts:
+                probs = clf.predict(texts)
+                report = classification_report(y, probs, LABELS)
+                figures = {k: report[k] for k in ("accuracy", "macro_f1", "roc_auc")}
+                out[name] = ({**figures, "n": len(texts)}, probs.argmax(1) == np.array(y))
+        return out
+
+    say("evaluate", 0, 2 if current else 1)
+    cand = score(entry)
     result: dict[str, Any] = {
+        "mode": "tuned" if current else "trained",
+        "new_labels": new_labels,
         "train_labels": len(train),
         "held_out_labels": len(held),
-        "held_out": len(texts),
         "in_service": current.version if current else None,
-        "candidate": {k: scored[k] for k in gated},
         "version": entry.version,
-        "margin": config.margin,
+        "train_seconds": seconds,
+        "candidate": {name: figures for name, (figures, _) in cand.items()},
     }
     worse: list[str] = []
     if current is not None:
-        before = classification_report(y, LoadedClassifier(current, "cpu").predict(texts), LABELS)
-        result["baseline"] = {k: before[k] for k in gated}
-        worse = [
-            f"{k} {scored[k]:.4f} < {before[k]:.4f}"
-            for k in gated
-            if scored[k] is not None
-            and before[k] is not None
-            and scored[k] < before[k] - config.margin
-        ]
+        say("evaluate", 1, 2)
+        base = score(current)
+        result["baseline"] = {name: figures for name, (figures, _) in base.items()}
+        result["gate"] = {}
+        for name in cand:
+            c = compare(
+                f"{name} labels right",
+                base[name][1].astype(float).tolist(),
+                cand[name][1].astype(float).tolist(),
+                higher_is_better=True,
+                alpha=config.gate_alpha,
+            )
+            result["gate"][name] = c.as_dict()
+            if c.worse:
+                worse.append(c.why())
+    say("evaluate", 1, 1)
     if worse:
         result["decision"] = "rejected"
         result["why"] = f"worse than {current.version}: " + "; ".join(worse)  # type: ignore[union-attr]
@@ -411,6 +460,7 @@ def _train_sentiment(
         registry.promote("sentiment", entry.version, reason=f"cycle {cycle_id}: gate passed")
         result["decision"] = "promoted"
     _write_reports({"adapter": "sentiment", **result}, entry.path / "report")
+    log.info("sentiment: %s (%s)", result["decision"], entry.version)
     return result
 
 
@@ -434,12 +484,35 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
             blocks.append(image(fig, f"{name} training loss"))
         if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier's figures
             before = r.get("baseline") or {}
-            blocks.append(
-                table(
-                    ["figure", "in service", "candidate"],
-                    [[k, before.get(k), v] for k, v in r["candidate"].items()],
-                )
-            )
+            sets = list(r["candidate"])
+            fig, ax = pyplot.subplots(figsize=(5, 3))
+            for i, (who, figures, color) in enumerate(
+                (("in service", before, "#999"), ("candidate", r["candidate"], "#4c78a8"))
+            ):
+                if figures:
+                    ax.bar(
+                        [j + (i - 0.5) * 0.4 for j in range(len(sets))],
+                        [figures.get(k, {}).get("macro_f1") or 0 for k in sets],
+                        0.4,
+                        label=who,
+                        color=color,
+                    )
+            ax.set_xticks(range(len(sets)), [f"{k} held-out" for k in sets])
+            ax.set_ylabel("macro-F1")
+            ax.set_ylim(0, 1)
+            ax.set_title("Gate: higher is better")
+            ax.legend()
+            blocks.append(image(fig, f"{name} gate"))
+            rows = [
+                [f"{k}: {figure}", (before.get(k) or {}).get(figure), v]
+                for k, figures in r["candidate"].items()
+                for figure, v in figures.items()
+            ]
+            rows += [
+                [f"{k}: messages only it labels right", c["worse_on"], c["better_on"]]
+                for k, c in (r.get("gate") or {}).items()
+            ]
+            blocks.append(table(["figure", "in service", "candidate"], rows))
         elif r.get("baseline") and r.get("candidate"):
             sets = ("held_out", "regression")
             fig, ax = pyplot.subplots(figsize=(5, 3))

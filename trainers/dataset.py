@@ -252,6 +252,28 @@ def replay_examples(
     return [Example(**{**asdict(e), "source": "replay"}) for e in pool[:n]]
 
 
+def operator_labels(
+    datasets_dir: Path, forgotten_hashes: set[str]
+) -> tuple[list[Example], list[Example]]:
+    """Every operator label of every cycle so far, as (train, held-out).
+
+    The classifier is tuned on all of them each time, not on the last night's alone: labels
+    are few and costly, and a tuning pass that saw only the newest would forget the rest.
+    A message labelled again later keeps its latest label; the split is by conversation, so a
+    message stays on the side it was first put on. Anyone forgotten since is left out.
+    """
+    latest: dict[tuple[str, str], tuple[Example, bool]] = {}
+    for d in sorted(p for p in datasets_dir.glob("*") if p.is_dir()):
+        for name, held in (("train.jsonl", False), ("held_out.jsonl", True)):
+            for e in read_examples(d / name):
+                if e.adapter != "sentiment" or e.source == "replay":
+                    continue
+                key = (e.conversation, e.messages[0]["content"])
+                latest[key] = (e, held)
+    kept = [(e, held) for e, held in latest.values() if not set(e.users) & forgotten_hashes]
+    return [e for e, held in kept if not held], [e for e, held in kept if held]
+
+
 def carried_examples(
     datasets_dir: Path, pending: dict[str, list[str]], forgotten_hashes: set[str]
 ) -> tuple[list[Example], list[Example]]:
