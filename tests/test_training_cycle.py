@@ -385,7 +385,26 @@ async def test_operator_labels_tune_the_sentiment_classifier_through_the_gate(
     # The next night's labels join the earlier ones rather than replacing them.
     furious = {"Where is my parcel? Third week now, I'm furious.": "negative"}
     await label_messages(settings, furious, "night3", repeats=3)
-    third = (await asyncio.to_thread(run_cycle, settings, config))["adapters"]["sentiment"]
+    # This time as an operator runs it: `chinwag train --now`, which says what happened.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(settings.data_dir),
+        CHINWAG_MODELS__CACHE_DIR=str(chinwag_model_cache),
+        CHINWAG_MODELS__REGISTRY_DIR=str(settings.models.registry_dir),
+        CHINWAG_TRAINERS=json.dumps({"adapters": ["sentiment"], "sentiment": SENTIMENT_TINY}),
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sentiment: " in done.stdout and "original accuracy" in done.stdout, done.stdout
+    reports = sorted((Path(settings.data_dir) / "trainers" / "reports").glob("*/report.json"))
+    third = json.loads(reports[-1].read_text())["adapters"]["sentiment"]
     assert third["new_labels"] == 3
     assert third["train_labels"] + third["held_out_labels"] == 15
 

@@ -69,8 +69,15 @@ def _cycle_now(s: Any, config: Any) -> int:
         line = f"{name}: {r['decision']}"
         if r.get("version"):
             line += f" {r['version']}"
-        if r.get("candidate") and "held_out" not in r["candidate"]:
-            line += " (" + ", ".join(f"{k} {v:.3f}" for k, v in r["candidate"].items() if v) + ")"
+        if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier
+            before = r.get("baseline") or {}
+            line += " (" + "; ".join(
+                f"{k} accuracy "
+                + (f"{before[k]['accuracy']:.3f} → " if k in before else "")
+                + f"{figures['accuracy']:.3f} on {figures['n']}"
+                for k, figures in r["candidate"].items()
+            )
+            line += f"; tuned on {r['train_labels']} labels)" if r.get("mode") == "tuned" else ")"
         elif r.get("candidate"):
             line += " (held-out loss {:.4f} → {:.4f}, regression {:.4f} → {:.4f})".format(
                 r["baseline"]["held_out"]["loss"],
