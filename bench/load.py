@@ -7,8 +7,9 @@ chats arrive open-loop (Poisson) and each sends one message over ``/v1/messages/
 steady stream of ``/help`` requests from other users runs beside them. Clients are bounded
 (``--max-clients``) and give up at the reply deadline plus a grace second.
 
-Per level it prints goodput (model answers within the deadline, per second), the share of
-honest "busy" replies, the share of messages that got any reply within the deadline, p50/p95
+Per level it prints goodput (model answers finished within the deadline, per second; an
+answer the deadline cut short counts as a reply but not as goodput, ``cut_share``), the share
+of honest "busy" replies, the share of messages that got any reply within the deadline, p50/p95
 time to first token and to the full reply, ``/help`` p99, and RSS. At the end it sends SIGTERM
 while a 4× load is in flight and measures how long the process takes to exit.
 
@@ -101,6 +102,8 @@ async def one_chat(
                     elif line.startswith("data:") and event == "reply":
                         reply = json.loads(line[5:])
                         kind = reply["kind"] if reply["kind"] != "answer" or reply["text"] else kind
+                        if kind == "answer" and reply.get("cut_short"):
+                            kind = "cut"  # whole sentences, but the model had not finished
                         if ttft is None:
                             ttft = time.perf_counter() - t0
                     elif event == "done":
@@ -165,7 +168,10 @@ def summary(level: Level, seconds: float, deadline_s: float) -> dict[str, float]
     n = max(1, len(o))
     answers = [x for x in o if x.kind == "answer" and x.total_s <= deadline_s]
     busy = [x.total_s for x in o if x.kind == "busy"]
-    replied = [x for x in o if x.kind in ("answer", "busy", "notice") and x.total_s <= deadline_s]
+    cut = [x for x in o if x.kind == "cut" and x.total_s <= deadline_s]
+    replied = [
+        x for x in o if x.kind in ("answer", "cut", "busy", "notice") and x.total_s <= deadline_s
+    ]
     ttft = [x.ttft_s for x in answers if x.ttft_s is not None]
     full = [x.total_s for x in answers]
     helps = [h for h in level.help_ms if h != float("inf")]
@@ -177,6 +183,8 @@ def summary(level: Level, seconds: float, deadline_s: float) -> dict[str, float]
         "offered_per_s": round(level.rate, 3),
         "messages": len(o),
         "goodput_per_s": round(len(answers) / seconds, 3),
+        # Answers the deadline cut (whole sentences kept): replies, but not goodput.
+        "cut_share": round(len(cut) / n, 3),
         "busy_share": round(len(busy) / n, 3),
         "busy_p50_s": pct(busy, 50),  # how long a user waited to hear "busy"
         "busy_p95_s": pct(busy, 95),

@@ -18,9 +18,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 class Streamer(Skill):
     name = "streamer"
-    commands = (Command("story"),)
+    commands = (Command("story"), Command("cut"))
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
+        if ctx.command == "cut":  # what dialogue returns when the deadline stopped the model
+            return Reply(
+                "The first sentence.", model="test-model", metadata={"cleaned": ["deadline"]}
+            )
         for piece in ("Once ", "upon ", "a time."):
             await ctx.emit(piece)
         return Reply("Once upon a time.", rateable=True, model="test-model")
@@ -52,6 +56,15 @@ async def test_a_message_round_trip_returns_the_replies_as_json(client):
     (reply,) = (await resp.json())["replies"]
     assert (reply["text"], reply["skill"], reply["kind"]) == ("hi", "echo", "answer")
     assert isinstance(reply["id"], int) and reply["latency_ms"] >= 0
+    assert reply["cut_short"] is False
+
+
+async def test_a_reply_the_deadline_cut_short_says_so(client):
+    resp = await client.post(
+        "/v1/messages", json={"chat_id": "w9", "user_id": "ann", "text": "/cut"}, headers=AUTH
+    )
+    (reply,) = (await resp.json())["replies"]
+    assert reply["text"] == "The first sentence." and reply["cut_short"] is True
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,9 @@ def reply_json(reply: Reply) -> dict[str, Any]:
         "adapter": reply.adapter,
         "adapter_version": reply.adapter_version,
         "latency_ms": round(reply.latency_ms or 0.0, 2),
+        # The model was stopped before it finished (its deadline, or the user's newer
+        # message): the text is the whole sentences it had written by then.
+        "cut_short": bool({"deadline", "superseded"} & set(reply.metadata.get("cleaned") or ())),
     }
 
 
