@@ -65,7 +65,7 @@ def _progress_lines(
             return
         said[stage] = now
         line = f"{stage}: {done}/{total}"
-        if 0 < done < total:
+        if 0 < done < total and not first:  # a first report has no pace to go by yet
             left = (now - start) / done * (total - done)
             line += f" ({done / total:.0%}, about {duration(left)} left)"
         elif finished and now - start >= 1:

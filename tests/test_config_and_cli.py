@@ -291,3 +291,23 @@ def test_a_disabled_plugin_adds_no_cli_commands(tmp_path):
     cfg.write_text('disabled_plugins = ["trainers"]\n')
     out = run_cli("--config", str(cfg), "--help", tmp_path=tmp_path).stdout
     assert " train " not in out and " chat " in out
+
+
+def test_piped_progress_gives_a_time_left_only_once_it_has_a_pace_to_go_by():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from bot.progress import _progress_lines
+
+    out = io.StringIO()
+    with _progress_lines(Console(file=out, width=200), every_s=0) as progress:
+        progress("train", 1, 42)  # a stage first heard of at step 1: no "0 s left"
+        time.sleep(0.05)
+        progress("train", 2, 42)
+        progress("train", 42, 42)
+    first, second, last = out.getvalue().splitlines()
+    assert first == "train: 1/42"
+    assert second.startswith("train: 2/42 (5%, about ") and second.endswith(" left)")
+    assert last.startswith("train: 42/42")
