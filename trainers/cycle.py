@@ -168,7 +168,7 @@ def run_cycle(
                 report["adapters"][name] = _train_sentiment(
                     config,
                     registry,
-                    len(train) + len(held),
+                    sum(e.source != "replay" for e in train + held),
                     Path(settings.data_dir) / "datasets",
                     {user_hash(p, u) for p, u in forgotten},
                     cycle_id,
