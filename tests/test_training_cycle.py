@@ -234,6 +234,19 @@ async def _until(condition, within: float = 30.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def chinwag_train_now(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``chinwag train --now`` as an operator (or the schedule) runs it; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "--now"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
     tmp_path, chinwag_model_cache
 ):
@@ -267,14 +280,7 @@ def test_a_killed_cycle_leaves_the_registry_alone_and_the_next_run_resumes(
     env["CHINWAG_TRAINERS"] = json.dumps(
         {**TINY, "gate_answers": 0, "lora": {**lora, "max_steps": 4}}
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "--now"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = chinwag_train_now(env)
     reports = list((Path(settings.data_dir) / "trainers" / "reports").glob("*/report.json"))
     (report,) = [json.loads(p.read_text()) for p in reports]
     assert report["adapters"]["companion"]["resumed_from"].startswith("checkpoint-")
@@ -393,15 +399,7 @@ async def test_operator_labels_tune_the_sentiment_classifier_through_the_gate(
         CHINWAG_MODELS__REGISTRY_DIR=str(settings.models.registry_dir),
         CHINWAG_TRAINERS=json.dumps({"adapters": ["sentiment"], "sentiment": SENTIMENT_TINY}),
     )
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bot.cli", "train", "--now"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = await asyncio.to_thread(chinwag_train_now, env)
     assert "sentiment: " in done.stdout and "original accuracy" in done.stdout, done.stdout
     reports = sorted((Path(settings.data_dir) / "trainers" / "reports").glob("*/report.json"))
     third = json.loads(reports[-1].read_text())["adapters"]["sentiment"]

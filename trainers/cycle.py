@@ -423,8 +423,10 @@ def _train_sentiment(
                 out[name] = ({**figures, "n": len(texts)}, probs.argmax(1) == np.array(y))
         return out
 
-    say("evaluate", 0, 2 if current else 1)
+    versions = 2 if current else 1
+    say("evaluate", 0, versions)
     cand = score(entry)
+    say("evaluate", 1, versions)
     result: dict[str, Any] = {
         "mode": "tuned" if current else "trained",
         "new_labels": new_labels,
@@ -437,8 +439,8 @@ def _train_sentiment(
     }
     worse: list[str] = []
     if current is not None:
-        say("evaluate", 1, 2)
         base = score(current)
+        say("evaluate", 2, versions)
         result["baseline"] = {name: figures for name, (figures, _) in base.items()}
         result["gate"] = {}
         for name in cand:
@@ -447,12 +449,12 @@ def _train_sentiment(
                 base[name][1].astype(float).tolist(),
                 cand[name][1].astype(float).tolist(),
                 higher_is_better=True,
+                margin=config.margin,
                 alpha=config.gate_alpha,
             )
             result["gate"][name] = c.as_dict()
             if c.worse:
                 worse.append(c.why())
-    say("evaluate", 1, 1)
     if worse:
         result["decision"] = "rejected"
         result["why"] = f"worse than {current.version}: " + "; ".join(worse)  # type: ignore[union-attr]
