@@ -156,6 +156,37 @@ async def test_a_reply_that_cannot_finish_by_its_deadline_is_refused_at_once(bac
     assert (await backend.generate(ask("hi"), GREEDY, deadline=time.monotonic() + 30)).text
 
 
+async def test_a_wait_estimate_that_keeps_running_short_is_corrected_so_the_start_limit_holds(
+    backend,
+):
+    from bot.models.local import _Job
+
+    backend.max_start_wait_s = 1.2
+    backend.step_s, backend.reply_tokens = 0.1, 8.0
+    with backend._lock:
+        backend._pending += backend.max_batch_size + 9  # ten replies' worth ahead of a new one
+    try:
+        assert backend.estimate(GREEDY)[0] == pytest.approx(1.0)  # under the limit: admitted
+        # Admitted requests then waited half as long again as estimated, time after time.
+        for _ in range(30):
+            job = _Job([], GREEDY, None, None, None, None, None, estimated_start=2.0)
+            job.submitted, job.started = 100.0, 103.0
+            backend._learn_wait(job)
+        assert backend.wait_ratio == pytest.approx(1.5, abs=0.05)
+        assert backend.load()["wait_ratio"] == backend.wait_ratio
+        with pytest.raises(RuntimeBusy, match="start in about"):
+            await backend.generate(ask("hi"), GREEDY)
+        # Short waits are batching, not queueing: they teach nothing.
+        quick = _Job([], GREEDY, None, None, None, None, None, estimated_start=0.1)
+        quick.submitted, quick.started = 100.0, 101.0
+        before = backend.wait_ratio
+        backend._learn_wait(quick)
+        assert backend.wait_ratio == before
+    finally:
+        with backend._lock:
+            backend._pending -= backend.max_batch_size + 9
+
+
 async def test_a_running_reply_ends_at_its_deadline_with_what_it_has(backend):
     backend.step_s = None  # unknown speed: admitted
     gen = await backend.generate(
