@@ -77,6 +77,29 @@ QUESTION_WORDS = frozenset(
 _ASKING = re.compile(
     r"\b(tell me|explain|i (?:want|need|would like) to know|i wonder|any idea|do you know)\b", re.I
 )
+#: "what's X", "hows…": a question word with its verb run on.
+_WH_CONTRACTED = re.compile(r"^(?:what|whats|how|hows|where|wheres|who|whos|when|why)'?s?$")
+#: A question tacked on after the subject, as people type lookups: "after_this_request how does
+#: it work", "stream_with_context, why do I need it", "TEMPLATES_AUTO_RELOAD what is it for".
+_TRAILING_QUESTION = re.compile(
+    r"\b(?:(?:what|why|how|when|where|which)\s+(?:is|are|do|does|did|can|should|would|to)\b"
+    r"|what for\b|how come\b)",
+    re.I,
+)
+#: Someone who needs to do something, or whose something does not work: a support request,
+#: not small talk ("i need to send a really big csv…", "the app won't start").
+_NEED = re.compile(
+    r"^(?:(?:i|we)(?:'m| am|'re| are)? (?:need|want|would like|'d like|trying|tried|try|have)"
+    r" to\b|(?:i|we) (?:can't|cannot|couldn't|don't know how to)\b)"
+    r"|\b(?:can't|cannot|won't|doesn't|does not|isn't|not)\s+(?:work|working|start|starting"
+    r"|load|loading|open|connect|run|running|find|install)\b",
+    re.I,
+)
+#: Names from code and configuration: UPPER_SNAKE, snake_case, --options, dotted.names, calls().
+_CODE_NAME = re.compile(
+    r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b|\b[a-z][a-z0-9]*_[a-z0-9_]+\b|(?<!\w)--[a-z][\w-]+"
+    r"|\b[a-z_]\w*\.[a-z_]\w*\b|\b\w+\(\)"
+)
 
 SYSTEM = (
     "You answer questions using only the reference passages you are given. "
@@ -86,16 +109,25 @@ SYSTEM = (
 
 
 def question_likeness(text: str) -> float:
-    """1 for a clear question, less for indirect ones, 0 for statements (cheap, no model)."""
+    """1 for a clear question, less for indirect ones, 0 for statements (cheap, no model).
+
+    Only a first cut: a message scored above 0 still goes to QA only when the knowledge base
+    has a passage relevant enough (``min_score``), which is what keeps small talk out. What
+    counts as asking was widened after users' documentation questions were measured going to
+    dialogue (docs/skills.md): terse lookups of a name, questions tacked on after their
+    subject, and "I need to…" support requests.
+    """
     t = text.strip()
     if not t:
         return 0.0
     if t.endswith("?"):
         return 1.0
     first = t.split(None, 1)[0].lower().strip(",.!:;")
-    if first in QUESTION_WORDS:
+    if first in QUESTION_WORDS or _WH_CONTRACTED.match(first):
         return 0.8
-    if _ASKING.search(t):
+    if _ASKING.search(t) or _TRAILING_QUESTION.search(t) or _NEED.search(t):
+        return 0.7
+    if len(t.split()) <= 5 and _CODE_NAME.search(t):  # "PREFERRED_URL_SCHEME", "--extra-files"
         return 0.7
     return 0.0
 

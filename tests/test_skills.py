@@ -129,6 +129,24 @@ def test_chit_chat_is_never_taken_for_a_question():
         assert kind_of(odd) == "chat"
 
 
+def test_lookups_typed_the_way_developers_type_them_are_taken_as_asking():
+    """Found by bench/qa.py: each of these went to dialogue, not to the documentation."""
+    from skills.qa import question_likeness
+
+    routable = 0.5 / (0.55 + 0.45 * 0.40)  # QA's threshold, with a passage at its min_score
+    for lookup in ("PREFERRED_URL_SCHEME", "flask run --extra-files option",
+                   "url_value_preprocessor usage", "TEMPLATES_AUTO_RELOAD what is it for",
+                   "stream_with_context, why do I need it", "what's APPLICATION_ROOT",
+                   "copy_current_request_context what for", "after_this_request how does it work",
+                   "i need to send a really big csv without building it all in memory first",
+                   "i want to add my own subcommand to the flask command line tool",
+                   "the dev server won't start"):  # fmt: skip
+        assert question_likeness(lookup) >= routable, lookup
+    for talk in ("thanks a lot", "good morning", "I love rainy days", "lol", "that was fun",
+                 "see you tomorrow", "my cat is asleep on my keyboard"):  # fmt: skip
+        assert question_likeness(talk) == 0, talk
+
+
 def test_everyday_requests_are_talked_through_and_only_questions_of_fact_declined():
     from skills.asking import kind_of
 
