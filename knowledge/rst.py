@@ -30,6 +30,17 @@ _SKIP_DIRECTIVES = {
     "raw", "meta", "testsetup", "testcleanup", "contents", "automodule", "autoclass",
     "autofunction", "automethod", "graphviz", "image", "figure",
 }  # fmt: skip
+#: Sphinx's object descriptions ("description units"): each documents one name — a config
+#: value, a function, an option — and becomes a section titled by its signature, so a user who
+#: asks about ``TEMPLATES_AUTO_RELOAD`` gets the passage that defines it, headed by the name,
+#: rather than the section's opening or a page that mentions the name in passing.
+_DESCRIPTIONS = {
+    "data", "function", "class", "method", "attribute", "decorator", "exception", "property",
+    "classmethod", "staticmethod", "decoratormethod", "confval", "envvar", "option",
+    "cmdoption", "describe", "object",
+}  # fmt: skip
+#: Python-domain descriptions: Sphinx's anchor is the dotted name under the current module.
+_PY_OBJECTS = _DESCRIPTIONS - {"confval", "envvar", "option", "cmdoption", "describe", "object"}
 #: Roles Sphinx renders as code.
 _CODE_ROLES = re.compile(
     r"^(?:\w+:)?(?:func|meth|class|mod|attr|data|const|exc|obj|type|member|macro|var|enum"
@@ -59,15 +70,19 @@ class _Generic(Directive):
     option_spec = _AnyOption()
 
     def run(self) -> list[nodes.Node]:
+        label = self.name.split(":")[-1]
+        if label in ("module", "currentmodule") and self.arguments:
+            self.state.document["chinwag-module"] = self.arguments[0].strip()
         if self.name in _SKIP_DIRECTIVES:
             return []
+        if label in _DESCRIPTIONS and self.arguments:
+            return [self._described(label)]
         out: list[nodes.Node] = []
         if self.name in _CODE_DIRECTIVES:
             if self.content:
                 out.append(nodes.literal_block(text="\n".join(self.content)))
             return out
-        if self.arguments:  # a signature ("len(s)"), a version, a title
-            label = self.name.split(":")[-1]
+        if self.arguments:  # a version, a title
             lead = self.arguments[0]
             if label in ("versionadded", "versionchanged", "deprecated"):
                 lead = f"{label.replace('version', '').capitalize() or label} in version {lead}"
@@ -77,6 +92,22 @@ class _Generic(Directive):
             self.state.nested_parse(self.content, self.content_offset, box)
             out.append(box)
         return out
+
+    def _described(self, label: str) -> nodes.section:
+        signature = " ".join(self.arguments[0].splitlines()[0].split())
+        name = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
+        if label in _PY_OBJECTS:
+            module = self.state.document.get("chinwag-module")
+            anchor = f"{module}.{name}" if module and module != "None" else name
+        elif label == "envvar":
+            anchor = f"envvar-{name}"
+        else:
+            anchor = ""  # the enclosing section's is linked (see parse)
+        section = nodes.section(ids=[anchor] if anchor else [])
+        section += nodes.title(text=signature)
+        if self.content:
+            self.state.nested_parse(self.content, self.content_offset, section)
+        return section
 
 
 def _generic_role(
@@ -192,17 +223,28 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str, str]]:
         text = _join(node)
         if text.strip():
             out.append((trail or [fallback_title], text, anchor))
-        for child in node.children:
-            if isinstance(child, nodes.section):
-                title = child.next_node(nodes.title)
-                ids = child.get("ids") or []
-                # The title's own id comes first, an explicit label (".. _name:") after it.
-                # The label is the one to link: Sphinx always writes it into the page, while
-                # a title id that clashes with it is renamed ("decimal-notes-1").
-                walk(child, [*trail, _text_of_title(title)], ids[-1] if ids else "")
+        for child in _sections_in(node):
+            title = child.next_node(nodes.title)
+            ids = child.get("ids") or []
+            # The title's own id comes first, an explicit label (".. _name:") after it.
+            # The label is the one to link: Sphinx always writes it into the page, while
+            # a title id that clashes with it is renamed ("decimal-notes-1").
+            walk(child, [*trail, _text_of_title(title)], ids[-1] if ids else anchor)
 
     walk(doctree, [], "")
     return out
+
+
+def _sections_in(node: nodes.Node) -> list[nodes.section]:
+    """The sections below ``node``: its own subsections, and descriptions nested in its body
+    (a method inside a class's description, a config value inside a note)."""
+    found: list[nodes.section] = []
+    for child in node.children:
+        if isinstance(child, nodes.section):
+            found.append(child)
+        elif isinstance(child, nodes.Element):
+            found.extend(_sections_in(child))
+    return found
 
 
 def _text_of_title(title: nodes.title | None) -> str:
