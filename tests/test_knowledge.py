@@ -392,6 +392,65 @@ def test_search_syntax_in_a_message_is_just_text(kb, tmp_path, hostile):
     assert found and "SESSION_COOKIE_SAMESITE" in found[0].text
 
 
+SPHINX_API = textwrap.dedent("""\
+    Builtin Configuration Values
+    ============================
+
+    The following values are read by the application. Added in version 0.11:
+    ``TEMPLATES_AUTO_RELOAD``, ``SESSION_REFRESH_EACH_REQUEST``.
+
+    .. py:data:: TEMPLATES_AUTO_RELOAD
+
+        Reload templates when they are changed. If not set, it is enabled in debug mode.
+
+        Default: ``None``
+
+    .. py:data:: SESSION_REFRESH_EACH_REQUEST
+
+        Send the cookie with every response when the session is permanent.
+
+    .. currentmodule:: shop
+
+    .. py:class:: Basket(owner)
+
+        Holds what a customer is about to buy.
+
+        .. py:method:: add(item, quantity=1)
+
+            Puts ``quantity`` of ``item`` in the basket.
+
+    .. envvar:: SHOP_CONFIG
+
+        Path of the configuration file read at start.
+""")
+
+
+def test_each_documented_name_is_its_own_section_headed_and_linked_by_its_name(kb, tmp_path):
+    from knowledge.loaders import load
+
+    sections = load(write(tmp_path / "_sources" / "api.rst.txt", SPHINX_API))
+    found = {s.headings[-1]: s for s in sections}
+    assert found["TEMPLATES_AUTO_RELOAD"].headings == [
+        "Builtin Configuration Values",
+        "TEMPLATES_AUTO_RELOAD",
+    ]
+    assert found["TEMPLATES_AUTO_RELOAD"].text.startswith("Reload templates when")
+    # Anchors as Sphinx writes them: the dotted name under the current module, envvar-NAME.
+    assert found["TEMPLATES_AUTO_RELOAD"].meta["anchor"] == "TEMPLATES_AUTO_RELOAD"
+    assert found["Basket(owner)"].meta["anchor"] == "shop.Basket"
+    assert found["add(item, quantity=1)"].headings[-2:] == [
+        "Basket(owner)",
+        "add(item, quantity=1)",
+    ]
+    assert found["SHOP_CONFIG"].meta["anchor"] == "envvar-SHOP_CONFIG"
+    assert "Holds what a customer" in found["Basket(owner)"].text
+    assert "Puts" not in found["Basket(owner)"].text  # the method's text is the method's
+    # Asked by name, the definition comes first — not the changelog line that mentions it.
+    kb.add([tmp_path / "_sources"])
+    best = kb.search("TEMPLATES_AUTO_RELOAD what is it for", k=1)[0]
+    assert best.headings[-1] == "TEMPLATES_AUTO_RELOAD"
+
+
 def test_removed_documents_leave_no_keyword_hits_and_old_catalogues_are_indexed(kb, tmp_path):
     import sqlalchemy as sa
 
