@@ -375,6 +375,8 @@ async def test_operator_labels_tune_the_sentiment_classifier_through_the_gate(
     assert r["new_labels"] == r["train_labels"] + r["held_out_labels"] == 12
     tuned = registry.get("sentiment", r["version"])
     assert tuned.meta["stage"] == "tuned" and tuned.meta["tuned_from"] == current.version
+    # `chinwag adapters list` shows the figures the gate measured.
+    assert tuned.meta["metrics"]["accuracy"] == r["candidate"]["original"]["accuracy"]
     # Scored on the users' own held-out messages and on the original held-out set, both ways.
     assert set(r["candidate"]["original"]) == {"accuracy", "macro_f1", "roc_auc", "n"}
     assert r["candidate"]["original"]["n"] == r["baseline"]["original"]["n"] == 60

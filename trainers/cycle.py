@@ -412,6 +412,8 @@ def _train_sentiment(
     sets = {"operators": ([e.text for e in held], [e.label for e in held])}
     sets["original"] = held_out_set(cfg)
 
+    reports: dict[str, dict[str, Any]] = {}  # the candidate's full reports, for its metadata
+
     def score(version: Any) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
         clf = LoadedClassifier(version, "cpu")
         out = {}
@@ -419,6 +421,8 @@ def _train_sentiment(
             if texts:
                 probs = clf.predict(texts)
                 report = classification_report(y, probs, LABELS)
+                if version is entry:
+                    reports[name] = report
                 figures = {k: report[k] for k in ("accuracy", "macro_f1", "roc_auc")}
                 out[name] = ({**figures, "n": len(texts)}, probs.argmax(1) == np.array(y))
         return out
@@ -427,6 +431,13 @@ def _train_sentiment(
     say("evaluate", 0, versions)
     cand = score(entry)
     say("evaluate", 1, versions)
+    # `chinwag adapters list` and the first-start logic read a classifier's "metrics": the
+    # original held-out set's report, as a full training writes it.
+    registry.annotate(
+        "sentiment",
+        entry.version,
+        {"metrics": reports["original"], "operator_metrics": reports.get("operators")},
+    )
     result: dict[str, Any] = {
         "mode": "tuned" if current else "trained",
         "new_labels": new_labels,

@@ -143,6 +143,16 @@ class AdapterRegistry:
             raise
         return self._load(name, target)
 
+    def annotate(self, name: str, version: str, fields: dict[str, Any]) -> AdapterVersion:
+        """Add figures measured after publishing (a gate's scores) to a version's metadata.
+
+        Written whole and atomically: a reader sees the old metadata or the new, never half.
+        """
+        entry = self.get(name, version)
+        meta = {**entry.meta, **fields, "name": name, "version": version}
+        atomic_write(entry.path / META_FILE, json.dumps(meta, indent=2, default=str))
+        return self._load(name, entry.path)
+
     def promote(self, name: str, version: str, *, reason: str = "") -> AdapterVersion:
         entry = self.get(name, version)
         previous = self.current(name)
