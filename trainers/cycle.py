@@ -436,7 +436,7 @@ def _train_sentiment(
     registry.annotate(
         "sentiment",
         entry.version,
-        {"metrics": reports["original"], "operator_metrics": reports.get("operators")},
+        {"metrics": reports.get("original"), "operator_metrics": reports.get("operators")},
     )
     result: dict[str, Any] = {
         "mode": "tuned" if current else "trained",
