@@ -84,15 +84,6 @@ def _share(text: str) -> float:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
 
 
-def _learning() -> Any:
-    """bench/learning.py's ``train_now`` (loaded by path: bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "learning.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["bench_learning"] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def base_classifier(registry: Path) -> None:
     """The default classifier, trained once (as a first start trains it) and reused."""
     from bot.models.registry import AdapterRegistry
@@ -112,20 +103,24 @@ async def measure(
     bot: Any, posts: list[tuple[str, int]], original: tuple[list[str], list[int]]
 ) -> dict[str, Any]:
     """The classifier the bot serves, on held-out posts and on its original held-out reviews."""
+    import numpy as np
+
     from trainers.evaluate import eval_sentiment
+    from trainers.metrics import classification_report
 
     texts, y = [t for t, _ in posts], [label for _, label in posts]
-    domain = await eval_sentiment(bot, texts, y)
+    results = await bot.models.classify(texts, "sentiment")  # once: the report and the labels
+    proba = np.array([[r.scores.get(label, 0.0) for label in LABELS] for r in results])
+    domain = classification_report(y, proba, LABELS)
     reviews = await eval_sentiment(bot, *original)
-    results = await bot.models.classify(texts, "sentiment")
     return {
         "accuracy": round(domain["accuracy"], 4),
         "macro_f1": round(domain["macro_f1"], 4),
-        "per_class_f1": {k: round(v["f1"], 3) for k, v in (domain.get("per_class") or {}).items()},
+        "per_class_f1": {k: round(v["f1"], 3) for k, v in domain["per_class"].items()},
         "original_accuracy": round(reviews["accuracy"], 4),
         "original_macro_f1": round(reviews["macro_f1"], 4),
         "serving": results[0].adapter_version if results else None,
-        "predicted": [LABELS.index(r.label) for r in results],
+        "predicted": proba.argmax(axis=1).tolist(),
     }
 
 
@@ -179,6 +174,7 @@ def _gate(report: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from bench.learning import train_now  # `chinwag train --now` as the schedule runs it
     from bot.core import Bot
     from bot.testing import chinwag_test_settings
     from trainers.evaluate import default_sentiment_data
@@ -196,7 +192,6 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = Path(settings.data_dir)
     shutil.copytree(args.base_registry, data / "adapters")
     trainers = {"adapters": ["sentiment"], "sentiment": json.loads(args.options)}
-    train_now = _learning().train_now
     log = args.out / "labels-train.log"
     cycles: list[dict[str, Any]] = []
     print(

@@ -77,8 +77,8 @@ QUESTION_WORDS = frozenset(
 _ASKING = re.compile(
     r"\b(tell me|explain|i (?:want|need|would like) to know|i wonder|any idea|do you know)\b", re.I
 )
-#: "what's X", "hows…": a question word with its verb run on.
-_WH_CONTRACTED = re.compile(r"^(?:what|whats|how|hows|where|wheres|who|whos|when|why)'?s?$")
+#: "what's X", "hows…": a question word with its verb run on (the bare words are above).
+_WH_CONTRACTED = re.compile(r"^(?:what|how|where|who|when|why)'?s$")
 #: A question tacked on after the subject, as people type lookups: "after_this_request how does
 #: it work", "stream_with_context, why do I need it", "TEMPLATES_AUTO_RELOAD what is it for".
 _TRAILING_QUESTION = re.compile(

@@ -412,20 +412,22 @@ def _train_sentiment(
     sets = {"operators": ([e.text for e in held], [e.label for e in held])}
     sets["original"] = held_out_set(cfg)
 
-    reports: dict[str, dict[str, Any]] = {}  # the candidate's full reports, for its metadata
-
     def score(version: Any) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+        """Per held-out set: the classification report and which messages it got right."""
         clf = LoadedClassifier(version, "cpu")
         out = {}
         for name, (texts, y) in sets.items():
             if texts:
                 probs = clf.predict(texts)
-                report = classification_report(y, probs, LABELS)
-                if version is entry:
-                    reports[name] = report
-                figures = {k: report[k] for k in ("accuracy", "macro_f1", "roc_auc")}
-                out[name] = ({**figures, "n": len(texts)}, probs.argmax(1) == np.array(y))
+                out[name] = (
+                    classification_report(y, probs, LABELS),
+                    probs.argmax(1) == np.array(y),
+                )
         return out
+
+    def figures(scored: dict[str, tuple[dict[str, Any], np.ndarray]]) -> dict[str, Any]:
+        keep = ("accuracy", "macro_f1", "roc_auc", "n")
+        return {name: {k: report[k] for k in keep} for name, (report, _) in scored.items()}
 
     versions = 2 if current else 1
     say("evaluate", 0, versions)
@@ -433,6 +435,7 @@ def _train_sentiment(
     say("evaluate", 1, versions)
     # `chinwag adapters list` and the first-start logic read a classifier's "metrics": the
     # original held-out set's report, as a full training writes it.
+    reports = {name: report for name, (report, _) in cand.items()}
     registry.annotate(
         "sentiment",
         entry.version,
@@ -446,13 +449,13 @@ def _train_sentiment(
         "in_service": current.version if current else None,
         "version": entry.version,
         "train_seconds": seconds,
-        "candidate": {name: figures for name, (figures, _) in cand.items()},
+        "candidate": figures(cand),
     }
     worse: list[str] = []
     if current is not None:
         base = score(current)
         say("evaluate", 2, versions)
-        result["baseline"] = {name: figures for name, (figures, _) in base.items()}
+        result["baseline"] = figures(base)
         result["gate"] = {}
         for name in cand:
             c = compare(

@@ -237,6 +237,13 @@ class LocalBackend:
 
     def estimate(self, params: GenerationParams, prompt_chars: int = 400) -> tuple[float, float]:
         """Seconds until a new request would start, and until it would finish (0, 0 unknown)."""
+        wait, work = self._estimate(params, prompt_chars)
+        start = wait * self.wait_ratio
+        return start, start + work
+
+    def _estimate(self, params: GenerationParams, prompt_chars: int) -> tuple[float, float]:
+        """The wait for a slot before calibration (what ``wait_ratio`` learns against), and
+        the request's own prefill and generation time."""
         step = self.step_s
         if step is None:
             return 0.0, 0.0
@@ -246,13 +253,12 @@ class LocalBackend:
         prefill = (prompt_chars / 4) / (self.prefill_tok_s or 2000.0)
         busy = self._pending
         if busy < slots:
-            start = prefill * max(0, busy - self._running)
+            wait = prefill * max(0, busy - self._running)
         else:
             # Rows finish at about ``slots`` per reply length; we start once those ahead did.
             ahead = busy - slots + 1
-            start = ahead * reply * step / slots
-        start *= self.wait_ratio
-        return start, start + prefill + mine * step
+            wait = ahead * reply * step / slots
+        return wait, prefill + mine * step
 
     async def generate(
         self,
@@ -274,7 +280,9 @@ class LocalBackend:
                     f"the model is busy ({self._pending} requests waiting); try again shortly",
                     retry_after_s=self._retry_after(params),
                 )
-            start, finish = self.estimate(params, sum(len(m.get("content", "")) for m in messages))
+            wait, work = self._estimate(params, sum(len(m.get("content", "")) for m in messages))
+            start = wait * self.wait_ratio
+            finish = start + work
             now = time.monotonic()
             # Estimates come from averages and the batch may grow meanwhile: keep a margin.
             if deadline is not None and finish and now + SAFETY * finish > deadline:
@@ -300,7 +308,6 @@ class LocalBackend:
                 self._refs[internal] += 1
             self._pending += 1
             loop = asyncio.get_running_loop()
-            estimated = start / self.wait_ratio  # the uncalibrated estimate: what is learnt
             job = _Job(
                 messages,
                 params,
@@ -312,7 +319,7 @@ class LocalBackend:
                 stream,
                 deadline,
                 SUPERSEDED.get(),
-                estimated_start=estimated,
+                estimated_start=wait,
             )
             self._queue.put(job)
         # Cancelling the caller cancels ``job.future``; the worker sees that before its next
