@@ -51,3 +51,7 @@ class KnowledgeSettings(BaseModel):
     #: Where the ingested folders are published, so citations link to the very section:
     #: ``{"/srv/docs/flask/_sources" = "https://flask.palletsprojects.com/en/2.2.x/"}``.
     links: dict[str, str] = Field(default_factory=dict)
+    #: An operator's ``/correct`` of a reply to a question becomes a question/answer entry at
+    #: once (``<directory>/taught/``), so the next user who asks gets the corrected answer,
+    #: cited as taught by an operator (knowledge/taught.py). Off: corrections only train.
+    teach_corrections: bool = True

@@ -173,6 +173,8 @@ def _qa_sections(records: list[dict], path: Path) -> list[Section]:
             trail.append(category)
         trail.append(q)
         meta = {"question": q, "answer": a, "record": str(record.get("id", i))}
+        if isinstance(record.get("taught_at"), str):  # an operator's answer (knowledge/taught.py)
+            meta["taught_at"] = record["taught_at"]
         sections.append(Section(f"Q: {q}\nA: {a}", trail, atomic=True, meta=meta))
     return sections
 

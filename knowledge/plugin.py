@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,8 +13,11 @@ import typer
 
 from bot import hookimpl
 from bot.config import Settings
+from knowledge import taught
 from knowledge.base import KnowledgeBase, KnowledgeError, Passage
 from knowledge.config import SECTION, KnowledgeSettings
+
+log = logging.getLogger(__name__)
 
 
 def from_settings(settings: Settings) -> KnowledgeBase:
@@ -42,8 +46,69 @@ def from_settings(settings: Settings) -> KnowledgeBase:
 class KnowledgeService:
     """Async access for skills: searches run in a worker thread, never on the event loop."""
 
-    def __init__(self, kb: KnowledgeBase) -> None:
+    def __init__(self, kb: KnowledgeBase, *, teach: bool = True) -> None:
         self.kb = kb
+        #: Whether operators' corrections become entries (``knowledge.teach_corrections``).
+        self.teaching = teach
+        self._taught_lock = asyncio.Lock()
+
+    @property
+    def taught_folder(self) -> Path:
+        return self.kb.directory / taught.FOLDER
+
+    async def teach(
+        self,
+        question: str,
+        answer: str,
+        *,
+        author: str,
+        asked_by: str | None = None,
+        reply_id: int | None = None,
+        within_s: float = 20.0,
+    ) -> taught.TaughtAnswer | None:
+        """Store an operator's answer to ``question`` as an entry and index it.
+
+        The entry is on disk before this returns; indexing it waits at most ``within_s`` (an
+        ingest from the command line may hold the index's write lock) and otherwise goes on in
+        the background. Returns None when teaching is off; raises :class:`taught.TeachError`
+        for an entry that cannot be stored.
+        """
+        if not self.teaching:
+            return None
+        entry = await asyncio.to_thread(
+            taught.write,
+            self.taught_folder,
+            question,
+            answer,
+            author=author,
+            asked_by=asked_by,
+            reply_id=reply_id,
+        )
+        task = asyncio.ensure_future(self._index_taught())
+        try:
+            await asyncio.wait_for(asyncio.shield(task), within_s)
+        except TimeoutError:
+            log.warning("knowledge: indexing taught answers is waiting for the index; continuing")
+        return entry
+
+    async def forget_asker(self, who: str) -> int:
+        """Remove the entries whose question ``who`` (``platform:user``) asked; how many."""
+        paths = await asyncio.to_thread(taught.asked_by, self.taught_folder, who)
+        if not paths:
+            return 0
+        for path in paths:
+            path.unlink(missing_ok=True)
+        await self._index_taught()
+        return len(paths)
+
+    async def _index_taught(self) -> None:
+        """Bring the index in line with the taught folder: new and changed entries in, removed
+        ones out. The whole folder each time: an entry whose indexing was interrupted (a crash,
+        a busy index) is picked up by the next one; unchanged files cost a checksum."""
+        async with self._taught_lock:
+            summary = await asyncio.to_thread(self.kb.add, [self.taught_folder], sync=True)
+        for source, why in summary.failed:
+            log.warning("knowledge: taught entry %s not indexed: %s", source, why)
 
     async def search(self, query: str, k: int = 5, **kwargs: Any) -> list[Passage]:
         return await asyncio.to_thread(self.kb.search, query, k, **kwargs)
@@ -75,7 +140,10 @@ def register_config(register):
 @hookimpl
 def startup(bot):
     # Lazy: the catalogue opens, and the model loads, on the first search.
-    bot.services["knowledge"] = KnowledgeService(from_settings(bot.settings))
+    k = bot.settings.section(SECTION, KnowledgeSettings)
+    bot.services["knowledge"] = KnowledgeService(
+        from_settings(bot.settings), teach=k.teach_corrections
+    )
 
 
 @hookimpl

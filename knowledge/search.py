@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from knowledge import lexical
 from knowledge.catalogue import KnowledgeState, chunks_t
+from knowledge.taught import SOURCE_LABEL
 
 log = logging.getLogger("knowledge.base")
 
@@ -43,9 +44,12 @@ class Passage:
     def where(self) -> str:
         """The source as a reader can find it: "deploying/gunicorn.rst.txt", not "gunicorn.rst.txt".
 
-        Sphinx sources are named from their ``_sources`` folder (the site's layout); other
-        files with their folder.
+        Sphinx sources are named from their ``_sources`` folder (the site's layout); an
+        answer an operator taught in chat by who it is (knowledge/taught.py); other files with
+        their folder.
         """
+        if self.meta.get("taught_at"):
+            return f"{SOURCE_LABEL}, {str(self.meta['taught_at'])[:10]}"
         parts = Path(self.source).parts
         if "_sources" in parts:
             return "/".join(parts[len(parts) - parts[::-1].index("_sources") :])

@@ -8,9 +8,13 @@ and adapter versions that produced it — the trainers learn from them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from bot import Command, Context, Message, Reply, Skill, hookimpl
+from skills.qa import question_likeness
+
+log = logging.getLogger(__name__)
 
 
 async def last_rateable(ctx: Context, message: Message, lookback: int = 40) -> Any | None:
@@ -62,7 +66,7 @@ class FeedbackSkill(Skill):
                 correction=better,
                 source="operator",
             )
-            return Reply("Thanks — I stored your correction; the next training cycle uses it.")
+            return await self._teach(target, better, message, ctx)
         rating = 1 if ctx.command == "good" else -1
         # A user's "/bad <why>" is kept as their comment (source "user"); only operator
         # corrections are ever trained on as better replies.
@@ -73,6 +77,47 @@ class FeedbackSkill(Skill):
         return Reply(
             "Thanks for the 👍!" if rating > 0 else "Thanks — noted 👎. I'll try to do better."
         )
+
+    async def _teach(self, target: Any, better: str, message: Message, ctx: Context) -> Reply:
+        """Make the correction an answer the next asker gets (knowledge/taught.py), when the
+        corrected reply answered a question and the knowledge base takes taught answers."""
+        stored = "Thanks — I stored your correction; the next training cycle uses it."
+        kb = ctx.bot.services.get("knowledge")
+        if kb is None or not getattr(kb, "teaching", False):
+            return Reply(stored)
+        asked = await ctx.bot.store.get_message(target.reply_to_id) if target.reply_to_id else None
+        question = _question_of(asked.text) if asked is not None else ""
+        if not question or (target.skill != "qa" and question_likeness(question) == 0.0):
+            return Reply(stored)  # small talk: a better reply to learn from, not a fact
+        try:
+            await kb.teach(
+                question,
+                better,
+                author=f"{message.platform}:{message.user_id}",
+                asked_by=f"{asked.platform}:{asked.user_id}" if asked.user_id else None,
+                reply_id=target.id,
+            )
+        except ValueError as exc:  # TeachError: too long, empty
+            return Reply(f"{stored} I did not add it to the knowledge base: {exc}.")
+        except Exception:
+            log.exception("feedback: could not add the correction to the knowledge base")
+            return Reply(
+                f"{stored} Adding it to the knowledge base failed; the logs say why.",
+                kind="error",
+            )
+        shown = question if len(question) <= 80 else question[:77] + "…"
+        return Reply(
+            f"Thanks — from now on I answer “{shown}” with your correction, citing it as "
+            "taught by an operator; the next training cycle learns from it too."
+        )
+
+
+def _question_of(text: str) -> str:
+    """The question a message asked: "/ask how long…" asked "how long…"."""
+    text = text.strip()
+    if text.startswith("/"):
+        return text.split(None, 1)[1].strip() if " " in text else ""
+    return text
 
 
 @hookimpl

@@ -530,50 +530,6 @@ async def test_good_and_bad_rate_the_last_answer_and_land_in_feedback(chat, chin
     assert "admins only" in await chat.ask("/correct A better answer")
 
 
-async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
-    chinwag_chat, chinwag_bot, tmp_path
-):
-    """A liked answer and an operator's correction become examples of *answering from the
-    passages*: the prompt the model saw, then the answer without its source list."""
-    from datetime import UTC, datetime, timedelta
-
-    from trainers.dataset import build
-
-    operator = chinwag_chat(admin=True)
-    (liked,) = await operator.send("How long does it take to get a building permit?")
-    assert "👍" in await operator.ask("/good")
-    (bygglov,) = await operator.send("What is a bygglov?")
-    assert bygglov.skill == "qa"
-    assert "stored your correction" in await operator.ask(
-        "/correct A bygglov is the municipality's permission to build."
-    )
-    await chinwag_bot.store.flush()
-    since = datetime.now(UTC) - timedelta(hours=1)
-    dataset = build(
-        await chinwag_bot.store.conversations(since),
-        tmp_path / "cycle",
-        forgotten=set(),
-        since=since,
-        until=datetime.now(UTC) + timedelta(seconds=1),
-        held_out=0.0,
-        adapters=("qa",),
-    )
-    by_target = {e.messages[-1]["content"]: e for e in dataset.train}
-    assert set(by_target) == {
-        liked.text.split("\n\nSources:")[0],
-        "A bygglov is the municipality's permission to build.",
-    }
-    for example in by_target.values():
-        system, asked, _ = example.messages
-        assert system["role"] == "system" and "reference passages" in system["content"]
-        assert asked["content"].startswith("Reference passages:\n[1] ")
-        assert "Sources:" not in example.messages[-1]["content"]
-    assert (
-        "Question: What is a bygglov?"
-        in by_target["A bygglov is the municipality's permission to build."].messages[1]["content"]
-    )
-
-
 async def test_a_model_failure_is_a_clear_reply_and_other_skills_keep_working(
     chinwag_chat, chinwag_bot
 ):

@@ -1,0 +1,169 @@
+"""An operator's correction is the answer the next user gets (knowledge/taught.py).
+
+Through the real core, QA skill, knowledge index and embedder, on a private copy of the FAQ
+index (teaching writes to the index; the session's shared one must stay as ingested).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from knowledge import taught
+
+
+@pytest.fixture
+def private_kb(faq_kb, tmp_path):
+    folder = tmp_path / "kb"
+    shutil.copytree(faq_kb.directory, folder, ignore=shutil.ignore_patterns(".write.lock"))
+    return folder
+
+
+@pytest.fixture
+def chinwag_config(private_kb, sentiment_registry) -> dict:
+    return {
+        "knowledge": {"directory": str(private_kb)},
+        "models": {"registry_dir": str(sentiment_registry), "device": "cpu"},
+    }
+
+
+CORRECTION = (
+    "A bygglov is the building permit the municipality grants; apply for it online through "
+    "the Mina sidor e-service."
+)
+
+
+async def test_the_next_user_who_asks_gets_the_operators_correction_cited_as_taught(
+    chinwag_chat, private_kb
+):
+    operator = chinwag_chat(admin=True)
+    (first,) = await operator.send("What is a bygglov?")
+    assert first.skill == "qa" and "Mina sidor" not in first.text
+    confirmation = await operator.ask(f"/correct {CORRECTION}")
+    assert "from now on I answer “What is a bygglov?” with your correction" in confirmation
+
+    (later,) = await chinwag_chat(user_id="someone-else", chat_id="elsewhere").send(
+        "what's a bygglov?"
+    )
+    assert later.skill == "qa"
+    assert "Mina sidor" in later.metadata["answer"]
+    assert "taught by an operator" in later.sources[0].title
+    (entry,) = taught.entries(private_kb / taught.FOLDER)
+    assert (entry.question, entry.answer) == ("What is a bygglov?", CORRECTION)
+    assert entry.author == entry.asked_by == f"{operator.platform}:{operator.user_id}"
+
+
+async def test_correcting_the_same_question_again_replaces_the_taught_answer(
+    chinwag_chat, private_kb
+):
+    operator = chinwag_chat(admin=True)
+    await operator.send("What is a bygglov?")
+    await operator.ask(f"/correct {CORRECTION}")
+    await operator.send("what is a bygglov")
+    await operator.ask("/correct A bygglov is a building permit; ask the planning office.")
+    (entry,) = taught.entries(private_kb / taught.FOLDER)
+    assert entry.answer == "A bygglov is a building permit; ask the planning office."
+    (reply,) = await chinwag_chat(user_id="u2", chat_id="c2").send("What is a bygglov?")
+    assert "planning office" in reply.metadata["answer"]
+    assert "Mina sidor" not in reply.text
+
+
+async def test_a_corrected_small_talk_reply_trains_but_teaches_no_fact(chinwag_chat, private_kb):
+    operator = chinwag_chat(admin=True)
+    (hello,) = await operator.send("hello there, nice day")
+    assert hello.skill == "dialogue"
+    reply = await operator.ask("/correct Hello! How can I help you with your building project?")
+    assert "next training cycle uses it" in reply
+    assert taught.entries(private_kb / taught.FOLDER) == []
+
+
+async def test_an_answer_too_long_to_teach_is_still_kept_for_training(chinwag_chat, chinwag_bot):
+    operator = chinwag_chat(admin=True)
+    (answer,) = await operator.send("What is a bygglov?")
+    reply = await operator.ask("/correct " + "word " * 600)
+    assert "stored your correction" in reply
+    assert "did not add it to the knowledge base: the answer is longer than" in reply
+    await chinwag_bot.store.flush()
+    (row,) = await chinwag_bot.store.feedback_for(answer.id)
+    assert row.source == "operator" and row.correction.startswith("word word")
+
+
+async def test_forget_removes_the_answers_taught_from_that_users_questions(
+    chinwag_chat, private_kb
+):
+    operator = chinwag_chat(admin=True)
+    await operator.send("What is a bygglov?")
+    await operator.ask(f"/correct {CORRECTION}")
+    assert "removed 1 answer an operator had taught from your questions" in await operator.ask(
+        "/forget"
+    )
+    assert taught.entries(private_kb / taught.FOLDER) == []
+    (reply,) = await chinwag_chat(user_id="u3", chat_id="c3").send("What is a bygglov?")
+    assert "Mina sidor" not in reply.text
+    assert all("taught" not in s.title for s in reply.sources)
+
+
+async def test_operators_can_turn_teaching_off(chinwag_bot, chinwag_chat, private_kb):
+    chinwag_bot.services["knowledge"].teaching = False  # knowledge.teach_corrections = false
+    operator = chinwag_chat(admin=True)
+    await operator.send("What is a bygglov?")
+    assert "next training cycle uses it" in await operator.ask(f"/correct {CORRECTION}")
+    assert taught.entries(private_kb / taught.FOLDER) == []
+
+
+def test_an_entry_is_keyed_by_its_question_and_written_whole(tmp_path):
+    first = taught.write(tmp_path, "How do I reset it?", "Hold the button.", author="op")
+    again = taught.write(tmp_path, "  how do i   reset it ", "Hold it 5 s.", author="op")
+    assert first.path == again.path
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary files
+    assert json.loads(first.path.read_text())["a"] == "Hold it 5 s."
+    with pytest.raises(taught.TeachError, match="must have text"):
+        taught.write(tmp_path, "   ", "x", author="op")
+    (first.path.parent / "broken.json").write_text("{not json")
+    assert [e.answer for e in taught.entries(tmp_path)] == ["Hold it 5 s."]
+
+
+async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
+    chinwag_chat, chinwag_bot, tmp_path
+):
+    """A liked answer and an operator's correction become examples of *answering from the
+    passages*: the prompt the model saw, then the answer without its source list."""
+    from datetime import UTC, datetime, timedelta
+
+    from trainers.dataset import build
+
+    operator = chinwag_chat(admin=True)
+    (liked,) = await operator.send("How long does it take to get a building permit?")
+    assert "👍" in await operator.ask("/good")
+    (bygglov,) = await operator.send("What is a bygglov?")
+    assert bygglov.skill == "qa"
+    assert "from now on" in await operator.ask(
+        "/correct A bygglov is the municipality's permission to build."
+    )
+    await chinwag_bot.store.flush()
+    since = datetime.now(UTC) - timedelta(hours=1)
+    dataset = build(
+        await chinwag_bot.store.conversations(since),
+        tmp_path / "cycle",
+        forgotten=set(),
+        since=since,
+        until=datetime.now(UTC) + timedelta(seconds=1),
+        held_out=0.0,
+        adapters=("qa",),
+    )
+    by_target = {e.messages[-1]["content"]: e for e in dataset.train}
+    assert set(by_target) == {
+        liked.text.split("\n\nSources:")[0],
+        "A bygglov is the municipality's permission to build.",
+    }
+    for example in by_target.values():
+        system, asked, _ = example.messages
+        assert system["role"] == "system" and "reference passages" in system["content"]
+        assert asked["content"].startswith("Reference passages:\n[1] ")
+        assert "Sources:" not in example.messages[-1]["content"]
+    assert (
+        "Question: What is a bygglov?"
+        in by_target["A bygglov is the municipality's permission to build."].messages[1]["content"]
+    )
