@@ -187,11 +187,15 @@ async def measure(bot: Any, corpus: Corpus, off: list[str], tag: str) -> dict[st
     }
 
 
-async def teach(bot: Any, cases: list[Case], correct_share: float, tag: str) -> dict[str, int]:
-    """Users ask and rate; operators correct what was wrong — all as chat messages."""
+async def teach(
+    bot: Any, cases: list[Case], correct_share: float, tag: str
+) -> tuple[dict[str, int], list[Case]]:
+    """Users ask and rate; operators correct what was wrong — all as chat messages. Returns
+    the counts and the cases an operator corrected."""
     from bot.simulation.chat import ChatUser
 
     counts = {"asked": 0, "good": 0, "bad": 0, "corrected": 0, "not_qa": 0}
+    corrected: list[Case] = []
     rng = random.Random(tag)
     for i, case in enumerate(cases):
         operator = rng.random() < correct_share
@@ -206,6 +210,7 @@ async def teach(bot: Any, cases: list[Case], correct_share: float, tag: str) -> 
             await user.ask("/good")
         elif operator:
             counts["corrected"] += 1
+            corrected.append(case)
             await user.ask(f"/correct {case.correction()}")
         else:
             counts["bad"] += 1
@@ -213,7 +218,27 @@ async def teach(bot: Any, cases: list[Case], correct_share: float, tag: str) -> 
         print(f"\r  {tag}: taught {i + 1}/{len(cases)}", end="", flush=True)
     print()
     await bot.store.flush()
-    return counts
+    return counts, corrected
+
+
+async def ask_again(bot: Any, cases: list[Case], tag: str) -> dict[str, Any]:
+    """Other users ask the corrected questions again, in the same words, before any training:
+    does the bot now say what the operator said? (Every one of them was wrong the first time.)"""
+    from bot.simulation.chat import ChatUser
+
+    right = taught = 0
+    for i, case in enumerate(cases):
+        (reply,) = await ChatUser(bot, chat_id=f"{tag}-a{i}", user_id=f"{tag}-a{i}").send(
+            case.question
+        )
+        right += case.satisfied(answer_part(reply))
+        taught += any("taught by an operator" in s.title for s in reply.sources)
+    n = len(cases)
+    return {
+        "corrected": n,
+        "right_when_asked_again": round(right / n, 3) if n else None,
+        "cited_taught_answer": round(taught / n, 3) if n else None,
+    }
 
 
 def train_now(data_dir: Path, cache: Path, trainers: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -306,7 +331,9 @@ async def run_corpus(corpus: Corpus, args: argparse.Namespace, work: Path, cache
                 batch = corpus.train[(c - 1) * args.per_cycle : c * args.per_cycle]
             else:  # a small manual: the same questions keep coming from new users
                 batch = corpus.train
-            taught = await teach(bot, batch, args.correct_share, f"c{c}")
+            taught, corrected = await teach(bot, batch, args.correct_share, f"c{c}")
+            again = await ask_again(bot, corrected, f"c{c}")
+            print(f"   cycle {c}: corrected questions asked again: {again}", flush=True)
             print(f"   cycle {c}: training (log: {log}) …", flush=True)
             started = time.perf_counter()
             report = await asyncio.to_thread(train_now, settings.data_dir, cache, trainers, log)
@@ -315,11 +342,26 @@ async def run_corpus(corpus: Corpus, args: argparse.Namespace, work: Path, cache
             serving = await until_serving(bot, "qa")
             figures = await measure(bot, corpus, off, f"c{c}")
             cycles.append(
-                {"cycle": c, "taught": taught, "gate": gate, "serving": serving, **figures}
+                {
+                    "cycle": c,
+                    "taught": taught,
+                    "asked_again": again,
+                    "gate": gate,
+                    "serving": serving,
+                    **figures,
+                }
             )
             show(corpus.name, cycles[-1])
     first, last = cycles[0], cycles[-1]
+    again = [c["asked_again"] for c in cycles[1:] if c["asked_again"]["corrected"]]
+    corrected = sum(a["corrected"] for a in again)
     return {
+        "corrected": corrected,
+        "right_when_asked_again": round(
+            sum(a["right_when_asked_again"] * a["corrected"] for a in again) / corrected, 3
+        )
+        if corrected
+        else None,
         "held_out_questions": len(corpus.held_out),
         "off_corpus_questions": len(off),
         "cycles": cycles,
@@ -440,6 +482,13 @@ def main() -> None:
     )
     result["abstention_delta_after_3"] = round(
         sum(r["abstention_delta"] * r["off_corpus_questions"] for r in corpora) / off, 3
+    )
+    again = [r for r in corpora if r["corrected"]]
+    corrected = sum(r["corrected"] for r in again)
+    result["corrected_right_when_asked_again"] = (
+        round(sum(r["right_when_asked_again"] * r["corrected"] for r in again) / corrected, 3)
+        if corrected
+        else None
     )
     result["targets"] = {"containment_gain_after_3": ">= 0.15", "abstention_delta_after_3": ">= 0"}
     write_report(result, args.out)
