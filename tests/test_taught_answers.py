@@ -129,7 +129,9 @@ async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
     chinwag_chat, chinwag_bot, tmp_path
 ):
     """A liked answer and an operator's correction become examples of *answering from the
-    passages*: the prompt the model saw, then the answer without its source list."""
+    passages*: the prompt the model saw, then the answer without its source list. A
+    correction the passages do not support is taught to the knowledge base, not to the
+    adapter: trained on it, the model would learn to answer from memory."""
     from datetime import UTC, datetime, timedelta
 
     from trainers.dataset import build
@@ -137,8 +139,14 @@ async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
     operator = chinwag_chat(admin=True)
     (liked,) = await operator.send("How long does it take to get a building permit?")
     assert "👍" in await operator.ask("/good")
+    (cost,) = await operator.send("What does a building permit cost?")
+    assert cost.skill == "qa"
+    fee = "The fee follows the municipal tariff: 25,000-50,000 SEK for a single-family home."
+    assert "from now on" in await operator.ask(f"/correct {fee}")
+    # The search misses here (the passage it finds is about sanction fees): the correction
+    # goes beyond what the model was shown.
     (bygglov,) = await operator.send("What is a bygglov?")
-    assert bygglov.skill == "qa"
+    assert "bygglov" not in bygglov.metadata["prompt"][1]["content"].split("Question:")[0]
     assert "from now on" in await operator.ask(
         "/correct A bygglov is the municipality's permission to build."
     )
@@ -154,16 +162,11 @@ async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
         adapters=("qa",),
     )
     by_target = {e.messages[-1]["content"]: e for e in dataset.train}
-    assert set(by_target) == {
-        liked.text.split("\n\nSources:")[0],
-        "A bygglov is the municipality's permission to build.",
-    }
+    assert set(by_target) == {liked.text.split("\n\nSources:")[0], fee}
+    assert dataset.dropped["qa_beyond_passages"] == 1
     for example in by_target.values():
         system, asked, _ = example.messages
         assert system["role"] == "system" and "reference passages" in system["content"]
         assert asked["content"].startswith("Reference passages:\n[1] ")
         assert "Sources:" not in example.messages[-1]["content"]
-    assert (
-        "Question: What is a bygglov?"
-        in by_target["A bygglov is the municipality's permission to build."].messages[1]["content"]
-    )
+    assert "Question: What does a building permit cost?" in by_target[fee].messages[1]["content"]

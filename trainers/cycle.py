@@ -54,6 +54,11 @@ class CycleConfig(BaseModel):
     held_out: float = Field(0.1, gt=0, lt=0.5)
     replay_share: float = Field(0.2, ge=0)
     context_turns: int = Field(4, ge=0)
+    #: A ``qa`` example's target must be this well supported by the passages in its prompt
+    #: (the QA skill's ``min_support`` measure) or it is left out: trained on answers from
+    #: beyond its passages, the adapter learns to answer from memory. Operators' corrections
+    #: that go beyond the passages are taught to the knowledge base instead.
+    qa_min_support: float = Field(0.75, ge=0, le=1)
     #: The candidate may be at most this much worse (relative to the one in service, on each
     #: gated figure) and still be promoted; 0 means "not measurably worse" (trainers/gate.py).
     margin: float = Field(0.0, ge=0)
@@ -151,6 +156,7 @@ def run_cycle(
             adapters=tuple(config.adapters),
             seed=config.lora.seed,
             pending=state.get("pending") or {},
+            qa_min_support=config.qa_min_support,
         )
         registry = AdapterRegistry(
             settings.models.registry_dir or AdapterRegistry.for_data_dir(settings.data_dir).root

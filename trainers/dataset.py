@@ -6,7 +6,12 @@ For every reply a generative skill (``dialogue``, ``qa``) sent, the feedback dec
 - a 👎 from anyone → dropped, and it wins over 👍 (one unhappy user is a reason to doubt it);
 - a reply the safety filter flagged (redacted or withheld) → dropped;
 - a 👍 → an example with the reply as sent;
-- no rating → not used: silence is not approval.
+- no rating → not used: silence is not approval;
+- a ``qa`` target the passages in its prompt do not support (content-word overlap below
+  ``qa_min_support``, the serving check's own measure) → dropped: trained on it, the adapter
+  would learn to answer beyond its passages — from memory — which the QA skill exists to
+  prevent. Such a correction is still learned, as a taught answer in the knowledge base
+  (knowledge/taught.py), where the next asker's search finds it.
 
 Each example is the conversation before the reply (up to ``context_turns`` earlier turns, in
 order) followed by the reply, as chat messages the base model's template formats. A skill
@@ -38,6 +43,7 @@ from typing import Any
 from bot.files import atomic_write
 from bot.privacy import redact
 from bot.store.rows import Conversation, StoredMessage
+from bot.text import support
 
 GENERATIVE = ("dialogue", "qa")
 
@@ -111,12 +117,19 @@ def _recorded_prompt(reply: StoredMessage) -> list[dict[str, str]] | None:
     return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
+def _passages_in(prompt: list[dict[str, str]]) -> str:
+    """The reference passages of a QA prompt (its user turn without the question)."""
+    asked = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    return asked.rsplit("\n\nQuestion:", 1)[0]
+
+
 def examples_from(
     conversations: Iterable[Conversation],
     *,
     forgotten: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
     adapters: tuple[str, ...] = GENERATIVE,
     context_turns: int = 4,
+    qa_min_support: float = 0.75,
 ) -> tuple[list[Example], Counter[str]]:
     """Examples (not yet split or de-duplicated) and the reasons replies were not used."""
     out: list[Example] = []
@@ -143,6 +156,13 @@ def examples_from(
                 dropped["no_question"] += 1
                 continue
             recorded = _recorded_prompt(m)
+            if (
+                recorded is not None
+                and m.skill == "qa"
+                and support(target, [_passages_in(recorded)]) < qa_min_support
+            ):
+                dropped["qa_beyond_passages"] += 1
+                continue
             if recorded is not None:
                 before = []
                 messages = [{**r, "content": _clean(r["content"])} for r in recorded]
@@ -312,6 +332,7 @@ def build(
     adapters: tuple[str, ...] = GENERATIVE,
     seed: int = 13,
     pending: dict[str, list[str]] | None = None,
+    qa_min_support: float = 0.75,
 ) -> Dataset:
     """Build, redact, split and write one cycle's dataset under ``out_dir`` (atomically).
 
@@ -319,7 +340,11 @@ def build(
     carried into this one (:func:`carried_examples`)."""
     gone = set(forgotten)
     found, dropped = examples_from(
-        conversations, forgotten=gone, adapters=adapters, context_turns=context_turns
+        conversations,
+        forgotten=gone,
+        adapters=adapters,
+        context_turns=context_turns,
+        qa_min_support=qa_min_support,
     )
     if "sentiment" in adapters:
         found += labelled_messages(conversations, forgotten=gone)
