@@ -89,6 +89,7 @@ class KnowledgeService:
             await asyncio.wait_for(asyncio.shield(task), within_s)
         except TimeoutError:
             log.warning("knowledge: indexing taught answers is waiting for the index; continuing")
+            task.add_done_callback(_log_failure)
         return entry
 
     async def forget_asker(self, who: str) -> int:
@@ -130,6 +131,13 @@ class KnowledgeService:
             return [float(v @ vectors[0]) for v in vectors[1:]]
 
         return await asyncio.to_thread(run)
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    """A background indexing of taught answers that failed after its caller stopped waiting:
+    the entry is on disk, and the next taught answer (or ``knowledge add``) indexes it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("knowledge: indexing taught answers failed", exc_info=task.exception())
 
 
 @hookimpl

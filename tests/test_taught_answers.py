@@ -170,3 +170,24 @@ async def test_rated_answers_teach_the_qa_adapter_the_prompt_it_serves(
         assert asked["content"].startswith("Reference passages:\n[1] ")
         assert "Sources:" not in example.messages[-1]["content"]
     assert "Question: What does a building permit cost?" in by_target[fee].messages[1]["content"]
+
+
+async def test_a_broken_index_keeps_the_correction_and_the_entry_for_after_the_repair(
+    chinwag_chat, chinwag_bot, private_kb
+):
+    operator = chinwag_chat(admin=True)
+    (answer,) = await operator.send("What is a bygglov?")
+    for index_file in private_kb.glob("index-*"):
+        index_file.write_bytes(b"\0garbage")
+    service = chinwag_bot.services["knowledge"]
+    reply = await operator.ask(f"/correct {CORRECTION}")
+    assert "stored your correction" in reply and "Adding it to the knowledge base failed" in reply
+    await chinwag_bot.store.flush()
+    (row,) = await chinwag_bot.store.feedback_for(answer.id)
+    assert row.correction == CORRECTION  # kept for training
+    (entry,) = taught.entries(private_kb / taught.FOLDER)  # and on disk for the index
+
+    service.kb.rebuild()  # what `chinwag knowledge rebuild` does
+    service.kb.add([entry.path.parent], sync=True)  # `chinwag knowledge add <dir>/taught`
+    (later,) = await chinwag_chat(user_id="u4", chat_id="c4").send("What is a bygglov?")
+    assert "Mina sidor" in later.text
