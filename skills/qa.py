@@ -3,8 +3,9 @@
 The answer must come from the passages: the model (``qa`` adapter, or the base model until one
 is trained) writes it from the retrieved passages, and when what it wrote is not supported by
 them (content-word overlap below ``min_support``) the skill quotes the passage sentences that
-best answer the question instead. Every answer cites its sources; when nothing relevant is
-found the skill says so rather than guess.
+best answer the question instead. An answer an operator taught for this very question
+(``/correct``, knowledge/taught.py) is given as they wrote it. Every answer cites its sources;
+when nothing relevant is found the skill says so rather than guess.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class QAConfig(BaseModel):
     #: 0.45 → 0.60, Click (held out) 0.65 → 0.70, FAQ 0.81 → 0.86, at 157 → 222 characters;
     #: answer F1 +0.01, −0.02, +0.11. 4 added length and no fact on the docs.
     quote_sentences: int = Field(3, ge=1, le=10)
+    #: An operator's taught answer (knowledge/taught.py) this close to the question is the
+    #: answer, word for word — the operator was promised "from now on I answer this with
+    #: your correction" — rather than one passage among others for the model to rewrite.
+    taught_min_score: float = Field(0.8, ge=-1, le=1)
     passage_chars: int = Field(600, ge=100)
 
 
@@ -227,6 +232,11 @@ class QASkill(Skill):
     async def _answer(
         self, question: str, passages: list[Any], ctx: Context, cfg: QAConfig
     ) -> Reply:
+        taught = [
+            p for p in passages if p.meta.get("taught_at") and p.score >= cfg.taught_min_score
+        ]
+        if taught:
+            return self._taught(question, taught[0], cfg)
         top = passages[0]
         cited = [p for p in passages if p.score >= top.score - cfg.cite_margin][: cfg.max_sources]
         texts = [neutralize_instructions(p.text)[0][: cfg.passage_chars] for p in cited]
@@ -306,6 +316,28 @@ class QASkill(Skill):
             reply.adapter = generation.adapter
             reply.adapter_version = generation.adapter_version
         return reply
+
+    def _taught(self, question: str, passage: Any, cfg: QAConfig) -> Reply:
+        """An operator's answer to this question, as they wrote it, cited as theirs.
+
+        The prompt is recorded as for any answer: liked, the reply teaches the ``qa`` adapter
+        to answer from that passage, not from a memory of the bare question."""
+        answer = faq_answer(passage.text)
+        source = Source(_title(passage), passage.source, round(passage.score, 4), passage.url)
+        return Reply(
+            f"{answer}\n\nSources:\n[1] {source.title}",
+            rateable=True,
+            sources=[source],
+            metadata={
+                "mode": "taught",
+                "answer": answer,
+                "prompt": qa_prompt(
+                    question, [neutralize_instructions(passage.text)[0][: cfg.passage_chars]]
+                ),
+                "passages": [passage.chunk_id],
+                "retrieval_scores": [round(passage.score, 4)],
+            },
+        )
 
 
 def qa_prompt(question: str, passages: list[str]) -> list[dict[str, str]]:
