@@ -227,17 +227,21 @@ async def ask_again(bot: Any, cases: list[Case], tag: str) -> dict[str, Any]:
     from bot.simulation.chat import ChatUser
 
     right = taught = 0
+    rows = []
     for i, case in enumerate(cases):
         (reply,) = await ChatUser(bot, chat_id=f"{tag}-a{i}", user_id=f"{tag}-a{i}").send(
             case.question
         )
-        right += case.satisfied(answer_part(reply))
+        ok = case.satisfied(answer_part(reply))
+        right += ok
         taught += any("taught by an operator" in s.title for s in reply.sources)
+        rows.append([case.question, reply.metadata.get("mode"), ok, answer_part(reply)[:200]])
     n = len(cases)
     return {
         "corrected": n,
         "right_when_asked_again": round(right / n, 3) if n else None,
         "cited_taught_answer": round(taught / n, 3) if n else None,
+        "replies": rows,
     }
 
 
@@ -333,7 +337,8 @@ async def run_corpus(corpus: Corpus, args: argparse.Namespace, work: Path, cache
                 batch = corpus.train
             taught, corrected = await teach(bot, batch, args.correct_share, f"c{c}")
             again = await ask_again(bot, corrected, f"c{c}")
-            print(f"   cycle {c}: corrected questions asked again: {again}", flush=True)
+            shown = {k: v for k, v in again.items() if k != "replies"}
+            print(f"   cycle {c}: corrected questions asked again: {shown}", flush=True)
             print(f"   cycle {c}: training (log: {log}) …", flush=True)
             started = time.perf_counter()
             report = await asyncio.to_thread(train_now, settings.data_dir, cache, trainers, log)
@@ -497,6 +502,7 @@ def main() -> None:
     for r in corpora:
         for c in r["cycles"]:
             c.pop("rows", None)
+            c.get("asked_again", {}).pop("replies", None)
     print(json.dumps(result, default=str))
 
 
