@@ -287,6 +287,38 @@ def remove(
     typer.echo(f"removed {n} chunks")
 
 
+@app.command("taught")
+def taught_answers(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The answers operators taught with /correct: question, answer, who, when, the file."""
+    kb = _kb()
+    entries = taught.entries(kb.directory / taught.FOLDER)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "question": e.question,
+                        "answer": e.answer,
+                        "author": e.author,
+                        "taught_at": e.taught_at,
+                        "file": str(e.path),
+                    }
+                    for e in entries
+                ],
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
+    for e in entries:
+        answer = e.answer if len(e.answer) <= 200 else e.answer[:197] + "…"
+        typer.echo(f"{e.taught_at[:10]}  {e.author}  {e.question}\n    {answer}\n    {e.path}")
+    typer.echo(
+        f"{len(entries)} taught answer{'' if len(entries) == 1 else 's'} "
+        f"(delete a file, then `chinwag knowledge add {kb.directory / taught.FOLDER} --sync`)"
+    )
+
+
 @app.command()
 def stats() -> None:
     """Size, index type (flat or IVF), model and version."""

@@ -683,6 +683,17 @@ def test_the_knowledge_cli_from_ingest_to_repair(tmp_path):
     assert json.loads(cli("stats").stdout)["vectors"] == 1
     assert "removed 1 chunks" in cli("remove", str(docs / "returns.md")).stdout
     assert json.loads(cli("stats").stdout)["chunks"] == 0
+    # An answer an operator taught with /correct is listed, and a deleted one leaves the index.
+    from knowledge import taught
+
+    folder = tmp_path / "data" / "knowledge" / taught.FOLDER
+    entry = taught.write(folder, "Do you ship abroad?", "Yes, to all of Europe.", author="tg:7")
+    assert cli("add", str(folder)).returncode == 0
+    (listed,) = json.loads(cli("taught", "--json").stdout)
+    assert (listed["question"], listed["author"]) == ("Do you ship abroad?", "tg:7")
+    entry.path.unlink()
+    assert "removed 1" in cli("add", str(folder), "--sync").stdout
+    assert "0 taught answers" in cli("taught").stdout
 
 
 async def test_skills_search_the_knowledge_base_through_the_bot_without_blocking(
