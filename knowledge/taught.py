@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from bot.files import atomic_write
 
 FOLDER = "taught"
 #: How a taught entry is named where a document would be (citations, ``Passage.where``).
@@ -101,16 +101,7 @@ def write(
         "reply_id": reply_id,
         "taught_at": taught_at,
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out, ensure_ascii=False, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(record, ensure_ascii=False, indent=1))
     return TaughtAnswer(question, answer, author, asked_by, reply_id, taught_at, path)
 
 
