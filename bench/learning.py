@@ -405,10 +405,22 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         xs = [c["cycle"] for c in r["cycles"]]
         for f in figures:
             ax.plot(xs, [c[f] for c in r["cycles"]], marker="o", label=f.replace("_", " "))
+        # The night's teaching questions answered right when first asked that night: on Flask
+        # the same questions come back every night, so this is what repeat askers get once
+        # operators' corrections are taught (at once); on the FAQ each night's are new.
+        asked = [c for c in r["cycles"][1:] if c.get("taught", {}).get("asked")]
+        ax.plot(
+            [c["cycle"] for c in asked],
+            [c["taught"]["good"] / c["taught"]["asked"] for c in asked],
+            marker="s",
+            ls="--",
+            color="#555",
+            label="teaching questions: right on first ask",
+        )
         for c in r["cycles"][1:]:
             if c["gate"].get("decision") != "promoted":
                 ax.axvline(c["cycle"], color="#c33", alpha=0.25, lw=6)
-        ax.set_title(f"{name}: held-out questions per cycle")
+        ax.set_title(f"{name}: held-out questions per cycle (solid)")
         ax.set_xlabel("training cycle (red: candidate not promoted)")
         ax.set_xticks(xs)
         ax.set_ylim(0, 1.02)
