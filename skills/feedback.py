@@ -108,7 +108,7 @@ class FeedbackSkill(Skill):
         shown = question if len(question) <= 80 else question[:77] + "…"
         return Reply(
             f"Thanks — from now on I answer “{shown}” with your correction, citing it as "
-            "taught by an operator; the next training cycle learns from it too."
+            "taught by an operator; it is also kept for training."
         )
 
 
