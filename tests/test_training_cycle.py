@@ -31,6 +31,7 @@ TINY = {
     "held_out": 0.2,
     "regression_size": 8,
     "gate_answers": 4,  # the answer check on a few prompts: generation is the slow part
+    "gate_scenarios": [],  # the scenario check has its own specification below
     "lora": {
         "max_steps": 4,
         "batch_size": 4,
@@ -65,21 +66,30 @@ def settings_for(root: Path, cache: Path, **trainers):
     )
 
 
-async def simulate_log(settings, *, poisoned: bool = False, chats: int = 30, skip: int = 0) -> None:
+async def simulate_log(
+    settings, *, poisoned: bool = False, chats: int = 30, skip: int = 0, skill: str = "companion"
+) -> None:
     """Users from chitchat-dataset talk to the bot; a scripted rule rates the replies."""
     from bot.simulation.users import chitchat_conversations
 
-    skill = Companion(poisoned)
+    companion = Companion(poisoned)
+    companion.name = skill
     talks = ([text for _, text in conv] for conv in chitchat_conversations())
     conversations = [blocks for blocks in talks if len(blocks) >= 4][skip : skip + chats]
-    async with Bot(settings, plugins=[SkillsPlugin(skill)]) as bot:
+    # Standing in for a built-in skill, it takes that skill's place while the log is made.
+    disabled = [*settings.disabled_plugins, skill] if skill != "companion" else []
+    logging = settings
+    if disabled:
+        others = {k: v for k, v in settings.skills.items() if k != skill}
+        logging = settings.model_copy(update={"disabled_plugins": disabled, "skills": others})
+    async with Bot(logging, plugins=[SkillsPlugin(companion)]) as bot:
         for i, blocks in enumerate(conversations):
             user = ChatUser(bot, chat_id=f"chat{i}", user_id=f"user{i}")
             for j, (said, answer) in enumerate(zip(blocks[0:4:2], blocks[1:5:2], strict=False)):
-                skill.script[said] = answer
+                companion.script[said] = answer
                 if j == 0 and i % 10 == 3:
                     said = f"{said} mail me at user{i}@example.com"
-                    skill.script[said] = answer
+                    companion.script[said] = answer
                 (reply,) = await user.send(said)
                 rating = -1 if i % 10 == 7 else 1  # every tenth chat is unhappy
                 await bot.store.add_feedback(reply.id, "test", f"user{i}", rating)
@@ -171,6 +181,64 @@ def test_a_candidate_trained_on_poisoned_replies_is_rejected(tmp_path, chinwag_m
     assert r["decision"] == "rejected", r
     assert "regression loss" in r["why"]
     assert AdapterRegistry.for_data_dir(settings.data_dir).current("companion") is None
+
+
+GREETING_SCENARIOS = """\
+name: a greeting is answered in words, not with lol
+turns:
+  - say: Hi there! How are you today?
+    expect:
+      skill: dialogue
+      not_contains: lol
+---
+name: help lists the commands
+turns:
+  - say: /help
+    expect: {skill: help}
+"""
+
+
+def test_a_candidate_that_breaks_a_scenario_stays_out_of_service_though_its_losses_pass(
+    tmp_path, chinwag_model_cache
+):
+    scenarios = tmp_path / "scenarios.yaml"
+    scenarios.write_text(GREETING_SCENARIOS)
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "skills": {"dialogue": {"temperature": 0}},  # both sides answer greedily
+            "trainers": {
+                **TINY,
+                "adapters": ["dialogue"],
+                "lora": {**TINY["lora"], "learning_rate": 2e-3, "max_steps": 6},
+                # No sign test can reach this: only the scenario check may hold it back.
+                "gate_alpha": 1e-12,
+                "gate_scenarios": [str(scenarios)],
+            },
+        },
+        chinwag_model_cache,
+    )
+    asyncio.run(simulate_log(settings, poisoned=True, chats=20, skill="dialogue"))
+    report = run_cycle(settings, settings.section("trainers", CycleConfig))
+    r = report["adapters"]["dialogue"]
+    assert r["decision"] == "rejected", r
+    assert "a greeting is answered in words, not with lol" in r["why"]
+    s = r["scenarios"]
+    assert (s["checked"], s["in_service_passed"], s["candidate_passed"]) == (2, 2, 1)
+    (broken,) = s["broken"]
+    assert "lol" in broken["candidate"] and "reply contains 'lol'" in broken["candidate"]
+    assert AdapterRegistry.for_data_dir(settings.data_dir).current("dialogue") is None
+    page = Path(settings.data_dir) / "adapters" / "dialogue" / r["version"] / "report"
+    assert "Broken by the candidate" in (page / "report.html").read_text()
+
+
+def test_the_shipped_scenarios_are_what_the_gate_holds_candidates_to_by_default():
+    from trainers.scenario_gate import gate_scenarios
+
+    names = {s.name for s in gate_scenarios(None)}
+    assert "a question nobody can support is declined, not invented" in names
+    assert "a question about the guide gets a cited answer" in names
+    assert gate_scenarios([]) == []
 
 
 def test_too_little_data_skips_with_a_clear_reason_and_keeps_it_for_the_next_cycle(

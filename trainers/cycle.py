@@ -29,13 +29,16 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.files import atomic_write
 from bot.models.registry import AdapterRegistry
 from trainers.lora import LoraConfig
+
+if TYPE_CHECKING:
+    from trainers.scenario_gate import ScenarioGate
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -68,6 +71,10 @@ class CycleConfig(BaseModel):
     #: Held-out prompts the candidate and the one in service both answer (greedy) for the
     #: gate's answer check; 0 switches the check off.
     gate_answers: int = Field(24, ge=0)
+    #: Scenario files or folders every candidate must pass wherever the adapter in service
+    #: does, with the candidate in service on a throwaway bot (trainers/scenario_gate.py).
+    #: Unset: chinwag's shipped scenarios; ``[]`` switches the check off.
+    gate_scenarios: list[Path] | None = None
     lora: LoraConfig = LoraConfig()
     #: The sentiment classifier's training (``trainers.sentiment.SentimentTrainConfig``
     #: fields); it retrains only in cycles that bring operator labels (``/label``).
@@ -168,6 +175,7 @@ def run_cycle(
             "dataset": dataset.manifest,
             "adapters": {},
         }
+        scenarios = _scenario_gate(settings, config)
         for name in config.adapters:
             train, held = dataset.for_adapter(name)
             if name == "sentiment":
@@ -182,7 +190,16 @@ def run_cycle(
                 )
                 continue
             report["adapters"][name] = _train_one(
-                settings, config, registry, name, train, held, dataset.manifest, cycle_id, say
+                settings,
+                config,
+                registry,
+                name,
+                train,
+                held,
+                dataset.manifest,
+                cycle_id,
+                say,
+                scenarios,
             )
         # An adapter skipped for too few examples keeps them for the next cycle; one that
         # trained (promoted or not) has used them.
@@ -202,6 +219,14 @@ def run_cycle(
         return report
 
 
+def _scenario_gate(settings: Any, config: CycleConfig) -> ScenarioGate | None:
+    """The cycle's scenario check, read before any training so a broken file fails at once."""
+    from trainers.scenario_gate import ScenarioGate, gate_scenarios
+
+    scenarios = gate_scenarios(config.gate_scenarios)
+    return ScenarioGate(settings, scenarios) if scenarios else None
+
+
 def _train_one(
     settings: Any,
     config: CycleConfig,
@@ -212,6 +237,7 @@ def _train_one(
     manifest: dict[str, Any],
     cycle_id: str,
     say: Progress,
+    scenarios: ScenarioGate | None = None,
 ) -> dict[str, Any]:
     from peft import PeftModel
 
@@ -304,6 +330,43 @@ def _train_one(
             )
         )
     worse = [c.why() for c in checks if c.worse]
+    meta = {
+        "kind": "generative",
+        "base_model": settings.models.base_model,
+        "cycle": cycle_id,
+        "dataset_sha256": manifest.get("sha256"),
+        "metrics": {
+            "held_out_loss": scored["held_out"]["loss"],
+            "held_out_perplexity": scored["held_out"]["perplexity"],
+            "regression_loss": scored["regression"]["loss"],
+        },
+        "baseline": {
+            "version": current.version if current else None,
+            "held_out_loss": baseline["held_out"]["loss"],
+            "regression_loss": baseline["regression"]["loss"],
+        },
+        "lora": lora.model_dump(),
+        "promoted": False,
+    }
+    # Published (not promoted) first: the scenario check puts this very folder in service.
+    entry = registry.publish(name, lambda folder: candidate.save_pretrained(folder), meta)
+    scenario_report: dict[str, Any] | None = None
+    if not worse and scenarios is not None:
+        # Only a candidate the other checks pass is worth putting in service to try.
+        say("scenarios", 0, 1)
+        in_service = tuple(
+            (n, v.version) for n in registry.names() if (v := registry.current(n)) is not None
+        )
+        try:
+            check, scenario_report = scenarios.check(name, entry.path, entry.version, in_service)
+        except Exception as exc:  # an unverified candidate stays out of service
+            log.exception("%s: the scenario check could not run", name)
+            worse.append(f"the scenario check could not run ({type(exc).__name__}: {exc})")
+        else:
+            checks.append(check)
+            if check.worse:
+                worse.append(check.why())
+        say("scenarios", 1, 1)
     passed = not worse
     result: dict[str, Any] = {
         "train": len(train),
@@ -316,33 +379,16 @@ def _train_one(
             k: scored[k]["loss"] - baseline[k]["loss"] for k in ("held_out", "regression")
         },
         "gate": {c.figure: c.as_dict() for c in checks},
+        "scenarios": scenario_report,
         "margin": config.margin,
         "curve": curve,
         "train_seconds": round(time.perf_counter() - started, 1),
         "resumed_from": resumed.name if resumed else None,
+        "version": entry.version,
         **stats,
     }
-    meta = {
-        "kind": "generative",
-        "base_model": settings.models.base_model,
-        "cycle": cycle_id,
-        "dataset_sha256": manifest.get("sha256"),
-        "metrics": {
-            "held_out_loss": scored["held_out"]["loss"],
-            "held_out_perplexity": scored["held_out"]["perplexity"],
-            "regression_loss": scored["regression"]["loss"],
-        },
-        "baseline": {
-            "version": result["in_service"],
-            "held_out_loss": baseline["held_out"]["loss"],
-            "regression_loss": baseline["regression"]["loss"],
-        },
-        "lora": lora.model_dump(),
-        "promoted": passed,
-    }
-    entry = registry.publish(name, lambda folder: candidate.save_pretrained(folder), meta)
-    result["version"] = entry.version
     if passed:
+        registry.annotate(name, entry.version, {"promoted": True})
         registry.promote(
             name,
             entry.version,
@@ -571,6 +617,23 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
                     ]
                 )
             blocks.append(table(["set", "in service", "candidate"], rows))
+        if r.get("scenarios"):
+            s = r["scenarios"]
+            blocks.append(
+                Text(
+                    f"Scenarios with the candidate in service: {s['candidate_passed']} of "
+                    f"{s['checked']} passed ({s['in_service_passed']} with the adapters in "
+                    f"service); broken {len(s['broken'])}, fixed {len(s['fixed'])}."
+                )
+            )
+            for b in s["broken"]:
+                blocks.append(
+                    table(
+                        ["in service", "candidate"],
+                        [[b["in_service"], b["candidate"]]],
+                        title=f"Broken by the candidate: {b['scenario']}",
+                    )
+                )
         sections.append(Section(f"{name}: {r.get('decision')}", blocks))
     title = f"Training cycle {report.get('cycle', '')}"
     atomic_write(out / "report.html", render(title, sections))

@@ -30,6 +30,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SUFFIXES = (".yaml", ".yml")
+#: The scenarios that ship with chinwag (``examples/scenarios`` in a checkout): its own
+#: behaviour as specifications, which `chinwag simulate` runs and the trainers' gate holds
+#: every candidate adapter to.
+SHIPPED = Path(__file__).parent / "shipped"
 
 
 class ScenarioError(ValueError):
