@@ -31,7 +31,7 @@ TINY = {
     "held_out": 0.2,
     "regression_size": 8,
     "gate_answers": 4,  # the answer check on a few prompts: generation is the slow part
-    "gate_scenarios": [],  # the scenario check has its own specification below
+    "gate_in_service": False,  # the in-service check has its own specification below
     "lora": {
         "max_steps": 4,
         "batch_size": 4,
@@ -213,6 +213,7 @@ def test_a_candidate_that_breaks_a_scenario_stays_out_of_service_though_its_loss
                 "lora": {**TINY["lora"], "learning_rate": 2e-3, "max_steps": 6},
                 # No sign test can reach this: only the scenario check may hold it back.
                 "gate_alpha": 1e-12,
+                "gate_in_service": True,
                 "gate_scenarios": [str(scenarios)],
             },
         },
@@ -223,17 +224,25 @@ def test_a_candidate_that_breaks_a_scenario_stays_out_of_service_though_its_loss
     r = report["adapters"]["dialogue"]
     assert r["decision"] == "rejected", r
     assert "a greeting is answered in words, not with lol" in r["why"]
-    s = r["scenarios"]
+    s = r["in_service_check"]["scenarios"]
     assert (s["checked"], s["in_service_passed"], s["candidate_passed"]) == (2, 2, 1)
     (broken,) = s["broken"]
     assert "lol" in broken["candidate"] and "reply contains 'lol'" in broken["candidate"]
+    # The held-out questions went through the bot too, the candidate answering them there.
+    asked = r["in_service_check"]["questions"]
+    assert len(asked) == r["held_out"] and all(q["asked"] for q in asked)
+    # (A question the bot declines as one of fact is declined with either adapter.)
+    lol = [q for q in asked if q["candidate"].strip() == "lol"]
+    assert len(lol) >= len(asked) / 2, [(q["asked"], q["candidate"]) for q in asked]
+    assert sum(q["f1"][1] for q in asked) > sum(q["f1"][0] for q in asked)
+    assert set(r["gate"]) >= {"answer F1 in service", "scenarios passed"}
     assert AdapterRegistry.for_data_dir(settings.data_dir).current("dialogue") is None
     page = Path(settings.data_dir) / "adapters" / "dialogue" / r["version"] / "report"
     assert "Broken by the candidate" in (page / "report.html").read_text()
 
 
 def test_the_shipped_scenarios_are_what_the_gate_holds_candidates_to_by_default():
-    from trainers.scenario_gate import gate_scenarios
+    from trainers.in_service import gate_scenarios
 
     names = {s.name for s in gate_scenarios(None)}
     assert "a question nobody can support is declined, not invented" in names

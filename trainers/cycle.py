@@ -38,7 +38,7 @@ from bot.models.registry import AdapterRegistry
 from trainers.lora import LoraConfig
 
 if TYPE_CHECKING:
-    from trainers.scenario_gate import ScenarioGate
+    from trainers.in_service import InServiceCheck
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -71,9 +71,12 @@ class CycleConfig(BaseModel):
     #: Held-out prompts the candidate and the one in service both answer (greedy) for the
     #: gate's answer check; 0 switches the check off.
     gate_answers: int = Field(24, ge=0)
+    #: Put the candidate in service on a throwaway bot and ask the held-out questions (up to
+    #: ``gate_answers``) and run the scenarios there, beside the adapters in service
+    #: (trainers/in_service.py). False: the losses and the answer check only.
+    gate_in_service: bool = True
     #: Scenario files or folders every candidate must pass wherever the adapter in service
-    #: does, with the candidate in service on a throwaway bot (trainers/scenario_gate.py).
-    #: Unset: chinwag's shipped scenarios; ``[]`` switches the check off.
+    #: does. Unset: chinwag's shipped scenarios; ``[]``: none.
     gate_scenarios: list[Path] | None = None
     lora: LoraConfig = LoraConfig()
     #: The sentiment classifier's training (``trainers.sentiment.SentimentTrainConfig``
@@ -175,7 +178,7 @@ def run_cycle(
             "dataset": dataset.manifest,
             "adapters": {},
         }
-        scenarios = _scenario_gate(settings, config)
+        in_service = _in_service_check(settings, config)
         for name in config.adapters:
             train, held = dataset.for_adapter(name)
             if name == "sentiment":
@@ -199,7 +202,7 @@ def run_cycle(
                 dataset.manifest,
                 cycle_id,
                 say,
-                scenarios,
+                in_service,
             )
         # An adapter skipped for too few examples keeps them for the next cycle; one that
         # trained (promoted or not) has used them.
@@ -219,12 +222,14 @@ def run_cycle(
         return report
 
 
-def _scenario_gate(settings: Any, config: CycleConfig) -> ScenarioGate | None:
-    """The cycle's scenario check, read before any training so a broken file fails at once."""
-    from trainers.scenario_gate import ScenarioGate, gate_scenarios
+def _in_service_check(settings: Any, config: CycleConfig) -> InServiceCheck | None:
+    """The cycle's in-service check; its scenarios are read before any training, so a broken
+    file fails the cycle at once rather than after an hour of it."""
+    from trainers.in_service import InServiceCheck, gate_scenarios
 
-    scenarios = gate_scenarios(config.gate_scenarios)
-    return ScenarioGate(settings, scenarios) if scenarios else None
+    if not config.gate_in_service:
+        return None
+    return InServiceCheck(settings, gate_scenarios(config.gate_scenarios))
 
 
 def _train_one(
@@ -237,7 +242,7 @@ def _train_one(
     manifest: dict[str, Any],
     cycle_id: str,
     say: Progress,
-    scenarios: ScenarioGate | None = None,
+    in_service_check: InServiceCheck | None = None,
 ) -> dict[str, Any]:
     from peft import PeftModel
 
@@ -348,25 +353,33 @@ def _train_one(
         "lora": lora.model_dump(),
         "promoted": False,
     }
-    # Published (not promoted) first: the scenario check puts this very folder in service.
+    # Published (not promoted) first: the in-service check serves this very folder.
     entry = registry.publish(name, lambda folder: candidate.save_pretrained(folder), meta)
-    scenario_report: dict[str, Any] | None = None
-    if not worse and scenarios is not None:
+    in_service_report: dict[str, Any] | None = None
+    questions = [(e.asked, e.messages[-1]["content"]) for e in asked if e.asked]
+    if not worse and in_service_check is not None and (questions or in_service_check.scenarios):
         # Only a candidate the other checks pass is worth putting in service to try.
-        say("scenarios", 0, 1)
-        in_service = tuple(
+        say("in service", 0, 1)
+        now_serving = tuple(
             (n, v.version) for n in registry.names() if (v := registry.current(n)) is not None
         )
         try:
-            check, scenario_report = scenarios.check(name, entry.path, entry.version, in_service)
+            found, in_service_report = in_service_check.check(
+                name,
+                entry.path,
+                entry.version,
+                now_serving,
+                questions,
+                margin=config.margin,
+                alpha=config.gate_alpha,
+            )
         except Exception as exc:  # an unverified candidate stays out of service
-            log.exception("%s: the scenario check could not run", name)
-            worse.append(f"the scenario check could not run ({type(exc).__name__}: {exc})")
+            log.exception("%s: the in-service check could not run", name)
+            worse.append(f"the in-service check could not run ({type(exc).__name__}: {exc})")
         else:
-            checks.append(check)
-            if check.worse:
-                worse.append(check.why())
-        say("scenarios", 1, 1)
+            checks += found
+            worse += [c.why() for c in found if c.worse]
+        say("in service", 1, 1)
     passed = not worse
     result: dict[str, Any] = {
         "train": len(train),
@@ -379,7 +392,7 @@ def _train_one(
             k: scored[k]["loss"] - baseline[k]["loss"] for k in ("held_out", "regression")
         },
         "gate": {c.figure: c.as_dict() for c in checks},
-        "scenarios": scenario_report,
+        "in_service_check": in_service_report,
         "margin": config.margin,
         "curve": curve,
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -617,8 +630,18 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
                     ]
                 )
             blocks.append(table(["set", "in service", "candidate"], rows))
-        if r.get("scenarios"):
-            s = r["scenarios"]
+        checked = r.get("in_service_check") or {}
+        if checked.get("questions"):
+            q = checked["questions"]
+            blocks.append(
+                table(
+                    ["asked (candidate in service)", "in service F1", "candidate F1"],
+                    [[x["asked"][:120], f"{x['f1'][0]:.2f}", f"{x['f1'][1]:.2f}"] for x in q],
+                    title="Held-out questions asked again, the candidate in service",
+                )
+            )
+        if checked.get("scenarios"):
+            s = checked["scenarios"]
             blocks.append(
                 Text(
                     f"Scenarios with the candidate in service: {s['candidate_passed']} of "

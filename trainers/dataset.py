@@ -55,6 +55,9 @@ class Example:
     users: list[str]  # sha256 of platform:user_id — so a later /forget can remove it
     messages: list[dict[str, str]]
     source: str  # "thumbs_up" | "correction" | "replay"
+    #: The user's message as they wrote it (redacted): what the gate asks the bot again with
+    #: the candidate in service. Empty in data written before it was kept.
+    asked: str = ""
 
     def key(self) -> str:
         return _hash(self.adapter, json.dumps(self.messages, sort_keys=True))
@@ -182,7 +185,14 @@ def examples_from(
                 {user_hash(conv.platform, h.user_id) for h in [*before, asked] if h.user_id}
             )
             out.append(
-                Example(m.skill or "", _hash(conv.platform, conv.chat_id), users, messages, why)
+                Example(
+                    m.skill or "",
+                    _hash(conv.platform, conv.chat_id),
+                    users,
+                    messages,
+                    why,
+                    _clean(asked.text),
+                )
             )
     return out, dropped
 
