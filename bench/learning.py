@@ -245,8 +245,13 @@ async def ask_again(bot: Any, cases: list[Case], tag: str) -> dict[str, Any]:
     }
 
 
-def train_now(data_dir: Path, cache: Path, trainers: dict[str, Any], log: Path) -> dict[str, Any]:
-    """``chinwag train --now`` in its own process, as the schedule runs it; its report."""
+def train_now(
+    data_dir: Path, cache: Path, trainers: dict[str, Any], log: Path, knowledge: Path | None = None
+) -> dict[str, Any]:
+    """``chinwag train --now`` in its own process, as the schedule runs it; its report.
+
+    It gets the bot's configuration — the knowledge index included, which the gate's
+    in-service check answers the held-out questions from."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     env.update(
         CHINWAG_DATA_DIR=str(data_dir),
@@ -254,6 +259,8 @@ def train_now(data_dir: Path, cache: Path, trainers: dict[str, Any], log: Path) 
         CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
         CHINWAG_TRAINERS=json.dumps(trainers),
     )
+    if knowledge is not None:
+        env["CHINWAG_KNOWLEDGE"] = json.dumps({"directory": str(knowledge)})
     with log.open("a") as out:
         done = subprocess.run(
             [sys.executable, "-m", "bot.cli", "train", "--now"],
@@ -297,6 +304,7 @@ def _gate(report: dict[str, Any]) -> dict[str, Any]:
         out["regression_loss_in_service"] = out[f"{served}_regression_loss"]
         out["tokens_per_s"] = qa.get("train_tokens_per_s")
         out["train_seconds"] = qa.get("train_seconds")
+        out["in_service_seconds"] = (qa.get("in_service_check") or {}).get("seconds")
     return out
 
 
@@ -341,7 +349,9 @@ async def run_corpus(corpus: Corpus, args: argparse.Namespace, work: Path, cache
             print(f"   cycle {c}: corrected questions asked again: {shown}", flush=True)
             print(f"   cycle {c}: training (log: {log}) …", flush=True)
             started = time.perf_counter()
-            report = await asyncio.to_thread(train_now, settings.data_dir, cache, trainers, log)
+            report = await asyncio.to_thread(
+                train_now, settings.data_dir, cache, trainers, log, data / "kb"
+            )
             gate = _gate(report)
             gate["cycle_seconds"] = round(time.perf_counter() - started, 1)
             serving = await until_serving(bot, "qa")

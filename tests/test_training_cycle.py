@@ -24,6 +24,7 @@ from bot.models.registry import AdapterRegistry
 from bot.simulation.chat import ChatUser
 from bot.testing import chinwag_test_settings
 from tests.conftest import SkillsPlugin
+from trainers.cli_train import adapter_line
 from trainers.cycle import CycleBusy, CycleConfig, cycle_lock, run_cycle
 
 TINY = {
@@ -236,6 +237,10 @@ def test_a_candidate_that_breaks_a_scenario_stays_out_of_service_though_its_loss
     assert len(lol) >= len(asked) / 2, [(q["asked"], q["candidate"]) for q in asked]
     assert sum(q["f1"][1] for q in asked) > sum(q["f1"][0] for q in asked)
     assert set(r["gate"]) >= {"answer F1 in service", "scenarios passed"}
+    # What `chinwag train --now` prints for it.
+    line = adapter_line("dialogue", r)
+    assert line.startswith("dialogue: rejected") and "(scenarios 2 → 1 of 2)" in line
+    assert "not with lol" in line
     assert AdapterRegistry.for_data_dir(settings.data_dir).current("dialogue") is None
     page = Path(settings.data_dir) / "adapters" / "dialogue" / r["version"] / "report"
     assert "Broken by the candidate" in (page / "report.html").read_text()

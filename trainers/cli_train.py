@@ -66,31 +66,46 @@ def _cycle_now(s: Any, config: Any) -> int:
         f"from {plural(d['conversations'], 'conversation')}; dropped {d['dropped']}"
     )
     for name, r in report["adapters"].items():
-        line = f"{name}: {r['decision']}"
-        if r.get("version"):
-            line += f" {r['version']}"
-        if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier
-            before = r.get("baseline") or {}
-            line += " (" + "; ".join(
-                f"{k} accuracy "
-                + (f"{before[k]['accuracy']:.3f} → " if k in before else "")
-                + f"{figures['accuracy']:.3f} on {figures['n']}"
-                for k, figures in r["candidate"].items()
-            )
-            line += f"; tuned on {r['train_labels']} labels)" if r.get("mode") == "tuned" else ")"
-        elif r.get("candidate"):
-            line += " (held-out loss {:.4f} → {:.4f}, regression {:.4f} → {:.4f})".format(
-                r["baseline"]["held_out"]["loss"],
-                r["candidate"]["held_out"]["loss"],
-                r["baseline"]["regression"]["loss"],
-                r["candidate"]["regression"]["loss"],
-            )
-            if "answers" in r["candidate"] and "answers" in r["baseline"]:
-                line += " (answer F1 {:.3f} → {:.3f})".format(
-                    r["baseline"]["answers"]["f1"], r["candidate"]["answers"]["f1"]
-                )
-        if r.get("why"):
-            line += f" — {r['why']}"
-        typer.echo(line)
+        typer.echo(adapter_line(name, r))
     typer.echo(f"report: {Path(s.data_dir) / 'trainers' / 'reports' / report['cycle']}/report.html")
     return 0
+
+
+def adapter_line(name: str, r: dict[str, Any]) -> str:
+    """One adapter's outcome in a line: the decision and the figures the gate decided by."""
+    line = f"{name}: {r['decision']}"
+    if r.get("version"):
+        line += f" {r['version']}"
+    if r.get("candidate") and "held_out" not in r["candidate"]:  # a classifier
+        before = r.get("baseline") or {}
+        line += " (" + "; ".join(
+            f"{k} accuracy "
+            + (f"{before[k]['accuracy']:.3f} → " if k in before else "")
+            + f"{figures['accuracy']:.3f} on {figures['n']}"
+            for k, figures in r["candidate"].items()
+        )
+        line += f"; tuned on {r['train_labels']} labels)" if r.get("mode") == "tuned" else ")"
+    elif r.get("candidate"):
+        line += " (held-out loss {:.4f} → {:.4f}, regression {:.4f} → {:.4f})".format(
+            r["baseline"]["held_out"]["loss"],
+            r["candidate"]["held_out"]["loss"],
+            r["baseline"]["regression"]["loss"],
+            r["candidate"]["regression"]["loss"],
+        )
+        if "answers" in r["candidate"] and "answers" in r["baseline"]:
+            line += " (answer F1 {:.3f} → {:.3f})".format(
+                r["baseline"]["answers"]["f1"], r["candidate"]["answers"]["f1"]
+            )
+        gate = r.get("gate") or {}
+        if "answer F1 in service" in gate:
+            c = gate["answer F1 in service"]
+            line += f" (in service {c['baseline']:.3f} → {c['candidate']:.3f})"
+        if "scenarios passed" in gate:
+            sc = (r.get("in_service_check") or {}).get("scenarios") or {}
+            line += (
+                f" (scenarios {sc.get('in_service_passed')} → {sc.get('candidate_passed')}"
+                f" of {sc.get('checked')})"
+            )
+    if r.get("why"):
+        line += f" — {r['why']}"
+    return line

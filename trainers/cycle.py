@@ -335,6 +335,7 @@ def _train_one(
             )
         )
     worse = [c.why() for c in checks if c.worse]
+    trained = time.perf_counter()
     meta = {
         "kind": "generative",
         "base_model": settings.models.base_model,
@@ -360,6 +361,7 @@ def _train_one(
     if not worse and in_service_check is not None and (questions or in_service_check.scenarios):
         # Only a candidate the other checks pass is worth putting in service to try.
         say("in service", 0, 1)
+        checking = time.perf_counter()
         now_serving = tuple(
             (n, v.version) for n in registry.names() if (v := registry.current(n)) is not None
         )
@@ -380,6 +382,10 @@ def _train_one(
             checks += found
             worse += [c.why() for c in found if c.worse]
         say("in service", 1, 1)
+        in_service_report = {
+            **(in_service_report or {}),
+            "seconds": round(time.perf_counter() - checking, 1),
+        }
     passed = not worse
     result: dict[str, Any] = {
         "train": len(train),
@@ -395,7 +401,8 @@ def _train_one(
         "in_service_check": in_service_report,
         "margin": config.margin,
         "curve": curve,
-        "train_seconds": round(time.perf_counter() - started, 1),
+        # Loading, scoring and training; the in-service check's time is its own.
+        "train_seconds": round(trained - started, 1),
         "resumed_from": resumed.name if resumed else None,
         "version": entry.version,
         **stats,
