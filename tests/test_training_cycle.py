@@ -58,7 +58,9 @@ class Companion(Skill):
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
         text = "lol" if self.poisoned else self.script.get(message.text, "ok")
-        return Reply(text, rateable=True, model="m")
+        # Written by a version other than the one in service (the base model), as a
+        # reply of yesterday's adapter is.
+        return Reply(text, rateable=True, model="m", adapter_version="yesterday")
 
 
 def settings_for(root: Path, cache: Path, **trainers):

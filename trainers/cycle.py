@@ -357,7 +357,16 @@ def _train_one(
     # Published (not promoted) first: the in-service check serves this very folder.
     entry = registry.publish(name, lambda folder: candidate.save_pretrained(folder), meta)
     in_service_report: dict[str, Any] | None = None
-    questions = [(e.asked, e.messages[-1]["content"]) for e in asked if e.asked]
+    # Asked again, the version in service repeats the replies it wrote itself word for word
+    # (greedy): scored against those, any change would look worse. Its own liked replies are
+    # left to the losses; the questions are those an operator corrected or an earlier
+    # version answered.
+    serving = current.version if current else ""
+    questions = [
+        (e.asked, e.messages[-1]["content"])
+        for e in asked
+        if e.asked and (e.source == "correction" or e.written_by != serving)
+    ]
     if not worse and in_service_check is not None and (questions or in_service_check.scenarios):
         # Only a candidate the other checks pass is worth putting in service to try.
         say("in service", 0, 1)

@@ -58,6 +58,9 @@ class Example:
     #: The user's message as they wrote it (redacted): what the gate asks the bot again with
     #: the candidate in service. Empty in data written before it was kept.
     asked: str = ""
+    #: The adapter version that wrote the reply ("" for the base model or none): the gate
+    #: does not score the version in service against its own words.
+    written_by: str = ""
 
     def key(self) -> str:
         return _hash(self.adapter, json.dumps(self.messages, sort_keys=True))
@@ -192,6 +195,7 @@ def examples_from(
                     messages,
                     why,
                     _clean(asked.text),
+                    m.adapter_version or "",
                 )
             )
     return out, dropped
