@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
 from bot.models.types import Superseded
 from skills.asking import kind_of
-from skills.grounding import neutralize_instructions, sentences
+from skills.grounding import neutralize_instructions, sentences, without_cut_sentence
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,13 @@ class DialogueSkill(Skill):
                 raise RuntimeBusy("the reply was cut off by its deadline", retry_after_s=10)
             text = whole
             cleaned.append(gen.finish_reason)
+        elif gen.finish_reason == "length":
+            # Out of tokens mid-sentence: the whole sentences read as a reply, the fragment
+            # as a glitch (a reply that is all fragment ends in "…" so it reads as cut).
+            whole = without_cut_sentence(text)
+            if whole != text:
+                text = whole or text.rstrip() + "…"
+                cleaned.append("unfinished_sentence")
         if not text:
             text = "Sorry, I'm not sure what to say to that. Could you put it another way?"
             cleaned.append("empty")

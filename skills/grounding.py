@@ -99,6 +99,60 @@ def best_sentences(
     return [found[i] for i in sorted(chosen)]
 
 
+# "A: …", "Answer: …", or the FAQ's own "1. Q: <a question>\nA: …" echoed before the answer.
+_ANSWER_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:Q:[^\n]*\n\s*)?(?:A|Answer)\s*:\s*", re.I)
+# A next question the model goes on to ask itself: "\n\nQuestion: …", "\n2. Q: …".
+_NEXT_QUESTION = re.compile(r"\n\s*(?:\d+[.)]\s*)?(?:Q|Question)\s*:", re.I)
+# A sentence a token limit cut ends in a word or a comma, not in punctuation or an emoji.
+_UNFINISHED = re.compile(r"[\w,;:(\-–]$")
+
+
+def without_cut_sentence(text: str) -> str:
+    """``text`` up to its last whole sentence, layout kept: what to show of a reply its token
+    limit cut mid-sentence. "" when no sentence is whole; ``text`` when the last one is."""
+    said = sentences(text)
+    if not said or not _UNFINISHED.search(said[-1]):
+        return text
+    return text[: text.rfind(said[-1])].rstrip() if len(said) > 1 else ""
+
+
+def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
+    """A generated answer as the user should read it; returns it and what was done (logged).
+
+    The passages are FAQ entries ("Q: … A: …"), so a small model — and an adapter trained on
+    its own liked replies — answers "A: …" and goes on to the next "Question: …"; run out of
+    tokens (``cut``), it stops mid-word ("Skatteverket carries out un"). The label goes,
+    the invented question goes, a repeated sentence goes, and a cut answer keeps its whole
+    sentences only: "" when none is whole, so the caller quotes the passage instead.
+    """
+    done: list[str] = []
+    out = text.strip()
+    labelled = _ANSWER_LABEL.sub("", out, count=1)
+    if labelled != out:
+        out = labelled
+        done.append("label")
+    m = _NEXT_QUESTION.search(out)
+    if m:
+        out = out[: m.start()].rstrip()
+        done.append("invented_question")
+        cut = False  # what is left ended where the model chose to move on
+    kept: list[str] = []
+    seen: set[str] = set()
+    for s in sentences(out):
+        key = re.sub(r"\W+", " ", s.lower()).strip()
+        if key in seen:
+            done.append("repetition")
+            continue
+        seen.add(key)
+        kept.append(s)
+    if "repetition" in done:
+        out = " ".join(kept)
+    if cut and (whole := without_cut_sentence(out)) != out:
+        out = whole
+        done.append("unfinished_sentence")
+    return out.strip(), done
+
+
 _DIRECTIVE = re.compile(
     r"\b(ignore|disregard|forget|override)\b.{0,40}\b(instruction|instructions|prompt|rules|above|previous)\b"
     r"|\byou are now\b|\bact as\b|\bsystem prompt\b|\bnew instructions?\b"

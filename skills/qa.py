@@ -38,6 +38,7 @@ from skills.grounding import (
     numbers_kept,
     sentences,
     support,
+    tidy_answer,
 )
 
 log = logging.getLogger(__name__)
@@ -265,16 +266,23 @@ class QASkill(Skill):
                 )
                 if generation.finish_reason in ("deadline", "superseded"):
                     raise TimeoutError  # a cut answer: the quote is whole
-                meta["support"] = round(support(generation.text, texts), 3)
-                meta["new_facts"] = new_facts(generation.text, question, texts)
-                meta["numbers_kept"] = numbers_kept(generation.text, texts)
+                # Checked as the user would read it: without "A:", the next question the
+                # model asked itself, or a sentence the token limit cut.
+                text, tidied = tidy_answer(
+                    generation.text, cut=generation.finish_reason == "length"
+                )
+                if tidied:
+                    meta["tidied"] = tidied
+                meta["support"] = round(support(text, texts), 3)
+                meta["new_facts"] = new_facts(text, question, texts)
+                meta["numbers_kept"] = numbers_kept(text, texts)
                 if (
                     meta["support"] >= cfg.min_support
                     and meta["new_facts"] >= cfg.min_new_facts
                     and meta["numbers_kept"]
-                    and "don't know" not in generation.text.lower()
+                    and "don't know" not in text.lower()
                 ):
-                    answer = generation.text.strip()
+                    answer = text
                 else:  # kept for the operator (and the log): why the user got a quote
                     meta["rejected_generation"] = generation.text.strip()
             except TimeoutError:

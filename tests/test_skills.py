@@ -355,6 +355,28 @@ async def test_small_talk_gets_a_generated_reply_with_its_provenance(chat):
     assert len(reply.text) <= 600
 
 
+async def test_a_chat_reply_the_token_limit_cut_ends_at_its_last_whole_sentence(
+    chinwag_chat, chinwag_bot
+):
+    from bot.models.types import Generation
+
+    async def generate(*args, **kwargs):
+        return Generation(
+            "Welcome back! Walks are great. The park in spring is",
+            "smollm2",
+            None,
+            None,
+            10,
+            96,
+            "length",
+        )
+
+    chinwag_bot.models.generate = generate
+    (reply,) = await chinwag_chat().send("Hello! I just got back from a long walk in the park.")
+    assert reply.skill == "dialogue" and reply.text == "Welcome back! Walks are great."
+    assert "unfinished_sentence" in reply.metadata["cleaned"]
+
+
 async def test_history_is_per_user_in_groups_and_reset_starts_afresh(chinwag_chat):
     ann = chinwag_chat(user_id="ann", chat_id="g", chat_kind="group")
     bob = chinwag_chat(user_id="bob", chat_id="g", chat_kind="group")
@@ -463,6 +485,15 @@ def test_replies_are_cleaned_of_invented_turns_repetition_and_run_on():
     assert len(text) <= 100 and "length" in done
 
 
+def test_an_answer_that_echoes_an_faq_entry_keeps_only_its_answer():
+    from skills.grounding import tidy_answer
+
+    text, done = tidy_answer("1. Q: How is radon measured?\nA: With track-film detectors.")
+    assert text == "With track-film detectors." and done == ["label"]
+    text, done = tidy_answer("Use pip:\n\n    pip install flask\n\nThen run it.")
+    assert text == "Use pip:\n\n    pip install flask\n\nThen run it." and done == []
+
+
 # -- safety and feedback ----------------------------------------------------------------------
 
 
@@ -567,6 +598,39 @@ async def test_an_answer_the_passages_do_not_support_is_replaced_by_a_quote_and_
     (stored,) = [r for r in await chinwag_bot.store.messages(direction="out") if r.skill == "qa"]
     assert stored.meta["rejected_generation"] == invented
     assert stored.meta["support"] < 0.75 or not stored.meta["numbers_kept"]
+
+
+async def test_a_generated_answer_reads_as_an_answer_not_as_the_faq_it_was_written_from(
+    chinwag_chat, chinwag_bot
+):
+    """Seen in the learning bench after a cycle: the adapter wrote "A: …", went on to a
+    question of its own, and its token limit cut the last sentence mid-word."""
+    from bot.models.types import Generation
+
+    raw = (
+        "A: The statutory processing time is 10 weeks. Simple cases take 4-6 weeks.\n\n"
+        "Question: How much does a building permit cost?"
+    )
+    cut = "A: The statutory processing time is 10 weeks. Simple cases take 4-6 weeks. In practi"
+
+    written = {"text": raw, "finish": "stop"}
+
+    async def generate(*args, **kwargs):
+        return Generation(written["text"], "smollm2", None, None, 10, 64, written["finish"])
+
+    chinwag_bot.models.generate = generate
+    user = chinwag_chat()
+    for written["text"], written["finish"] in ((raw, "stop"), (cut, "length")):
+        (qa,) = await user.send("How long does it take to get a building permit?")
+        assert qa.skill == "qa" and qa.metadata["mode"] == "generated"
+        assert qa.metadata["answer"] == (
+            "The statutory processing time is 10 weeks. Simple cases take 4-6 weeks."
+        )
+        assert qa.text.startswith(qa.metadata["answer"] + "\n\nSources:")
+
+    written.update(text="A: The statutory processing ti", finish="length")
+    (qa,) = await user.send("How long does it take to get a building permit?")
+    assert qa.metadata["mode"] == "quoted" and "10 weeks" in qa.text  # nothing whole was left
 
 
 async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):
