@@ -81,27 +81,26 @@ def _untimed(s: Scenario) -> Scenario:
     return s.model_copy(update={"turns": turns})
 
 
-async def _ask(settings: Any, questions: Sequence[str]) -> list[str]:
-    from bot.core import Bot
-
+async def _ask(bot: Any, questions: Sequence[str]) -> list[str]:
     gate = asyncio.Semaphore(ASK_CONCURRENCY)
-    async with Bot(settings) as bot:
-        await bot.warmed()
 
-        async def one(i: int, question: str) -> str:
-            async with gate:
-                user = ChatUser(bot, chat_id=f"gate-{i}", user_id=f"gate-user-{i}")
-                replies = await user.send(question)
-            # The answer as the skill wrote it, without decoration (QA's source list).
-            return "\n".join(str(r.metadata.get("answer") or r.text) for r in replies)
+    async def one(i: int, question: str) -> str:
+        async with gate:
+            user = ChatUser(bot, chat_id=f"gate-{i}", user_id=f"gate-user-{i}")
+            replies = await user.send(question)
+        # The answer as the skill wrote it, without decoration (QA's source list).
+        return "\n".join(str(r.metadata.get("answer") or r.text) for r in replies)
 
-        return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))
+    return list(await asyncio.gather(*(one(i, q) for i, q in enumerate(questions))))
 
 
 def _serve(
     settings: Any, scenarios: list[Scenario], questions: Sequence[str], pin: Pin | None
 ) -> tuple[list[ScenarioResult], list[str]]:
-    """Scenario results and answers from a throwaway bot with ``pin`` in service."""
+    """Scenario results and answers from a throwaway bot with ``pin`` in service.
+
+    The questions are asked on the bot the scenarios ran on (the configured index): one model
+    load a side, not two."""
 
     async def run(tmp: Path) -> tuple[list[ScenarioResult], list[str]]:
         run_settings = scratch_settings(settings, tmp)
@@ -112,10 +111,20 @@ def _serve(
                 **run_settings.models.adapters,
                 name: AdapterSettings(path=path, version=version),
             }
-        results = (
-            await simulate(run_settings, scenarios, concurrency=4, workdir=tmp) if scenarios else []
+        answers: list[str] = []
+
+        async def ask(bot: Any) -> None:
+            answers.extend(await _ask(bot, questions))
+
+        if not scenarios and not questions:
+            return [], []
+        results = await simulate(
+            run_settings,
+            scenarios,
+            concurrency=4,
+            workdir=tmp,
+            then=ask if questions else None,
         )
-        answers = await _ask(run_settings, questions) if questions else []
         return results, answers
 
     with tempfile.TemporaryDirectory(prefix="chinwag-gate-") as tmp:

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,13 +212,18 @@ async def simulate(
     concurrency: int = 8,
     on_done: Any = None,
     workdir: Path,
+    then: Callable[[Bot], Awaitable[None]] | None = None,
 ) -> list[ScenarioResult]:
     """Scenarios on bots built from ``settings``: one bot per distinct ``knowledge`` list.
 
     Scenarios without ``knowledge`` use the configured index; the others get an index of
     their own under ``workdir``, built from their documents before the first turn.
+    ``then`` gets the bot on the configured index once its scenarios are done (one is
+    started for it if no scenario needs it): more checks without loading the models again.
     """
     groups: dict[tuple[Path, ...], list[Scenario]] = {}
+    if then is not None:
+        groups[()] = []
     for s in scenarios:
         groups.setdefault(tuple(s.knowledge_paths()), []).append(s)
     results: dict[int, ScenarioResult] = {}
@@ -243,6 +249,8 @@ async def simulate(
                 strict=True,
             ):
                 results[id(s)] = r
+            if then is not None and not docs:
+                await then(bot)
     return [results[id(s)] for s in scenarios]
 
 
