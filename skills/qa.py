@@ -76,6 +76,11 @@ class QAConfig(BaseModel):
     #: answer, word for word — the operator was promised "from now on I answer this with
     #: your correction" — rather than one passage among others for the model to rewrite.
     taught_min_score: float = Field(0.8, ge=-1, le=1)
+    #: ... and only when no other passage matches the question better by more than this.
+    #: Taught to "How do I apply for the ROT deduction?", an answer scored 0.80 for "Who can
+    #: claim the ROT tax deduction?" and took the place of the FAQ's own answer at 0.87
+    #: (bench/learning.py, 2026-12-05): a correction answers its question, not its neighbours.
+    taught_margin: float = Field(0.02, ge=0, le=1)
     passage_chars: int = Field(600, ge=100)
 
 
@@ -233,8 +238,13 @@ class QASkill(Skill):
     async def _answer(
         self, question: str, passages: list[Any], ctx: Context, cfg: QAConfig
     ) -> Reply:
+        rival = max((p.score for p in passages if not p.meta.get("taught_at")), default=-1.0)
         taught = [
-            p for p in passages if p.meta.get("taught_at") and p.score >= cfg.taught_min_score
+            p
+            for p in passages
+            if p.meta.get("taught_at")
+            and p.score >= cfg.taught_min_score
+            and p.score >= rival - cfg.taught_margin
         ]
         if taught:
             return self._taught(question, taught[0], cfg)

@@ -22,10 +22,16 @@ def private_kb(faq_kb, tmp_path):
 
 
 @pytest.fixture
-def chinwag_config(private_kb, sentiment_registry) -> dict:
+def qa_config() -> dict:
+    return {}
+
+
+@pytest.fixture
+def chinwag_config(private_kb, sentiment_registry, qa_config) -> dict:
     return {
         "knowledge": {"directory": str(private_kb)},
         "models": {"registry_dir": str(sentiment_registry), "device": "cpu"},
+        "skills": {"qa": qa_config},
     }
 
 
@@ -54,6 +60,29 @@ async def test_the_next_user_who_asks_gets_the_operators_correction_cited_as_tau
     (entry,) = taught.entries(private_kb / taught.FOLDER)
     assert (entry.question, entry.answer) == ("What is a bygglov?", CORRECTION)
     assert entry.author == entry.asked_by == f"{operator.platform}:{operator.user_id}"
+
+
+# The neighbour scores about 0.80 against the taught question, on the default's edge: the
+# threshold is lowered so that only the rival passage can keep the taught answer out.
+@pytest.mark.parametrize("qa_config", [{"taught_min_score": 0.7, "top_k": 10}])
+async def test_a_taught_answer_does_not_answer_a_neighbouring_question_the_faq_answers_better(
+    chinwag_chat,
+):
+    """Found by bench/learning.py: taught for "how do I apply", the correction (0.80) took the
+    place of the FAQ's own "who is eligible" answer (0.87) for "who can claim"."""
+    operator = chinwag_chat(admin=True)
+    await operator.send("How do I apply for the ROT deduction?")
+    await operator.ask("/correct You don't apply: the contractor deducts it on the invoice.")
+
+    (other,) = await chinwag_chat(user_id="someone-else", chat_id="elsewhere").send(
+        "Who can claim the ROT tax deduction?"
+    )
+    assert other.skill == "qa" and other.metadata["mode"] != "taught"
+    assert other.sources[0].title.startswith("Who is eligible for the ROT deduction?")
+    (again,) = await chinwag_chat(user_id="a-third", chat_id="third").send(
+        "how do i apply for the ROT deduction?"
+    )
+    assert again.metadata["mode"] == "taught"
 
 
 async def test_correcting_the_same_question_again_replaces_the_taught_answer(
