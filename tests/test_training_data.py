@@ -146,3 +146,28 @@ def test_the_split_keeps_each_conversation_on_one_side():
     train, test = split(examples, 0.3)
     assert {e.conversation for e in train}.isdisjoint({e.conversation for e in test})
     assert train and test
+
+
+def test_the_gate_also_scores_earlier_nights_held_out_examples_never_trained_on(tmp_path):
+    """One night's held-out split is a handful; the nights before it are test data too."""
+    from dataclasses import asdict
+
+    from trainers.dataset import Example, earlier_held_out
+
+    def example(conversation: str, text: str, adapter: str = "qa", user: str = "u") -> Example:
+        return Example(adapter, conversation, [user], [{"role": "user", "content": text}], "x")
+
+    def night(name: str, held: list[Example]) -> None:
+        (tmp_path / name).mkdir()
+        lines = "".join(json.dumps(asdict(e)) + "\n" for e in held)
+        (tmp_path / name / "held_out.jsonl").write_text(lines)
+
+    night("c1", [example("a", "first"), example("b", "continued"), example("d", "x", "dialogue")])
+    night("c2", [example("c", "second"), example("f", "forgotten", user="gone")])
+    night("c3", [example("e", "tonight")])
+    tonight_train = [example("b", "the same chat, trained on tonight")]
+
+    found = earlier_held_out(tmp_path, "c3", "qa", tonight_train, {"gone"})
+    # Newest night first; tonight's own split, other adapters, a conversation now on the
+    # training side and a forgotten user are left out.
+    assert [e.messages[0]["content"] for e in found] == ["second", "first"]

@@ -34,7 +34,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -284,6 +284,36 @@ def replay_examples(
     pool = [e for e in pool if e.source != "replay"]  # replay the originals only
     random.Random(seed).shuffle(pool)
     return [Example(**{**asdict(e), "source": "replay"}) for e in pool[:n]]
+
+
+def earlier_held_out(
+    datasets_dir: Path,
+    current: str,
+    adapter: str,
+    train: Sequence[Example],
+    forgotten_hashes: set[str],
+) -> list[Example]:
+    """``adapter``'s held-out examples of earlier cycles, newest cycle first.
+
+    Never trained on (replay draws from ``train.jsonl`` only), they are test data still, and
+    one night's split is too small to show an improvement: 4 to 8 examples in the learning
+    bench, where even "better on every one" of 4 is not significant. A conversation that
+    has since reached the training side is left out, as is anyone forgotten since.
+    """
+    trained = {e.conversation for e in train}
+    found: list[Example] = []
+    for d in sorted((p for p in datasets_dir.glob("*") if p.is_dir()), reverse=True):
+        if d.name == current:
+            continue
+        found.extend(
+            e
+            for e in read_examples(d / "held_out.jsonl")
+            if e.adapter == adapter
+            and e.source != "replay"
+            and e.conversation not in trained
+            and not set(e.users) & forgotten_hashes
+        )
+    return dedupe(found)
 
 
 def operator_labels(

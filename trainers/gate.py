@@ -37,6 +37,10 @@ class Comparison:
     #: One-sided sign-test p-value of "the candidate is worse more often than better".
     p_value: float
     worse: bool
+    #: One-sided sign-test p-value of "the candidate is better more often than worse", and
+    #: whether that is significant: what promotion asks of the figures a cycle improves.
+    p_better: float = 1.0
+    better: bool = False
 
     def why(self) -> str:
         return (
@@ -52,6 +56,8 @@ class Comparison:
             "better_on": self.better_on,
             "p_value": round(self.p_value, 4),
             "worse": self.worse,
+            "p_better": round(self.p_better, 4),
+            "better": self.better,
         }
 
 
@@ -71,6 +77,7 @@ def compare(
     higher_is_better: bool,
     margin: float = 0.0,
     alpha: float = 0.05,
+    better_alpha: float = 0.05,
 ) -> Comparison:
     """Paired comparison of one figure on the same examples (see the module)."""
     pairs = [(b, c) for b, c in zip(baseline, candidate, strict=True) if math.isfinite(b + c)]
@@ -80,6 +87,7 @@ def compare(
     worse = sum(sign * (c - b) > margin * abs(b) and c != b for b, c in pairs)
     better = sum(sign * (b - c) > margin * abs(b) and c != b for b, c in pairs)
     p = sign_test(worse, better)
+    p_better = sign_test(better, worse)
     return Comparison(
         figure,
         statistics.fmean(b for b, _ in pairs),
@@ -88,6 +96,8 @@ def compare(
         better,
         p,
         worse > better and p < alpha,
+        p_better,
+        better > worse and p_better < better_alpha,
     )
 
 

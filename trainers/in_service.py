@@ -154,6 +154,7 @@ class InServiceCheck:
         *,
         margin: float = 0.0,
         alpha: float = 0.05,
+        better_alpha: float = 0.05,
     ) -> tuple[list[Comparison], dict[str, Any]]:
         """The candidate ``name`` at ``path`` against the adapters ``served`` now.
 
@@ -184,6 +185,7 @@ class InServiceCheck:
                     higher_is_better=True,
                     margin=margin,
                     alpha=alpha,
+                    better_alpha=better_alpha,
                 )
             )
             detail["questions"] = [
@@ -228,7 +230,7 @@ class InServiceCheck:
             len(fixed),
             sign_test(len(suspects), len(fixed)),
             bool(suspects),
-            tuple(suspects),
+            broken=tuple(suspects),
         )
         return comparison, {
             "scenarios": len(after),
