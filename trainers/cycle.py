@@ -463,7 +463,9 @@ def _train_one(
         registry.promote(
             name,
             entry.version,
-            reason="not measurably worse: " + "; ".join(c.why() for c in checks),
+            reason=("measurably better, " if config.gate_promote == "better" else "")
+            + "not measurably worse: "
+            + "; ".join(c.why() for c in checks),
         )
         result["decision"] = "promoted"
     elif unproven:
