@@ -18,7 +18,12 @@ from pydantic import BaseModel, Field
 from bot import Command, Context, Message, Reply, RuntimeBusy, Skill, Source, hookimpl
 from bot.models.types import Superseded
 from skills.asking import kind_of
-from skills.grounding import neutralize_instructions, sentences, without_cut_sentence
+from skills.grounding import (
+    neutralize_instructions,
+    sentences,
+    unique_sentences,
+    without_cut_sentence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -287,17 +292,10 @@ def tidy(text: str, max_chars: int) -> tuple[str, list[str]]:
     if m:
         out = out[: m.start()].rstrip()
         done.append("invented_turn")
-    kept: list[str] = []
-    seen: set[str] = set()
-    for s in sentences(out):
-        key = re.sub(r"\W+", " ", s.lower()).strip()
-        if key in seen:
-            done.append("repetition")
-            continue
-        seen.add(key)
-        kept.append(s)
-    if len(kept) != len(sentences(out)):
+    kept, repeated = unique_sentences(out)
+    if repeated:
         out = " ".join(kept)
+        done += ["repetition"] * repeated
     if len(out) > max_chars:
         cut = ""
         for s in kept:

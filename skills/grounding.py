@@ -116,6 +116,19 @@ def without_cut_sentence(text: str) -> str:
     return text[: text.rfind(said[-1])].rstrip() if len(said) > 1 else ""
 
 
+def unique_sentences(text: str) -> tuple[list[str], int]:
+    """``text``'s sentences with each repeat dropped (case and punctuation aside), and how
+    many were dropped: small models say the same sentence again and again."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    for s in sentences(text):
+        key = re.sub(r"\W+", " ", s.lower()).strip()
+        if key not in seen:
+            seen.add(key)
+            kept.append(s)
+    return kept, len(sentences(text)) - len(kept)
+
+
 def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
     """A generated answer as the user should read it; returns it and what was done (logged).
 
@@ -136,17 +149,10 @@ def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
         out = out[: m.start()].rstrip()
         done.append("invented_question")
         cut = False  # what is left ended where the model chose to move on
-    kept: list[str] = []
-    seen: set[str] = set()
-    for s in sentences(out):
-        key = re.sub(r"\W+", " ", s.lower()).strip()
-        if key in seen:
-            done.append("repetition")
-            continue
-        seen.add(key)
-        kept.append(s)
-    if "repetition" in done:
+    kept, repeated = unique_sentences(out)
+    if repeated:
         out = " ".join(kept)
+        done += ["repetition"] * repeated
     if cut and (whole := without_cut_sentence(out)) != out:
         out = whole
         done.append("unfinished_sentence")
