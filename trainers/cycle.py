@@ -192,6 +192,7 @@ def run_cycle(
             "adapters": {},
         }
         in_service = _in_service_check(settings, config)
+        gone = {user_hash(p, u) for p, u in forgotten}
         for name in config.adapters:
             train, held = dataset.for_adapter(name)
             if name == "sentiment":
@@ -200,7 +201,7 @@ def run_cycle(
                     registry,
                     sum(e.source != "replay" for e in train + held),
                     Path(settings.data_dir) / "datasets",
-                    {user_hash(p, u) for p, u in forgotten},
+                    gone,
                     cycle_id,
                     say,
                 )
@@ -212,7 +213,7 @@ def run_cycle(
                     cycle_id,
                     name,
                     train,
-                    {user_hash(p, u) for p, u in forgotten},
+                    gone,
                 )
                 tonight = {e.key() for e in held}  # carried examples are in both
                 earlier = [e for e in earlier if e.key() not in tonight]
