@@ -74,6 +74,35 @@ def _matches(row: Any, filters: dict[str, str]) -> bool:
     return not (heading and heading.lower() not in " ".join(row.headings or []).lower())
 
 
+#: Cosines this close are one score: the same text embedded in different batches differs by
+#: ~1e-5 (bf16 encoder, padding), which must not decide between an operator's answer and a
+#: document.
+TIE = 1e-3
+
+
+def _taught_first(ranked: list[int], best: dict[int, float], rows: dict[int, Any]) -> list[int]:
+    """``ranked`` with each taught answer moved ahead of the passages above it that it ties with.
+
+    An operator's ``/correct`` of a question is keyed by that question, so asked again it ties
+    with the FAQ entry it corrected (both carry the question's vector). Left to the fused
+    rank it can fall behind its original, or out of the top ``k`` when other passages tie
+    too — and the user gets the answer the operator corrected. Only ties move: a taught
+    answer that matches worse keeps its place.
+    """
+    out = list(ranked)
+    for cid in ranked:
+        row = rows.get(cid)
+        if row is None or not (row.meta or {}).get("taught_at"):
+            continue
+        score = best.get(cid, -1.0)
+        here = out.index(cid)
+        at = next(
+            (i for i, c in enumerate(out[:here]) if abs(best.get(c, -1.0) - score) <= TIE), here
+        )
+        out.insert(at, out.pop(here))
+    return out
+
+
 class Search(KnowledgeState):
     def _chunks_in(self, conn: sa.Connection) -> int:
         """Chunks in the catalogue, counted once per index version."""
@@ -174,6 +203,7 @@ class Search(KnowledgeState):
                 ranked = sorted(fused, key=lambda c: (-fused[c], -best.get(c, -1.0)))
             else:
                 ranked = order
+            ranked = _taught_first(ranked, best, rows)
             # A passage that contains the very name the user asked about is relevant however
             # its words score against the rest of the question ("TEMPLATES_AUTO_RELOAD what
             # is it for" is 0.3 from the section defining it): the keyword list's best few

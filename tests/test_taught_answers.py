@@ -85,6 +85,22 @@ async def test_a_taught_answer_does_not_answer_a_neighbouring_question_the_faq_a
     assert again.metadata["mode"] == "taught"
 
 
+# One passage only: the correction and the FAQ entry it corrects carry the same question
+# vector, so asked word for word they tie, and only one of the two can be passed on.
+@pytest.mark.parametrize("qa_config", [{"top_k": 1}])
+async def test_asked_word_for_word_the_faq_question_gets_the_correction_not_the_faq_answer(
+    chinwag_chat,
+):
+    question = "How long does an extension take?"
+    operator = chinwag_chat(admin=True)
+    await operator.send(question)
+    await operator.ask("/correct Allow about ten weeks from a complete application.")
+
+    (later,) = await chinwag_chat(user_id="someone-else", chat_id="elsewhere").send(question)
+    assert later.metadata["mode"] == "taught"
+    assert later.metadata["answer"] == "Allow about ten weeks from a complete application."
+
+
 async def test_correcting_the_same_question_again_replaces_the_taught_answer(
     chinwag_chat, private_kb
 ):
