@@ -134,6 +134,20 @@ def test_the_candidate_is_a_peft_adapter_that_loads(healthy):
     assert (entry.path / "report" / "report.html").read_text().count("data:image/png") >= 2
 
 
+def test_the_cycle_report_shows_the_nights_so_far_with_the_figure_the_gate_read(healthy):
+    from trainers.history import nights
+
+    settings, report = healthy
+    reports = Path(settings.data_dir) / "trainers" / "reports"
+    (night,) = nights(reports)["companion"]
+    result = report["adapters"]["companion"]
+    assert night.decision == result["decision"] and night.version == result["version"]
+    assert night.figure == "answer F1, held-out prompts"
+    assert night.candidate == result["candidate"]["answers"]["f1"]
+    page = (reports / report["cycle"] / "report.html").read_text()
+    assert "Night by night" in page and "companion night by night" in page
+
+
 def test_the_gate_compares_real_losses_and_answers_and_decides_by_them(healthy):
     _settings, report = healthy
     r = report["adapters"]["companion"]
@@ -301,6 +315,13 @@ def test_too_little_data_skips_with_a_clear_reason_and_keeps_it_for_the_next_cyc
     second = run_cycle(settings, config)
     assert second["dataset"]["carried"] == kept
     assert second["dataset"]["train"] + second["dataset"]["held_out"] >= 2 * kept - 1
+    # Both nights are on the second night's page, each with why it trained nothing.
+    from trainers.history import nights
+
+    reports = Path(settings.data_dir) / "trainers" / "reports"
+    assert [n.decision for n in nights(reports)["companion"]] == ["skipped", "skipped"]
+    page = (reports / second["cycle"] / "report.html").read_text()
+    assert page.count("fewer than min_examples 10") >= 3  # tonight's section, two rows
 
 
 def test_only_one_cycle_runs_at_a_time(tmp_path):

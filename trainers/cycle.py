@@ -141,6 +141,18 @@ async def _read_log(settings: Any, since: datetime) -> tuple[list[Any], dict[Any
         await store.close()
 
 
+def _new_cycle_id(settings: Any, at: datetime) -> str:
+    """The cycle's start, to the second; a second cycle in the same second (a night with
+    nothing to train ends in one) gets a suffix rather than the first one's folders."""
+    stamp = at.strftime("%Y%m%d-%H%M%S")
+    taken = (Path(settings.data_dir) / "datasets", trainers_dir(settings) / "reports")
+    cycle_id, n = stamp, 1
+    while any((folder / cycle_id).exists() for folder in taken):
+        n += 1
+        cycle_id = f"{stamp}-{n}"
+    return cycle_id
+
+
 def run_cycle(
     settings: Any,
     config: CycleConfig | None = None,
@@ -158,7 +170,7 @@ def run_cycle(
         until = datetime.now(UTC)
         since = datetime.fromisoformat(state["until"]) if state.get("until") else None
         # An interrupted cycle is finished under its own id, so its checkpoints are reused.
-        cycle_id = (state.get("running") if resume else None) or until.strftime("%Y%m%d-%H%M%S")
+        cycle_id = (state.get("running") if resume else None) or _new_cycle_id(settings, until)
         atomic_write(
             trainers_dir(settings) / "state.json", json.dumps({**state, "running": cycle_id})
         )
@@ -240,7 +252,7 @@ def run_cycle(
                 pending.pop(name, None)
         report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
         out = trainers_dir(settings) / "reports" / cycle_id
-        _write_reports(report, out)
+        _write_reports(report, out, history=out.parent)
         atomic_write(
             trainers_dir(settings) / "state.json",
             json.dumps({"until": until.isoformat(), "last_cycle": cycle_id, "pending": pending}),
@@ -612,8 +624,10 @@ def _train_sentiment(
     return result
 
 
-def _write_reports(report: dict[str, Any], out: Path) -> None:
-    """JSON and HTML (loss curves, held-out loss before/after) beside the data."""
+def _write_reports(report: dict[str, Any], out: Path, *, history: Path | None = None) -> None:
+    """JSON and HTML (loss curves, held-out loss before/after) beside the data; with
+    ``history`` (the folder of every cycle's report), the nights so far as well."""
+    from trainers import history as nights
     from trainers.page import Section, Text, image, plt, render, table
 
     out.mkdir(parents=True, exist_ok=True)
@@ -725,5 +739,10 @@ def _write_reports(report: dict[str, Any], out: Path) -> None:
                     )
                 )
         sections.append(Section(f"{name}: {r.get('decision')}", blocks))
+    if history is not None:
+        try:
+            sections.append(Section("Night by night", nights.blocks(nights.nights(history))))
+        except Exception:  # tonight's report matters more than the curve
+            log.exception("training report: could not draw the nights so far")
     title = f"Training cycle {report.get('cycle', '')}"
     atomic_write(out / "report.html", render(title, sections))
