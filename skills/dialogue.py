@@ -20,7 +20,6 @@ from bot.models.types import Superseded
 from skills.asking import kind_of
 from skills.grounding import (
     neutralize_instructions,
-    sentences,
     unique_sentences,
     without_cut_sentence,
 )
@@ -123,10 +122,10 @@ class DialogueSkill(Skill):
         )
         text, cleaned = tidy(gen.text, cfg.max_reply_chars)
         if gen.finish_reason in ("deadline", "superseded"):
-            # Cut off by the deadline, or by the user's newer message: keep the whole sentences
-            # it had, drop the fragment; with none, the honest "busy" (or "skipping that one")
-            # the core replies beats a half-sentence.
-            whole = " ".join(s for s in sentences(text) if s.rstrip()[-1:] in ".!?…")
+            # Cut off by the deadline, or by the user's newer message: keep what it had up to
+            # the fragment, layout and emoji-ended lines included; with nothing whole, the
+            # honest "busy" (or "skipping that one") the core replies beats a half-sentence.
+            whole = without_cut_sentence(text)
             if not whole:
                 if gen.finish_reason == "superseded":
                     raise Superseded("cut by the user's newer message before a whole sentence")

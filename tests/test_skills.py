@@ -377,6 +377,24 @@ async def test_a_chat_reply_the_token_limit_cut_ends_at_its_last_whole_sentence(
     assert "unfinished_sentence" in reply.metadata["cleaned"]
 
 
+@pytest.mark.parametrize("finish", ["length", "deadline"])
+async def test_lines_that_end_in_an_emoji_are_whole_when_a_reply_is_cut(
+    chinwag_chat, chinwag_bot, finish
+):
+    """A reply cut by its token limit or its deadline keeps every whole line, layout and all:
+    only the fragment goes (an emoji ends a chat line as a full stop does)."""
+    from bot.models.types import Generation
+
+    async def generate(*args, **kwargs):
+        text = "Welcome back! 🌳\nWalks are great 😊\nThe park in spring is"
+        return Generation(text, "smollm2", None, None, 10, 96, finish)
+
+    chinwag_bot.models.generate = generate
+    (reply,) = await chinwag_chat().send("Hello! I just got back from a long walk in the park.")
+    assert reply.skill == "dialogue" and reply.kind == "answer"
+    assert reply.text == "Welcome back! 🌳\nWalks are great 😊"
+
+
 async def test_history_is_per_user_in_groups_and_reset_starts_afresh(chinwag_chat):
     ann = chinwag_chat(user_id="ann", chat_id="g", chat_kind="group")
     bob = chinwag_chat(user_id="bob", chat_id="g", chat_kind="group")
