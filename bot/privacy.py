@@ -29,7 +29,8 @@ SECRETS = {
 PII = {
     "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
     "card": re.compile(r"\b(?:\d[ -]?){13,19}\b"),
-    "phone": re.compile(r"(?<![\w+])\+?\d[\d ().-]{7,}\d\b"),
+    # An opening parenthesis belongs to the number only around an area code: "(555) 123-4567".
+    "phone": re.compile(r"(?<![\w+])(?:\+|\((?=\d{1,4}\)))?\d[\d ().-]{7,}\d\b"),
     "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){3,7}(?: ?[A-Z0-9]{1,3})?\b"),
 }
 
@@ -47,12 +48,17 @@ def _luhn(digits: str) -> bool:
 
 _DATE_OR_RANGE = re.compile(
     r"\d{4}-\d{2}-\d{2}|\d{1,3}(?:[ ,.]\d{3})+(?:\s*-\s*\d{1,3}(?:[ ,.]\d{3})+)?"
+    r"|(?:19|20)\d{2}\s*[-–]\s*(?:19|20)\d{2}"
 )
 
 
 def _phone_like(value: str) -> bool:
-    """8–15 digits that are not a date or an amount ("2024-10-01", "25,000-50,000")."""
+    """8–15 digits that are not a date, a span of years or an amount ("2024-10-01",
+    "2011-2024", "25,000-50,000"), nor a number with an aside after it ("BBR 29 (2024-2026)":
+    a parenthesis that opens inside the match and does not close there)."""
     digits = re.sub(r"\D", "", value)
+    if value.rfind("(") > value.rfind(")"):
+        return False
     return 8 <= len(digits) <= 15 and not _DATE_OR_RANGE.fullmatch(value.strip())
 
 

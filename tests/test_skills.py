@@ -526,6 +526,15 @@ def test_secrets_and_personal_data_are_redacted():
     assert set(found) == {"email", "phone", "card", "openai_key", "url_credentials"}
 
 
+def test_years_spans_and_asides_are_not_taken_for_phone_numbers():
+    """The FAQ's "Current version BBR 29 (2024-2026)" read "BBR [redacted])" in a generated
+    answer; the phone numbers beside such figures still go."""
+    kept = "Current version BBR 29 (2024-2026), in force 2011-2024; fees 25,000-50,000 SEK."
+    assert redact(kept) == (kept, [])
+    text, found = redact("Call 0771-567 567 or (555) 123-4567 (weekdays).")
+    assert text == "Call [redacted] or [redacted] (weekdays)." and found == ["phone", "phone"]
+
+
 class LeakySkill:
     name = "leaky"
     commands = ("leak", "rude", "quote")
