@@ -111,6 +111,11 @@ class Reply:
     #: Milliseconds from receipt to the reply being ready, set by the core.
     latency_ms: float | None = None
     id: int | None = None
+    #: The operator's text a generated reply was written from (the passages in its prompt):
+    #: a phone number the model repeats from a cited FAQ answer is the operator's to publish,
+    #: not a leak, so the safety filter leaves what it finds here. Not logged (the passages
+    #: are, by id, in ``metadata``).
+    grounded_in: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ thing in the log, in replies and in training data.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 REDACTED = "[redacted]"
 
@@ -62,13 +63,21 @@ def _phone_like(value: str) -> bool:
     return 8 <= len(digits) <= 15 and not _DATE_OR_RANGE.fullmatch(value.strip())
 
 
-def redact(text: str, *, pii: bool = True, secrets: bool = True) -> tuple[str, list[str]]:
-    """Replace secrets and personal data in ``text``; returns the text and what was found."""
+def redact(
+    text: str, *, pii: bool = True, secrets: bool = True, published: Sequence[str] = ()
+) -> tuple[str, list[str]]:
+    """Replace secrets and personal data in ``text``; returns the text and what was found.
+
+    Personal data that appears word for word in ``published`` (the operator's own text the
+    reply quotes) is kept; secrets never are.
+    """
     found: list[str] = []
 
     def sub(kind: str, pattern: re.Pattern[str], value: str, check=None) -> str:
         def repl(m: re.Match[str]) -> str:
             if check is not None and not check(m.group(0)):
+                return m.group(0)
+            if kind in PII and any(m.group(0) in source for source in published):
                 return m.group(0)
             found.append(kind)
             return REDACTED

@@ -152,6 +152,7 @@ class DialogueSkill(Skill):
             adapter=gen.adapter,
             adapter_version=gen.adapter_version,
             sources=[Source(p["title"], p["source"], p["score"], p["url"]) for p in passages],
+            grounded_in=[p["text"] for p in passages],
             metadata={
                 "history_turns": len(history),
                 "passages": [p["chunk_id"] for p in passages],

@@ -330,6 +330,7 @@ class QASkill(Skill):
             metadata=meta,
         )
         if generation is not None:
+            reply.grounded_in = texts  # its numbers were checked against these (numbers_kept)
             reply.model = generation.model
             reply.adapter = generation.adapter
             reply.adapter_version = generation.adapter_version

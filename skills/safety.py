@@ -2,8 +2,9 @@
 
 Applies to model-generated replies by default (``scope = "generated"``): quoted knowledge and
 the bot's own notices are the operator's text, and a company phone number in a FAQ answer is
-not a leak. Secrets are redacted whatever wrote them. What was done is recorded in the reply's
-metadata (``safety``), so the log shows it and the trainers drop flagged replies.
+not a leak — nor is it when the model repeats it from the passages it was given
+(``Reply.grounded_in``). Secrets are redacted whatever wrote them. What was done is recorded
+in the reply's metadata (``safety``), so the log shows it and the trainers drop flagged replies.
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ class SafetyFilter:
             reply.rateable = False
             return reply
         text, found = redact(
-            reply.text, pii=cfg.redact_pii and in_scope, secrets=cfg.redact_secrets
+            reply.text,
+            pii=cfg.redact_pii and in_scope,
+            secrets=cfg.redact_secrets,
+            published=reply.grounded_in,
         )
         if found:
             record["redacted"] = sorted(set(found))

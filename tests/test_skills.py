@@ -537,10 +537,16 @@ def test_years_spans_and_asides_are_not_taken_for_phone_numbers():
 
 class LeakySkill:
     name = "leaky"
-    commands = ("leak", "rude", "quote")
+    commands = ("leak", "rude", "quote", "cite")
     threshold = 2.0
 
     async def handle(self, message, ctx):
+        if ctx.command == "cite":  # written from a FAQ passage; the second number is invented
+            return Reply(
+                "Call Skatteverket on 0771-567 567, or the inspector on 070-123 45 67.",
+                model="m",
+                grounded_in=["Use the e-service or call 0771-567 567 to check F-tax."],
+            )
         if ctx.command == "leak":
             return Reply(
                 "Sure, write to boss@corp.example, key sk-abcdefghijklmnopqrstuvwx", model="m"
@@ -568,12 +574,16 @@ async def test_generated_replies_are_redacted_or_blocked_and_flagged(
         assert rude.metadata["safety"]["blocked"] == "abuse"
         (quote,) = await user.send("/quote")
         assert "+46 42 123 456" in quote.text  # the operator's own text, not generated
+        # Generated, but the number is the FAQ's own: the user gets it; the invented one goes.
+        (cite,) = await user.send("/cite")
+        assert cite.text == "Call Skatteverket on 0771-567 567, or the inspector on [redacted]."
         await bot.store.flush()
         stored = await bot.store.last_turns("test", "chat-1", 10)
     assert [t.meta.get("safety", {}).get("flagged") for t in stored if t.direction == "out"] == [
         True,
         True,
         None,
+        True,
     ]
 
 
