@@ -147,6 +147,14 @@ def blocks(history: dict[str, list[Night]]) -> list[Any]:
             for decision, colour in colours.items():
                 picked = [n for n in scored if n.decision == decision and n.candidate is not None]
                 if picked:
+                    paired = [n for n in picked if n.in_service is not None]
+                    ax.vlines(  # each night's step from the version in service
+                        [at[id(n)] for n in paired],
+                        [n.in_service for n in paired],
+                        [n.candidate for n in paired],
+                        colors=colour,
+                        alpha=0.35,
+                    )
                     ax.scatter(
                         [at[id(n)] for n in picked],
                         [n.candidate for n in picked],
