@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 
 import pytest
@@ -294,3 +295,16 @@ async def test_an_observers_note_reaches_the_skill_and_the_reply_filter_of_that_
         user = ChatUser(bot)
         assert await user.ask("/greet hej") == "Hej! [sv]"
         assert await user.ask("/greet there") == "Hello! [?]"  # nothing left from the last one
+
+
+async def test_the_console_tells_an_operator_with_an_empty_knowledge_base_how_to_fill_it(
+    chinwag_bot, faq_file
+):
+    """Every factual question is declined on a first start: the chat says why and what to do."""
+    from bot.adapters.console import ConsoleChat
+
+    chat = ConsoleChat(chinwag_bot, out=io.StringIO())
+    (note,) = await chat.notes()
+    assert "knowledge base is empty" in note and "chinwag knowledge add PATH" in note
+    await chinwag_bot.services["knowledge"].add([faq_file])
+    assert await chat.notes() == ["Knowledge base: 1 file, 503 passages."]

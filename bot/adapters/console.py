@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +19,11 @@ from typing import Any, TextIO
 
 from bot.core import Bot
 from bot.messages import Message, Reply
+from bot.text import plural
 
 PLATFORM = "console"
+
+log = logging.getLogger(__name__)
 
 
 def reply_to_json(r: Reply) -> dict[str, Any]:
@@ -94,6 +98,27 @@ class ConsoleChat:
             self.out.flush()
         return count
 
+    async def notes(self) -> list[str]:
+        """What the operator trying the bot should know first: with nothing in the knowledge
+        base every factual question is (rightly) declined, which reads as a broken bot unless
+        it is said why, and how to give it documents."""
+        knowledge = self.bot.services.get("knowledge")
+        if knowledge is None:
+            return []
+        try:
+            stats = await knowledge.stats()
+        except Exception:  # the chat works without the figure
+            log.warning("console: could not read the knowledge base's size", exc_info=True)
+            return []
+        if not stats.get("chunks"):
+            return [
+                "The knowledge base is empty, so I decline factual questions rather than guess. "
+                "Give me documents: chinwag knowledge add PATH (files or a folder; "
+                "docs/knowledge.md lists the formats)."
+            ]
+        files, chunks = stats.get("files", 0), stats["chunks"]
+        return [f"Knowledge base: {plural(files, 'file')}, {plural(chunks, 'passage')}."]
+
     async def run_pipe(self) -> int:
         return await self.run_lines(_stdin_lines())
 
@@ -108,6 +133,8 @@ class ConsoleChat:
         console = Console()
         name = self.bot.settings.bot.name
         console.print(f"[bold]{name}[/bold] — type a message, /help for commands, Ctrl-D to quit.")
+        for line in await self.notes():
+            console.print(f"[dim]{line}[/dim]", highlight=False)
         if log_path is not None:
             console.print(f"[dim]log: {log_path}[/dim]")
         models = self.bot.models
