@@ -19,9 +19,13 @@ from docutils.core import publish_doctree
 from docutils.parsers.rst import Directive, directives, roles
 
 #: Directives whose body is code, kept verbatim.
+#: Extensions' code directives too: Pallets' ``click:example`` / ``click:run`` (Click's and
+#: Flask's docs), IPython's and Jupyter's cells — read as prose, their lines became
+#: "sentences" of a quote ('confirmation_prompt=True ) def encode(password):').
 _CODE_DIRECTIVES = {
     "code-block", "sourcecode", "code", "doctest", "testcode", "testoutput", "highlight",
-    "literalinclude", "productionlist",
+    "literalinclude", "productionlist", "click:example", "click:run", "ipython",
+    "jupyter-execute", "code-cell",
 }  # fmt: skip
 #: Directives that are only navigation or machinery: nothing a reader asks about.
 _SKIP_DIRECTIVES = {

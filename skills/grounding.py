@@ -99,6 +99,94 @@ def best_sentences(
     return [found[i] for i in sorted(chosen)]
 
 
+_CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)(?:^```[ \t]*$|\Z)", re.S | re.M)
+#: Lines of a code block a quote shows; a longer one ends in "…" (the citation has the rest).
+QUOTE_CODE_LINES = 8
+
+
+def passage_parts(text: str) -> list[tuple[str, bool]]:
+    """``text`` as its sentences and fenced code blocks, in order: ``(text, is_code)``.
+
+    Loaders keep code as fenced blocks (knowledge/rst.py, markdown.py); split into "sentences"
+    line by line, a block read as prose — "It replaces the Flask.run() method in most cases.
+    $ flask --app hello run * Serving Flask app" — and a quote could be nothing but code lines.
+    """
+    parts: list[tuple[str, bool]] = []
+    at = 0
+    for m in _CODE_BLOCK.finditer(text):
+        parts += [(s, False) for s in sentences(text[at : m.start()])]
+        code = m.group(1).strip("\n")
+        if code.strip():
+            parts.append((code, True))
+        at = m.end()
+    parts += [(s, False) for s in sentences(text[at:])]
+    return parts
+
+
+def render_quote(parts: Sequence[tuple[str, bool]]) -> str:
+    """Quoted sentences run on as prose; a code block stands on its own lines, fenced."""
+    out = ""
+    for text, is_code in parts:
+        if is_code:
+            lines = text.splitlines()
+            if len(lines) > QUOTE_CODE_LINES:
+                lines = [*lines[:QUOTE_CODE_LINES], "…"]
+            block = "\n".join(lines)
+            out = f"{out.rstrip()}\n```\n{block}\n```\n"
+        else:
+            out += text if not out or out.endswith("\n") else " " + text
+    return out.strip()
+
+
+def best_quote(
+    question: str,
+    parts: Sequence[tuple[str, bool]],
+    limit: int,
+    similarity: Sequence[float] | None = None,
+) -> str:
+    """The quote that best answers ``question`` from a passage's ``parts``.
+
+    The ``limit`` best sentences by :func:`best_sentences` (``similarity``: the question's
+    cosine to each part, code blocks included); a code block comes along where a chosen
+    sentence introduces it ("copy the output of this to your config:") and lends that
+    sentence its score — the command is often the answer. Code is quoted alone only when the
+    passage has no prose.
+    """
+    prose = [i for i, (_, is_code) in enumerate(parts) if not is_code]
+    if not prose:
+        return render_quote(parts[:1])
+    ranks = None
+    if similarity is not None and len(similarity) == len(parts):
+        ranks = [
+            max(similarity[i], similarity[i + 1]) if _introduces(parts, i) else similarity[i]
+            for i in prose
+        ]
+    chosen = best_sentences(question, "\n".join(parts[i][0] for i in prose), limit, ranks)
+    picked: list[int] = []
+    remaining = list(chosen)
+    for i in prose:  # back to positions: the same sentence may occur twice
+        if remaining and parts[i][0] == remaining[0]:
+            picked.append(i)
+            remaining.pop(0)
+    # A block right after a chosen sentence comes along when that sentence introduces it, or
+    # when it matches the question as well as the quote's weakest sentence does ("For
+    # example, the range 0, 5 would return 5…" and then the IntRange code that shows it).
+    sims = list(similarity) if ranks is not None and similarity is not None else None
+    bar = min(sims[i] for i in picked) if sims else None
+    out: list[int] = []
+    for i in picked:
+        out.append(i)
+        shows = i + 1 < len(parts) and parts[i + 1][1]
+        if shows and (_introduces(parts, i) or (sims and bar is not None and sims[i + 1] >= bar)):
+            out.append(i + 1)
+    return render_quote([parts[i] for i in out])
+
+
+def _introduces(parts: Sequence[tuple[str, bool]], i: int) -> bool:
+    """Whether sentence ``i`` leads into the code block after it ("…to your config:")."""
+    return i + 1 < len(parts) and parts[i + 1][1] and parts[i][0].endswith(":")
+
+
 # "A: …", "Answer: …", or the FAQ's own "1. Q: <a question>\nA: …" echoed before the answer.
 _ANSWER_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:Q:[^\n]*\n\s*)?(?:A|Answer)\s*:\s*", re.I)
 # A next question the model goes on to ask itself: "\n\nQuestion: …", "\n2. Q: …".
@@ -176,12 +264,11 @@ def neutralize_instructions(text: str) -> tuple[str, int]:
     """
     lines, dropped = [], 0
     for line in text.split("\n"):  # keep the structure ("Q: …\nA: …", headings)
-        kept = []
-        for s in sentences(line):
-            if _DIRECTIVE.search(s):
-                dropped += 1
-            else:
-                kept.append(s)
-        if kept or not line.strip():
+        said = sentences(line)
+        kept = [s for s in said if not _DIRECTIVE.search(s)]
+        dropped += len(said) - len(kept)
+        if len(kept) == len(said):
+            lines.append(line.rstrip())  # untouched, indentation and all (code)
+        elif kept:
             lines.append(" ".join(kept))
     return "\n".join(lines).strip(), dropped

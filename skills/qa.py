@@ -30,13 +30,13 @@ from bot import (
     hookimpl,
 )
 from skills.grounding import (
-    best_sentences,
+    best_quote,
     faq_answer,
     faq_question,
     neutralize_instructions,
     new_facts,
     numbers_kept,
-    sentences,
+    passage_parts,
     support,
     tidy_answer,
 )
@@ -217,23 +217,24 @@ class QASkill(Skill):
             metadata={"abstained": True, "query": question},
         )
 
-    async def _quote(self, question: str, passage: Any, ctx: Context, cfg: QAConfig) -> list[str]:
-        """The passage's sentences that best answer the question, whole and in order.
+    async def _quote(self, question: str, passage: Any, ctx: Context, cfg: QAConfig) -> str:
+        """The passage's sentences that best answer the question, whole and in order, with
+        the code block a chosen sentence introduces.
 
         From the whole passage (the prompt's cut at ``passage_chars`` would hide an answer
         further down), ranked by the embedder's similarity to the question: on the Flask
         docs, overlap of words alone quoted the section's opening lines instead of the
         sentence with the answer.
         """
-        text = faq_answer(neutralize_instructions(passage.text)[0])
+        parts = passage_parts(faq_answer(neutralize_instructions(passage.text)[0]))
         similarity = None
         knowledge = ctx.bot.services.get("knowledge")
-        if knowledge is not None and hasattr(knowledge, "similarity"):
+        if parts and knowledge is not None and hasattr(knowledge, "similarity"):
             try:
-                similarity = await knowledge.similarity(question, sentences(text))
+                similarity = await knowledge.similarity(question, [text for text, _ in parts])
             except Exception:  # the lexical ranking still answers
                 log.exception("qa: could not rank the passage's sentences by meaning")
-        return best_sentences(question, text, cfg.quote_sentences, similarity)
+        return best_quote(question, parts, cfg.quote_sentences, similarity)
 
     async def _answer(
         self, question: str, passages: list[Any], ctx: Context, cfg: QAConfig
@@ -309,7 +310,7 @@ class QASkill(Skill):
                 log.warning("qa: generation failed (%s); quoting the passage instead", exc)
                 meta["model_error"] = type(exc).__name__
         if answer is None:
-            answer = " ".join(await self._quote(question, cited[0], ctx, cfg))
+            answer = await self._quote(question, cited[0], ctx, cfg)
             meta["mode"] = "quoted"
             generation = None
             if not answer.strip():  # the passage held nothing but instructions to the model

@@ -118,6 +118,25 @@ def test_sphinx_sources_are_read_as_documents_without_their_markup(tmp_path):
     assert "emphasize" not in rounding
 
 
+def test_code_in_sphinx_extensions_directives_stays_code(tmp_path):
+    """Click's docs show their examples in ``click:example`` / ``click:run``; read as prose,
+    a quote came out as 'confirmation_prompt=True ) def encode(password):'."""
+    from knowledge.loaders import load
+
+    source = (
+        "Prompts\n=======\n\nThis is useful for password input:\n\n.. click:example::\n\n"
+        "    @click.command()\n    @click.password_option()\n    def encrypt(password):\n"
+        "        click.echo(password)\n\nRun it:\n\n.. click:run::\n\n"
+        "    invoke(encrypt, input=['secret'])\n"
+    )
+    (section,) = load(write(tmp_path / "_sources" / "prompts.rst.txt", source))
+    assert section.text == (
+        "This is useful for password input:\n\n```\n@click.command()\n"
+        "@click.password_option()\ndef encrypt(password):\n    click.echo(password)\n```"
+        "\n\nRun it:\n\n```\ninvoke(encrypt, input=['secret'])\n```"
+    )
+
+
 def test_markdown_is_parsed_setext_headings_code_and_links_included(tmp_path):
     from knowledge.loaders import load
 

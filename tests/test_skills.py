@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 
 import pytest
@@ -474,6 +475,9 @@ def test_instructions_hidden_in_documents_are_removed_before_the_prompt():
     assert dropped == 2
     assert "PWNED" not in cleaned and "pirate" not in cleaned
     assert "9 am" in cleaned and "Parking is free" in cleaned
+    # Lines with nothing to drop are left as they are: code keeps its indentation.
+    code = "```\nif click.confirm('Continue?'):\n    click.echo('Well done!')\n```"
+    assert neutralize_instructions(code) == (code, 0)
 
 
 async def test_a_poisoned_document_does_not_steer_the_reply(chat, chinwag_bot, tmp_path):
@@ -492,6 +496,61 @@ async def test_a_poisoned_document_does_not_steer_the_reply(chat, chinwag_bot, t
     assert reply.skill in ("qa", "dialogue")
     assert reply.metadata["passages"], "the document was retrieved"
     assert "PWNED" not in reply.text
+
+
+DOCS = """# Configuration
+
+## Secret key
+
+A secret key signs the session cookie. It should be a long random string. For example, copy
+the output of this to your config:
+
+```
+$ python -c 'import secrets; print(secrets.token_hex())'
+```
+
+Do not reveal the secret key when posting questions.
+
+## Development server
+
+The run command will start the development server. It replaces the app.run() method in most
+cases.
+
+```
+$ flask --app hello run
+ * Serving Flask app "hello"
+```
+
+If another program is already using port 5000, the server cannot start.
+"""
+
+
+@pytest.mark.parametrize("chinwag_config", [{"skills": {"qa": {"generate": False}}}])
+async def test_a_quote_from_documentation_keeps_code_as_code_and_never_as_sentences(
+    chat, chinwag_bot, tmp_path
+):
+    """Read line by line, a code block became "sentences" — "It replaces the Flask.run()
+    method in most cases. $ flask --app hello run * Serving Flask app" (bench/learning.py)."""
+    from knowledge.base import KnowledgeBase
+    from knowledge.plugin import KnowledgeService
+
+    (tmp_path / "config.md").write_text(DOCS)
+    kb = KnowledgeBase(tmp_path / "kb")
+    kb.add([tmp_path / "config.md"])
+    chinwag_bot.services["knowledge"] = KnowledgeService(kb)
+
+    (key,) = await chat.send("/ask how do I create a random secret key for the session cookie?")
+    assert key.metadata["mode"] == "quoted"
+    # The sentence that introduces the command brings it, fenced on its own lines.
+    assert (
+        "to your config:\n```\n$ python -c 'import secrets; print(secrets.token_hex())'\n```"
+        in (key.metadata["answer"])
+    )
+    (run,) = await chat.send("/ask how do I start the development server?")
+    assert run.metadata["mode"] == "quoted"
+    assert run.metadata["answer"].startswith("The run command will start the development server.")
+    prose = re.sub(r"```.*?```", "", run.metadata["answer"], flags=re.S)
+    assert "Serving" not in prose and "$ flask" not in prose  # a command is shown as code
 
 
 def test_replies_are_cleaned_of_invented_turns_repetition_and_run_on():
