@@ -172,7 +172,7 @@ def best_quote(
     # when it matches the question as well as the quote's weakest sentence does ("For
     # example, the range 0, 5 would return 5…" and then the IntRange code that shows it).
     sims = list(similarity) if ranks is not None and similarity is not None else None
-    bar = min(sims[i] for i in picked) if sims else None
+    bar = min(sims[i] for i in picked) if sims and picked else None
     out: list[int] = []
     for i in picked:
         out.append(i)

@@ -553,6 +553,15 @@ async def test_a_quote_from_documentation_keeps_code_as_code_and_never_as_senten
     assert "Serving" not in prose and "$ flask" not in prose  # a command is shown as code
 
 
+def test_a_passage_of_questions_and_code_alone_quotes_nothing_or_the_code():
+    from skills.grounding import best_quote, passage_parts
+
+    questions = passage_parts("How do I log in?\n```\nlogin()\n```\nWhy not?")
+    assert best_quote("how do I log in?", questions, 3, [0.9, 0.8, 0.5]) == ""
+    code = passage_parts("```\ndef login():\n    pass\n```")
+    assert best_quote("login", code, 3) == "```\ndef login():\n    pass\n```"
+
+
 def test_replies_are_cleaned_of_invented_turns_repetition_and_run_on():
     text, done = tidy("Sure! I can help.\nUser: thanks\nAssistant: bye", 600)
     assert text == "Sure! I can help." and done == ["invented_turn"]
