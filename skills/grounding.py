@@ -155,12 +155,10 @@ def best_quote(
     prose = [i for i, (_, is_code) in enumerate(parts) if not is_code]
     if not prose:
         return render_quote(parts[:1])
+    sims = list(similarity) if similarity is not None and len(similarity) == len(parts) else None
     ranks = None
-    if similarity is not None and len(similarity) == len(parts):
-        ranks = [
-            max(similarity[i], similarity[i + 1]) if _introduces(parts, i) else similarity[i]
-            for i in prose
-        ]
+    if sims is not None:
+        ranks = [max(sims[i], sims[i + 1]) if _introduces(parts, i) else sims[i] for i in prose]
     chosen = best_sentences(question, "\n".join(parts[i][0] for i in prose), limit, ranks)
     picked: list[int] = []
     remaining = list(chosen)
@@ -171,13 +169,13 @@ def best_quote(
     # A block right after a chosen sentence comes along when that sentence introduces it, or
     # when it matches the question as well as the quote's weakest sentence does ("For
     # example, the range 0, 5 would return 5…" and then the IntRange code that shows it).
-    sims = list(similarity) if ranks is not None and similarity is not None else None
-    bar = min(sims[i] for i in picked) if sims and picked else None
+    bar = min(sims[i] for i in picked) if sims is not None and picked else None
     out: list[int] = []
     for i in picked:
         out.append(i)
-        shows = i + 1 < len(parts) and parts[i + 1][1]
-        if shows and (_introduces(parts, i) or (sims and bar is not None and sims[i + 1] >= bar)):
+        if not (i + 1 < len(parts) and parts[i + 1][1]):
+            continue
+        if _introduces(parts, i) or (sims is not None and bar is not None and sims[i + 1] >= bar):
             out.append(i + 1)
     return render_quote([parts[i] for i in out])
 
