@@ -141,6 +141,10 @@ class FakeTelegram:
         for key, value in form.items():
             params[key] = json.loads(value) if key in JSON_FIELDS else value
         self.calls.append((method, params))
+        bad = _bad_entities(params)
+        if bad:  # what the real Bot API answers: the message is not sent
+            body = {"ok": False, "error_code": 400, "description": f"Bad Request: {bad}"}
+            return web.json_response(body, status=400)
         queued = self.failures.get(method)
         if queued:
             status, body = queued.pop(0)
@@ -181,3 +185,20 @@ class FakeTelegram:
             "from": BOT_USER,
             "text": params.get("text", ""),
         }
+
+
+def _bad_entities(params: dict[str, Any]) -> str | None:
+    """Telegram's check of message entities: known types, inside the text, counted in UTF-16
+    code units; entities and a parse mode together are refused too."""
+    entities = params.get("entities")
+    if not entities:
+        return None
+    if params.get("parse_mode"):
+        return "can't use entities with a parse mode"
+    size = len(str(params.get("text", "")).encode("utf-16-le")) // 2
+    for e in entities:
+        if e.get("type") not in {"pre", "code", "bold", "italic", "text_link", "blockquote"}:
+            return f"can't parse entities: unsupported type {e.get('type')!r}"
+        if e["offset"] < 0 or e["length"] <= 0 or e["offset"] + e["length"] > size:
+            return f"can't parse entities: entity beyond the end of the text at {e['offset']}"
+    return None

@@ -9,19 +9,30 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bot import Command, Context, Message, Reply, Skill
-from bot.adapters.telegram import TEXT_ONLY, TelegramAdapter, split_text
+from bot.adapters.telegram import TEXT_ONLY, TelegramAdapter, formatted, split_text
 from bot.core import Bot
 from tests.conftest import EchoSkill, SkillsPlugin, Storyteller, core_settings
 from tests.fake_telegram import FakeTelegram
 
+HOWTO = (
+    "To run the app in debug mode 😀, use:\n```console\n$ flask --app hello run --debug\n"
+    "```\nThe server reloads on changes.\n\nSources:\n[1] Debug Mode (quickstart.rst.txt)"
+)
+
 
 class Essay(Skill):
     name = "essay"
-    commands = (Command("essay", "A long answer"), Command("rated", "A rateable answer"))
+    commands = (
+        Command("essay", "A long answer"),
+        Command("rated", "A rateable answer"),
+        Command("howto", "An answer quoting code"),
+    )
 
     async def handle(self, message: Message, ctx: Context) -> Reply:
         if ctx.command == "rated":
             return Reply("Generated answer.", rateable=True, model="m")
+        if ctx.command == "howto":
+            return Reply(HOWTO)
         paragraph = "This sentence is part of a long essay about building permits. " * 20
         return Reply("\n\n".join([paragraph.strip()] * 6))
 
@@ -296,3 +307,45 @@ async def test_streaming_can_be_switched_off(tmp_path):
         (sent,) = await fake.wait_for("sendMessage")
         assert sent["text"].endswith("answered.")
         assert fake.sent("editMessageText") == []
+
+
+def shown(sent: dict) -> list[tuple[str, str | None]]:
+    """The code a Telegram client draws as code: each ``pre`` entity's text (offsets in
+    UTF-16 units, as Telegram counts them) and language."""
+    units = sent["text"].encode("utf-16-le")
+    found = [e if isinstance(e, dict) else e.model_dump() for e in sent.get("entities") or []]
+    return [
+        (
+            units[2 * e["offset"] : 2 * (e["offset"] + e["length"])].decode("utf-16-le"),
+            e.get("language"),
+        )
+        for e in found
+        if e["type"] == "pre"
+    ]
+
+
+async def test_quoted_code_is_shown_as_code_not_as_backticks(telegram):
+    telegram.user_says("/howto")
+    (sent,) = await telegram.wait_for("sendMessage")
+    assert "```" not in sent["text"]
+    assert shown(sent) == [("$ flask --app hello run --debug", "console")]
+    assert sent["text"].startswith("To run the app in debug mode 😀, use:\n$ flask")
+    assert sent["text"].endswith("[1] Debug Mode (quickstart.rst.txt)")
+    assert not sent.get("parse_mode")  # entities: nothing a user typed is read as markup
+
+
+async def test_a_reply_whose_formatting_telegram_refuses_still_arrives_plain(telegram):
+    telegram.fail("sendMessage", 400)
+    telegram.user_says("/howto")
+    refused, sent = await telegram.wait_for("sendMessage", 2)
+    assert refused.get("entities")
+    assert sent["text"] == HOWTO and not sent.get("entities")
+
+
+def test_code_split_across_messages_is_code_in_each_of_them():
+    code = "\n".join(f"print({i})  # line {i} of a long example" for i in range(200))
+    pieces = split_text(f"Here is the whole script:\n```python\n{code}\n```\nThat is all.")
+    assert len(pieces) > 1
+    drawn = [shown(formatted(p)) for p in pieces]
+    assert all(len(d) == 1 and d[0][1] == "python" for d in drawn)
+    assert "\n".join(d[0][0] for d in drawn) == code

@@ -5,7 +5,11 @@ replies into ``sendMessage`` calls; no skill knows it serves Telegram. What Tele
 handled here:
 
 - 4,096 characters per message: longer replies are split at paragraph, then sentence, then word
-  boundaries, and sent as plain text (no parse mode), so user text can never break markup;
+  boundaries, code fences kept balanced in every piece;
+- formatting as message entities, never a parse mode, so user text can never break markup: a
+  fenced code block (documentation answers quote commands and code) is sent as a ``pre``
+  entity — Telegram shows it as code, not as three backticks around a line; where Telegram
+  refuses the entities, the same text goes out plain rather than not at all;
 - rate limits: a 429 is waited out for its ``retry_after`` and retried, 5xx and network errors
   retried with backoff (tenacity); sends to one chat are paced (``min_interval_s``);
 - redelivered updates are answered once (the core de-duplicates by chat and message id);
@@ -31,7 +35,12 @@ from aiogram import Bot as TelegramBot
 from aiogram import Dispatcher, F
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import PRODUCTION, TelegramAPIServer
-from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
+from aiogram.exceptions import (
+    TelegramBadRequest,
+    TelegramNetworkError,
+    TelegramRetryAfter,
+    TelegramServerError,
+)
 from aiogram.types import (
     BotCommand,
     CallbackQuery,
@@ -41,6 +50,7 @@ from aiogram.types import (
     Update,
 )
 from aiogram.types import Message as TelegramMessage
+from aiogram.utils.formatting import Pre, Text
 from aiohttp import web
 from pydantic import ValidationError
 from tenacity import (
@@ -52,7 +62,7 @@ from tenacity import (
 )
 
 from bot.adapters.draft import Draft
-from bot.adapters.text import split_text as _split
+from bot.adapters.text import split_markdown
 from bot.config import ConfigError
 from bot.core import Bot
 from bot.messages import Attachment, Message, Reply
@@ -65,9 +75,38 @@ ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 TEXT_ONLY = "I read text only for now — please type your message. Send /help to see what I can do."
 
 
+#: A fenced block as the core's replies write it (bot/adapters/text.py keeps them balanced).
+_FENCED = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
 def split_text(text: str, limit: int = LIMIT) -> list[str]:
-    """Telegram-sized pieces (plain text: no markup to keep balanced)."""
-    return _split(text, limit)
+    """Telegram-sized pieces, each with its code fences closed."""
+    return split_markdown(text, limit)
+
+
+def formatted(piece: str) -> dict[str, Any]:
+    """``text`` and ``entities`` for one piece: fenced code blocks become ``pre`` entities.
+
+    Entities rather than ``parse_mode``: with MarkdownV2 or HTML every ``_``, ``*`` or ``<`` a
+    user or a document wrote would need escaping, and one missed would lose the message.
+    aiogram's formatting nodes count the offsets in UTF-16 units, as Telegram does.
+    """
+    nodes: list[Any] = []
+    at = 0
+    for m in _FENCED.finditer(piece):
+        nodes.append(piece[at : m.start()])
+        code = m.group(2).rstrip("\n")
+        if code.strip():
+            nodes.append(Pre(code, language=m.group(1).strip() or None))
+        at = m.end()
+    if not nodes:
+        return {"text": piece, "entities": None}
+    nodes.append(piece[at:])
+    made = Text(*nodes).as_kwargs()
+    return {
+        "text": made["text"] if made["text"].strip() else "…",
+        "entities": made["entities"] or None,
+    }
 
 
 class TelegramAdapter:
@@ -320,11 +359,11 @@ class TelegramAdapter:
         pieces = split_text(reply.text) or ["…"]
         markup = self._markup(reply)
         edited = await draft.finish(
-            lambda message_id: self._call(
+            lambda message_id: self._formatted(
                 self.tg.edit_message_text,
+                pieces[0],
                 chat_id=chat_id,
                 message_id=message_id,
-                text=pieces[0],
                 reply_markup=markup if len(pieces) == 1 else None,
             )
         )
@@ -333,10 +372,10 @@ class TelegramAdapter:
         last = edited if not isinstance(edited, bool) else None
         for i, piece in enumerate(pieces[1:], start=1):
             await self._pace(chat_id)
-            last = await self._call(
+            last = await self._formatted(
                 self.tg.send_message,
+                piece,
                 chat_id=chat_id,
-                text=piece,
                 reply_markup=markup if i == len(pieces) - 1 else None,
             )
         return last if last is not None else _Sent(draft.handle)
@@ -424,10 +463,10 @@ class TelegramAdapter:
             if reply is not None and i == len(pieces) - 1:
                 markup = self._markup(reply)
             await self._pace(chat_id)
-            last = await self._call(
+            last = await self._formatted(
                 self.tg.send_message,
+                piece,
                 chat_id=chat_id,
-                text=piece,
                 reply_parameters=ReplyParameters(
                     message_id=reply_to, allow_sending_without_reply=True
                 )
@@ -436,6 +475,19 @@ class TelegramAdapter:
                 reply_markup=markup,
             )
         return last
+
+    async def _formatted(self, fn: Any, piece: str, **kwargs: Any) -> Any:
+        """``fn`` (send or edit) with ``piece`` as text and entities; plain text where
+        Telegram refuses the entities ("can't parse entities"): the message matters more than
+        its code block."""
+        made = formatted(piece)
+        if made["entities"] is None:
+            return await self._call(fn, text=piece, **kwargs)
+        try:
+            return await self._call(fn, **made, **kwargs)
+        except TelegramBadRequest as exc:
+            log.warning("Telegram refused the reply's formatting (%s); sending it plain", exc)
+            return await self._call(fn, text=piece, **kwargs)
 
     async def _pace(self, chat_id: int) -> None:
         """At most one message per ``min_interval_s`` per chat (groups: ``group_interval_s``)."""
