@@ -287,15 +287,24 @@ class QASkill(Skill):
                 meta["support"] = round(support(text, texts), 3)
                 meta["new_facts"] = new_facts(text, question, texts)
                 meta["numbers_kept"] = numbers_kept(text, texts)
-                if (
-                    meta["support"] >= cfg.min_support
-                    and meta["new_facts"] >= cfg.min_new_facts
-                    and meta["numbers_kept"]
-                    and "don't know" not in text.lower()
-                ):
+                by_passage = [round(support(text, [t]), 3) for t in texts]
+                meta["support_by_passage"] = by_passage
+                failed = [
+                    why
+                    for why, bad in (
+                        ("unsupported", meta["support"] < cfg.min_support),
+                        ("says nothing new", meta["new_facts"] < cfg.min_new_facts),
+                        ("numbers not in the passages", not meta["numbers_kept"]),
+                        ("says it doesn't know", "don't know" in text.lower()),
+                        ("answers from another passage", elsewhere(by_passage, cfg.min_support)),
+                    )
+                    if bad
+                ]
+                if not failed:
                     answer = text
                 else:  # kept for the operator (and the log): why the user got a quote
                     meta["rejected_generation"] = generation.text.strip()
+                    meta["rejected_because"] = failed
             except TimeoutError:
                 log.warning(
                     "qa: generation took over %.0fs; quoting instead", cfg.generate_timeout_s
@@ -358,6 +367,21 @@ class QASkill(Skill):
                 "retrieval_scores": [round(passage.score, 4)],
             },
         )
+
+
+def elsewhere(support_by_passage: list[float], min_support: float) -> bool:
+    """Whether an answer is grounded in a passage other than the best match, and not in it.
+
+    The prompt carries every passage within ``cite_margin`` of the best; the small model (and
+    the adapter trained on its answers) often copies the wrong one. On the FAQ, "Can I get the
+    ROT deduction for renovating my facade?" was answered with the neighbouring entry's "Yes,
+    if the outbuilding is linked to the home…": 6 of 8 answers drawn from the second passage
+    held the wrong fact, while the first passage's quote held the right one (docs/skills.md).
+    An answer that draws on several passages together still passes: no single one holds it.
+    """
+    if len(support_by_passage) < 2 or support_by_passage[0] >= min_support:
+        return False
+    return max(support_by_passage[1:]) >= min_support
 
 
 def qa_prompt(question: str, passages: list[str]) -> list[dict[str, str]]:

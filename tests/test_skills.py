@@ -705,6 +705,33 @@ async def test_an_answer_the_passages_do_not_support_is_replaced_by_a_quote_and_
     assert stored.meta["support"] < 0.75 or not stored.meta["numbers_kept"]
 
 
+async def test_an_answer_copied_from_the_neighbouring_passage_is_replaced_by_the_best_ones_quote(
+    chinwag_chat, chinwag_bot
+):
+    """Seen on the FAQ: asked about the facade, the model answered with the next entry's
+    "Yes, if the outbuilding is linked to the home…" — supported word for word, by the
+    wrong passage."""
+    import re
+
+    from bot.models.types import Generation
+
+    copied: list[str] = []
+
+    async def copy_second_passage(prompt, *args, **kwargs):
+        second = re.search(r"\n\[2\] (.*?)(?:\n\n\[3\]|\n\nQuestion:)", prompt[-1]["content"], re.S)
+        assert second is not None, "the question should cite two passages"
+        copied.append(second.group(1).split("A:", 1)[-1].strip())
+        return Generation(copied[0], "smollm2", None, None, 10, 30, "stop")
+
+    chinwag_bot.models.generate = copy_second_passage
+    (qa,) = await chinwag_chat().send("Can I get the ROT deduction for renovating my facade?")
+    assert qa.skill == "qa" and qa.metadata["mode"] == "quoted"
+    assert copied[0] not in qa.text and "facade" in qa.metadata["answer"].lower()
+    assert qa.metadata["rejected_because"] == ["answers from another passage"]
+    first, second = qa.metadata["support_by_passage"]
+    assert second == 1.0 and first < 0.75
+
+
 async def test_a_generated_answer_reads_as_an_answer_not_as_the_faq_it_was_written_from(
     chinwag_chat, chinwag_bot
 ):
