@@ -17,7 +17,7 @@ import torch
 
 from bot.models import ModelError, decoder
 from bot.models.chat_tokenizer import ChatTokenizer
-from bot.models.loading import load_base
+from bot.models.loading import cached_weights, load_base
 from bot.models.transformers_decoder import TransformersDecoder
 
 
@@ -29,7 +29,7 @@ def smollm2(chinwag_model_cache):
     ours, tokenizer, _, _ = load_base(
         "smollm2", device="cpu", dtype="float32", cache_dir=chinwag_model_cache
     )
-    folder = next(chinwag_model_cache.glob("smollm2-*"))
+    folder = cached_weights("smollm2", dtype="float32", cache_dir=chinwag_model_cache)
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return ours, theirs, tokenizer, folder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -404,6 +405,38 @@ async def test_the_converted_weights_are_cached_for_the_next_start(smollm):
         assert smollm.loaded_from_cache is False
     finally:
         await second.stop()
+
+
+def test_weights_are_converted_in_the_dtype_asked_for_not_reused_from_another(smollm):
+    """An operator who switches ``models.dtype`` to float32 for exactness gets float32 numbers,
+    not the bf16 conversion of the first start in float32 clothes."""
+    from safetensors.torch import load_file
+
+    from bot.models.loading import cached_weights
+
+    bf16 = cached_weights("smollm2", dtype="bfloat16", cache_dir=smollm.cache_dir)
+    fp32 = cached_weights("smollm2", dtype="float32", cache_dir=smollm.cache_dir)
+    assert bf16 != fp32
+    half = load_file(bf16 / "model.safetensors")
+    full = load_file(fp32 / "model.safetensors")
+    name = next(k for k in full if k.endswith("embed_tokens.weight"))
+    assert half[name].dtype == torch.bfloat16 and full[name].dtype == torch.float32
+    assert not torch.equal(full[name], full[name].bfloat16().float())  # fp32 precision kept
+    assert torch.equal(full[name].bfloat16(), half[name])  # one rounding, from the same numbers
+    assert json.loads((fp32 / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_a_conversion_from_before_the_dtype_was_in_its_name_is_reused_not_redone(smollm):
+    from bot.models.loading import cached_weights, load_base
+
+    bf16 = cached_weights("smollm2", dtype="bfloat16", cache_dir=smollm.cache_dir)
+    legacy = bf16.with_name(bf16.name.removesuffix("-bfloat16"))
+    bf16.rename(legacy)
+    _, _, _, from_cache = load_base(
+        "smollm2", device="cpu", dtype="bfloat16", cache_dir=smollm.cache_dir
+    )
+    assert from_cache is True
+    assert bf16.exists() and not legacy.exists()
 
 
 def drive(tuner, speed: dict[int, float], steps: int) -> None:

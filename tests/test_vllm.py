@@ -40,11 +40,9 @@ START_TIMEOUT_S = 300.0
 
 def _converted_model(cache: Path) -> Path:
     """The embedded model as a transformers folder (what chinwag caches), for vLLM to load."""
-    from bot.models.loading import load_base
+    from bot.models.loading import cached_weights
 
-    load_base("smollm2", device="cpu", dtype="float32", cache_dir=cache)
-    (folder,) = [p for p in cache.iterdir() if (p / "config.json").exists()]
-    return folder
+    return cached_weights("smollm2", dtype="float32", cache_dir=cache)
 
 
 def _lora(base: Path, out: Path, seed: int) -> Path:

@@ -2,7 +2,10 @@
 
 Transformers can read a GGUF file, but dequantising it takes ~25 s for the 135M default; the
 first load therefore saves the converted weights as safetensors under
-``<data_dir>/models/<name>-<digest>/`` and every later start loads those (a tenth of a second).
+``<data_dir>/models/<name>-<digest>-<dtype>/`` and every later start loads those (a tenth of a
+second). The dtype is part of the name: weights converted once in bf16 and later loaded "in
+fp32" would be bf16 numbers in fp32 clothes, so an operator who switches ``models.dtype`` to
+float32 for exactness gets a conversion in float32.
 
 What serves a loaded folder: chinwag's own decoder (bot/models/decoder.py) when it implements
 the architecture — no transformers import on the way to the first reply, which is most of a
@@ -11,8 +14,10 @@ cold start — otherwise transformers' model class (``models.implementation`` ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -82,6 +87,49 @@ def pick_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+def cached_weights(source: ModelSource | str, *, dtype: str, cache_dir: Path) -> Path:
+    """The folder of ``source`` (a GGUF) converted to safetensors in ``dtype``, converting it
+    first where no earlier start has."""
+    import torch
+
+    if isinstance(source, str):
+        source = resolve(source)
+    if source.gguf_file is None:
+        raise ValueError(f"{source.path} is not a GGUF file; it needs no conversion")
+    torch_dtype = getattr(torch, dtype)
+    with LOAD_LOCK:
+        cached = cache_dir / _cache_name(source, torch_dtype)
+        if not (_complete(cached) or _adopt_legacy(source, cached, torch_dtype)):
+            _convert(source, cached, torch_dtype)
+    return cached
+
+
+def _cache_name(source: ModelSource, dtype: Any) -> str:
+    return f"{source.name}-{_gguf_digest(source)}-{str(dtype).removeprefix('torch.')}"
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _adopt_legacy(source: ModelSource, cached: Path, dtype: Any) -> bool:
+    """Reuse a conversion from before the dtype was part of the name, when it is in ``dtype``
+    (renamed, not copied: a second 0.3–0.5 GB folder would be dead weight)."""
+    legacy = cached.parent / f"{source.name}-{_gguf_digest(source)}"
+    if not _complete(legacy):
+        return False
+    try:
+        config = json.loads((legacy / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if config.get("dtype", config.get("torch_dtype")) != str(dtype).removeprefix("torch."):
+        return False
+    # Another process may have adopted it first, or the target appeared meanwhile.
+    with contextlib.suppress(OSError):
+        os.replace(legacy, cached)
+    return _complete(cached)
+
+
 def _gguf_digest(source: ModelSource) -> str:
     path = Path(source.path) / (source.gguf_file or "")
     stat = path.stat()
@@ -123,8 +171,8 @@ def _load_base(
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
         return _finish(model, tokenizer, device), tokenizer, source.name, False
-    cached = cache_dir / f"{source.name}-{_gguf_digest(source)}"
-    from_cache = (cached / "config.json").exists() and (cached / "model.safetensors").exists()
+    cached = cache_dir / _cache_name(source, torch_dtype)
+    from_cache = _complete(cached) or _adopt_legacy(source, cached, torch_dtype)
     if not from_cache:
         _convert(source, cached, torch_dtype)
     if implementation != "transformers":
@@ -151,12 +199,7 @@ def weights_for_server(spec: str, *, cache_dir: Path) -> tuple[str, str]:
         source = resolve(spec)
         if source.gguf_file is None:
             return source.path, source.name
-        cached = cache_dir / f"{source.name}-{_gguf_digest(source)}"
-        if not ((cached / "config.json").exists() and (cached / "model.safetensors").exists()):
-            import torch
-
-            _convert(source, cached, torch.bfloat16)
-        return str(cached), source.name
+        return str(cached_weights(source, dtype="bfloat16", cache_dir=cache_dir)), source.name
 
 
 def _own_decoder(
@@ -182,13 +225,16 @@ def _own_decoder(
 
 
 def _convert(source: ModelSource, cached: Path, dtype: Any) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors (first start only)", source.gguf_file)
+    log.info("converting %s to safetensors in %s (first start only)", source.gguf_file, dtype)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    # Dequantised in float32 (exact for a quantised GGUF, and what transformers loads GGUF
+    # fastest in), then rounded once to the dtype asked for.
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, gguf_file=source.gguf_file, dtype=dtype
-    )
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    ).to(dtype)
     _save_converted(model, tokenizer, cached)
 
 
