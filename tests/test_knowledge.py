@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -787,6 +788,26 @@ def test_bf16_and_fp32_embeddings_are_unit_vectors_with_the_same_neighbours():
     assert float((full * half).sum(axis=1).min()) > 0.99
     nearest = [np.argsort(-(v @ v.T), axis=1)[:, 1] for v in (full, half)]
     assert nearest[0].tolist() == nearest[1].tolist()
+
+
+def test_a_long_document_is_ingested_without_a_tokenizer_warning(tmp_path, caplog):
+    """Documents are longer than the encoder's 256 tokens by nature; the chunker counts them
+    to cut them. transformers' "Token indices sequence length is longer than …" on every
+    such ingest would tell the operator something is wrong when nothing is."""
+    from bot.models.embedding import Embedder
+
+    long_doc = tmp_path / "guide.md"
+    listing = "\n".join(f"    setting_{i} = {i}  # the {i}th option" for i in range(120))
+    long_doc.write_text(f"# Guide\n\nA long listing:\n\n```python\n{listing}\n```\n")
+    kb = KnowledgeBase(tmp_path / "kb", embedder=Embedder())  # a fresh tokenizer: it warns once
+    hf = logging.getLogger("transformers")  # its own handler, not the root's, unless chinwag's
+    hf.addHandler(caplog.handler)  # logging set-up made it propagate
+    try:
+        summary = kb.add([long_doc])
+    finally:
+        hf.removeHandler(caplog.handler)
+    assert summary.chunks_added > 1
+    assert not [r for r in caplog.records if "sequence length" in r.getMessage()]
 
 
 def test_a_catalogue_from_before_migrations_is_upgraded_in_place_and_keeps_its_chunks(

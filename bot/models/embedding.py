@@ -111,13 +111,17 @@ class Embedder:
     def count_tokens(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        encoded = self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # Counting a whole document's tokens is the point (the chunker cuts it to the
+        # model's length), not the mistake transformers warns about on every long ingest.
+        encoded = self.model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
     def windows(self, text: str, size: int, overlap: int) -> list[str]:
         """Token windows over ``text``, cut from the original text (not decoded tokens, which
         an uncased tokenizer would lowercase and re-space)."""
-        enc = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.model.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
         offsets = enc["offset_mapping"]
         step = max(1, size - overlap)
         out = []
