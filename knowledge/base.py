@@ -73,7 +73,7 @@ class KnowledgeBase(Catalogue, Ingest, Search):
         ivf_threshold: int = 20_000,
         nprobe: int = 16,
         min_score: float = 0.3,
-        batch_size: int = 16,
+        batch_size: int = 64,
         max_file_mb: float = 200,
         faq_question_vectors: bool = True,
         commit_chunks: int = 2048,

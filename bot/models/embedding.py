@@ -39,7 +39,7 @@ class Embedder:
         self,
         model: str = DEFAULT_MODEL,
         device: str = "cpu",
-        batch_size: int = 16,
+        batch_size: int = 64,
         dtype: str = "auto",
     ) -> None:
         self.model_name = model
