@@ -35,7 +35,7 @@ EXACT_HITS = 3
 RRF_K = 60
 
 #: Words that read as code or configuration rather than prose: ``snake_case``, ``dotted.names``,
-#: ``--flags``, ``calls()``, ``CamelCase``, ``1.2.3``, anything in backticks. Not plain
+#: ``--flags`` and ``-f``, ``calls()``, ``CamelCase``, ``1.2.3``, anything in backticks. Not plain
 #: acronyms: on the FAQ corpus "ROT" or "PPE" name a topic that dozens of entries share, and
 #: ranking by them put the wrong entry first (recall@1 0.83 → 0.75).
 #: Measured on the Flask documentation (bench/qa.py): for questions phrased in plain words,
@@ -45,7 +45,7 @@ RRF_K = 60
 #: keyword list is built from these tokens only, each matched as a phrase.
 _CODE = re.compile(
     r"`([^`]{2,80})`"
-    r"|(?<![\w-])(--?[A-Za-z][\w-]+)"
+    r"|(?<![\w-])(--?[A-Za-z][\w-]*)"
     r"|([A-Za-z_]\w*(?:[._][A-Za-z_0-9]\w*)+(?:\(\))?)"
     r"|([A-Za-z_]\w*\(\))"
     r"|(\b[a-z]+[A-Z]\w*|\b[A-Z][a-z0-9]+[A-Z]\w*)"
@@ -57,8 +57,11 @@ def code_terms(text: str, *, max_terms: int = 16) -> list[str]:
     """The code-like tokens of a message, in order, without repeats."""
     found: list[str] = []
     for match in _CODE.finditer(text):
-        term = next(g for g in match.groups() if g).strip().strip("-").removesuffix("()")
-        if len(term) > 1 and term not in found:
+        raw = next(g for g in match.groups() if g).strip()
+        term = raw.strip("-").removesuffix("()")
+        # One letter is a name only as a short flag ("-h", "-v"): what FTS then matches is
+        # that letter as a word, rare in prose, and ``search`` drops it where it is common.
+        if (len(term) > 1 or raw.startswith("-")) and term and term not in found:
             found.append(term)
         if len(found) == max_terms:
             break

@@ -390,6 +390,43 @@ def test_a_question_naming_a_setting_gets_the_section_that_defines_it_first(kb, 
     assert kb.search("what restricts cookies sent to external sites?", k=1, min_score=0.95) == []
 
 
+CLI_DOCS = textwrap.dedent("""\
+    Command line tools
+    ==================
+
+    Options
+    -------
+
+    Options are declared with the ``option`` decorator. An option may be given several times
+    when ``multiple=True``; its values then arrive as a tuple.
+
+    Help pages
+    ----------
+
+    Every command gets a help page. By default only the long flag shows it. To accept the
+    short form too, pass ``context_settings={"help_option_names": ["-h", "--help"]}``.
+
+    Verbose output
+    --------------
+
+    Counting options such as ``--verbose`` count how often they were given, so ``-vvv`` is 3.
+
+    Testing
+    -------
+
+    The test runner invokes a command in isolation and captures what it prints.
+""")
+
+
+def test_a_question_naming_a_short_flag_finds_the_section_that_shows_it(kb, tmp_path):
+    """A short flag ("-h") is as much a name as ``--help``: a user asking for it wants the section
+    that shows it, however loosely the rest of the question matches."""
+    kb.add([write(tmp_path / "cli.rst", CLI_DOCS)])
+    (named,) = kb.search("how do I get my tool to answer -h?", k=1, min_score=0.95)
+    assert named.headings[-1] == "Help pages"
+    assert kb.search("how do I get my tool to answer briefly?", k=1, min_score=0.95) == []
+
+
 def test_questions_in_plain_words_rank_as_the_vectors_rank_them(faq_kb):
     cases = [json.loads(line) for line in (DATA / "faq_paraphrases.jsonl").read_text().splitlines()]
     questions = [c["question"] for c in cases]
