@@ -439,6 +439,39 @@ def test_a_conversion_from_before_the_dtype_was_in_its_name_is_reused_not_redone
     assert bf16.exists() and not legacy.exists()
 
 
+def test_converted_copies_unused_for_a_month_are_deleted_and_those_in_use_kept(smollm):
+    """Each reinstall of the model's package leaves a 0.3–0.5 GB converted copy behind; a start
+    deletes the model's copies nobody has loaded for 30 days, and nothing else in the folder."""
+    import os
+
+    from bot.models.loading import STALE_AFTER_DAYS, cached_weights
+
+    cache = smollm.cache_dir
+    month_ago = time.time() - (STALE_AFTER_DAYS + 1) * 86400
+
+    def copy(name: str, *, used: float | None = None) -> Path:
+        folder = cache / name
+        folder.mkdir()
+        for part in ("config.json", "model.safetensors"):
+            (folder / part).write_text("{}")
+            os.utime(folder / part, (month_ago, month_ago))  # converted long ago
+        if used is not None:
+            (folder / ".last_used").touch()
+            os.utime(folder / ".last_used", (used, used))
+        return folder
+
+    old_install = copy("smollm2-0123456789ab-bfloat16", used=month_ago)
+    before_dtypes = copy("smollm2-abcdef012345")  # no marker: judged by its conversion date
+    other_install = copy("smollm2-fedcba987654-bfloat16", used=time.time() - 3600)
+    not_ours = copy("tinyllama-0123456789ab-bfloat16", used=month_ago)
+
+    served = cached_weights("smollm2", dtype="bfloat16", cache_dir=cache)
+
+    assert served.exists() and (served / ".last_used").exists()
+    assert not old_install.exists() and not before_dtypes.exists()
+    assert other_install.exists() and not_ours.exists()
+
+
 def drive(tuner, speed: dict[int, float], steps: int) -> None:
     """``steps`` decode steps, each taking ``speed[threads]`` seconds."""
     for _ in range(steps):

@@ -20,9 +20,11 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,37 @@ def cached_weights(source: ModelSource | str, *, dtype: str, cache_dir: Path) ->
         cached = cache_dir / _cache_name(source, torch_dtype)
         if not (_complete(cached) or _adopt_legacy(source, cached, torch_dtype)):
             _convert(source, cached, torch_dtype)
+        _used(cached, source)
     return cached
+
+
+#: A converted copy nobody has loaded for this long is deleted (it is 0.3–0.5 GB, and
+#: converting it again, should it be wanted, takes ~25 s).
+STALE_AFTER_DAYS = 30
+_USED = ".last_used"
+
+
+def _used(cached: Path, source: ModelSource) -> None:
+    """Mark ``cached`` as in use, and delete this model's other converted copies that have not
+    been used for ``STALE_AFTER_DAYS``: every reinstall of the GGUF's package (a new path or
+    mtime, so a new digest) or dtype switch leaves one behind, and nothing else removes them."""
+    try:
+        (cached / _USED).touch()
+    except OSError:
+        return  # a read-only cache serves; it is just not tidied
+    own = re.compile(re.escape(source.name) + r"-[0-9a-f]{12}(?:-[a-z0-9]+)?")
+    cutoff = time.time() - STALE_AFTER_DAYS * 86400
+    for folder in cached.parent.iterdir():
+        if folder == cached or not own.fullmatch(folder.name) or not folder.is_dir():
+            continue
+        marker = folder / _USED if (folder / _USED).exists() else folder / "config.json"
+        try:
+            if marker.stat().st_mtime >= cutoff:
+                continue
+        except OSError:
+            continue
+        log.info("removing %s: converted weights unused for %d days", folder, STALE_AFTER_DAYS)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _cache_name(source: ModelSource, dtype: Any) -> str:
@@ -175,6 +207,7 @@ def _load_base(
     from_cache = _complete(cached) or _adopt_legacy(source, cached, torch_dtype)
     if not from_cache:
         _convert(source, cached, torch_dtype)
+    _used(cached, source)
     if implementation != "transformers":
         own = _own_decoder(cached, torch_dtype, device, required=implementation == "chinwag")
         if own is not None:
