@@ -98,13 +98,21 @@ def cached_weights(source: ModelSource | str, *, dtype: str, cache_dir: Path) ->
         source = resolve(source)
     if source.gguf_file is None:
         raise ValueError(f"{source.path} is not a GGUF file; it needs no conversion")
-    torch_dtype = getattr(torch, dtype)
     with LOAD_LOCK:
-        cached = cache_dir / _cache_name(source, torch_dtype)
-        if not (_complete(cached) or _adopt_legacy(source, cached, torch_dtype)):
-            _convert(source, cached, torch_dtype)
-        _used(cached, source)
-    return cached
+        return _converted(source, getattr(torch, dtype), cache_dir)[0]
+
+
+def _converted(source: ModelSource, dtype: Any, cache_dir: Path) -> tuple[Path, bool]:
+    """``source``'s converted folder in ``dtype``, and whether an earlier start had made it
+    (the caller holds ``LOAD_LOCK``)."""
+    stem = f"{source.name}-{_gguf_digest(source)}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    cached = cache_dir / f"{stem}-{dtype_name}"
+    found = _complete(cached) or _adopt_legacy(cache_dir / stem, cached, dtype_name)
+    if not found:
+        _convert(source, cached, dtype)
+    _used(cached, source)
+    return cached, found
 
 
 #: A converted copy nobody has loaded for this long is deleted (it is 0.3–0.5 GB, and
@@ -136,25 +144,20 @@ def _used(cached: Path, source: ModelSource) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _cache_name(source: ModelSource, dtype: Any) -> str:
-    return f"{source.name}-{_gguf_digest(source)}-{str(dtype).removeprefix('torch.')}"
-
-
 def _complete(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
 
 
-def _adopt_legacy(source: ModelSource, cached: Path, dtype: Any) -> bool:
-    """Reuse a conversion from before the dtype was part of the name, when it is in ``dtype``
+def _adopt_legacy(legacy: Path, cached: Path, dtype_name: str) -> bool:
+    """Reuse a conversion from before the dtype was part of the name, when it is in that dtype
     (renamed, not copied: a second 0.3–0.5 GB folder would be dead weight)."""
-    legacy = cached.parent / f"{source.name}-{_gguf_digest(source)}"
     if not _complete(legacy):
         return False
     try:
         config = json.loads((legacy / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    if config.get("dtype", config.get("torch_dtype")) != str(dtype).removeprefix("torch."):
+    if config.get("dtype", config.get("torch_dtype")) != dtype_name:
         return False
     # Another process may have adopted it first, or the target appeared meanwhile.
     with contextlib.suppress(OSError):
@@ -203,11 +206,7 @@ def _load_base(
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
         return _finish(model, tokenizer, device), tokenizer, source.name, False
-    cached = cache_dir / _cache_name(source, torch_dtype)
-    from_cache = _complete(cached) or _adopt_legacy(source, cached, torch_dtype)
-    if not from_cache:
-        _convert(source, cached, torch_dtype)
-    _used(cached, source)
+    cached, from_cache = _converted(source, torch_dtype, cache_dir)
     if implementation != "transformers":
         own = _own_decoder(cached, torch_dtype, device, required=implementation == "chinwag")
         if own is not None:
