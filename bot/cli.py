@@ -20,6 +20,7 @@ import typer
 from bot.config import ConfigError, Settings, load_settings
 from bot.logs import setup_logging
 from bot.plugins import PluginError, make_manager
+from bot.process import leave_abandoned
 from bot.store import StoreError
 
 app = typer.Typer(
@@ -371,7 +372,13 @@ def _plugin_commands() -> None:
 
 def main() -> None:
     _plugin_commands()
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # A model load abandoned by a stop must not turn the exit into an abort.
+        leave_abandoned(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        raise
+    leave_abandoned(0)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ import os
 import signal
 import sys
 import threading
+import weakref
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+#: Threads whose work the process may walk away from at exit (see :func:`leave_abandoned`).
+_abandonable: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 def die_with_parent() -> None:
@@ -45,3 +50,33 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def abandonable_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start ``target`` in a daemon thread the process need not wait for at exit (a model
+    still loading when SIGTERM arrives), and remember it for :func:`leave_abandoned`."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    _abandonable.add(thread)
+    thread.start()
+    return thread
+
+
+def leave_abandoned(code: int) -> None:
+    """End the process now, with ``code``, if abandoned work is still running; else return.
+
+    Python's normal exit runs C++ static destructors while such a thread may still be inside
+    torch or a tokenizer, and a destroyed ``std::thread`` that is still joinable calls
+    ``std::terminate``: a clean stop ended in SIGABRT ("terminate called without an active
+    exception", exit -6) for 2 of 8 SIGTERMs sent during the model load. ``os._exit`` skips
+    the destructors; by now the store is closed and the adapters are stopped, and the log and
+    stdio are flushed first, so nothing is lost.
+    """
+    running = [t.name for t in _abandonable if t.is_alive()]
+    if not running:
+        return
+    log.info("exiting with unfinished background work left behind: %s", ", ".join(running))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

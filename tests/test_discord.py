@@ -247,14 +247,15 @@ async def test_chinwag_run_serves_telegram_and_discord_at_once_and_stops_on_sigt
         (dc_sent,) = await fake_dc.wait_for(within=60)
         assert "/forget" in tg_sent["text"] and "/forget" in dc_sent["content"]
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        _, said = await asyncio.wait_for(proc.communicate(), 30)
+        err = said.decode()
+        assert proc.returncode == 0, err[-2000:]  # the log says why, should it ever fail
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
         await tg_server.close()
         await dc_server.close()
-    err = (await proc.stderr.read()).decode()
     assert "Discord: connected as chinwag" in err
     assert "DISCORD.SECRET.TOKEN" not in err and "TEST-TOKEN" not in err
 

@@ -203,6 +203,59 @@ def test_chinwag_run_serves_the_api_and_stops_gracefully_on_sigterm(tmp_path):
     assert "HTTP API listening" in proc.stderr.read()
 
 
+def test_a_stop_while_the_model_is_still_loading_exits_at_once_and_cleanly(tmp_path):
+    """A container stopped during the first start (the model converting, ~20 s) exits with 0
+    right away: the load is abandoned, not waited for, and not a crash on the way out
+    (it used to end in SIGABRT, "terminate called without an active exception")."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(tmp_path / "data"),  # its own model cache: the load converts
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_TRAINERS__SCHEDULE="",
+        CHINWAG_HTTP__ENABLED="true",
+        CHINWAG_HTTP__PORT=str(port),
+        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                pytest.fail("ready before the model loaded")
+            except urllib.error.HTTPError as exc:
+                reasons = json.loads(exc.read())["reasons"]
+                if "the model is loading" in reasons:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "never came up"
+            time.sleep(0.1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert code == 0, err[-2000:]
+    assert took < 10
+    assert "unfinished background work left behind: chinwag-model-load" in err
+    assert "terminate called" not in err
+
+
 async def test_readiness_is_open_and_says_why_a_worker_should_not_get_traffic(client):
     resp = await client.get("/readyz")
     assert resp.status == 200

@@ -464,12 +464,18 @@ def test_converted_copies_unused_for_a_month_are_deleted_and_those_in_use_kept(s
     before_dtypes = copy("smollm2-abcdef012345")  # no marker: judged by its conversion date
     other_install = copy("smollm2-fedcba987654-bfloat16", used=time.time() - 3600)
     not_ours = copy("tinyllama-0123456789ab-bfloat16", used=month_ago)
+    # A start killed while writing its conversion leaves the temp folder; one being written
+    # right now (another process converting) is fresh and must survive.
+    killed_mid_write = copy("smollm2-0123456789ab-bfloat16.k3_x9qzw")
+    os.utime(killed_mid_write, (month_ago, month_ago))
+    being_written = copy("smollm2-fedcba987654-bfloat16.a1b2c3d4")
 
     served = cached_weights("smollm2", dtype="bfloat16", cache_dir=cache)
 
     assert served.exists() and (served / ".last_used").exists()
     assert not old_install.exists() and not before_dtypes.exists()
-    assert other_install.exists() and not_ours.exists()
+    assert not killed_mid_write.exists()
+    assert other_install.exists() and not_ours.exists() and being_written.exists()
 
 
 def drive(tuner, speed: dict[int, float], steps: int) -> None:

@@ -130,8 +130,17 @@ def _used(cached: Path, source: ModelSource) -> None:
     except OSError:
         return  # a read-only cache serves; it is just not tidied
     own = re.compile(re.escape(source.name) + r"-[0-9a-f]{12}(?:-[a-z0-9]+)?")
+    # A conversion's temp folder (``_save_converted``) outlives it only when the process died
+    # mid-write (a kill, or a stop that abandoned the load): a day old, it is nobody's.
+    half_written = re.compile(own.pattern + r"\.[a-z0-9_]{8}")
     cutoff = time.time() - STALE_AFTER_DAYS * 86400
     for folder in cached.parent.iterdir():
+        if half_written.fullmatch(folder.name) and folder.is_dir():
+            with contextlib.suppress(OSError):
+                if folder.stat().st_mtime < time.time() - 86400:
+                    log.info("removing %s: left half-written by an interrupted start", folder)
+                    shutil.rmtree(folder, ignore_errors=True)
+            continue
         if folder == cached or not own.fullmatch(folder.name) or not folder.is_dir():
             continue
         marker = folder / _USED if (folder / _USED).exists() else folder / "config.json"

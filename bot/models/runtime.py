@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from bot.models.types import (
     ShuttingDown,
 )
 from bot.models.vllm_server import VLLMServer
-from bot.process import stop_task
+from bot.process import abandonable_thread, stop_task
 
 log = logging.getLogger(__name__)
 
@@ -478,5 +477,5 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
         except BaseException as exc:
             _resolve(future, loop, exc=exc)
 
-    threading.Thread(target=run, name="chinwag-model-load", daemon=True).start()
+    abandonable_thread(run, name="chinwag-model-load")
     return await future
