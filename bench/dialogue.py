@@ -41,6 +41,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
+from bot.logs import quiet_libraries
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

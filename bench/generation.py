@@ -39,8 +39,11 @@ import numpy as np
 import torch
 
 from bot.config import load_settings
+from bot.logs import quiet_libraries
 from bot.models import ModelRuntime
 from bot.models.vllm_server import VLLMServer
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

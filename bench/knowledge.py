@@ -39,9 +39,12 @@ sys.path.insert(0, str(ROOT))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bot.logs import quiet_libraries  # noqa: E402
 from knowledge.base import KnowledgeBase  # noqa: E402
 from knowledge.embedder import Embedder  # noqa: E402
 from knowledge.index import VectorIndex  # noqa: E402
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
 
 
 def ingest_ratio(

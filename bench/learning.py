@@ -51,6 +51,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot.logs import quiet_libraries
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
+
 ROOT = Path(__file__).resolve().parents[1]
 # bench/knowledge.py would shadow the knowledge package: run against the installed packages.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]

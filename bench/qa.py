@@ -46,7 +46,10 @@ BENCH_DATA = ROOT / "bench" / "data"
 sys.path.insert(0, str(ROOT))  # bench.corpora, and the checkout's own packages
 
 from bench.corpora import debian_docs  # noqa: E402
+from bot.logs import quiet_libraries  # noqa: E402
 from trainers.metrics import token_f1  # noqa: E402
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
 
 
 def pct(values: list[float], q: float) -> float:

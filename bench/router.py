@@ -30,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot import Context, Message, Reply, Skill, hookimpl
 from bot.core import Bot
+from bot.logs import quiet_libraries
 from bot.testing import chinwag_test_settings
+
+quiet_libraries()  # the bench's own lines, not tqdm's "Loading weights" bars
 
 
 class Trivial(Skill):
