@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ import typer
 from bot.config import ConfigError, Settings, load_settings
 from bot.logs import setup_logging
 from bot.plugins import PluginError, make_manager
-from bot.process import leave_abandoned
+from bot.process import abandoned, leave_abandoned
 from bot.store import StoreError
 
 app = typer.Typer(
@@ -377,6 +378,11 @@ def main() -> None:
     except SystemExit as exc:
         # A model load abandoned by a stop must not turn the exit into an abort.
         leave_abandoned(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        raise
+    except BaseException:
+        if abandoned():  # the traceback first: the exit below skips the one Python prints
+            traceback.print_exc()
+            leave_abandoned(1)
         raise
     leave_abandoned(0)
 

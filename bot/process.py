@@ -61,6 +61,11 @@ def abandonable_thread(target: Callable[[], None], name: str) -> threading.Threa
     return thread
 
 
+def abandoned() -> list[str]:
+    """The names of the abandonable threads still running."""
+    return [t.name for t in _abandonable if t.is_alive()]
+
+
 def leave_abandoned(code: int) -> None:
     """End the process now, with ``code``, if abandoned work is still running; else return.
 
@@ -71,7 +76,7 @@ def leave_abandoned(code: int) -> None:
     the destructors; by now the store is closed and the adapters are stopped, and the log and
     stdio are flushed first, so nothing is lost.
     """
-    running = [t.name for t in _abandonable if t.is_alive()]
+    running = abandoned()
     if not running:
         return
     log.info("exiting with unfinished background work left behind: %s", ", ".join(running))
