@@ -242,6 +242,12 @@ async def evaluate(
         if not any(corpus.relevant(c, s.location, s.title) for s in r.sources)
     ]
     result["missed"] = misses[:12]
+    # An off-corpus question answered is the failure that matters most: say what was said.
+    result["answered_off_corpus"] = [
+        (q, r.skill, answer_of(r)[:160])
+        for q, r in zip(off, off_replies, strict=True)
+        if not is_abstention(r)
+    ]
     return result
 
 
@@ -265,6 +271,8 @@ def show(name: str, r: dict[str, Any]) -> None:
     print(f"off-corpus          abstained/declined/hedged {r['off_corpus_abstained']:.2f}")
     for q, skill, where in r["missed"]:
         print(f"  missed: {q!r} → {skill} {where}")
+    for q, skill, said in r["answered_off_corpus"]:
+        print(f"  answered off-corpus: {q!r} → {skill}: {said!r}")
 
 
 async def main() -> None:
@@ -278,15 +286,23 @@ async def main() -> None:
         metavar="KEY=VALUE",
         help="a settings override, e.g. skills.qa.min_new_facts=1 (repeatable)",
     )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the knowledge bases here (a second run reuses them: nothing to re-embed)",
+    )
     args = parser.parse_args()
+    import contextlib
     import os
 
     off = [q for q in (DATA / "off_corpus_heldout.txt").read_text().splitlines() if q.strip()]
     result: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
     if args.set:
         result["overrides"] = args.set
-    with tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp:
+    kept = contextlib.nullcontext(str(args.workdir)) if args.workdir else None
+    with kept or tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (nothing else runs yet)
         for name in args.corpus:
             corpus = load_corpus(name)
             if args.limit:
@@ -298,6 +314,7 @@ async def main() -> None:
     for r in result.values():
         if isinstance(r, dict):
             r.pop("missed", None)
+            r.pop("answered_off_corpus", None)
     print(json.dumps(result))
 
 
