@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -159,26 +163,12 @@ async def test_the_dialogue_skill_streams_real_generated_tokens(tmp_path, chinwa
 
 
 def test_chinwag_run_serves_the_api_and_stops_gracefully_on_sigterm(tmp_path):
-    import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.request
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update(
-        CHINWAG_DATA_DIR=str(tmp_path / "data"),
-        CHINWAG_BOT__FALLBACK="fallback",
-        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
-        CHINWAG_HTTP__ENABLED="true",
-        CHINWAG_HTTP__PORT=str(port),
-        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
-    )
+    proc = _chinwag_run(tmp_path / "data", port, CHINWAG_BOT__FALLBACK="fallback")
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -207,27 +197,14 @@ def test_a_stop_while_the_model_is_still_loading_exits_at_once_and_cleanly(tmp_p
     """A container stopped during the first start (the model converting, ~20 s) exits with 0
     right away: the load is abandoned, not waited for, and not a crash on the way out
     (it used to end in SIGABRT, "terminate called without an active exception")."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
     import urllib.error
     import urllib.request
 
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update(
-        CHINWAG_DATA_DIR=str(tmp_path / "data"),  # its own model cache: the load converts
-        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
-        CHINWAG_TRAINERS__SCHEDULE="",
-        CHINWAG_HTTP__ENABLED="true",
-        CHINWAG_HTTP__PORT=str(port),
-        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
-    )
+    # Its own data dir and so its own model cache: the load converts the GGUF.
+    proc = _chinwag_run(tmp_path / "data", port, CHINWAG_TRAINERS__SCHEDULE="")
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -289,6 +266,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _chinwag_run(data: Path, port: int, **settings: str) -> subprocess.Popen[str]:
+    """``chinwag run`` in a process of its own, serving the HTTP API on ``port``, with no
+    CHINWAG_ setting from the test's environment: only these, and ``settings`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
+    env.update(
+        CHINWAG_DATA_DIR=str(data),
+        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
+        CHINWAG_HTTP__ENABLED="true",
+        CHINWAG_HTTP__PORT=str(port),
+        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
+        **settings,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
 def _post(port: int, text: str, chat: str, timeout: float = 60) -> dict:
     import urllib.request
 
@@ -303,33 +297,23 @@ def _post(port: int, text: str, chat: str, timeout: float = 60) -> dict:
 def test_sigterm_under_model_load_answers_everyone_and_exits_on_time(tmp_path, chinwag_model_cache):
     """In-flight generations are cancelled: each waiting user gets the short shutdown notice,
     every inbound message stays in the log, and the process is gone within its grace period."""
-    import os
     import signal
     import sqlite3
-    import subprocess
-    import sys
     import time
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
     port = _free_port()
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
-    env.update(
-        CHINWAG_DATA_DIR=str(data),
+    proc = _chinwag_run(
+        data,
+        port,
         CHINWAG_MODELS__CACHE_DIR=str(chinwag_model_cache),
-        CHINWAG_SKILLS__SENTIMENT__TRAIN_IF_MISSING="false",
         CHINWAG_SKILLS__DIALOGUE__MAX_NEW_TOKENS="400",
         CHINWAG_SKILLS__DIALOGUE__MAX_REPLY_CHARS="5000",
         CHINWAG_BOT__SHUTDOWN_TIMEOUT_S="15",
         CHINWAG_RATE_LIMIT__ENABLED="false",
         CHINWAG_TRAINERS__SCHEDULE="",
-        CHINWAG_HTTP__ENABLED="true",
-        CHINWAG_HTTP__PORT=str(port),
-        CHINWAG_HTTP__TOKENS=json.dumps([TOKEN]),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bot.cli", "run"], env=env, stderr=subprocess.PIPE, text=True
     )
     pool = ThreadPoolExecutor(6)
     try:
@@ -382,10 +366,7 @@ def test_sigterm_under_model_load_answers_everyone_and_exits_on_time(tmp_path, c
 )
 def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path, child, settings, min_nice):
     """SIGKILL leaves no cleanup code running: the kernel ends the trainer process."""
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
@@ -446,10 +427,6 @@ def test_a_trainer_child_does_not_outlive_a_killed_bot(tmp_path, child, settings
 
 
 def test_enabling_the_api_without_a_token_is_a_configuration_error(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHINWAG_")}
     env.update(CHINWAG_DATA_DIR=str(tmp_path / "data"), CHINWAG_HTTP__ENABLED="true")
     result = subprocess.run(
