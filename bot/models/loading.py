@@ -137,11 +137,12 @@ def _used(cached: Path, source: ModelSource) -> None:
     # A conversion's temp folder (``_save_converted``) outlives it only when the process died
     # mid-write (a kill, or a stop that abandoned the load): a day old, it is nobody's.
     half_written = re.compile(own.pattern + r"\.[a-z0-9_]{8}")
-    cutoff = time.time() - STALE_AFTER_DAYS * 86400
+    now = time.time()
+    cutoff, day_ago = now - STALE_AFTER_DAYS * 86400, now - 86400
     for folder in cached.parent.iterdir():
         if half_written.fullmatch(folder.name) and folder.is_dir():
             with contextlib.suppress(OSError):
-                if folder.stat().st_mtime < time.time() - 86400:
+                if folder.stat().st_mtime < day_ago:
                     log.info("removing %s: left half-written by an interrupted start", folder)
                     shutil.rmtree(folder, ignore_errors=True)
             continue
@@ -195,7 +196,7 @@ def _gguf_digest(source: ModelSource) -> str:
     another quantisation changes the header and the size, a fine-tune (even one that changed a
     tenth of the weights) the sampled blocks, all but certainly.
     """
-    path = Path(source.path) / (source.gguf_file or "")
+    path = _gguf_path(source)
     size = path.stat().st_size
     digest = hashlib.sha256(f"{size}:".encode())
     with path.open("rb") as f:
@@ -207,9 +208,13 @@ def _gguf_digest(source: ModelSource) -> str:
     return digest.hexdigest()[:12]
 
 
+def _gguf_path(source: ModelSource) -> Path:
+    return Path(source.path) / (source.gguf_file or "")
+
+
 def _location_digest(source: ModelSource) -> str:
     """The digest earlier versions named conversions by (path, size and mtime)."""
-    path = Path(source.path) / (source.gguf_file or "")
+    path = _gguf_path(source)
     stat = path.stat()
     return hashlib.sha256(
         f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
