@@ -376,6 +376,51 @@ async def test_the_prefix_cache_stays_within_its_token_budget(tokenizer, impl):
         await asyncio.to_thread(small.stop)
 
 
+def reference_likelihood(model, tokenizer, messages, text) -> float:
+    """log P(text | prompt) from one plain forward pass over the whole sequence."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    target = tokenizer.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + target])).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    return float(logprobs.gather(1, torch.tensor(target)[:, None]).sum())
+
+
+async def test_a_texts_likelihood_after_a_prompt_is_what_the_model_computes_in_one_pass(
+    backend, tokenizer
+):
+    """The backend scores through its KV cache in two steps; the figure must be the one a
+    single forward pass gives, in both implementations (re-ranking trusts it)."""
+    reference = tiny_model(tokenizer, "transformers")  # the same seed: the same weights
+    requests = [
+        (ask("Here is a passage about Paris."), "What is the capital of France?"),
+        (ask("Write a question."), "Why?"),
+    ]
+    scores = await backend.score(requests)
+    for (messages, text), got in zip(requests, scores, strict=True):
+        assert got.tokens == len(tokenizer.encode(text, add_special_tokens=False))
+        want = reference_likelihood(reference, tokenizer, messages, text)
+        assert got.logprob == pytest.approx(want, abs=1e-3)
+
+
+async def test_scoring_between_decode_steps_leaves_running_replies_as_they_would_be(backend):
+    alone = await backend.generate(ask("hello there"), GenerationParams(max_new_tokens=24))
+    steps = backend.stats["steps"]
+    running = asyncio.create_task(
+        backend.generate(ask("hello there"), GenerationParams(max_new_tokens=24))
+    )
+    await until(lambda: backend.stats["steps"] > steps + 2)  # the reply is being decoded
+    scores = await backend.score([(ask("a passage"), "a question?")] * 3)
+    assert len(scores) == 3 and all(s.logprob < 0 for s in scores)
+    assert (await running).text == alone.text
+
+
+async def test_scoring_past_its_deadline_stops_and_says_so(backend):
+    with pytest.raises(TimeoutError):
+        await backend.score([(ask("a passage"), "a question?")] * 3, deadline=time.monotonic())
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def smollm(tmp_path_factory):
     settings = load_settings(
@@ -394,6 +439,25 @@ async def test_the_embedded_smollm2_answers_a_question(smollm):
     )
     assert "Paris" in result.text
     assert (result.model, result.adapter, result.finish_reason) == ("smollm2", None, "stop")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_question_is_likelier_after_the_passage_that_answers_it(smollm):
+    """What the QA skill's re-ranking rests on (skills/qa.py): the embedded model finds a
+    question likelier after the passage that answers it than after one that only shares a
+    word with it, and likelier after either than after no passage."""
+    question = "Is Pluto a planet?"
+    answers = "Pluto was reclassified as a dwarf planet by the IAU in 2006; it is not a planet."
+    shares_a_word = "class Planet(Enum): MERCURY = (3.303e+23, 2.4397e6) EARTH = (5.97e+24, 6.37e6)"
+    right, wrong, none = await smollm.score(
+        [
+            (ask(f"{answers}\n\nWrite a question that this passage answers."), question),
+            (ask(f"{shares_a_word}\n\nWrite a question that this passage answers."), question),
+            (ask("Write a question."), question),
+        ]
+    )
+    assert right.logprob > wrong.logprob
+    assert right.logprob > none.logprob
 
 
 @pytest.mark.asyncio(loop_scope="session")

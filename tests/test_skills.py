@@ -1040,3 +1040,101 @@ async def test_citations_link_to_the_section_where_the_docs_are_published(
     assert (
         f"[1] Uploading Files › Improving Uploads (patterns/fileuploads.rst.txt) — {url}" in qa.text
     )
+
+
+ENUM_DOC = """\
+Enum Cookbook
+=============
+
+Planet
+------
+
+If ``__new__()`` or ``__init__()`` is defined, the value of the enum member will be passed
+to those methods::
+
+    >>> class Planet(Enum):
+    ...     MERCURY = (3.303e+23, 2.4397e6)
+    ...     VENUS   = (4.869e+24, 6.0518e6)
+    ...     EARTH   = (5.976e+24, 6.37814e6)
+    ...     MARS    = (6.421e+23, 3.3972e6)
+    ...     JUPITER = (1.9e+27,   7.1492e7)
+    ...     SATURN  = (5.688e+26, 6.0268e7)
+    ...     URANUS  = (8.686e+25, 2.5559e7)
+    ...     NEPTUNE = (1.024e+26, 2.4746e7)
+    ...     def __init__(self, mass, radius):
+    ...         self.mass = mass       # in kilograms
+    ...         self.radius = radius   # in meters
+    ...     @property
+    ...     def surface_gravity(self):
+    ...         # universal gravitational constant  (m3 kg-1 s-2)
+    ...         G = 6.67300E-11
+    ...         return G * self.mass / (self.radius * self.radius)
+    ...
+    >>> Planet.EARTH.value
+    (5.976e+24, 6378140.0)
+    >>> Planet.EARTH.surface_gravity
+    9.802652743337129
+
+Weekday
+-------
+
+Aliases for day numbers, where MONDAY is 0 and SUNDAY is 6::
+
+    >>> class Weekday(IntEnum):
+    ...     MONDAY = 0
+    ...     SUNDAY = 6
+
+Duplicate-free enums
+--------------------
+
+Raises an error if a duplicate member value is found instead of creating an alias. Use
+the ``unique()`` decorator when that is the only change you need.
+"""
+
+
+async def test_a_question_that_only_shares_a_word_with_a_passage_gets_i_dont_know(
+    tmp_path, chinwag_model_cache, sentiment_registry
+):
+    """On a large corpus some passage always shares a word with an off-topic question, and
+    often matches it as closely as real questions match their answers: "is pluto a planet"
+    scored 0.5 against the enum HOWTO's Planet example and was answered with its code. The
+    model's re-ranking asks whether the passage explains the question, not whether it
+    shares its words."""
+    from bot.testing import ChatUser
+
+    doc = tmp_path / "docs" / "enum.rst"
+    doc.parent.mkdir()
+    doc.write_text(ENUM_DOC)
+    async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
+        await bot.services["knowledge"].add([doc])
+        (pluto,) = await ChatUser(bot, user_id="a").send("is pluto a planet?")
+        (enum,) = await ChatUser(bot, user_id="b").send(
+            "how can each member of my enum carry extra data, like a planet's mass and radius?"
+        )
+    assert pluto.skill == "qa" and pluto.text.startswith("I don't know.")
+    assert pluto.metadata["why"] == "no passage is about the question" and not pluto.sources
+    assert enum.skill == "qa" and not enum.metadata.get("abstained")
+    assert enum.sources[0].title.startswith("Enum Cookbook › Planet")
+    assert enum.metadata["relevance"][0] >= 0.3
+
+
+async def test_a_model_too_busy_to_re_rank_still_answers_from_the_searchs_order(
+    tmp_path, chinwag_model_cache, sentiment_registry
+):
+    from bot.models import RuntimeBusy
+    from bot.testing import ChatUser
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
+
+    doc = tmp_path / "docs" / "enum.rst"
+    doc.parent.mkdir()
+    doc.write_text(ENUM_DOC)
+    async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
+        await bot.services["knowledge"].add([doc])
+        bot.models.score = refuse
+        (reply,) = await ChatUser(bot).send(
+            "how can each member of my enum carry extra data, like a planet's mass and radius?"
+        )
+    assert reply.skill == "qa" and "relevance" not in reply.metadata
+    assert reply.sources[0].title.startswith("Enum Cookbook › Planet")

@@ -25,6 +25,7 @@ from bot.models.types import (
     ChatMessages,
     Generation,
     GenerationParams,
+    Likelihood,
     ModelError,
     RuntimeBusy,
     ShuttingDown,
@@ -339,6 +340,22 @@ class ModelRuntime:
             finally:
                 if not task.done():
                     task.cancel()
+
+    async def score(
+        self, requests: list[tuple[ChatMessages, str]], *, within_s: float | None = None
+    ) -> list[Likelihood]:
+        """How likely the base model finds each text as the reply to its prompt.
+
+        Raises :class:`TimeoutError` past the deadline, :class:`RuntimeBusy` while the model
+        is loading, and :class:`ModelError` on a backend that cannot score (a remote server):
+        callers treat all three as "no scores" and go on without.
+        """
+        deadline = self.deadline(within_s)
+        backend = await self._start_by(deadline)
+        if not isinstance(backend, LocalBackend):
+            raise ModelError("scoring texts needs the local model (not a model server)")
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await backend.score(requests, deadline=deadline)
 
     async def _start_by(self, deadline: float) -> Backend:
         """``start``, but a model still loading at the deadline is an honest "busy"."""

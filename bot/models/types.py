@@ -79,3 +79,17 @@ class Generation:
     trimmed_turns: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, frozen=True)
+class Likelihood:
+    """How likely the model finds a text after a prompt: ``logprob`` summed over its
+    ``tokens``. Compared between prompts for the same text, it says which prompt the text
+    follows from best (skills/qa.py re-ranks passages by it)."""
+
+    logprob: float
+    tokens: int
+
+    @property
+    def per_token(self) -> float:
+        return self.logprob / max(1, self.tokens)
