@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -175,6 +176,9 @@ async def evaluate(
         _deep_merge({"knowledge": {"directory": work / corpus.name / "kb"}}, overrides or {}),
         models,
     )
+    # A kept --workdir keeps its knowledge base, not its conversations: the store would take
+    # this run's messages (the same chats and ids) for redeliveries of the last run's.
+    shutil.rmtree(settings.data_dir, ignore_errors=True)
     kb = from_settings(settings)
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     summary = kb.add(corpus.files)

@@ -385,9 +385,9 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor,
         cache: KVCache,
         adapters: list[str | None] | None = None,
-        last_only: bool = False,
+        last_only: bool | int = False,
     ) -> torch.Tensor:
-        """Next-token logits ``[B, T or 1, vocab]``.
+        """Next-token logits ``[B, T or 1, vocab]`` (``last_only=n``: the last ``n`` positions').
 
         ``attention_mask`` covers the cached and the new tokens (1 real, 0 padding, left
         padded as the engine keeps its batch); ``position_ids`` are the new tokens' positions;
@@ -411,7 +411,7 @@ class Decoder(nn.Module):
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = layer(x, cos, sin, allowed, kv, rows)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -int(last_only) :]
         return self.lm_head(self.norm(x))
 
     # -- adapters ------------------------------------------------------------------------------

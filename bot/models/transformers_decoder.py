@@ -61,13 +61,13 @@ class TransformersDecoder:
         position_ids: Any,
         cache: Any,
         adapters: list[str | None] | None = None,
-        last_only: bool = False,
+        last_only: bool | int = False,
     ) -> Any:
         inputs: dict[str, Any] = {}
         if self._peft:  # importing peft costs seconds: only once an adapter was loaded
             inputs["adapter_names"] = [a or BASE for a in adapters or [None] * len(input_ids)]
         if last_only:
-            inputs["logits_to_keep"] = 1
+            inputs["logits_to_keep"] = int(last_only)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
