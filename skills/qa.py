@@ -92,7 +92,7 @@ class QAConfig(BaseModel):
     #: Passages the search hands to the re-ranking (the best ``top_k`` of them are kept).
     rerank_candidates: int = Field(5, ge=1, le=20)
     #: Re-ranking slower than this (a busy model) is skipped: the fused rank answers.
-    rerank_timeout_s: float = Field(3.0, gt=0)
+    rerank_timeout_s: float = Field(4.0, gt=0)
     #: How much the best passage must raise the question's likelihood over no passage at all
     #: (nats per question token) for the skill to answer from it; below, it says it doesn't
     #: know. Questions the documentation answers scored 0.49–1.97 on the Python docs; "is

@@ -62,6 +62,56 @@ def _can_prepack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _timed(fn: Any, repeat: int = 30) -> float:
+    """Median seconds of ``fn()`` after a few warm-up calls."""
+    import time
+
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _int8_pays(model: Any, rows: int) -> bool:
+    """Whether the int8 kernel beats the plain one on this CPU, measured on the model's
+    largest layer at ``rows`` rows (a decode step's shape; ~50 ms).
+
+    It does where the CPU has fast int8 dot products (AVX512-VNNI: 2.3–2.8× at 1–2 rows on
+    the project's machine) and loses badly where it has not: on an AVX2-only EPYC the int8
+    path made decode steps 3× slower (47 → 140 ms) once the layers were converted.
+    """
+    layers = [m for n, m in model.named_modules() if type(m) is nn.Linear and "lora_" not in n]
+    if not layers:
+        return False
+    layer = max(layers, key=lambda m: m.weight.numel())
+    w = layer.weight.detach()
+    if w.device.type != "cpu":
+        return False
+    wf = w.float()
+    s = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = s.to(w.dtype)
+    slowest = 0.0
+    with torch.inference_mode():
+        for n in sorted({1, rows}):
+            x = torch.randn(n, w.shape[1], dtype=w.dtype)
+            plain = _timed(lambda x=x: torch.nn.functional.linear(x, w))
+            int8 = _timed(lambda x=x: torch.ops.aten._weight_int8pack_mm(x, q, scale))
+            slowest = max(slowest, int8 / max(plain, 1e-9))
+    pays = slowest < 0.9
+    log.info(
+        "int8 decode kernel %s: %.2f× the plain kernel's time at up to %d rows",
+        "used" if pays else "not used (slower on this CPU)",
+        slowest,
+        rows,
+    )
+    return pays
+
+
 def convert(model: Any, *, int8: bool = True, max_rows: int = 4) -> int:
     """Turn every ``nn.Linear`` of ``model`` into a :class:`FastLinear`; returns how many.
 
@@ -70,6 +120,8 @@ def convert(model: Any, *, int8: bool = True, max_rows: int = 4) -> int:
     it on its model worker, between steps.
     """
     use_int8 = int8 and max_rows > 0 and _can_int8()
+    if use_int8:
+        use_int8 = _int8_pays(model, max_rows)
     count = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type != "cpu":
