@@ -668,3 +668,33 @@ async def test_a_superseded_reply_ends_with_what_it_has_and_a_waiting_one_is_dro
     finally:
         SUPERSEDED.reset(token)
     assert (await backend.generate(ask("hi"), GREEDY)).completion_tokens > 0
+
+
+@pytest.mark.parametrize(("int8_time", "used"), [(0.4, True), (3.0, False)])
+def test_int8_decode_layers_are_used_only_where_this_cpu_runs_them_faster(
+    monkeypatch, int8_time, used
+):
+    """On an AVX2-only CPU the int8 kernel made every decode step 3× slower once the layers
+    were converted; the conversion now measures both kernels first and keeps the faster."""
+    from torch import nn
+
+    from bot.models import cpu_linear
+
+    calls = []
+
+    def fake_timed(fn, repeat=30):
+        kernel = "int8" if "_weight_int8pack_mm" in fn.__code__.co_names else "plain"
+        calls.append(kernel)
+        return int8_time if kernel == "int8" else 1.0
+
+    monkeypatch.setattr(cpu_linear, "_timed", fake_timed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        before = model(x)
+        cpu_linear.convert(model, int8=True, max_rows=4)
+        after = model(x)
+    assert {"int8", "plain"} <= set(calls)  # both kernels were measured
+    assert (getattr(model[0], "w_int8", None) is not None) is used
+    # Either way the layers compute what they did (int8: within its rounding).
+    assert torch.allclose(before, after, atol=0.05 if used else 1e-6)

@@ -1105,7 +1105,12 @@ async def test_a_question_that_only_shares_a_word_with_a_passage_gets_i_dont_kno
     doc = tmp_path / "docs" / "enum.rst"
     doc.parent.mkdir()
     doc.write_text(ENUM_DOC)
-    async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
+    # The decision is the point here, not its speed: a busy machine must not turn it into the
+    # search-order fallback (tested below).
+    patient = {"qa": {"rerank_timeout_s": 120.0}}
+    async with await _docs_bot(
+        tmp_path, chinwag_model_cache, sentiment_registry, {}, skills=patient
+    ) as bot:
         await bot.services["knowledge"].add([doc])
         (pluto,) = await ChatUser(bot, user_id="a").send("is pluto a planet?")
         (enum,) = await ChatUser(bot, user_id="b").send(
