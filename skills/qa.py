@@ -405,6 +405,12 @@ class QASkill(Skill):
             return None
         null = scores[-1].logprob
         relevance = [(s.logprob - null) / max(1, s.tokens) for s in scores[:-1]]
+        if faq_question(passages[0].text) is not None:
+            # A FAQ pair was found by its own question's vector: a person's wording of what
+            # it answers, which matches users better than the model's guess does (the FAQ's
+            # right pair first for 0.83 of questions by the search, 0.69 re-ranked). Its
+            # relevance still decides whether to answer.
+            return passages, relevance
         order = sorted(range(len(passages)), key=lambda i: -scores[i].logprob)
         return [passages[i] for i in order], [relevance[i] for i in order]
 
