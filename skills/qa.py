@@ -403,6 +403,9 @@ class QASkill(Skill):
         except (TimeoutError, ModelError) as exc:
             log.info("qa: passages not re-ranked (%s); the search's order stands", exc or "slow")
             return None
+        except Exception:  # a ranking is not worth losing the answer over
+            log.exception("qa: re-ranking failed; the search's order stands")
+            return None
         null = scores[-1].logprob
         relevance = [(s.logprob - null) / max(1, s.tokens) for s in scores[:-1]]
         if faq_question(passages[0].text) is not None:

@@ -416,6 +416,21 @@ async def test_scoring_between_decode_steps_leaves_running_replies_as_they_would
     assert (await running).text == alone.text
 
 
+async def test_scoring_waits_for_no_one_when_every_slot_is_taken(tokenizer):
+    """Re-ranking is optional work: with the batch full, it is refused at once rather than
+    hold up the replies people are waiting for."""
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", max_batch_size=1)
+    b.start()
+    try:
+        running = asyncio.create_task(b.generate(ask("hi"), GenerationParams(max_new_tokens=400)))
+        await until(lambda: b.stats["steps"] > 0)
+        with pytest.raises(RuntimeBusy, match="not scoring"):
+            await b.score([(ask("a passage"), "a question?")])
+        running.cancel()
+    finally:
+        await asyncio.to_thread(b.stop)
+
+
 async def test_scoring_past_its_deadline_stops_and_says_so(backend):
     with pytest.raises(TimeoutError):
         await backend.score([(ask("a passage"), "a question?")] * 3, deadline=time.monotonic())

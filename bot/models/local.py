@@ -376,6 +376,14 @@ class LocalBackend:
         at a time rather than by all five at once. Past ``deadline`` it stops and raises
         :class:`TimeoutError` — the caller has a cheaper answer to fall back to.
         """
+        with self._lock:
+            if self._pending >= self.max_batch_size:
+                # Every slot is taken and more may be queued: scoring now would hold up
+                # replies people are waiting for, for a ranking the caller can do without.
+                raise RuntimeBusy(
+                    f"the model is busy ({self._pending} requests); not scoring",
+                    retry_after_s=self._retry_after(GenerationParams()),
+                )
         out: list[Likelihood] = []
         for messages, text in requests:
             if self._stopping:
