@@ -774,7 +774,7 @@ async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_cha
     async def refuse(*args, **kwargs):
         raise RuntimeBusy("the model cannot answer in time", retry_after_s=7.2)
 
-    chinwag_bot.models.generate = refuse
+    chinwag_bot.models.generate = refuse_busy
     user = chinwag_chat()
     started = time.monotonic()
     (chatty,) = await user.send("Hello there, nice weather today.")
@@ -978,6 +978,20 @@ MAX_CONTENT_LENGTH config key. A larger upload is then refused with a 413 error.
 """
 
 
+async def refuse_busy(*args, **kwargs):
+    """A model call as a saturated runtime answers it."""
+    from bot.models import RuntimeBusy
+
+    raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
+
+
+def write_doc(tmp_path, name: str, text: str):
+    doc = tmp_path / "docs" / name
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(text)
+    return doc
+
+
 async def _docs_bot(tmp_path, model_cache, registry, knowledge: dict, **more):
     """A bot over its own documentation folder (the shared FAQ index stays as it is)."""
     from bot.core import Bot
@@ -998,18 +1012,12 @@ async def _docs_bot(tmp_path, model_cache, registry, knowledge: dict, **more):
 async def test_a_quoted_answer_is_the_sentence_that_answers_not_the_section_opening(
     tmp_path, chinwag_model_cache, sentiment_registry
 ):
-    from bot.models import RuntimeBusy
     from bot.testing import ChatUser
 
-    async def refuse(*args, **kwargs):
-        raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
-
-    doc = tmp_path / "docs" / "uploads.rst"
-    doc.parent.mkdir()
-    doc.write_text(UPLOADS_DOC)
+    doc = write_doc(tmp_path, "uploads.rst", UPLOADS_DOC)
     async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
         await bot.services["knowledge"].add([doc])
-        bot.models.generate = refuse
+        bot.models.generate = refuse_busy
         (qa,) = await ChatUser(bot).send(
             "Can I put a cap on how big uploaded files are allowed to be?"
         )
@@ -1102,9 +1110,7 @@ async def test_a_question_that_only_shares_a_word_with_a_passage_gets_i_dont_kno
     shares its words."""
     from bot.testing import ChatUser
 
-    doc = tmp_path / "docs" / "enum.rst"
-    doc.parent.mkdir()
-    doc.write_text(ENUM_DOC)
+    doc = write_doc(tmp_path, "enum.rst", ENUM_DOC)
     # The decision is the point here, not its speed: a busy machine must not turn it into the
     # search-order fallback (tested below).
     patient = {"qa": {"rerank_timeout_s": 120.0}}
@@ -1126,18 +1132,12 @@ async def test_a_question_that_only_shares_a_word_with_a_passage_gets_i_dont_kno
 async def test_a_model_too_busy_to_re_rank_still_answers_from_the_searchs_order(
     tmp_path, chinwag_model_cache, sentiment_registry
 ):
-    from bot.models import RuntimeBusy
     from bot.testing import ChatUser
 
-    async def refuse(*args, **kwargs):
-        raise RuntimeBusy("the model cannot answer in time", retry_after_s=3)
-
-    doc = tmp_path / "docs" / "enum.rst"
-    doc.parent.mkdir()
-    doc.write_text(ENUM_DOC)
+    doc = write_doc(tmp_path, "enum.rst", ENUM_DOC)
     async with await _docs_bot(tmp_path, chinwag_model_cache, sentiment_registry, {}) as bot:
         await bot.services["knowledge"].add([doc])
-        bot.models.score = refuse
+        bot.models.score = refuse_busy
         (reply,) = await ChatUser(bot).send(
             "how can each member of my enum carry extra data, like a planet's mass and radius?"
         )

@@ -19,11 +19,15 @@ not saved with the model.
 
 from __future__ import annotations
 
+import functools
 import logging
+from statistics import median
 from typing import Any
 
 import torch
 from torch import nn
+
+from bot.models.tuning import _time
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +66,11 @@ def _can_prepack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _timed(fn: Any, repeat: int = 30) -> float:
-    """Median seconds of ``fn()`` after a few warm-up calls."""
-    import time
-
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row symmetric int8 weights and their scales (in ``w``'s dtype)."""
+    wf = w.float()
+    s = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8), s.to(w.dtype)
 
 
 def _int8_pays(model: Any, rows: int) -> bool:
@@ -91,16 +88,14 @@ def _int8_pays(model: Any, rows: int) -> bool:
     w = layer.weight.detach()
     if w.device.type != "cpu":
         return False
-    wf = w.float()
-    s = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
-    scale = s.to(w.dtype)
+    q, scale = _quantize(w)
     slowest = 0.0
+    int8_mm = torch.ops.aten._weight_int8pack_mm
     with torch.inference_mode():
         for n in sorted({1, rows}):
             x = torch.randn(n, w.shape[1], dtype=w.dtype)
-            plain = _timed(lambda x=x: torch.nn.functional.linear(x, w))
-            int8 = _timed(lambda x=x: torch.ops.aten._weight_int8pack_mm(x, q, scale))
+            plain = _time(functools.partial(torch.nn.functional.linear, x, w), 30, median)
+            int8 = _time(functools.partial(int8_mm, x, q, scale), 30, median)
             slowest = max(slowest, int8 / max(plain, 1e-9))
     pays = slowest < 0.9
     log.info(
@@ -131,10 +126,7 @@ def convert(model: Any, *, int8: bool = True, max_rows: int = 4) -> int:
         w = module.weight.detach()
         q = scale = packed = None
         if use_int8:
-            wf = w.float()
-            s = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
-            scale = s.to(w.dtype)
+            q, scale = _quantize(w)
         if w.dtype == torch.bfloat16 and _can_prepack():
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
