@@ -304,7 +304,9 @@ class QASkill(Skill):
         if cfg.generate:
             runtime = ctx.bot.models
             try:
-                adapter = await runtime.resolve_adapter(cfg.adapter)
+                adapter = await runtime.resolve_adapter(
+                    cfg.adapter, within_s=cfg.generate_timeout_s
+                )
                 # A busy runtime refuses at once (RuntimeBusy) and the quote below answers:
                 # the user gets the passage in a second rather than a generated answer late.
                 generation = await runtime.generate(

@@ -774,7 +774,8 @@ async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_cha
     async def refuse(*args, **kwargs):
         raise RuntimeBusy("the model cannot answer in time", retry_after_s=7.2)
 
-    chinwag_bot.models.generate = refuse_busy
+    await chinwag_bot.models.start()  # loaded, and then overloaded
+    chinwag_bot.models.generate = refuse  # 7.2 s is rounded up: never promise too soon
     user = chinwag_chat()
     started = time.monotonic()
     (chatty,) = await user.send("Hello there, nice weather today.")
@@ -786,6 +787,34 @@ async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_cha
     assert "weeks" in qa.text  # the cheap answer: the passage itself
     rows = await chinwag_bot.store.messages()
     assert [r.kind for r in rows if r.direction == "out"][-2:] == ["busy", "answer"]
+
+
+async def test_a_message_while_the_model_is_still_loading_gets_an_honest_busy_in_time(tmp_path):
+    """A first start converts the packaged GGUF (~25 s on a busy 2-core machine): whoever writes
+    meanwhile hears "busy" by the skill's deadline, and the load goes on for the next message."""
+    import time
+
+    from bot.core import Bot
+    from bot.testing import ChatUser, chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "models": {"cache_dir": str(tmp_path / "cold-cache"), "device": "cpu"},
+            "skills": {"dialogue": {"timeout_s": 2.0}},
+        },
+    )
+    bot = Bot(settings)
+    await bot.start()
+    try:
+        started = time.monotonic()
+        (reply,) = await ChatUser(bot).send("Hello there, nice weather today.")
+        assert time.monotonic() - started < 5
+        assert (reply.kind, reply.skill) == ("busy", "dialogue")
+        assert "try again in about" in reply.text
+        await asyncio.wait_for(bot.models.start(), timeout=300)  # nobody cancelled the load
+    finally:
+        await bot.stop()
 
 
 # -- whole conversations and the first start --------------------------------------------------

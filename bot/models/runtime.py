@@ -455,10 +455,15 @@ class ModelRuntime:
         """
         return name if name in self.adapters() else None
 
-    async def resolve_adapter(self, name: str) -> str | None:
+    async def resolve_adapter(self, name: str, *, within_s: float | None = None) -> str | None:
         """Like :meth:`adapter_for`, after starting the runtime (which loads the adapters), so
-        the first reply after a start uses the adapter too."""
-        await self.start()
+        the first reply after a start uses the adapter too.
+
+        Waits for a loading model only until the request's deadline (``within_s``, the
+        skill's, the runtime's), then raises :class:`RuntimeBusy`: a message that arrives
+        while a GGUF converts (~25 s on a first start) gets an honest "still loading" in
+        time rather than an answer whenever the load is done."""
+        await self._start_by(self.deadline(within_s))
         return self.adapter_for(name)
 
     def count_tokens(self, text: str) -> int:
