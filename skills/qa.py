@@ -398,6 +398,15 @@ class QASkill(Skill):
         is as similar to the enum HOWTO's ``Planet`` example (0.5) as real questions are to
         their answers, but that passage does not make the question any likelier.
         """
+        if faq_question(passages[0].text) is not None:
+            # A FAQ pair was found by its own question's vector: a person's wording of what
+            # it answers, which matches users better than the model's guess does (the FAQ's
+            # right pair first for 0.83 of questions by the search, 0.69 re-ranked). The order
+            # stands; only the passages that could be cited are scored, for their relevance.
+            top = passages[0]
+            passages = [top] + [
+                p for p in passages[1 : cfg.top_k] if p.score >= top.score - cfg.cite_margin
+            ]
         requests = [(relevance_prompt(p, cfg.passage_chars), question) for p in passages]
         requests.append((NO_PASSAGE, question))
         try:
@@ -411,11 +420,7 @@ class QASkill(Skill):
         null = scores[-1].logprob
         relevance = [(s.logprob - null) / max(1, s.tokens) for s in scores[:-1]]
         if faq_question(passages[0].text) is not None:
-            # A FAQ pair was found by its own question's vector: a person's wording of what
-            # it answers, which matches users better than the model's guess does (the FAQ's
-            # right pair first for 0.83 of questions by the search, 0.69 re-ranked). Its
-            # relevance still decides whether to answer.
-            return passages, relevance
+            return passages, relevance  # the search's order; relevance decides whether to answer
         order = sorted(range(len(passages)), key=lambda i: -scores[i].logprob)
         return [passages[i] for i in order], [relevance[i] for i in order]
 

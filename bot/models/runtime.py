@@ -169,12 +169,22 @@ class ModelRuntime:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None
         self.loaded_from_cache = cached
-        threads = None
+        threads = prefill_threads = None
         tune_when_idle = None
         if str(next(model.parameters()).device) == "cpu":
-            from bot.models.tuning import ThreadTuner
+            from bot.models.tuning import ThreadTuner, thread_candidates
 
-            threads = ThreadTuner(None if cfg.threads == "auto" else [int(cfg.threads)])
+            candidates = None if cfg.threads == "auto" else [int(cfg.threads)]
+            threads = ThreadTuner(candidates)
+            # Prefill and scoring passes are arithmetic-bound: start them on every core, look
+            # at fewer soon (they are rarer than decode steps), and look again often enough
+            # that a neighbour taking a core is noticed within a few questions.
+            prefill_threads = ThreadTuner(
+                candidates,
+                start=max(candidates or thread_candidates()),
+                explore_every=32,
+                first_look=8,
+            )
             from bot.models.cpu_linear import convert
 
             def tune() -> None:
@@ -192,6 +202,7 @@ class ModelRuntime:
             prefill_tokens=cfg.prefill_tokens,
             max_start_wait_s=cfg.max_start_wait_s,
             threads=threads,
+            prefill_threads=prefill_threads,
             prefix_cache_tokens=cfg.prefix_cache_tokens,
             # Faster CPU layers cost a second or two to prepare: done by the worker the first
             # time it is idle after serving, so neither the start nor the first reply waits.

@@ -116,6 +116,13 @@ class ThreadTuner:
     (at once too when steps suddenly take under two thirds of their usual time: the core it
     gave up may be free again).
     The default candidates are ``thread_candidates()``.
+
+    The engine keeps two: decode steps (a few rows, bound by memory bandwidth, often fastest
+    on one thread of two) and prefill or scoring passes (hundreds of rows, bound by
+    arithmetic). Run on the decode tuner's single thread, a QA question's five scoring passes
+    took 0.8 s each instead of 0.5 s on 2 idle cores — the count that suits one does not
+    suit the other. ``start`` is the count to begin from, ``first_look`` the step at which
+    the first other count is tried.
     """
 
     def __init__(
@@ -125,12 +132,17 @@ class ThreadTuner:
         explore_every: int = 128,
         probe_steps: int = 4,
         margin: float = 0.1,
+        first_look: int = 16,
+        start: int | None = None,
     ) -> None:
         if candidates is None:
             candidates = thread_candidates()
         self.candidates = candidates
         self.current = candidates[-1] if len(candidates) == 1 else candidates[0]
+        if start in candidates:
+            self.current = start
         self.explore_every = explore_every
+        self.first_look = first_look
         self.probe_steps = probe_steps
         self.margin = margin
         self._ema: dict[int, float] = {}
@@ -144,8 +156,9 @@ class ThreadTuner:
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
             return self.current
-        # The first look comes early (the 16th step), then every ``explore_every`` steps.
-        due = self._steps == 16 or (self._steps and self._steps % self.explore_every == 0)
+        # The first look comes early (``first_look``), then every ``explore_every`` steps.
+        every = self._steps and self._steps % self.explore_every == 0
+        due = self._steps == self.first_look or every
         if self._probing is None and (due or self._slow >= 3 or self._fast >= 3):
             self._slow = self._fast = 0
             others = [c for c in self.candidates if c != self.current]
