@@ -165,6 +165,7 @@ async def evaluate(
     work: Path,
     models: Path,
     overrides: dict[str, Any] | None = None,
+    replies: Any = None,
 ) -> dict[str, Any]:
     from bot.config import _deep_merge
     from bot.core import Bot
@@ -196,7 +197,8 @@ async def evaluate(
     kb.close()
     rows = []
     async with Bot(settings) as bot:
-        await bot.models.start()
+        bot.warm_up()  # the model and the knowledge base load before the first question,
+        await bot.warmed()  # as ``chinwag run`` has them load at start
         for i, case in enumerate(corpus.cases):
             (reply,) = await ChatUser(bot, chat_id=f"q{i}", user_id=f"q{i}").send(case["question"])
             rows.append((case, reply))
@@ -204,6 +206,25 @@ async def evaluate(
         for i, q in enumerate(off):
             (reply,) = await ChatUser(bot, chat_id=f"o{i}", user_id=f"o{i}").send(q)
             off_replies.append(reply)
+    if replies is not None:
+        asked = [(c["question"], c, r) for c, r in rows] + [
+            (q, None, r) for q, r in zip(off, off_replies, strict=True)
+        ]
+        for question, case, r in asked:
+            record = {
+                "corpus": corpus.name,
+                "question": question,
+                "off_corpus": case is None,
+                "reference": None if case is None else case.get("answer"),
+                "fact": None if case is None else case.get("fact"),
+                "skill": r.skill,
+                "latency_s": None if r.latency_ms is None else r.latency_ms / 1000,
+                "text": r.text,
+                "sources": [s.location for s in r.sources],
+                "metadata": r.metadata,
+            }
+            replies.write(json.dumps(record, default=str) + "\n")
+        replies.flush()
     qa = [(c, r) for c, r in rows if r.skill == "qa"]
     n = len(rows)
     cited = sum(any(corpus.relevant(c, s.location, s.title) for s in r.sources) for c, r in rows)
@@ -295,6 +316,11 @@ async def main() -> None:
         type=Path,
         help="keep the knowledge bases here (a second run reuses them: nothing to re-embed)",
     )
+    parser.add_argument(
+        "--replies",
+        type=Path,
+        help="write every reply (text, sources, the QA skill's reasons) to this JSONL file",
+    )
     args = parser.parse_args()
     import contextlib
     import os
@@ -304,6 +330,7 @@ async def main() -> None:
     if args.set:
         result["overrides"] = args.set
     kept = contextlib.nullcontext(str(args.workdir)) if args.workdir else None
+    replies = args.replies.open("w") if args.replies else None
     with kept or tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp:
         work = Path(tmp)
         work.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (nothing else runs yet)
@@ -311,7 +338,9 @@ async def main() -> None:
             corpus = load_corpus(name)
             if args.limit:
                 corpus.cases = corpus.cases[: args.limit]
-            r = await evaluate(corpus, off, work, work / "models", overrides_from(args.set))
+            r = await evaluate(
+                corpus, off, work, work / "models", overrides_from(args.set), replies
+            )
             show(name, r)
             result[name] = r
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -65,7 +65,7 @@ async def serve(
     servers: list[Adapter] = adapters_for(bot)
     log_path = console_log() if console_log is not None and not servers else None
     async with bot, _services(bot, config_path, log_path):
-        bot.warm_up_models()
+        bot.warm_up()
         try:
             if servers:
                 # Listening before the first start: a SIGTERM while an adapter is still

@@ -111,6 +111,11 @@ class KnowledgeService:
         for source, why in summary.failed:
             log.warning("knowledge: taught entry %s not indexed: %s", source, why)
 
+    async def warm_up(self) -> None:
+        """Open the catalogue and load the index and the embedder now, not on the first
+        question (``Bot.warm_up``; ``chinwag run`` calls it at start)."""
+        await asyncio.to_thread(self.kb.search, "warm-up", 1)
+
     async def search(self, query: str, k: int = 5, **kwargs: Any) -> list[Passage]:
         return await asyncio.to_thread(self.kb.search, query, k, **kwargs)
 
