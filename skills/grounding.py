@@ -17,6 +17,9 @@ from bot.text import STOPWORDS, content_words, sentences, support, words
 __all__ = ["STOPWORDS", "content_words", "sentences", "support", "words"]
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
+#: Numbers that order or point rather than state: a list's "1." or "2)" starting a line, and
+#: the "[2]" a model writes to cite the second passage.
+_MARKER = re.compile(r"^[ \t]*\d{1,2}[.)](?=\s)|\[\d{1,2}\]", re.M)
 
 
 def numbers_kept(answer: str, passages: Iterable[str]) -> bool:
@@ -28,7 +31,9 @@ def numbers_kept(answer: str, passages: Iterable[str]) -> bool:
     supported, the fact wrong. Numbers are where that does harm (hours, prices, limits).
     """
     runs = [_NUMBER.findall(sentence) for p in passages for sentence in sentences(p)]
-    for sentence in sentences(answer):
+    # "1. Snow guards … 2. A ladder … 3. BBR ch. 8:2 …" states one number, 8:2; the list's
+    # own numbering is not a fact to find in the passage (it failed whole-FAQ answers).
+    for sentence in sentences(_MARKER.sub(" ", answer)):
         said = _NUMBER.findall(sentence)
         if not said:
             continue
@@ -187,6 +192,13 @@ def _introduces(parts: Sequence[tuple[str, bool]], i: int) -> bool:
 
 # "A: …", "Answer: …", or the FAQ's own "1. Q: <a question>\nA: …" echoed before the answer.
 _ANSWER_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:Q:[^\n]*\n\s*)?(?:A|Answer)\s*:\s*", re.I)
+# What a small model writes before it copies a passage: "The answer is:\n\n[1] …",
+# "Referencing passage 1:\n[2] Q: … A: …" — a preamble line, then the passage's number.
+_PREAMBLE = re.compile(
+    r"^\s*(?:(?:the answer(?: to (?:your|the) question)? is|referencing passages?[^\n:]{0,12}"
+    r"|according to (?:the )?passages?[^\n:]{0,12})\s*:\s*\n\s*)?\[\d{1,2}\]\s*",
+    re.I,
+)
 # A next question the model goes on to ask itself: "\n\nQuestion: …", "\n2. Q: …".
 _NEXT_QUESTION = re.compile(r"\n\s*(?:\d+[.)]\s*)?(?:Q|Question)\s*:", re.I)
 # A sentence a token limit cut ends in a word or a comma, not in punctuation or an emoji.
@@ -226,6 +238,10 @@ def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
     """
     done: list[str] = []
     out = text.strip()
+    bare = _PREAMBLE.sub("", out, count=1)
+    if bare != out:
+        out = bare
+        done.append("preamble")
     labelled = _ANSWER_LABEL.sub("", out, count=1)
     if labelled != out:
         out = labelled
@@ -242,6 +258,12 @@ def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
     if cut and (whole := without_cut_sentence(out)) != out:
         out = whole
         done.append("unfinished_sentence")
+    said = sentences(out)
+    if len(said) > 1 and said[-1].endswith(":"):
+        # "Here's an example:" with no example after it (the QA skill stops the model at a
+        # code fence): a sentence that introduces what is not there goes.
+        out = out[: out.rfind(said[-1])].rstrip()
+        done.append("dangling_introduction")
     return out.strip(), done
 
 

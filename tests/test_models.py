@@ -396,12 +396,17 @@ async def test_a_texts_likelihood_after_a_prompt_is_what_the_model_computes_in_o
     requests = [
         (ask("Here is a passage about Paris."), "What is the capital of France?"),
         (ask("Write a question."), "Why?"),
+        (ask("Here is a long passage about Paris, " * 12), "Which river runs through it?"),
     ]
+    passes = backend.stats["score_passes"]
     scores = await backend.score(requests)
     for (messages, text), got in zip(requests, scores, strict=True):
         assert got.tokens == len(tokenizer.encode(text, add_special_tokens=False))
         want = reference_likelihood(reference, tokenizer, messages, text)
         assert got.logprob == pytest.approx(want, abs=1e-3)
+    # With nobody else waiting, the two short ones shared a padded pass; the long one was
+    # not padded to (the short ones were not padded to its width).
+    assert backend.stats["score_passes"] - passes == 2
 
 
 async def test_scoring_between_decode_steps_leaves_running_replies_as_they_would_be(backend):

@@ -578,6 +578,33 @@ def test_an_answer_that_echoes_an_faq_entry_keeps_only_its_answer():
     assert text == "With track-film detectors." and done == ["label"]
     text, done = tidy_answer("Use pip:\n\n    pip install flask\n\nThen run it.")
     assert text == "Use pip:\n\n    pip install flask\n\nThen run it." and done == []
+    # Seen on the FAQ: a preamble and the passage's number before the copied entry.
+    text, done = tidy_answer(
+        "Referencing passage 1:\n[2] Q: What is radiator balancing?\nA: Balancing the heat "
+        "flow to each radiator. Saves 5–15% energy."
+    )
+    assert text == "Balancing the heat flow to each radiator. Saves 5–15% energy."
+    assert done == ["preamble", "label"]
+    text, _ = tidy_answer("The answer is:\n\n[1] A module can find out its own name.")
+    assert text == "A module can find out its own name."
+
+
+def test_a_numbered_list_is_checked_for_its_facts_not_for_its_numbering():
+    """The FAQ's roof-safety answer, generated as a list, was quoted over because "1." and
+    "2." are not in the passage; a number the passage lacks still fails it."""
+    from skills.grounding import numbers_kept
+
+    passage = [
+        "Snow guards are often required in public places. A ladder and roof walkway are "
+        "recommended. BBR ch. 8:2 regulates roof safety."
+    ]
+    listed = (
+        "1. Snow guards are often required in public places.\n2) A ladder and roof walkway "
+        "are recommended.\n3. BBR ch. 8:2 regulates roof safety, as [1] says."
+    )
+    assert numbers_kept(listed, passage)
+    assert not numbers_kept("1. BBR ch. 8:3 regulates roof safety.", passage)
+    assert not numbers_kept("Roof safety is in BBR 1. It says so.", passage)
 
 
 # -- safety and feedback ----------------------------------------------------------------------
@@ -763,6 +790,35 @@ async def test_a_generated_answer_reads_as_an_answer_not_as_the_faq_it_was_writt
     written.update(text="A: The statutory processing ti", finish="length")
     (qa,) = await user.send("How long does it take to get a building permit?")
     assert qa.metadata["mode"] == "quoted" and "10 weeks" in qa.text  # nothing whole was left
+
+
+async def test_a_generated_answer_ends_before_code_the_model_would_make_up(
+    chinwag_chat, chinwag_bot
+):
+    """On the Python docs both answers that passed the support check went on to code of the
+    model's own (a signal handler, for "wait 2 seconds"). The model is stopped at a code
+    fence, as a backend stops at any stop string, and the introduction left hanging goes."""
+    from bot.models.types import Generation
+
+    would_say = (
+        "The statutory processing time is 10 weeks. Simple cases take 4-6 weeks. Here's an "
+        "example:\n\n```python\napply(permit, weeks=10)\n```\nThis applies for a permit."
+    )
+    asked: dict = {}
+
+    async def generate(prompt, *args, stop=(), **kwargs):
+        asked["stop"] = stop
+        end = min((would_say.index(s) for s in stop if s in would_say), default=len(would_say))
+        return Generation(would_say[:end], "smollm2", None, None, 300, 30, "stop")
+
+    chinwag_bot.models.generate = generate
+    (qa,) = await chinwag_chat().send("How long does it take to get a building permit?")
+    assert "```" in asked["stop"]
+    assert qa.metadata["mode"] == "generated"
+    assert qa.metadata["answer"] == (
+        "The statutory processing time is 10 weeks. Simple cases take 4-6 weeks."
+    )
+    assert "apply(" not in qa.text
 
 
 async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):
