@@ -193,10 +193,10 @@ def _introduces(parts: Sequence[tuple[str, bool]], i: int) -> bool:
 # "A: …", "Answer: …", or the FAQ's own "1. Q: <a question>\nA: …" echoed before the answer.
 _ANSWER_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:Q:[^\n]*\n\s*)?(?:A|Answer)\s*:\s*", re.I)
 # What a small model writes before it copies a passage: "The answer is:\n\n[1] …",
-# "Referencing passage 1:\n[2] Q: … A: …" — a preamble line, then the passage's number.
+# "Referencing passage 1:\n[2] Q: … A: …", "Reference passages:\n[2] …" — a short line about
+# the answer or the passages, ending in a colon, then the passage's number.
 _PREAMBLE = re.compile(
-    r"^\s*(?:(?:the answer(?: to (?:your|the) question)? is|referencing passages?[^\n:]{0,12}"
-    r"|according to (?:the )?passages?[^\n:]{0,12})\s*:\s*\n\s*)?\[\d{1,2}\]\s*",
+    r"^\s*(?:[^\n:]{0,30}\b(?:answers?|passages?)\b[^\n:]{0,12}:[ \t]*\n\s*)?\[\d{1,2}\][ \t]*",
     re.I,
 )
 # A next question the model goes on to ask itself: "\n\nQuestion: …", "\n2. Q: …".
@@ -245,6 +245,9 @@ def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:
     labelled = _ANSWER_LABEL.sub("", out, count=1)
     if labelled != out:
         out = labelled
+        done.append("label")
+    if re.match(r"1[.)]\s", out) and not re.search(r"^\s*2[.)]\s", out, re.M):
+        out = out[2:].lstrip()  # a list of one: "1. Construction waste handling, …"
         done.append("label")
     m = _NEXT_QUESTION.search(out)
     if m:

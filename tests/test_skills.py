@@ -587,6 +587,12 @@ def test_an_answer_that_echoes_an_faq_entry_keeps_only_its_answer():
     assert done == ["preamble", "label"]
     text, _ = tidy_answer("The answer is:\n\n[1] A module can find out its own name.")
     assert text == "A module can find out its own name."
+    text, _ = tidy_answer("Reference passages:\n[2] Q: What is the noise limit?\nA: 60 dBA.")
+    assert text == "60 dBA."
+    text, _ = tidy_answer("Use a context manager:\n[1] with open(path) as f: ...")
+    assert text.startswith("Use a context manager:")  # not a preamble: the answer itself
+    text, _ = tidy_answer("1. Waste handling, permit fees and insurance.")
+    assert text == "Waste handling, permit fees and insurance."  # a list of one is no list
 
 
 def test_a_numbered_list_is_checked_for_its_facts_not_for_its_numbering():
