@@ -827,6 +827,52 @@ async def test_a_generated_answer_ends_before_code_the_model_would_make_up(
     assert "apply(" not in qa.text
 
 
+async def test_where_the_models_answers_keep_failing_the_checks_questions_are_quoted_at_once(
+    chinwag_chat, chinwag_bot, faq_questions
+):
+    """On the Python docs 28 of 30 generated answers failed the support checks, each after
+    ~3 s of the user's wait, and the passage was quoted anyway. Once the record shows that,
+    the quote comes without the wait; every fifth question still asks the model."""
+    from bot.models.types import Generation
+
+    asked: list[str] = []
+
+    async def unsupported(prompt, *args, **kwargs):
+        asked.append(prompt[-1]["content"])
+        return Generation("Bananas are yellow fruit.", "smollm2", None, None, 300, 8, "stop")
+
+    chinwag_bot.models.generate = unsupported
+    user = chinwag_chat()
+    questions = list(faq_questions.values())
+    for q in questions[:10]:  # half the default window of 20: enough to go by
+        (reply,) = await user.send(q)
+        assert reply.metadata["rejected_because"][0] == "unsupported"
+    assert len(asked) == 10
+    later = [(await user.send(q))[0] for q in questions[10:15]]
+    assert len(asked) == 11  # the fifth asked the model again, in case it does better now
+    skipped = [r for r in later if "model_skipped" in r.metadata]
+    assert len(skipped) == 4
+    for reply in skipped:
+        assert reply.metadata["mode"] == "quoted" and "Sources:" in reply.text
+        assert reply.metadata["model_skipped"] == (
+            "0 of the model's last 10 answers here passed the checks"
+        )
+
+
+def test_a_new_adapter_starts_with_a_clean_record():
+    from skills.qa import AnswerRecord, QAConfig
+
+    cfg = QAConfig(pass_window=4, retry_every=100)
+    record = AnswerRecord()
+    for _ in range(4):
+        record.add("qa__v1", False, cfg)
+    assert record.skip("qa__v1", cfg) is not None
+    assert record.skip("qa__v2", cfg) is None  # promoted tonight: asked until it has a record
+    record.add("qa__v1", True, cfg)  # 1 of the last 4 passed: above the 10 % bar
+    assert record.skip("qa__v1", cfg) is None
+    assert AnswerRecord().skip("qa__v1", QAConfig(min_pass_rate=0)) is None
+
+
 async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):
     """The runtime refuses what it cannot finish by the deadline; nobody waits for an apology."""
     import time
