@@ -330,8 +330,10 @@ async def main() -> None:
     if args.set:
         result["overrides"] = args.set
     kept = contextlib.nullcontext(str(args.workdir)) if args.workdir else None
-    replies = args.replies.open("w") if args.replies else None
-    with kept or tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp:
+    with (
+        kept or tempfile.TemporaryDirectory(prefix="chinwag-bench-qa-") as tmp,
+        args.replies.open("w") if args.replies else contextlib.nullcontext() as replies,
+    ):
         work = Path(tmp)
         work.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (nothing else runs yet)
         for name in args.corpus:

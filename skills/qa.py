@@ -197,14 +197,15 @@ class AnswerRecord:
 
     def skip(self, adapter: str | None, cfg: QAConfig) -> str | None:
         """Why this question should not ask the model (None: ask it)."""
-        outcomes = self._outcomes.get(adapter or "")
+        key = adapter or ""
+        outcomes = self._outcomes.get(key)
         if not cfg.min_pass_rate or outcomes is None or len(outcomes) < cfg.pass_window // 2:
             return None
         passed = sum(outcomes)
         if passed >= cfg.min_pass_rate * len(outcomes):
             return None
-        self._skipped[adapter or ""] += 1
-        if self._skipped[adapter or ""] % cfg.retry_every == 0:
+        self._skipped[key] += 1
+        if self._skipped[key] % cfg.retry_every == 0:
             return None  # now and then the model is asked again, in case it does better
         return f"{passed} of the model's last {len(outcomes)} answers here passed the checks"
 

@@ -425,10 +425,10 @@ class LocalBackend:
         out: list[Likelihood] = [Likelihood(0.0, 0)] * len(rows)
         order = sorted((i for i, r in enumerate(rows) if r[1]), key=lambda i: -len(rows[i][0]))
         while order:
+            # Longest first, so the requests within reach of the longest are a prefix.
             longest = len(rows[order[0]][0])
-            group = [i for i in order if len(rows[i][0]) >= SCORE_BATCH_LENGTHS * longest]
-            group = group[:SCORE_BATCH_ROWS]
-            order = [i for i in order if i not in group]
+            n = sum(len(rows[i][0]) >= SCORE_BATCH_LENGTHS * longest for i in order)
+            group, order = order[: min(n, SCORE_BATCH_ROWS)], order[min(n, SCORE_BATCH_ROWS) :]
             for i, likelihood in zip(
                 group, self._score_pass([rows[i] for i in group]), strict=True
             ):
