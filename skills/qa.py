@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, deque
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -188,16 +189,25 @@ class _Skipped(Exception):
 
 class AnswerRecord:
     """Whether the model's recent answers on this bot's knowledge base passed the checks, per
-    adapter version (a newly promoted adapter starts with a clean record). In memory: a
-    restart relearns it within ``pass_window`` questions."""
+    adapter version: a newly promoted adapter starts with a clean record.
+
+    Each checked answer is noted in its reply's metadata (``answer_check``), so the record
+    is read back from the conversation log on the first question after a start
+    (:meth:`seed`): a restart does not make users wait for ``pass_window`` failing
+    generations again before the skill remembers it should quote."""
 
     def __init__(self) -> None:
         self._outcomes: dict[str, deque[bool]] = {}
         self._skipped: Counter[str] = Counter()
+        self.seeded = False
 
-    def skip(self, adapter: str | None, cfg: QAConfig) -> str | None:
+    @staticmethod
+    def key(adapter: str | None, version: str | None) -> str:
+        """``qa@v3``; the base model (no adapter) is ``base``."""
+        return f"{adapter}@{version}" if adapter else "base"
+
+    def skip(self, key: str, cfg: QAConfig) -> str | None:
         """Why this question should not ask the model (None: ask it)."""
-        key = adapter or ""
         outcomes = self._outcomes.get(key)
         if not cfg.min_pass_rate or outcomes is None or len(outcomes) < cfg.pass_window // 2:
             return None
@@ -209,9 +219,31 @@ class AnswerRecord:
             return None  # now and then the model is asked again, in case it does better
         return f"{passed} of the model's last {len(outcomes)} answers here passed the checks"
 
-    def add(self, adapter: str | None, passed: bool, cfg: QAConfig) -> None:
-        outcomes = self._outcomes.setdefault(adapter or "", deque(maxlen=cfg.pass_window))
+    def add(self, key: str, passed: bool, cfg: QAConfig) -> None:
+        outcomes = self._outcomes.setdefault(key, deque(maxlen=cfg.pass_window))
         outcomes.append(passed)
+
+    async def seed(self, store: Any, skill: str, cfg: QAConfig) -> int:
+        """Replay the checks noted in the last week's replies; how many were read. Once per
+        process; a log that cannot be read leaves the record empty (it fills as before)."""
+        if self.seeded:
+            return 0
+        self.seeded = True
+        if store is None or not cfg.min_pass_rate:
+            return 0
+        since = datetime.now(UTC) - timedelta(days=7)
+        try:  # every version's last answers: the version in service is one of them
+            rows = await store.recent_replies(skill, cfg.pass_window * 10, since=since)
+        except Exception:
+            log.exception("qa: could not read the model's recent answers from the log")
+            return 0
+        n = 0
+        for row in rows:
+            check = row.meta.get("answer_check") if isinstance(row.meta, dict) else None
+            if isinstance(check, dict) and isinstance(check.get("key"), str):
+                self.add(check["key"], bool(check.get("passed")), cfg)
+                n += 1
+        return n
 
 
 class QASkill(Skill):
@@ -359,7 +391,9 @@ class QASkill(Skill):
                 adapter = await runtime.resolve_adapter(
                     cfg.adapter, within_s=cfg.generate_timeout_s
                 )
-                if (why := self.record.skip(adapter, cfg)) is not None:
+                await self.record.seed(getattr(ctx.bot, "store", None), self.name, cfg)
+                key = AnswerRecord.key(adapter, runtime.adapters().get(adapter or ""))
+                if (why := self.record.skip(key, cfg)) is not None:
                     raise _Skipped(why)
                 # A busy runtime refuses at once (RuntimeBusy) and the quote below answers:
                 # the user gets the passage in a second rather than a generated answer late.
@@ -395,7 +429,8 @@ class QASkill(Skill):
                     )
                     if bad
                 ]
-                self.record.add(adapter, not failed, cfg)
+                self.record.add(key, not failed, cfg)
+                meta["answer_check"] = {"key": key, "passed": not failed}
                 if not failed:
                     answer = text
                 else:  # kept for the operator (and the log): why the user got a quote

@@ -859,18 +859,98 @@ async def test_where_the_models_answers_keep_failing_the_checks_questions_are_qu
         )
 
 
+async def test_the_answer_record_outlives_a_restart_and_a_promoted_adapter_starts_clean(
+    tmp_path, faq_kb, faq_questions, chinwag_model_cache
+):
+    """A restart used to forget that the model's answers here fail the checks, and users
+    waited out failing generations again until the record refilled; and the record was kept
+    per adapter name, so tonight's promoted version inherited yesterday's failures and was
+    never asked. Now the log carries the record across restarts, per adapter version."""
+    import time
+
+    from bot.core import Bot
+    from bot.models.registry import AdapterRegistry
+    from bot.models.types import Generation
+    from bot.simulation.chat import ChatUser
+    from bot.testing import chinwag_test_settings
+
+    settings = chinwag_test_settings(
+        tmp_path,
+        {
+            "knowledge": {"directory": str(faq_kb.directory)},
+            "models": {"device": "cpu", "registry_dir": str(tmp_path / "adapters")},
+            "skills": {"qa": {"pass_window": 4, "retry_every": 100, "rerank": False}},
+        },
+        chinwag_model_cache,
+    )
+    questions = list(faq_questions.values())
+    asked: list[str | None] = []
+
+    async def unsupported(prompt, adapter=None, **kwargs):
+        asked.append(adapter)
+        return Generation("Bananas are yellow fruit.", "smollm2", None, None, 300, 8, "stop")
+
+    async with Bot(settings) as bot:
+        bot.models.generate = unsupported
+        user = ChatUser(bot)
+        for q in questions[:2]:  # half the window of 4: enough to go by
+            (reply,) = await user.send(q)
+            assert reply.metadata["answer_check"] == {"key": "base", "passed": False}
+        assert len(asked) == 2
+
+    async with Bot(settings) as bot:  # restarted: the first question is quoted at once
+        bot.models.generate = unsupported
+        bot.models.follow_interval_s = 0.1
+        user = ChatUser(bot)
+        (reply,) = await user.send(questions[2])
+        assert reply.metadata["model_skipped"] == (
+            "0 of the model's last 2 answers here passed the checks"
+        )
+        assert reply.metadata["mode"] == "quoted" and len(asked) == 2
+
+        registry = AdapterRegistry(settings.models.registry_dir)  # tonight's promotion
+        version = registry.publish("qa", _untrained_qa_adapter, {"note": "test"}).version
+        registry.promote("qa", version)
+        deadline = time.monotonic() + 60
+        while bot.models.adapters().get("qa") != version:
+            assert time.monotonic() < deadline, "the promoted adapter was not loaded"
+            await asyncio.sleep(0.1)
+        (reply,) = await user.send(questions[3])
+        assert asked[-1] == "qa" and "model_skipped" not in reply.metadata
+        assert reply.metadata["answer_check"] == {"key": f"qa@{version}", "passed": False}
+
+
+def _untrained_qa_adapter(folder) -> None:
+    """A peft LoRA adapter on the first layer's query projection of a model shaped like
+    SmolLM2-135M, its B matrix zero as peft initialises it: served, but changes nothing."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(
+        vocab_size=32,
+        hidden_size=576,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    )
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    get_peft_model(LlamaForCausalLM(shape), lora).save_pretrained(folder)
+
+
 def test_a_new_adapter_starts_with_a_clean_record():
     from skills.qa import AnswerRecord, QAConfig
 
     cfg = QAConfig(pass_window=4, retry_every=100)
     record = AnswerRecord()
+    v1, v2 = AnswerRecord.key("qa", "v1"), AnswerRecord.key("qa", "v2")
     for _ in range(4):
-        record.add("qa__v1", False, cfg)
-    assert record.skip("qa__v1", cfg) is not None
-    assert record.skip("qa__v2", cfg) is None  # promoted tonight: asked until it has a record
-    record.add("qa__v1", True, cfg)  # 1 of the last 4 passed: above the 10 % bar
-    assert record.skip("qa__v1", cfg) is None
-    assert AnswerRecord().skip("qa__v1", QAConfig(min_pass_rate=0)) is None
+        record.add(v1, False, cfg)
+    assert record.skip(v1, cfg) is not None
+    assert record.skip(v2, cfg) is None  # promoted tonight: asked until it has a record
+    record.add(v1, True, cfg)  # 1 of the last 4 passed: above the 10 % bar
+    assert record.skip(v1, cfg) is None
+    assert AnswerRecord().skip(v1, QAConfig(min_pass_rate=0)) is None
 
 
 async def test_an_overloaded_model_gets_an_honest_busy_reply_at_once(chinwag_chat, chinwag_bot):

@@ -320,6 +320,23 @@ class ConversationStore(StoreEngine, GroupCommitWriter):
             rows = (await conn.execute(q)).all()
         return [_row_to_message(r) for r in reversed(rows)]
 
+    async def recent_replies(
+        self, skill: str, limit: int, *, since: datetime | None = None
+    ) -> list[StoredMessage]:
+        """The last ``limit`` replies ``skill`` sent (since ``since``), oldest first.
+
+        Read newest first along the primary key (ids are time-ordered), so a skill that replies
+        often is found in a few pages; ``since`` bounds the scan for one that rarely does.
+        """
+        m = schema.messages
+        q = sa.select(m).where(m.c.direction == "out", m.c.skill == skill)
+        if since is not None:
+            q = q.where(m.c.id >= IdGenerator.lower_bound(since))
+        q = q.order_by(m.c.id.desc()).limit(limit)
+        async with (await self._reader()).connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_row_to_message(r) for r in reversed(rows)]
+
     async def feedback_for(self, message_id: int) -> list[FeedbackRow]:
         """Every rating and correction of one bot reply, oldest first."""
         f = schema.feedback
