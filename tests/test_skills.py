@@ -553,6 +553,62 @@ async def test_a_quote_from_documentation_keeps_code_as_code_and_never_as_senten
     assert "Serving" not in prose and "$ flask" not in prose  # a command is shown as code
 
 
+QUICKSTART = """# Quickstart
+
+## Redirects and Errors
+
+To redirect a user to another endpoint, use the redirect() function; to abort a request early
+with an error code, use the abort() function:
+
+```
+from flask import abort, redirect, url_for
+
+@app.route('/login')
+def login():
+    abort(401)
+    this_is_never_executed()
+```
+
+This is a rather pointless example because a user will be redirected from the index to a page
+they cannot access (401 means access denied) but it shows how that works.
+"""
+
+
+async def test_an_answer_taught_for_another_question_does_not_outrank_the_documentation(
+    tmp_path, chinwag_model_cache
+):
+    """Seen on Flask's documentation (bench/learning.py): a correction taught for "is there a
+    hook to run some code before each request?" came first by a hair for "how do I stop a
+    request early with an error code like 401?", and its before_request() sentence was what
+    the user got. Among documentation passages a taught answer is ranked on relevance."""
+    from bot.core import Bot
+    from bot.simulation.chat import ChatUser
+    from bot.testing import chinwag_test_settings
+    from knowledge.base import KnowledgeBase
+
+    (tmp_path / "quickstart.md").write_text(QUICKSTART)
+    KnowledgeBase(tmp_path / "kb").add([tmp_path / "quickstart.md"])
+    settings = chinwag_test_settings(
+        tmp_path,
+        {"knowledge": {"directory": str(tmp_path / "kb")}, "models": {"device": "cpu"}},
+        chinwag_model_cache,
+    )
+    async with Bot(settings) as bot:
+        operator = ChatUser(bot, user_id="op", chat_id="op")
+        bot.add_admin(operator.platform, operator.user_id)
+        await operator.send("is there a hook to run some code before each request comes in?")
+        await operator.ask(
+            "/correct Functions registered with before_request() run before each request."
+        )
+        question = "how do I stop a request early with an error code like 401?"
+        (first_hit, *_) = await bot.services["knowledge"].search(question, 2)
+        assert first_hit.meta.get("taught_at")  # the search alone puts the correction first
+        (reply,) = await ChatUser(bot).send(question)
+        assert reply.sources[0].title.startswith("Quickstart › Redirects and Errors (")
+        assert "before_request" not in reply.metadata["answer"]
+        assert reply.metadata["relevance"][0] > 1.0  # the model finds the question likely here
+
+
 def test_a_passage_of_questions_and_code_alone_quotes_nothing_or_the_code():
     from skills.grounding import best_quote, passage_parts
 
