@@ -491,7 +491,7 @@ class QASkill(Skill):
         is as similar to the enum HOWTO's ``Planet`` example (0.5) as real questions are to
         their answers, but that passage does not make the question any likelier.
         """
-        anchored = keeps_order(passages[: cfg.top_k])
+        anchored = keeps_order(passages)
         if anchored:
             # A FAQ pair was found by its own question's vector: a person's wording of what
             # it answers, which matches users better than the model's guess does (the FAQ's
