@@ -113,7 +113,12 @@ def plain_model(runtime: ModelRuntime, data: Path) -> tuple[object, object]:
     dtype = next(backend.model.parameters()).dtype
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval().to(backend.device)
     if backend.device == "cpu":
-        convert(model, int8=runtime.config.int8_decode, max_rows=runtime.config.int8_max_rows)
+        convert(
+            model,
+            int8=runtime.config.int8_decode,
+            max_rows=runtime.config.int8_max_rows,
+            fp16=runtime.config.fp16_weights,
+        )
     return model, PreTrainedTokenizerFast.from_pretrained(folder)
 
 

@@ -188,6 +188,10 @@ class ModelsSettings(_Section):
     #: bot/models/cpu_linear.py (larger batches use prepacked bf16 weights).
     int8_decode: bool = True
     int8_max_rows: int = Field(4, ge=0, le=64)
+    #: CPU, fp32 models (a CPU without native bf16): steps read fbgemm's fp16 copies of the
+    #: weights up to the row count where they measure faster (decode 2–2.6×, ~+50 % memory).
+    #: See bot/models/cpu_linear.py.
+    fp16_weights: bool = True
     #: Keys and values of finished replies kept (in tokens, all conversations together) so a
     #: conversation's next turn prefills only its new part; 0 turns it off. About 23 KB a
     #: token for the default model (4,096: ~95 MB).

@@ -757,9 +757,56 @@ def test_int8_decode_layers_are_used_only_where_this_cpu_runs_them_faster(
     x = torch.randn(2, 64)
     with torch.inference_mode():
         before = model(x)
-        cpu_linear.convert(model, int8=True, max_rows=4)
+        cpu_linear.convert(model, int8=True, max_rows=4, fp16=False)
         after = model(x)
     assert {"int8", "plain"} <= set(calls)  # both kernels were measured
     assert (getattr(model[0], "w_int8", None) is not None) is used
     # Either way the layers compute what they did (int8: within its rounding).
     assert torch.allclose(before, after, atol=0.05 if used else 1e-6)
+
+
+@pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="fbgemm is x86 only"
+)
+@pytest.mark.parametrize(
+    ("fp16_speed", "expected_rows"),
+    [
+        ({1: 0.4, 16: 0.5, 64: 0.6, 256: 0.8}, 256),
+        ({1: 0.4, 16: 0.5, 64: 1.2, 256: 0.5}, 16),
+        ({1: 2.0}, 0),
+    ],
+)
+def test_fp32_models_read_fp16_weights_up_to_the_batch_size_where_this_cpu_runs_them_faster(
+    monkeypatch, fp16_speed, expected_rows
+):
+    """A CPU without native bf16 serves fp32; fbgemm's fp16 weights made decode steps 2–2.6×
+    faster there. The conversion times both kernels per batch size and stops at the first size
+    where fp16 is not clearly faster; every forward still computes what the fp32 layer does."""
+    from torch import nn
+
+    from bot.models import cpu_linear
+
+    def fake_timed(fn, repeats, pick=min):
+        rows = fn.args[0].shape[0]
+        if fn.func is torch.nn.functional.linear:
+            return 1.0
+        return fp16_speed.get(rows, 1.0)
+
+    monkeypatch.setattr(cpu_linear, "_time", fake_timed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    one, twenty = torch.randn(1, 64), torch.randn(20, 64)
+    with torch.inference_mode():
+        before = model(one), model(twenty)
+        cpu_linear.convert(model, int8=False, fp16=True)
+        after = model(one), model(twenty)
+    assert getattr(model[0], "fp16_rows", 0) == expected_rows
+    assert (getattr(model[0], "w_fp16", None) is not None) is (expected_rows > 0)
+    for b, a, rows in zip(before, after, (1, 20), strict=True):
+        if rows <= expected_rows:  # fp16 weights: within their rounding, and really used
+            assert torch.allclose(b, a, rtol=1e-3, atol=1e-3) and not torch.equal(b, a)
+        else:
+            assert torch.equal(b, a)
+    with torch.enable_grad():  # training never reads the copies
+        y = model(twenty.requires_grad_())
+        y.sum().backward()
+    assert model[0].weight.grad is not None

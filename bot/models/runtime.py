@@ -188,7 +188,12 @@ class ModelRuntime:
             from bot.models.cpu_linear import convert
 
             def tune() -> None:
-                convert(backend.model, int8=cfg.int8_decode, max_rows=cfg.int8_max_rows)
+                convert(
+                    backend.model,
+                    int8=cfg.int8_decode,
+                    max_rows=cfg.int8_max_rows,
+                    fp16=cfg.fp16_weights,
+                )
 
             tune_when_idle = tune
         backend = LocalBackend(
