@@ -43,6 +43,47 @@ def numbers_kept(answer: str, passages: Iterable[str]) -> bool:
     return True
 
 
+#: Words that deny: "not", "never", "can't", "no" ... (a denial's polarity is the fact).
+_NEGATION = re.compile(
+    r"\b(?:not|no|never|none|nothing|nobody|neither|nor|cannot)\b|n['’]t\b", re.IGNORECASE
+)
+
+
+def negations_kept(answer: str, question: str, passages: Iterable[str]) -> bool:
+    """Whether every answer sentence that denies something denies it where the passages do.
+
+    Word overlap is blind to polarity: "Flask does not support async views" shares every word
+    with "Flask supports async views", and a small model writes such denials when it does not
+    know ("The answer to your question is no.", "JSON_SORT_KEYS ... This is not a thing.").
+    So a denying sentence must have, among the passage sentences sharing the most of its
+    content words (beyond the question's), one that denies too; one sharing no word with any
+    passage denies something nobody said. Only this direction is checked: a faithful answer
+    often affirms what a denying sentence leads to ("if you don't want X, use Y" → "use Y"),
+    which overlap cannot tell from a dropped "not".
+    """
+    asked = {w.rstrip("s") for w in content_words(question)}
+    candidates = [
+        ({w.rstrip("s") for w in content_words(s)}, bool(_NEGATION.search(s)))
+        for p in passages
+        for s in sentences(p)
+    ]
+    for sentence in sentences(answer):
+        if not _NEGATION.search(sentence):
+            continue
+        said = {w.rstrip("s") for w in content_words(sentence)}
+        said = (said - asked) or said
+        best, denies = 0, False
+        for words_, negated in candidates:
+            shared = len(said & words_)
+            if shared > best:
+                best, denies = shared, negated
+            elif shared == best and shared:
+                denies = denies or negated
+        if not (best and denies):
+            return False
+    return True
+
+
 def new_facts(answer: str, question: str, passages: Iterable[str]) -> int:
     """Content words the answer takes from the passages beyond what the question said.
 

@@ -36,6 +36,7 @@ from skills.grounding import (
     best_quote,
     faq_answer,
     faq_question,
+    negations_kept,
     neutralize_instructions,
     new_facts,
     numbers_kept,
@@ -416,6 +417,7 @@ class QASkill(Skill):
                 meta["support"] = round(support(text, texts), 3)
                 meta["new_facts"] = new_facts(text, question, texts)
                 meta["numbers_kept"] = numbers_kept(text, texts)
+                meta["negations_kept"] = negations_kept(text, question, texts)
                 by_passage = [round(support(text, [t]), 3) for t in texts]
                 meta["support_by_passage"] = by_passage
                 failed = [
@@ -424,6 +426,7 @@ class QASkill(Skill):
                         ("unsupported", meta["support"] < cfg.min_support),
                         ("says nothing new", meta["new_facts"] < cfg.min_new_facts),
                         ("numbers not in the passages", not meta["numbers_kept"]),
+                        ("denies what the passages do not", not meta["negations_kept"]),
                         ("says it doesn't know", "don't know" in text.lower()),
                         ("answers from another passage", elsewhere(by_passage, cfg.min_support)),
                     )

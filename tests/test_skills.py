@@ -794,6 +794,45 @@ async def test_an_answer_the_passages_do_not_support_is_replaced_by_a_quote_and_
     assert stored.meta["support"] < 0.75 or not stored.meta["numbers_kept"]
 
 
+async def test_an_answer_that_denies_what_the_passage_states_is_replaced_by_a_quote(
+    chinwag_chat, chinwag_bot
+):
+    """Every word of a denial can be in the passage: overlap alone passed "This is not a
+    thing." from an adapter on Flask's docs. The user reads the passage's own words instead."""
+    from bot.models.types import Generation
+
+    denial = (
+        "There is no statutory processing time for a building permit. In practice simple "
+        "cases take 4-6 weeks and larger projects 8-12 weeks."
+    )
+
+    async def deny(*args, **kwargs):
+        return Generation(denial, "smollm2", None, None, 10, 24, "stop")
+
+    chinwag_bot.models.generate = deny
+    (qa,) = await chinwag_chat().send("How long does it take to get a building permit?")
+    assert qa.metadata["mode"] == "quoted" and "no statutory" not in qa.text
+    assert "10 weeks" in qa.text
+    await chinwag_bot.store.flush()
+    (stored,) = [r for r in await chinwag_bot.store.messages(direction="out") if r.skill == "qa"]
+    assert stored.meta["rejected_because"] == ["denies what the passages do not"]
+    assert stored.meta["support"] >= 0.75  # word overlap alone would have let it through
+
+
+def test_a_denial_passes_only_where_the_passage_denies_too():
+    from skills.grounding import negations_kept
+
+    affirms = ["Flask supports async views. Install the async extra to use them."]
+    denies = ["Flask does not include a database layer. Use an extension such as Flask-SQLAlchemy."]
+    asked = "can my view functions be async def?"
+    assert not negations_kept("Flask does not support async views.", asked, affirms)
+    assert not negations_kept("The answer to your question is no.", asked, affirms)
+    assert negations_kept("Yes. Flask supports async views with the async extra.", asked, affirms)
+    orm = "does flask come with an ORM?"
+    assert negations_kept("No: Flask doesn't include a database layer.", orm, denies)
+    assert negations_kept("Use an extension such as Flask-SQLAlchemy.", orm, denies)
+
+
 async def test_an_answer_copied_from_the_neighbouring_passage_is_replaced_by_the_best_ones_quote(
     chinwag_chat, chinwag_bot
 ):
