@@ -466,22 +466,37 @@ async def test_prefill_and_scoring_passes_run_on_their_own_thread_count_not_deco
         await asyncio.to_thread(b.stop)
 
 
-async def test_idle_time_housekeeping_waits_until_a_re_ranking_is_done(tokenizer):
-    """The worker prepares its faster layers (seconds of work) once it has been idle a moment
-    after serving. A scoring pass is not idleness: the next passes of the same question are
-    coming, and the housekeeping once held them up past the re-ranking's deadline."""
-    events: list[str] = []
-    b = LocalBackend(
-        tiny_model(tokenizer), tokenizer, "tiny", tune_when_idle=lambda: events.append("tuned")
-    )
+async def test_the_faster_layers_arrive_while_the_bot_is_never_idle(tokenizer):
+    """They were once prepared on the worker after a second of idleness, and a steady stream of
+    questions (each re-ranked) never gave it one: a busy bot served on the slow layers for good.
+    Now they are prepared on a thread of their own while replies go on, and installed by the
+    worker between two steps."""
+    import threading
+
+    seen: dict[str, str] = {}
+    prepared = threading.Event()
+
+    def prepare(cancelled):
+        seen["prepared on"] = threading.current_thread().name
+        prepared.wait(10)  # seconds of probing and packing; serving goes on meanwhile
+        return lambda: seen.setdefault("installed on", threading.current_thread().name)
+
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", prepare_layers=prepare)
     b.start()
     try:
-        await b.generate(ask("hello there"), GenerationParams(max_new_tokens=4))
-        for _ in range(3):
-            await b.score([(ask("a passage"), "a question?")])
-            events.append("scored")
-        await until(lambda: "tuned" in events)  # and once idle, it does its housekeeping
-        assert events == ["scored"] * 3 + ["tuned"]
+        replies = 0
+        while "installed on" not in seen and replies < 500:
+            # Back to back, as a busy bot's questions come: never idle for a second.
+            assert await b.generate(ask("hello there"), GenerationParams(max_new_tokens=4))
+            replies += 1
+            if replies == 3:
+                assert "installed on" not in seen  # replies did not wait for the preparation
+                prepared.set()
+        assert seen == {
+            "prepared on": "chinwag-fast-layers",
+            "installed on": "chinwag-model-worker",
+        }
+        assert replies < 500
     finally:
         await asyncio.to_thread(b.stop)
 
@@ -753,6 +768,7 @@ def test_int8_decode_layers_are_used_only_where_this_cpu_runs_them_faster(
         return int8_time if kernel == "int8" else 1.0
 
     monkeypatch.setattr(cpu_linear, "_time", fake_timed)
+    monkeypatch.setattr(cpu_linear, "_PROBED", {})
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
     x = torch.randn(2, 64)
     with torch.inference_mode():
@@ -793,6 +809,7 @@ def test_fp32_models_read_fp16_weights_up_to_the_batch_size_where_this_cpu_runs_
         return fp16_speed.get(rows, 1.0)
 
     monkeypatch.setattr(cpu_linear, "_time", fake_timed)
+    monkeypatch.setattr(cpu_linear, "_PROBED", {})
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
     one, twenty = torch.randn(1, 64), torch.randn(20, 64)
     with torch.inference_mode():
@@ -810,3 +827,16 @@ def test_fp32_models_read_fp16_weights_up_to_the_batch_size_where_this_cpu_runs_
         y = model(twenty.requires_grad_())
         y.sum().backward()
     assert model[0].weight.grad is not None
+
+
+def test_preparing_the_faster_layers_stops_when_the_model_is_unloaded(monkeypatch):
+    """Seconds of packing for a model nobody will use again would only take CPU from the rest."""
+    from torch import nn
+
+    from bot.models import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "_PROBED", {})
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    install = cpu_linear.prepare(model, int8=False, fp16=True, cancelled=lambda: True)
+    assert install() == 0
+    assert all(type(layer) is nn.Linear for layer in model)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from statistics import median
 from typing import Any
 
@@ -99,6 +100,12 @@ def _pack_fp16(w: torch.Tensor, bias: torch.Tensor | None) -> Any:
 FP16_PROBE_ROWS = (1, 16, 64, 256)
 
 
+#: What the probes found, per kind, layer shapes, dtype and thread count: a property of the
+#: CPU, so a process that loads the model again (tests, an operator's reload) does not pay the
+#: seconds of probing twice.
+_PROBED: dict[tuple[Any, ...], Any] = {}
+
+
 def _fp16_rows(layers: list[nn.Linear]) -> int:
     """Up to how many rows fbgemm's fp16 weights beat fp32 ``F.linear`` on this CPU; 0: never.
 
@@ -110,14 +117,18 @@ def _fp16_rows(layers: list[nn.Linear]) -> int:
     """
     by_size = sorted(layers, key=lambda m: m.weight.numel())
     largest, middle = by_size[-1], by_size[len(by_size) // 2]
+    key = ("fp16", tuple(largest.weight.shape), tuple(middle.weight.shape), torch.get_num_threads())
+    if key in _PROBED:
+        return int(_PROBED[key])
     best = 0
+    packs: dict[int, Any] = {}
     with torch.inference_mode():
         for rows in FP16_PROBE_ROWS:
             layer = largest if rows <= 16 else middle
             w = layer.weight.detach().float()
-            packed = _pack_fp16(w, None)
+            packed = packs.setdefault(id(layer), _pack_fp16(w, None))
             x = torch.randn(rows, w.shape[1])
-            repeats = 20 if rows <= 16 else 8
+            repeats = 11 if rows <= 16 else 5
             plain = _time(functools.partial(torch.nn.functional.linear, x, w), repeats, median)
             fp16 = _time(
                 functools.partial(torch.ops.quantized.linear_dynamic_fp16, x, packed),
@@ -128,6 +139,7 @@ def _fp16_rows(layers: list[nn.Linear]) -> int:
                 break
             best = rows
     log.info("fp16 weights (fbgemm) %s", f"used up to {best} rows" if best else "not used")
+    _PROBED[key] = best
     return best
 
 
@@ -153,16 +165,20 @@ def _int8_pays(model: Any, rows: int) -> bool:
     w = layer.weight.detach()
     if w.device.type != "cpu":
         return False
+    key = ("int8", tuple(w.shape), w.dtype, rows, torch.get_num_threads())
+    if key in _PROBED:
+        return bool(_PROBED[key])
     q, scale = _quantize(w)
     slowest = 0.0
     int8_mm = torch.ops.aten._weight_int8pack_mm
     with torch.inference_mode():
         for n in sorted({1, rows}):
             x = torch.randn(n, w.shape[1], dtype=w.dtype)
-            plain = _time(functools.partial(torch.nn.functional.linear, x, w), 30, median)
-            int8 = _time(functools.partial(int8_mm, x, q, scale), 30, median)
+            plain = _time(functools.partial(torch.nn.functional.linear, x, w), 11, median)
+            int8 = _time(functools.partial(int8_mm, x, q, scale), 11, median)
             slowest = max(slowest, int8 / max(plain, 1e-9))
     pays = slowest < 0.9
+    _PROBED[key] = pays
     log.info(
         "int8 decode kernel %s: %.2f× the plain kernel's time at up to %d rows",
         "used" if pays else "not used (slower on this CPU)",
@@ -172,12 +188,26 @@ def _int8_pays(model: Any, rows: int) -> bool:
     return pays
 
 
-def convert(model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = True) -> int:
-    """Turn every ``nn.Linear`` of ``model`` into a :class:`FastLinear`; returns how many.
+def prepare(
+    model: Any,
+    *,
+    int8: bool = True,
+    max_rows: int = 4,
+    fp16: bool = True,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Callable[[], int]:
+    """Measure this CPU's kernels and build the weight copies for every ``nn.Linear`` of
+    ``model``; returns the step that installs them (turning each into a :class:`FastLinear`)
+    and says how many it converted.
 
-    LoRA's own small layers (peft's ``lora_A``/``lora_B``) stay as they are; the layers peft
-    wraps are converted like any other. Not thread-safe against forwards: the runtime calls
-    it on its model worker, between steps.
+    The preparation takes seconds (about 6 s for SmolLM2 on 2 cores: probes, quantising,
+    packing) but only reads the weights, so it runs beside serving on a thread of its own; the
+    install is instant and must run where no forward is running — the runtime hands it to its
+    model worker, between steps. Until 2026-12-07 both ran on the worker once it had been idle
+    for a second, and a bot that was never idle that long (a steady stream of questions, each
+    re-ranked) never got its faster layers. LoRA's own small layers (peft's
+    ``lora_A``/``lora_B``) stay as they are; the layers peft wraps are converted like any other.
+    ``cancelled`` is asked between layers: a model being unloaded stops costing CPU at once.
     """
     use_int8 = int8 and max_rows > 0 and _can_int8()
     if use_int8:
@@ -191,12 +221,14 @@ def convert(model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = Tr
         and m.weight.dtype == torch.float32
     ]
     fp16_rows = _fp16_rows(fp32_layers) if fp16 and fp32_layers and _can_fp16() else 0
-    count = 0
+    plan = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type != "cpu":
             continue
         if "lora_" in name:
             continue
+        if cancelled():
+            return lambda: 0
         w = module.weight.detach()
         q = scale = packed = fp16_weight = None
         if use_int8:
@@ -210,19 +242,34 @@ def convert(model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = Tr
                 packed = None
         if q is None and packed is None and fp16_weight is None:
             continue
-        module.register_buffer("w_int8", q, persistent=False)
-        module.register_buffer("w_scale", scale, persistent=False)
-        module.register_buffer("w_packed", packed, persistent=False)
-        module.max_rows = max_rows  # type: ignore[assignment]
-        module.w_fp16 = fp16_weight  # type: ignore[assignment]
-        module.fp16_rows = fp16_rows if fp16_weight is not None else 0  # type: ignore[assignment]
-        module.__class__ = FastLinear  # last: the layer switches over whole
-        count += 1
-    log.info(
-        "fast CPU linear layers: %d (int8 up to %d rows: %s; fp16 up to %d rows)",
-        count,
-        max_rows,
-        use_int8,
-        fp16_rows,
-    )
-    return count
+        plan.append((module, q, scale, packed, fp16_weight))
+
+    def install() -> int:
+        count = 0
+        for module, q, scale, packed, fp16_weight in plan:
+            if type(module) is not nn.Linear:  # converted meanwhile
+                continue
+            module.register_buffer("w_int8", q, persistent=False)
+            module.register_buffer("w_scale", scale, persistent=False)
+            module.register_buffer("w_packed", packed, persistent=False)
+            module.max_rows = max_rows  # type: ignore[assignment]
+            module.w_fp16 = fp16_weight  # type: ignore[assignment]
+            module.fp16_rows = fp16_rows if fp16_weight is not None else 0  # type: ignore[assignment]
+            module.__class__ = FastLinear  # last: the layer switches over whole
+            count += 1
+        log.info(
+            "fast CPU linear layers: %d (int8 up to %d rows: %s; fp16 up to %d rows)",
+            count,
+            max_rows,
+            use_int8,
+            fp16_rows,
+        )
+        return count
+
+    return install
+
+
+def convert(model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = True) -> int:
+    """:func:`prepare` and install at once; returns how many layers were converted. Not
+    thread-safe against forwards."""
+    return prepare(model, int8=int8, max_rows=max_rows, fp16=fp16)()

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue
 import re
 import threading
@@ -103,6 +104,13 @@ class _Control:
     loop: asyncio.AbstractEventLoop
 
 
+@dataclass(slots=True, eq=False)
+class _Chore:
+    """Work for the worker between steps that nobody awaits (installing prepared layers)."""
+
+    fn: Callable[[], Any]
+
+
 _STOP = object()
 
 
@@ -154,7 +162,7 @@ class LocalBackend:
         threads: ThreadTuner | None = None,
         prefill_threads: ThreadTuner | None = None,
         prefix_cache_tokens: int = 4096,
-        tune_when_idle: Callable[[], Any] | None = None,
+        prepare_layers: Callable[[Callable[[], bool]], Callable[[], Any]] | None = None,
     ) -> None:
         if not hasattr(model, "new_cache"):  # a transformers model as it is
             from bot.models.transformers_decoder import TransformersDecoder
@@ -172,7 +180,7 @@ class LocalBackend:
         self.threads = threads
         self.prefill_threads = prefill_threads
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
-        self._tune_when_idle = tune_when_idle
+        self._prepare_layers = prepare_layers
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # adapter bookkeeping nests (load → delete old)
@@ -206,6 +214,30 @@ class LocalBackend:
                 target=self._run, name="chinwag-model-worker", daemon=True
             )
             self._thread.start()
+            if self._prepare_layers is not None:
+                prepare, self._prepare_layers = self._prepare_layers, None
+                threading.Thread(
+                    target=self._prepare, args=(prepare,), name="chinwag-fast-layers", daemon=True
+                ).start()
+
+    def _prepare(self, prepare: Callable[[Callable[[], bool]], Callable[[], Any]]) -> None:
+        """Build the faster layers beside serving, then have the worker install them.
+
+        Not on the worker, and not only when it is idle: a bot that always had a question in
+        hand never got them (docs/performance.md, 2026-12-07). At a lower CPU priority, so
+        replies being generated meanwhile keep the cores; ``prepare`` is told to stop when
+        the backend stops.
+        """
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own nice
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+        try:
+            install = prepare(lambda: self._stopping or self._thread is None)
+        except Exception:
+            log.exception("could not prepare the faster CPU layers")
+            return
+        if not (self._stopping or self._thread is None):
+            self._queue.put(_Chore(install))
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Fail every waiting and running request (``ShuttingDown``) and end the worker.
@@ -542,15 +574,8 @@ class LocalBackend:
                         return
                     if self._waiting or self.stats["controls"] != controls:
                         # A control (a scoring pass) is work too: a question being re-ranked
-                        # has more passes coming, and the tuning below (seconds) would hold
-                        # them up — it once cost a QA reply its re-ranking deadline.
+                        # has more passes coming; housekeeping waits for a real pause.
                         continue
-                    if self._tune_when_idle is not None:
-                        tune, self._tune_when_idle = self._tune_when_idle, None
-                        try:
-                            tune()
-                        except Exception:
-                            log.exception("could not prepare the faster CPU layers")
                     # The KV caches of the last batch were freed; hand the memory back to the
                     # OS so RSS after a burst returns near its warm level (glibc keeps it).
                     trim()
@@ -592,6 +617,11 @@ class LocalBackend:
                 return False
             if isinstance(item, _Control):
                 self._run_control(item)
+            elif isinstance(item, _Chore):
+                try:
+                    item.fn()
+                except Exception:
+                    log.exception("could not install the faster CPU layers")
             else:
                 self._waiting.append(item)
                 # Idle and a first request arrived: wait briefly for company, so a burst is

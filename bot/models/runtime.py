@@ -170,7 +170,7 @@ class ModelRuntime:
             raise ModelError(f"cannot load the base model {cfg.base_model!r}: {exc}") from None
         self.loaded_from_cache = cached
         threads = prefill_threads = None
-        tune_when_idle = None
+        prepare_layers = None
         if str(next(model.parameters()).device) == "cpu":
             from bot.models.tuning import ThreadTuner, thread_candidates
 
@@ -185,17 +185,17 @@ class ModelRuntime:
                 explore_every=32,
                 first_look=8,
             )
-            from bot.models.cpu_linear import convert
+            from bot.models.cpu_linear import prepare
 
-            def tune() -> None:
-                convert(
+            def prepare_layers(cancelled: Callable[[], bool]) -> Callable[[], Any]:
+                return prepare(
                     backend.model,
                     int8=cfg.int8_decode,
                     max_rows=cfg.int8_max_rows,
                     fp16=cfg.fp16_weights,
+                    cancelled=cancelled,
                 )
 
-            tune_when_idle = tune
         backend = LocalBackend(
             model,
             tokenizer,
@@ -211,7 +211,7 @@ class ModelRuntime:
             prefix_cache_tokens=cfg.prefix_cache_tokens,
             # Faster CPU layers cost a second or two to prepare: done by the worker the first
             # time it is idle after serving, so neither the start nor the first reply waits.
-            tune_when_idle=tune_when_idle,
+            prepare_layers=prepare_layers,
         )
         return backend
 
