@@ -60,9 +60,10 @@ class FastLinear(nn.Linear):
         if x.device.type != "cpu" or torch.is_grad_enabled():
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
-        if self.w_int8 is not None and rows <= self.max_rows:
+        q, scale = self.w_int8, self.w_scale
+        if q is not None and scale is not None and rows <= self.max_rows and x.dtype == scale.dtype:
             flat = x.reshape(rows, x.shape[-1]).contiguous()
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.w_int8, self.w_scale)
+            out = torch.ops.aten._weight_int8pack_mm(flat, q, scale)
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], out.shape[-1])
