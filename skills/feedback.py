@@ -87,7 +87,11 @@ class FeedbackSkill(Skill):
             return Reply(stored)
         asked = await ctx.bot.store.get_message(target.reply_to_id) if target.reply_to_id else None
         question = _question_of(asked.text) if asked is not None else ""
-        if not question or (target.skill != "qa" and question_likeness(question) == 0.0):
+        if (
+            asked is None
+            or not question
+            or (target.skill != "qa" and question_likeness(question) == 0.0)
+        ):
             return Reply(stored)  # small talk: a better reply to learn from, not a fact
         try:
             await kb.teach(

@@ -127,8 +127,11 @@ class SentimentSkill(Skill):
             )
             return
 
+        def on_ready(_version: str) -> None:
+            warm()  # the quick classifier is published: serve it while training goes on
+
         async def train_then_load() -> bool:
-            ok = await train_in_subprocess(registry.root, config, on_ready=lambda _: warm())
+            ok = await train_in_subprocess(registry.root, config, on_ready=on_ready)
             return ok and await bot.models.classifiers.warm(config.classifier)
 
         training = train_then_load()

@@ -501,6 +501,28 @@ async def test_the_faster_layers_arrive_while_the_bot_is_never_idle(tokenizer):
         await asyncio.to_thread(b.stop)
 
 
+async def test_stopping_the_backend_ends_the_preparation_of_its_faster_layers(tokenizer):
+    """A preparation still inside a torch kernel when the interpreter exits aborts the process
+    ("terminate called without an active exception": exit -6 on SIGTERM), so stopping the
+    backend cancels it and waits for it; nothing is installed on a stopped model."""
+    import threading
+    import time
+
+    seen: list[object] = []
+
+    def prepare(cancelled):
+        while not cancelled():
+            time.sleep(0.01)
+        seen.append(threading.current_thread())
+        return lambda: seen.append("installed")
+
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", prepare_layers=prepare)
+    b.start()
+    await asyncio.to_thread(b.stop)
+    (thread,) = seen
+    assert isinstance(thread, threading.Thread) and not thread.is_alive()
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def smollm(tmp_path_factory):
     settings = load_settings(

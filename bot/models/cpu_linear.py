@@ -107,7 +107,11 @@ FP16_PROBE_ROWS = (1, 16, 64, 256)
 _PROBED: dict[tuple[Any, ...], Any] = {}
 
 
-def _fp16_rows(layers: list[nn.Linear]) -> int:
+def _never() -> bool:
+    return False
+
+
+def _fp16_rows(layers: list[nn.Linear], cancelled: Callable[[], bool] = _never) -> int:
     """Up to how many rows fbgemm's fp16 weights beat fp32 ``F.linear`` on this CPU; 0: never.
 
     Decode shapes are timed on the largest layer (the vocabulary projection: a weight that
@@ -125,6 +129,8 @@ def _fp16_rows(layers: list[nn.Linear]) -> int:
     packs: dict[int, Any] = {}
     with torch.inference_mode():
         for rows in FP16_PROBE_ROWS:
+            if cancelled():
+                return 0
             layer = largest if rows <= 16 else middle
             w = layer.weight.detach().float()
             packed = packs.setdefault(id(layer), _pack_fp16(w, None))
@@ -151,7 +157,7 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8), s.to(w.dtype)
 
 
-def _int8_pays(model: Any, rows: int) -> bool:
+def _int8_pays(model: Any, rows: int, cancelled: Callable[[], bool] = _never) -> bool:
     """Whether the int8 kernel beats the plain one on this CPU, measured on the model's
     largest layer at ``rows`` rows (a decode step's shape; ~50 ms).
 
@@ -174,6 +180,8 @@ def _int8_pays(model: Any, rows: int) -> bool:
     int8_mm = torch.ops.aten._weight_int8pack_mm
     with torch.inference_mode():
         for n in sorted({1, rows}):
+            if cancelled():
+                return False
             x = torch.randn(n, w.shape[1], dtype=w.dtype)
             plain = _time(functools.partial(torch.nn.functional.linear, x, w), 11, median)
             int8 = _time(functools.partial(int8_mm, x, q, scale), 11, median)
@@ -195,7 +203,7 @@ def prepare(
     int8: bool = True,
     max_rows: int = 4,
     fp16: bool = True,
-    cancelled: Callable[[], bool] = lambda: False,
+    cancelled: Callable[[], bool] = _never,
 ) -> Callable[[], int]:
     """Measure this CPU's kernels and build the weight copies for every ``nn.Linear`` of
     ``model``; returns the step that installs them (turning each into a :class:`FastLinear`)
@@ -212,7 +220,7 @@ def prepare(
     """
     use_int8 = int8 and max_rows > 0 and _can_int8()
     if use_int8:
-        use_int8 = _int8_pays(model, max_rows)
+        use_int8 = _int8_pays(model, max_rows, cancelled)
     fp32_layers = [
         m
         for n, m in model.named_modules()
@@ -221,7 +229,9 @@ def prepare(
         and m.weight.device.type == "cpu"
         and m.weight.dtype == torch.float32
     ]
-    fp16_rows = _fp16_rows(fp32_layers) if fp16 and fp32_layers and _can_fp16() else 0
+    fp16_rows = _fp16_rows(fp32_layers, cancelled) if fp16 and fp32_layers and _can_fp16() else 0
+    if cancelled():
+        return lambda: 0
     plan = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type != "cpu":

@@ -181,6 +181,7 @@ class LocalBackend:
         self.prefill_threads = prefill_threads
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._prepare_layers = prepare_layers
+        self._preparing: threading.Thread | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # adapter bookkeeping nests (load → delete old)
@@ -216,9 +217,13 @@ class LocalBackend:
             self._thread.start()
             if self._prepare_layers is not None:
                 prepare, self._prepare_layers = self._prepare_layers, None
-                threading.Thread(
-                    target=self._prepare, args=(prepare,), name="chinwag-fast-layers", daemon=True
-                ).start()
+                # Not a daemon: a thread killed inside a torch kernel at interpreter exit
+                # aborts the process ("terminate called without an active exception", exit
+                # -6 on SIGTERM). stop() cancels it; it notices within a kernel or two.
+                self._preparing = threading.Thread(
+                    target=self._prepare, args=(prepare,), name="chinwag-fast-layers"
+                )
+                self._preparing.start()
 
     def _prepare(self, prepare: Callable[[Callable[[], bool]], Callable[[], Any]]) -> None:
         """Build the faster layers beside serving, then have the worker install them.
@@ -252,6 +257,9 @@ class LocalBackend:
             if self._thread.is_alive():
                 log.warning("the model worker did not stop within %.0fs", timeout or 0)
             self._thread = None
+        if self._preparing is not None:
+            self._preparing.join(timeout)
+            self._preparing = None
 
     @property
     def running(self) -> bool:
