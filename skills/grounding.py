@@ -43,6 +43,11 @@ def numbers_kept(answer: str, passages: Iterable[str]) -> bool:
     return True
 
 
+def _stems(text: str) -> set[str]:
+    """``text``'s content words, lightly stemmed ("permits" → "permit"): what the checks compare."""
+    return {w.rstrip("s") for w in content_words(text)}
+
+
 #: Words that deny: "not", "never", "can't", "no" ... (a denial's polarity is the fact).
 _NEGATION = re.compile(
     r"\b(?:not|no|never|none|nothing|nobody|neither|nor|cannot)\b|n['’]t\b", re.IGNORECASE
@@ -61,16 +66,12 @@ def negations_kept(answer: str, question: str, passages: Iterable[str]) -> bool:
     often affirms what a denying sentence leads to ("if you don't want X, use Y" → "use Y"),
     which overlap cannot tell from a dropped "not".
     """
-    asked = {w.rstrip("s") for w in content_words(question)}
-    candidates = [
-        ({w.rstrip("s") for w in content_words(s)}, bool(_NEGATION.search(s)))
-        for p in passages
-        for s in sentences(p)
-    ]
+    asked = _stems(question)
+    candidates = [(_stems(s), bool(_NEGATION.search(s))) for p in passages for s in sentences(p)]
     for sentence in sentences(answer):
         if not _NEGATION.search(sentence):
             continue
-        said = {w.rstrip("s") for w in content_words(sentence)}
+        said = _stems(sentence)
         said = (said - asked) or said
         best, denies = 0, False
         for words_, negated in candidates:
@@ -90,11 +91,11 @@ def new_facts(answer: str, question: str, passages: Iterable[str]) -> int:
     "ROT is only available to those eligible for it" is fully supported by a passage about
     ROT eligibility and says nothing; counting what it adds tells the two apart.
     """
-    asked = {w.rstrip("s") for w in content_words(question)}
+    asked = _stems(question)
     known: set[str] = set()
     for p in passages:
-        known.update(w.rstrip("s") for w in content_words(faq_answer(p)))
-    return len({w.rstrip("s") for w in content_words(answer)} & known - asked)
+        known.update(_stems(faq_answer(p)))
+    return len(_stems(answer) & known - asked)
 
 
 def faq_answer(text: str) -> str:

@@ -236,12 +236,16 @@ class LocalBackend:
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own nice
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 10))
+
+        def stopped() -> bool:
+            return self._stopping or self._thread is None
+
         try:
-            install = prepare(lambda: self._stopping or self._thread is None)
+            install = prepare(stopped)
         except Exception:
             log.exception("could not prepare the faster CPU layers")
             return
-        if not (self._stopping or self._thread is None):
+        if not stopped():
             self._queue.put(_Chore(install))
 
     def stop(self, timeout: float | None = 30.0) -> None:

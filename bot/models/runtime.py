@@ -209,8 +209,9 @@ class ModelRuntime:
             threads=threads,
             prefill_threads=prefill_threads,
             prefix_cache_tokens=cfg.prefix_cache_tokens,
-            # Faster CPU layers cost a second or two to prepare: done by the worker the first
-            # time it is idle after serving, so neither the start nor the first reply waits.
+            # Faster CPU layers take seconds to prepare: built on a thread of their own from
+            # the start and installed between two steps, so neither the start nor the first
+            # reply waits, and a bot that is never idle still gets them.
             prepare_layers=prepare_layers,
         )
         return backend
