@@ -125,9 +125,10 @@ def tiny(config_cls, model_cls, **extra):
     return decoder.load(folder, dtype=torch.float32), reference, folder
 
 
-BATCH = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+BATCH = torch.randint(3, 300, (3, 40), generator=torch.Generator().manual_seed(1))
 MASK = torch.ones_like(BATCH)
 MASK[1, :4] = 0  # the second row is left-padded
+MASK[2, :35] = 0  # the third is mostly padding: the prefill runs on the real tokens alone
 
 
 def logits(model, adapters=None):
@@ -181,10 +182,10 @@ def test_lora_adapters_give_peft_s_outputs_row_by_row():
     peft_model = PeftModel.from_pretrained(reference, str(folder / "a"), adapter_name="a")
     peft_model.load_adapter(str(folder / "b"), adapter_name="b")
     peft_model.eval()
-    assert not torch.allclose(logits(ours, ["a", "b"]), logits(ours), atol=1e-3)
-    assert same_logits(ours, peft_model, ["a", "b"])
-    assert same_logits(ours, peft_model, ["b", "b"])
-    assert same_logits(ours, peft_model, [None, "a"])
+    assert not torch.allclose(logits(ours, ["a", "b", "a"]), logits(ours), atol=1e-3)
+    assert same_logits(ours, peft_model, ["a", "b", "a"])
+    assert same_logits(ours, peft_model, ["b", "b", "b"])
+    assert same_logits(ours, peft_model, [None, "a", None])
     ours.delete_adapter("a")
     assert ours.adapter_names() == {"b"}
 
@@ -252,3 +253,22 @@ def test_other_architectures_are_served_through_transformers(tmp_path):
             implementation="chinwag",
         )
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_a_padded_prefill_runs_its_projections_on_the_real_tokens_alone():
+    """A prefill of prompts of unlike lengths (or of chats that reuse a cached prefix) is
+    mostly padding; every projection costs per token, so padding must not reach them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ours = tiny(LlamaConfig, LlamaForCausalLM)[0]
+    seen: list[int] = []
+    hook = ours.layers[0].qkv.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+    )
+    try:
+        logits(ours)
+    finally:
+        hook.remove()
+    real = int(MASK.sum())  # 81 of the batch's 120 positions
+    assert seen == [-(-real // decoder.PACK_ALIGN) * decoder.PACK_ALIGN]
+    assert seen[0] < MASK.numel()

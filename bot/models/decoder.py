@@ -312,11 +312,17 @@ class DecoderLayer(nn.Module):
         mask: torch.Tensor,
         cache: CacheLayer,
         rows: _Rows | None,
+        packed: _Packed | None = None,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
+        """``x`` is ``[B, T, hidden]``, or ``[N, hidden]`` (the real tokens only) with
+        ``packed``: the projections and the MLP then run on those rows alone, and only
+        attention sees the padded ``[B, T]`` layout it needs for the cache and the mask."""
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
-        qkv = _with_lora(self.qkv, self.norm1(x), rows).view(b, t, heads + 2 * kv_heads, d)
-        qkv = qkv.transpose(1, 2)  # [B, heads, T, D]
+        qkv = _with_lora(self.qkv, self.norm1(x), rows)
+        if packed is not None:
+            qkv = packed.spread(qkv)
+        b, t, _ = qkv.shape
+        qkv = qkv.view(b, t, heads + 2 * kv_heads, d).transpose(1, 2)  # [B, heads, T, D]
         # Queries and keys rotate together: one set of element-wise ops instead of two.
         qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
@@ -325,9 +331,67 @@ class DecoderLayer(nn.Module):
             q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
         )
         att = att.transpose(1, 2).reshape(b, t, heads * d)
+        if packed is not None:
+            att = packed.gather(att)
         x = x + _with_lora(self.o, att, rows)
         gate, up = _with_lora(self.gate_up, self.norm2(x), rows).split(self.intermediate, -1)
         return x + _with_lora(self.down, F.silu(gate) * up, rows)
+
+
+#: Packed prefills compute a multiple of this many token rows (a few padding rows make up the
+#: rest): oneDNN builds a kernel per matmul shape on first use, so a handful of row counts
+#: rather than one per prompt mix keeps that cost off the time to first token.
+PACK_ALIGN = 16
+
+
+@dataclass(slots=True)
+class _Packed:
+    """Where a padded prefill's real tokens are: ``index`` into its ``[B * T]`` positions.
+
+    A batch of prompts is left-padded to its longest, and a prefill that reuses cached
+    prefixes is mostly padding (16 chats sharing a system prompt: ~5 new tokens each, padded
+    to 32). Every projection costs per row, so running them on the real tokens alone saves
+    what the padding would cost; attention, which needs the rectangle, gets it back.
+    """
+
+    index: torch.Tensor  # [N] positions in the flattened [B * T] batch
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, new: torch.Tensor) -> _Packed | None:
+        """For ``new`` (``[B, T]``, 1 where a token is real); None when packing saves little."""
+        b, t = new.shape
+        real = new.reshape(-1).bool()
+        n = int(real.sum())
+        aligned = -(-n // PACK_ALIGN) * PACK_ALIGN
+        if aligned >= b * t:
+            return None
+        if aligned > n:  # make up the row count with padding positions (computed, unused)
+            real = real.clone()
+            real[(~real).nonzero().squeeze(1)[: aligned - n]] = True
+        return cls(real.nonzero().squeeze(1), b, t)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, F]`` → ``[N, F]``."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, F]`` → ``[B, T, F]``, zeros where nothing was computed."""
+        out = x.new_zeros((self.batch * self.length, x.shape[-1]))
+        return out.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
+
+    def rows(self, rows: _Rows | None) -> _Rows | None:
+        """Each adapter's batch rows as token rows of the packed layout."""
+        if rows is None:
+            return None
+        owner = self.index // self.length
+        return _Rows(
+            [
+                (name, None if idx is None else torch.isin(owner, idx).nonzero().squeeze(1))
+                for name, idx in rows.groups
+            ]
+        )
 
 
 class Decoder(nn.Module):
@@ -408,8 +472,13 @@ class Decoder(nn.Module):
             own[torch.arange(t), torch.arange(total - t, total)] = True
             allowed = (allowed & causal) | own
         rows = _Rows.of(adapters, x.device)
+        packed = _Packed.of(attention_mask[:, -t:]) if t > 1 else None
+        if packed is not None:
+            x, rows = packed.gather(x), packed.rows(rows)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            x = layer(x, cos, sin, allowed, kv, rows)
+            x = layer(x, cos, sin, allowed, kv, rows, packed)
+        if packed is not None:
+            x = packed.spread(x)
         if last_only:
             x = x[:, -int(last_only) :]
         return self.lm_head(self.norm(x))
