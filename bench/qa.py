@@ -19,7 +19,9 @@ Per corpus it prints:
   contained, answer token-F1 (SQuAD's, of the answer without its source list) against the
   reference, share generated (vs quoted), latency
   p50/p95;
-- off-corpus questions asked as plain chat: share declined, abstained or hedged.
+- off-corpus questions asked as plain chat: share declined, abstained or hedged, for two
+  sets nothing was tuned on: ``off_corpus_heldout`` and ``off_corpus_unseen`` (the second
+  written on 2026-12-07, before the abstention rules that followed the first set's misses).
 
     .venv/bin/python bench/qa.py [--corpus faq flask click python] [--limit N] [--set KEY=VALUE]
 
@@ -161,7 +163,7 @@ def overrides_from(pairs: list[str]) -> dict[str, Any]:
 
 async def evaluate(
     corpus: Corpus,
-    off: list[str],
+    off: dict[str, list[str]],
     work: Path,
     models: Path,
     overrides: dict[str, Any] | None = None,
@@ -202,19 +204,24 @@ async def evaluate(
         for i, case in enumerate(corpus.cases):
             (reply,) = await ChatUser(bot, chat_id=f"q{i}", user_id=f"q{i}").send(case["question"])
             rows.append((case, reply))
-        off_replies = []
-        for i, q in enumerate(off):
-            (reply,) = await ChatUser(bot, chat_id=f"o{i}", user_id=f"o{i}").send(q)
-            off_replies.append(reply)
+        off_replies: dict[str, list[Any]] = {name: [] for name in off}
+        i = 0
+        for name, questions in off.items():
+            for q in questions:
+                (reply,) = await ChatUser(bot, chat_id=f"o{i}", user_id=f"o{i}").send(q)
+                off_replies[name].append(reply)
+                i += 1
     if replies is not None:
-        asked = [(c["question"], c, r) for c, r in rows] + [
-            (q, None, r) for q, r in zip(off, off_replies, strict=True)
+        asked = [(c["question"], c, r, None) for c, r in rows] + [
+            (q, None, r, name)
+            for name, questions in off.items()
+            for q, r in zip(questions, off_replies[name], strict=True)
         ]
-        for question, case, r in asked:
+        for question, case, r, off_set in asked:
             record = {
                 "corpus": corpus.name,
                 "question": question,
-                "off_corpus": case is None,
+                "off_corpus": off_set,
                 "reference": None if case is None else case.get("answer"),
                 "fact": None if case is None else case.get("fact"),
                 "skill": r.skill,
@@ -245,8 +252,11 @@ async def evaluate(
         ),
         qa_p50_s=round(statistics.median(latency), 2) if latency else None,
         qa_p95_s=round(pct(latency, 0.95), 2) if latency else None,
-        off_corpus_abstained=round(sum(map(is_abstention, off_replies)) / len(off), 3),
-        off_corpus_routed=dict(Counter(r.skill for r in off_replies)),
+        **{
+            f"{name}_abstained": round(sum(map(is_abstention, said)) / len(said), 3)
+            for name, said in off_replies.items()
+        },
+        off_corpus_routed=dict(Counter(r.skill for said in off_replies.values() for r in said)),
     )
     sets = sorted({c.get("set", corpus.name) for c, _ in rows})
     if len(sets) > 1:
@@ -270,7 +280,8 @@ async def evaluate(
     # An off-corpus question answered is the failure that matters most: say what was said.
     result["answered_off_corpus"] = [
         (q, r.skill, answer_of(r)[:160])
-        for q, r in zip(off, off_replies, strict=True)
+        for name, questions in off.items()
+        for q, r in zip(questions, off_replies[name], strict=True)
         if not is_abstention(r)
     ]
     return result
@@ -293,7 +304,10 @@ def show(name: str, r: dict[str, Any]) -> None:
     )
     print(f"answer F1 by mode   {r['answer_f1_by_mode']}")
     print(f"QA latency          p50 {r['qa_p50_s']} s, p95 {r['qa_p95_s']} s")
-    print(f"off-corpus          abstained/declined/hedged {r['off_corpus_abstained']:.2f}")
+    print(
+        f"off-corpus          abstained/declined/hedged {r['off_corpus_abstained']:.2f} "
+        f"(held out), {r['off_corpus_unseen_abstained']:.2f} (unseen)"
+    )
     for q, skill, where in r["missed"]:
         print(f"  missed: {q!r} → {skill} {where}")
     for q, skill, said in r["answered_off_corpus"]:
@@ -325,7 +339,13 @@ async def main() -> None:
     import contextlib
     import os
 
-    off = [q for q in (DATA / "off_corpus_heldout.txt").read_text().splitlines() if q.strip()]
+    off = {
+        name: [q for q in (DATA / f"{file}.txt").read_text().splitlines() if q.strip()]
+        for name, file in (
+            ("off_corpus", "off_corpus_heldout"),
+            ("off_corpus_unseen", "off_corpus_unseen"),
+        )
+    }
     result: dict[str, Any] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
     if args.set:
         result["overrides"] = args.set
