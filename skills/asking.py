@@ -110,8 +110,12 @@ _ADVICE = re.compile(
     re.I,
 )
 #: "I have an interview tomorrow, any advice?": the ask comes after the situation.
+#: "my kitchen sink is clogged, what do I do": a situation, then a plea for what to do.
 _ADVICE_AFTER = re.compile(
-    r"\b(?:any|some) (?:ideas|tips|advice|suggestions|recommendations|thoughts)\W*$", re.I
+    r"\b(?:(?:any|some) (?:ideas|tips|advice|suggestions|recommendations|thoughts)"
+    r"|(?:what|how) (?:do|should|can|could) (?:i|we) (?:do|fix|solve|handle) ?(?:it|this|that)?"
+    r")\W*$",
+    re.I,
 )
 _REQUEST_WORDS = re.compile(r"\b(?:recommend|recommendation|suggest|suggestion)\b", re.I)
 

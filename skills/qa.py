@@ -32,6 +32,7 @@ from bot import (
     Source,
     hookimpl,
 )
+from skills.asking import kind_of
 from skills.grounding import (
     best_quote,
     faq_answer,
@@ -180,6 +181,13 @@ def question_likeness(text: str) -> float:
     if _ASKING.search(t) or _TRAILING_QUESTION.search(t) or _NEED.search(t):
         return 0.7
     if len(t.split()) <= 5 and _CODE_NAME.search(t):  # "PREFERRED_URL_SCHEME", "--extra-files"
+        return 0.7
+    if kind_of(t) == "fact":
+        # A request for information not phrased as a question ("convert 100 fahrenheit to
+        # celsius", "define photosynthesis"): dialogue would decline it only where no passage
+        # matched, and with a passage beside it the model stated an invented answer ("100
+        # fahrenheit is equal to … 95.00 celsius"). Here its relevance is checked instead,
+        # and the answer is the passage's or "I don't know".
         return 0.7
     return 0.0
 
