@@ -10,8 +10,9 @@ The line is drawn by the *form* of the message — interrogatives, "tell me abou
 ethanol" from "what a day!" on a one-line chat message, in microseconds, explainably. The
 rules were written against tests/data/off_corpus_questions.txt and
 tests/data/chit_chat.txt and are measured on held-out sets written separately
-(tests/data/off_corpus_heldout.txt, tests/data/chit_chat_heldout.txt; see tests/test_skills.py
-and docs/skills.md for the figures).
+(tests/data/off_corpus_heldout.txt, tests/data/chit_chat_heldout.txt, and
+tests/data/off_corpus_unseen.txt, written later; see tests/test_skills.py and docs/skills.md
+for the figures).
 """
 
 from __future__ import annotations
