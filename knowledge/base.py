@@ -30,7 +30,6 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from knowledge.catalogue import (
-    Catalogue,
     KnowledgeError,
     _meta,
     chunks_t,
@@ -57,7 +56,7 @@ __all__ = [
 ]
 
 
-class KnowledgeBase(Catalogue, Ingest, Search):
+class KnowledgeBase(Ingest, Search):
     """Files → chunks → embeddings → FAISS, with a SQLite catalogue (see the module)."""
 
     def __init__(

@@ -12,6 +12,7 @@ import fcntl
 import functools
 import json
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -119,9 +120,28 @@ class KnowledgeState:
 
     directory: Path
     embedder: Embedder
+    retrieval: str
+    lexical_weight: float
+    candidates: int
+    embed_headings: bool
+    links: list[tuple[str, str]]
+    commit_chunks: int
+    max_file_bytes: int
+    faq_question_vectors: bool
+    chunk_tokens: int
+    overlap: int
+    ivf_threshold: int
+    nprobe: int
+    min_score: float
     _engine: sa.Engine | None
     _index: VectorIndex | None
     _version: int
+    _chunk_count: tuple[int, int]
+    _checked: float
+    _write_lock: threading.Lock
+    _read_lock: threading.Lock
+    _open_lock: threading.Lock
+    _pending_version: tuple[int, str]
     _ready: bool
 
 

@@ -109,7 +109,8 @@ class VectorIndex:
     def remove(self, ids: np.ndarray) -> int:
         if not len(ids):
             return 0
-        return int(self.index.remove_ids(np.asarray(ids, dtype=np.int64)))
+        # faiss's SWIG wrapper takes an array and makes the selector itself.
+        return int(self.index.remove_ids(np.asarray(ids, dtype=np.int64)))  # type: ignore[arg-type]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

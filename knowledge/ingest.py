@@ -24,7 +24,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from knowledge import lexical
-from knowledge.catalogue import KnowledgeError, KnowledgeState, chunks_t, files_t
+from knowledge.catalogue import Catalogue, KnowledgeError, chunks_t, files_t
 from knowledge.chunking import Chunk, Chunker
 from knowledge.index import VectorIndex
 from knowledge.loaders import SkipFile, load
@@ -123,7 +123,7 @@ def expand(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path], list[tu
     return unique, folders, missing
 
 
-class Ingest(KnowledgeState):
+class Ingest(Catalogue):
     def add(
         self, paths: Sequence[str | Path], *, sync: bool = False, progress: Progress | None = None
     ) -> IngestSummary:

@@ -121,7 +121,9 @@ def search(conn: sa.Connection, text: str, limit: int, total: int | None = None)
     cap = max(COMMON_MIN, int(COMMON_SHARE * total))
     count = sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {TABLE} WHERE {TABLE} MATCH :q LIMIT :n)")
     kept = [
-        t for t in terms if conn.execute(count, {"q": _phrase(t), "n": cap + 1}).scalar() <= cap
+        t
+        for t in terms
+        if (conn.execute(count, {"q": _phrase(t), "n": cap + 1}).scalar() or 0) <= cap
     ]
     if not kept:
         return []

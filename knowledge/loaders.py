@@ -128,7 +128,7 @@ def load_html(path: Path) -> list[Section]:
             holder = el if el.get("id") else el.find_parent(["section", "div"], id=True)
             if holder is not None and holder is not el and holder.find(_HEADING) is not el:
                 holder = None
-            anchor = holder.get("id") if holder is not None else None
+            anchor = str(holder["id"]) if holder is not None else None
         elif not el.find_parent(["li", "td", "blockquote"]) or el.name in ("p", "pre"):
             buf.append(el.get_text(" ", strip=True))
     flush()

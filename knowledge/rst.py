@@ -55,7 +55,7 @@ _ROLE_NAME = re.compile(r"(?<![\w`]):([\w][\w:+.-]*):`")
 _TITLE_TARGET = re.compile(r"^(.*?)\s*<[^<>]*>$", re.S)
 
 
-class _AnyOption(dict):  # type: ignore[type-arg]
+class _AnyOption(dict[str, object]):
     """An option spec that accepts every option (Sphinx directives have many)."""
 
     def __contains__(self, key: object) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from knowledge import lexical
-from knowledge.catalogue import KnowledgeState, chunks_t
+from knowledge.catalogue import Catalogue, chunks_t
 from knowledge.taught import SOURCE_LABEL
 
 log = logging.getLogger("knowledge.base")
@@ -103,7 +103,7 @@ def _taught_first(ranked: list[int], best: dict[int, float], rows: dict[int, Any
     return out
 
 
-class Search(KnowledgeState):
+class Search(Catalogue):
     def _chunks_in(self, conn: sa.Connection) -> int:
         """Chunks in the catalogue, counted once per index version."""
         version, count = self._chunk_count
@@ -170,7 +170,7 @@ class Search(KnowledgeState):
             dense.append(order)
             cosine.append(best)
         with self.engine.connect() as conn:
-            keyword = [[] for _ in queries]
+            keyword: list[list[int]] = [[] for _ in queries]
             if mode == "hybrid":
                 total = self._chunks_in(conn)
                 keyword = [lexical.search(conn, q, depth, total) for q in queries]

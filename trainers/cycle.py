@@ -683,7 +683,7 @@ def _write_reports(report: dict[str, Any], out: Path, *, history: Path | None = 
             ]
             blocks.append(table(["figure", "in service", "candidate"], rows))
         elif r.get("baseline") and r.get("candidate"):
-            sets = ("held_out", "regression")
+            sets = ["held_out", "regression"]
             fig, ax = pyplot.subplots(figsize=(5, 3))
             x = range(len(sets))
             ax.bar(

@@ -241,7 +241,8 @@ def split(
     examples: list[Example], held_out: float, seed: int = 13
 ) -> tuple[list[Example], list[Example]]:
     """By conversation: all of a chat's examples land on the same side."""
-    train, test = [], []
+    train: list[Example] = []
+    test: list[Example] = []
     for e in examples:
         bucket = int(_hash(str(seed), e.conversation)[:8], 16) / 16**8
         (test if bucket < held_out else train).append(e)

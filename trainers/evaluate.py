@@ -245,7 +245,9 @@ async def eval_dialogue(
     bot: Bot, prompts: list[str], progress: Progress | None = None
 ) -> dict[str, Any]:
     results = await _ask_all(bot, prompts, "dialogue", progress)
-    texts, grounded, latencies = [], [], {}
+    texts: list[str] = []
+    grounded: list[float] = []
+    latencies: dict[str, list[float]] = {}
     kb = bot.services.get("knowledge")
     cfg = getattr(bot.skill("dialogue"), "config", None) if _has_skill(bot, "dialogue") else None
     for prompt, (replies, took) in zip(prompts, results, strict=True):

@@ -219,7 +219,7 @@ def train_lora(
     checkpoint_dir: Path,
     *,
     progress: Progress | None = None,
-) -> tuple[Any, list[dict[str, float]], dict[str, float]]:
+) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
     """Fit a LoRA adapter on ``train``; returns the peft model, the loss curve and throughput.
 
     Checkpoints go to ``checkpoint_dir``; when it holds one from an interrupted run of the same

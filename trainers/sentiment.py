@@ -129,7 +129,8 @@ def split_by_group(
         digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    train, test = [], []
+    train: list[Example] = []
+    test: list[Example] = []
     for ex in examples:
         (test if bucket(ex.group) < held_out else train).append(ex)
     return train, test
@@ -367,7 +368,7 @@ def train_sentiment(
         "held_out_curve": fitted.curve,
         "train_runtime_s": fitted.runtime_s,
     }
-    entry = registry.publish("sentiment", model.save_pretrained, meta)
+    entry = registry.publish("sentiment", lambda folder: model.save_pretrained(str(folder)), meta)
     serving = registry.current("sentiment")
     quick = serving.meta.get("stage") == "head" if serving is not None else False
     if promote and quick and serving is not None:
@@ -582,7 +583,7 @@ def tune_sentiment(
         "train_loss": fitted.losses,
         "train_runtime_s": fitted.runtime_s,
     }
-    entry = registry.publish("sentiment", model.save_pretrained, meta)
+    entry = registry.publish("sentiment", lambda folder: model.save_pretrained(str(folder)), meta)
     log.info(
         "sentiment %s tuned from %s on %d operator labels (+%d replayed) in %.0f s",
         entry.version,
