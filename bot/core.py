@@ -138,17 +138,22 @@ class Bot:
         return self.plugin_infos
 
     async def warmed(self, within: float = 300.0) -> bool:
-        """Wait for the skills' warm-ups (model loads) to finish; ``False`` past ``within`` seconds.
+        """Wait for the skills' warm-ups (model loads) to finish, and then for the model's
+        faster CPU layers (:meth:`ModelRuntime.settled`); ``False`` past ``within`` seconds.
 
         Live traffic never waits for this — the bot answers while models load. Measurements
         (``chinwag eval``, ``chinwag simulate``, benchmarks) do, so a cold start is not
         mistaken for the bot's behaviour.
         """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
         pending = [w for w in self.warmups if not w.done()]
-        if not pending:
-            return True
-        done, _ = await asyncio.wait(pending, timeout=within)
-        return len(done) == len(pending)
+        if pending:
+            done, _ = await asyncio.wait(pending, timeout=within)
+            if len(done) != len(pending):
+                return False
+        # The model is in; its faster CPU layers follow a few seconds later.
+        return await self.models.settled(max(0.0, until - loop.time()))
 
     async def start(self) -> None:
         """Open the store, load and configure the skills, run startup hooks."""

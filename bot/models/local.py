@@ -184,6 +184,9 @@ class LocalBackend:
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self._prepare_layers = prepare_layers
         self._preparing: threading.Thread | None = None
+        #: Set once the faster layers are in (or there are none to prepare, or preparing them
+        #: failed or was cancelled): measurements wait for it, live traffic never does.
+        self.layers_ready = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # adapter bookkeeping nests (load → delete old)
@@ -217,7 +220,9 @@ class LocalBackend:
                 target=self._run, name="chinwag-model-worker", daemon=True
             )
             self._thread.start()
-            if self._prepare_layers is not None:
+            if self._prepare_layers is None:
+                self.layers_ready.set()
+            else:
                 prepare, self._prepare_layers = self._prepare_layers, None
                 # Not a daemon: a thread killed inside a torch kernel at interpreter exit
                 # aborts the process ("terminate called without an active exception", exit
@@ -246,9 +251,19 @@ class LocalBackend:
             install = prepare(stopped)
         except Exception:
             log.exception("could not prepare the faster CPU layers")
+            self.layers_ready.set()
             return
-        if not stopped():
-            self._queue.put(_Chore(install))
+        if stopped():
+            self.layers_ready.set()
+            return
+
+        def chore() -> None:
+            try:
+                install()
+            finally:
+                self.layers_ready.set()
+
+        self._queue.put(_Chore(chore))
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Fail every waiting and running request (``ShuttingDown``) and end the worker.
@@ -266,6 +281,7 @@ class LocalBackend:
         if self._preparing is not None:
             self._preparing.join(timeout)
             self._preparing = None
+        self.layers_ready.set()  # nothing more will arrive: nobody waits for it
 
     @property
     def running(self) -> bool:

@@ -257,6 +257,26 @@ class ModelRuntime:
         )
         return backend
 
+    async def settled(self, within: float) -> bool:
+        """Wait until the backend's faster layers are in (CPU: seconds of probing and
+        packing beside serving, after the model loaded); ``False`` past ``within`` seconds.
+
+        For measurements, as :meth:`bot.core.Bot.warmed` is: the first questions after a
+        start run on the plain layers, and a benchmark that timed them would mistake the
+        start for the bot's speed (the Python documentation's QA p95 7.52 s, 6.66 s without
+        its first eight questions: docs/skills.md). Live traffic never waits for this.
+        """
+        ready = getattr(self._backend, "layers_ready", None)
+        if ready is None:
+            return True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
+        while not ready.is_set():
+            if loop.time() >= until:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def interrupt(self) -> None:
         """Shutting down: fail every waiting and running generation with
         :class:`ShuttingDown` (within one decode step) and refuse new ones."""
