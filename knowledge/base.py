@@ -14,8 +14,8 @@ transaction, and only then deletes the old file. A crash at any point leaves the
 pointing at a complete index file. Embeddings are kept in the catalogue, so ``rebuild``
 recreates any index without re-running the model.
 
-Three layers, each a mixin of :class:`KnowledgeBase`: the catalogue (knowledge/catalogue.py),
-the ingest (knowledge/ingest.py) and the search (knowledge/search.py).
+Three layers: the catalogue (knowledge/catalogue.py), and the ingest (knowledge/ingest.py) and
+the search (knowledge/search.py) built on it; :class:`KnowledgeBase` is both of the latter.
 
 Searches never take the writer's lock: they use whichever index object is current, and an ingest
 swaps in the new one when it commits. Another process's ingest is noticed by the version number
