@@ -95,6 +95,13 @@ async def backend(tokenizer, impl):
     await asyncio.to_thread(b.stop)
 
 
+def at_least(model, seconds):
+    """Every forward pass of ``model`` takes at least ``seconds``: a tiny model on a fast CPU
+    writes 400 tokens before a short deadline, and the behaviour under test never happens."""
+    module = model if isinstance(model, torch.nn.Module) else model.model  # transformers' own
+    module.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+
+
 def ask(text):
     return [{"role": "user", "content": text}]
 
@@ -137,6 +144,7 @@ async def test_requests_joining_a_running_batch_get_what_they_would_get_alone(ba
 
 
 async def test_a_caller_that_stops_waiting_frees_its_slot_within_a_step(backend):
+    at_least(backend.model, 0.005)
     task = asyncio.create_task(backend.generate(ask("go on"), GenerationParams(max_new_tokens=400)))
     await until(lambda: backend.load()["running"] > 0)
     steps = backend.stats["steps"]
@@ -190,6 +198,7 @@ async def test_a_wait_estimate_that_keeps_running_short_is_corrected_so_the_star
 
 async def test_a_running_reply_ends_at_its_deadline_with_what_it_has(backend):
     backend.step_s = None  # unknown speed: admitted
+    at_least(backend.model, 0.005)  # 400 tokens: at least 2 s, far past the deadline
     gen = await backend.generate(
         ask("go on"), GenerationParams(max_new_tokens=400), deadline=time.monotonic() + 0.3
     )
@@ -425,6 +434,7 @@ async def test_scoring_waits_for_no_one_when_every_slot_is_taken(tokenizer):
     """Re-ranking is optional work: with the batch full, it is refused at once rather than
     hold up the replies people are waiting for."""
     b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", max_batch_size=1)
+    at_least(b.model, 0.005)  # still running when the scoring asks
     b.start()
     try:
         running = asyncio.create_task(b.generate(ask("hi"), GenerationParams(max_new_tokens=400)))
@@ -774,6 +784,7 @@ async def test_a_superseded_reply_ends_with_what_it_has_and_a_waiting_one_is_dro
     from bot.models.types import SUPERSEDED, Superseded
 
     long = GenerationParams(max_new_tokens=200)
+    at_least(backend.model, 0.005)
     cut = threading.Event()
     token = SUPERSEDED.set(cut)
     try:
