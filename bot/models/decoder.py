@@ -286,6 +286,37 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Any:
+    """Attention of ``q`` ``[B, heads, T, D]`` over the cache ``[B, kv_heads, L, D]``.
+
+    A decode step (one new token per row) of a bf16 or fp16 model on CPU is computed as two
+    fp32 matmuls rather than by ``scaled_dot_product_attention``: PyTorch's CPU flash kernel
+    tiles the *queries*, and with one query per row it spends its time on set-up. Measured on
+    an AVX512-BF16 EPYC, 2 threads, per layer: 16 rows × 120 cached tokens 793 µs through SDPA
+    against 178 µs here, 16 × 400 2,489 against 560 µs, 1 × 200 92 against 41 µs; attention
+    was 60 % of a 16-row decode step. The cache is widened to fp32 first: matmuls in bf16 would
+    round the scores before the softmax (10× SDPA's error); in fp32 the error is SDPA's own.
+    fp32 models (level: 106 / 100 µs) and prefills (600 tokens: SDPA 32 ms, matmuls 53 ms)
+    keep SDPA.
+
+    The query heads that share a KV head (GQA) become that head's columns, and the scores are
+    computed as ``keys @ queries.T``, which reads the cache as the view into its buffer that
+    it is, where ``queries @ keys.T`` copied it first.
+    """
+    b, heads, t, d = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    if t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
+        )
+    grouped = q.reshape(b, kv_heads, heads // kv_heads, d).float()  # [B, kv, g, D]
+    scores = torch.matmul(keys.float(), grouped.transpose(-1, -2)).mul_(1 / math.sqrt(d))
+    scores = scores.masked_fill_(~mask.view(b, 1, length, 1), float("-inf"))  # [B, kv, L, g]
+    weights = torch.softmax(scores, -2)
+    out = torch.matmul(weights.transpose(-1, -2), values.float())
+    return out.view(b, heads, 1, d).to(q.dtype)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -327,9 +358,7 @@ class DecoderLayer(nn.Module):
         qk = _rotate(qkv[:, : heads + kv_heads], cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         keys, values = cache.append(k, qkv[:, heads + kv_heads :])
-        att = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
-        )
+        att = attend(q, keys, values, mask)
         att = att.transpose(1, 2).reshape(b, t, heads * d)
         if packed is not None:
             att = packed.gather(att)
