@@ -32,6 +32,10 @@ from bot.store.rows import (
 log = logging.getLogger("bot.store")
 
 
+#: How long the WAL checkpoint at close waits for other readers before leaving the WAL as it is.
+FINAL_CHECKPOINT_S = 1.0
+
+
 class StoreState:
     """What :class:`~bot.store.store.ConversationStore` sets in ``__init__`` and both its halves
     (the engine here, the writer in writer.py) use: declared once, for type checkers."""
@@ -190,10 +194,11 @@ class StoreEngine(StoreState):
         executor = ThreadPoolExecutor(1, thread_name_prefix="chinwag-store-checkpoint")
         conn: sqlite3.Connection | None = None
 
-        def checkpoint(mode: str) -> None:
+        def checkpoint(mode: str, wait_s: float = 30.0) -> None:
             nonlocal conn
             if conn is None:
                 conn = sqlite3.connect(self._sqlite_path or "", timeout=30, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
             conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
         try:
@@ -211,8 +216,13 @@ class StoreEngine(StoreState):
                     except Exception:
                         log.warning("background WAL checkpoint failed", exc_info=True)
         except asyncio.CancelledError:
+            # The last checkpoint empties the WAL so a stopped bot leaves one file. A TRUNCATE
+            # waits for every reader to finish, and with SQLite's busy timeout a reader in
+            # another process (a backup, a trainer, `sqlite3` in a terminal) held the stop for
+            # 30 s. It is tidiness, not durability — the WAL is part of the database — so it
+            # waits a second at most.
             try:
-                await loop.run_in_executor(executor, checkpoint, "TRUNCATE")
+                await loop.run_in_executor(executor, checkpoint, "TRUNCATE", FINAL_CHECKPOINT_S)
             except Exception:
                 log.debug("final WAL checkpoint skipped", exc_info=True)
             raise
@@ -224,12 +234,12 @@ class StoreEngine(StoreState):
     async def close(self) -> None:
         """Flush every pending write, then close the connections."""
         await self._stop_writer()
+        await self._dispose()  # first: the last checkpoint need not wait for our own readers
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
             self._checkpointer = None
-        await self._dispose()
 
     async def _dispose(self) -> None:
         if self._sync_engine is not None:
