@@ -286,7 +286,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> Any:
+def attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Attention of ``q`` ``[B, heads, T, D]`` over the cache ``[B, kv_heads, L, D]``.
 
     A decode step (one new token per row) of a bf16 or fp16 model on CPU is computed as two

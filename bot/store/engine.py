@@ -194,11 +194,12 @@ class StoreEngine(StoreState):
         executor = ThreadPoolExecutor(1, thread_name_prefix="chinwag-store-checkpoint")
         conn: sqlite3.Connection | None = None
 
-        def checkpoint(mode: str, wait_s: float = 30.0) -> None:
+        def checkpoint(mode: str, wait_s: float | None = None) -> None:
             nonlocal conn
             if conn is None:
                 conn = sqlite3.connect(self._sqlite_path or "", timeout=30, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+            if wait_s is not None:  # PASSIVE never waits; only the last one needs its own bound
+                conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
             conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
         try:
