@@ -274,26 +274,38 @@ def test_a_padded_prefill_runs_its_projections_on_the_real_tokens_alone():
     assert seen[0] < MASK.numel()
 
 
-@pytest.mark.parametrize(("rows", "cached"), [(16, 120), (4, 300), (1, 40)])
-def test_a_bf16_decode_step_attends_as_scaled_dot_product_attention_does(rows, cached):
-    """bf16 decode steps on CPU skip PyTorch's flash kernel (several times slower with one
-    query per row); the replacement must attend to the same tokens with the same weights:
-    grouped query heads, padding masked out, the cache read as the view into its buffer that
-    the engine keeps."""
+@pytest.mark.parametrize(
+    ("rows", "cached", "heads", "dtype"),
+    [
+        (16, 120, 9, torch.bfloat16),  # SmolLM2's shape: 9 query heads on 3 KV heads
+        (4, 300, 9, torch.bfloat16),
+        (1, 40, 9, torch.bfloat16),
+        (16, 120, 3, torch.bfloat16),  # no grouping (one query head a KV head)
+        (4, 120, 9, torch.float16),
+    ],
+)
+def test_a_reduced_precision_decode_step_attends_as_scaled_dot_product_attention_does(
+    rows, cached, heads, dtype
+):
+    """bf16 and fp16 decode steps on CPU do not reach PyTorch's flash kernel as they come
+    (several times slower with one query per row and head): grouped query heads go in as one
+    KV head's queries, or the step is two fp32 matmuls. Either way the step must attend to
+    the same tokens with the same weights: query heads matched to their KV head, padding
+    masked out, the cache read as the view into its buffer that the engine keeps."""
     torch.manual_seed(0)
-    heads, kv_heads, d = 9, 3, 64
-    room = torch.randn(2, rows, kv_heads, cached + 40, d, dtype=torch.bfloat16)
+    kv_heads, d = 3, 64
+    room = torch.randn(2, rows, kv_heads, cached + 40, d, dtype=dtype)
     keys, values = room[0, :, :, :cached], room[1, :, :, :cached]
-    q = torch.randn(rows, heads, 1, d, dtype=torch.bfloat16)
+    q = torch.randn(rows, heads, 1, d, dtype=dtype)
     mask = torch.ones(rows, 1, 1, cached, dtype=torch.bool)
     mask[0, ..., : cached // 3] = False  # a left-padded row
 
     ours = decoder.attend(q, keys, values, mask)
 
     reference = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
+        q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=heads != kv_heads
     )
-    assert ours.shape == reference.shape and ours.dtype == torch.bfloat16
+    assert ours.shape == reference.shape and ours.dtype == dtype
     assert (ours.float() - reference).abs().max() < 0.02  # SDPA in bf16 is off by ~0.008 here
     values[0, :, : cached // 3] = 1e4  # what padding holds must not reach the output
     assert torch.equal(decoder.attend(q, keys, values, mask), ours)

@@ -291,19 +291,25 @@ def attend(
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, heads, T, D]`` over the cache ``[B, kv_heads, L, D]``.
 
-    A decode step (one new token per row) of a bf16 or fp16 model on CPU is computed as two
-    fp32 matmuls rather than by ``scaled_dot_product_attention``: PyTorch's CPU flash kernel
-    tiles the *queries*, and with one query per row it spends its time on set-up. Measured on
-    an AVX512-BF16 EPYC, 2 threads, per layer: 16 rows × 120 cached tokens 793 µs through SDPA
-    against 178 µs here, 16 × 400 2,489 against 560 µs, 1 × 200 92 against 41 µs; attention
-    was 60 % of a 16-row decode step. The cache is widened to fp32 first: matmuls in bf16 would
-    round the scores before the softmax (10× SDPA's error); in fp32 the error is SDPA's own.
-    fp32 models (level: 106 / 100 µs) and prefills (600 tokens: SDPA 32 ms, matmuls 53 ms)
-    keep SDPA.
+    Decode steps (one new token per row) on CPU do not go to ``scaled_dot_product_attention``
+    as they come: PyTorch's CPU flash kernel tiles the *queries*, and with one query per
+    (row, head) it spends its time setting up tiles (attention was 60 % of a 16-row bf16 step).
 
-    The query heads that share a KV head (GQA) become that head's columns, and the scores are
-    computed as ``keys @ queries.T``, which reads the cache as the view into its buffer that
-    it is, where ``queries @ keys.T`` copied it first.
+    - **bf16**: the query heads that share a KV head (GQA: SmolLM2 has 9 query heads on 3 KV
+      heads) become that KV head's query *positions*, ``[B, kv_heads, heads/kv_heads, D]``,
+      all seeing the same keys. The kernel then has three queries a tile and a third of the
+      tiles, reads the bf16 cache in place and accumulates in fp32. Measured on an
+      AVX512-BF16 EPYC, per layer, against the two fp32 matmuls this replaced (which widened
+      the cache to fp32 every step): 16 rows × 120 cached tokens 186 → 132 µs on 2 threads,
+      740 → 229 µs on 1; 16 × 1,000 1,669 → 852 µs; 1 × 200 47 → 26 µs; the same error
+      against fp32 (0.002). From 2 query heads a KV head on it wins (16 × 120, 2 threads:
+      2 heads 109 against 490 µs, 8 heads 168 against 288 µs).
+    - **fp16** (no native fp16 arithmetic on these CPUs: the kernel is 2.5× slower than
+      widening) and **bf16 without GQA** (one query a tile again: 262 against 101 µs): two
+      fp32 matmuls, ``keys @ queries.T`` (reads the cache view without a
+      copy) → softmax → ``weights.T @ values``.
+    - **fp32**, prefills (many queries a row: the kernel's own case; 600 tokens: SDPA 32 ms,
+      matmuls 53 ms) and CUDA: SDPA as it comes. fp32 grouped was level (±10 %) on CPU.
     """
     b, heads, t, d = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
@@ -311,7 +317,12 @@ def attend(
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
         )
-    grouped = q.reshape(b, kv_heads, heads // kv_heads, d).float()  # [B, kv, g, D]
+    grouped = q.reshape(b, kv_heads, heads // kv_heads, d)  # [B, kv, g, D]
+    if q.dtype == torch.bfloat16 and heads > kv_heads:
+        # ``mask`` is [B, 1, 1, L]: every query of a row sees the same cached tokens.
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return out.reshape(b, heads, 1, d)
+    grouped = grouped.float()
     scores = torch.matmul(keys.float(), grouped.transpose(-1, -2)).mul_(1 / math.sqrt(d))
     scores = scores.masked_fill_(~mask.view(b, 1, length, 1), float("-inf"))  # [B, kv, L, g]
     weights = torch.softmax(scores, -2)
