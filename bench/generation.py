@@ -12,12 +12,17 @@ Three engines answer the same chat prompts (greedy, up to ``--max-new-tokens``, 
   user would pick instead. Rounds interleave (chinwag, vLLM, chinwag, vLLM…) so a neighbour
   that comes and goes hits both alike, each turn starting after ``--settle`` quiet seconds.
 
+Then the same rounds again beside a busy core (``--busy-rounds``; ``bench/neighbours.py``): the
+machine users share. vLLM's CPU build pins its one compute thread to a core of its own and
+leaves the other to its scheduler, so a neighbour barely moves it; chinwag's thread tuner
+must find the thread count that the neighbour leaves it.
+
 Tokens/s counts generated tokens over wall time; TTFT is from request to first streamed piece.
 Cold start (fresh interpreter to first reply, converted-weights cache present) is measured too.
 
 Last line: a JSON object with ``speedup_1`` and ``speedup_16`` (chinwag ÷ sequential),
-``vs_vllm_single`` and ``vs_vllm_16`` (chinwag ÷ vLLM), ``cold_start_cached_s``, the load
-average, and the raw tokens/s behind every ratio.
+``vs_vllm_single`` and ``vs_vllm_16`` (chinwag ÷ vLLM), the same with ``_busy`` beside a busy
+core, ``cold_start_cached_s``, the load average, and the raw tokens/s behind every ratio.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
+from bench.neighbours import busy_core
 from bot.config import load_settings
 from bot.logs import quiet_libraries
 from bot.models import ModelRuntime
@@ -156,6 +162,7 @@ import asyncio, sys, time
 from bot.config import load_settings
 from bot.models import ModelRuntime
 from bot.models.vllm_server import VLLMServer
+from bench.neighbours import busy_core
 async def main():
     rt = ModelRuntime(load_settings(overrides={{"data_dir": {data!r}, "models": {{"device": {device!r}}}}}))
     await rt.generate([{{"role": "user", "content": "Hi!"}}], max_new_tokens=8)
@@ -204,11 +211,45 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+async def interleaved(
+    engines: dict[str, ModelRuntime],
+    args: argparse.Namespace,
+    figures: dict[tuple[str, int, str], list[dict[str, float]]],
+    phase: str,
+) -> None:
+    """Rounds of 1 and 16 conversations, the engines taking turns (the order flips each
+    round), each turn after the CPUs went quiet; ``phase`` "busy" runs beside a busy core."""
+    rounds = args.rounds if phase == "alone" else args.busy_rounds
+    quiet = 0.25 + (1 / (os.cpu_count() or 1) if phase == "busy" else 0.0)
+    label = "" if phase == "alone" else " (beside a busy core)"
+    for r in range(rounds):
+        for n in (1, 16):
+            order = list(engines) if r % 2 == 0 else list(reversed(engines))
+            for name in order:
+                # vLLM's engine process stays busy for a moment after its last reply;
+                # without a pause that tail lands on whichever engine runs next.
+                waited = await settle(args.settle, quiet=quiet)
+                if waited > args.settle + 1:
+                    print(f"  (waited {waited:.1f} s for the CPUs to go quiet)")
+                f = await concurrent(engines[name], n, args.turns, args.max_new_tokens)
+                figures.setdefault((name, n, phase), []).append(f)
+                print(
+                    f"round {r + 1} {name:>8} x{n:<2}: {f['tokens_per_s']:7.1f} tok/s, "
+                    f"TTFT p50 {f['ttft_p50_s']:.3f} s p95 {f['ttft_p95_s']:.3f} s{label}"
+                )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine")
+    parser.add_argument(
+        "--busy-rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds per engine beside a busy core, after the alone ones (0: none)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-vllm", action="store_true")
     parser.add_argument(
@@ -268,23 +309,13 @@ async def main() -> None:
             print(f"vLLM: {server.url}")
         else:
             print("vLLM: not installed (make vllm) or --no-vllm: no vLLM figures")
-        figures: dict[tuple[str, int], list[dict[str, float]]] = {}
+        figures: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         try:
-            for r in range(args.rounds):
-                for n in (1, 16):
-                    order = list(engines) if r % 2 == 0 else list(reversed(engines))
-                    for name in order:
-                        # vLLM's engine process stays busy for a moment after its last reply;
-                        # without a pause that tail lands on whichever engine runs next.
-                        waited = await settle(args.settle)
-                        if waited > args.settle + 1:
-                            print(f"  (waited {waited:.1f} s for the CPUs to go quiet)")
-                        f = await concurrent(engines[name], n, args.turns, args.max_new_tokens)
-                        figures.setdefault((name, n), []).append(f)
-                        print(
-                            f"round {r + 1} {name:>8} x{n:<2}: {f['tokens_per_s']:7.1f} tok/s, "
-                            f"TTFT p50 {f['ttft_p50_s']:.3f} s p95 {f['ttft_p95_s']:.3f} s"
-                        )
+            await interleaved(engines, args, figures, "alone")
+            if args.busy_rounds:
+                # The neighbour holds one core whole; "quiet" then means nothing busy beyond it.
+                with busy_core():
+                    await interleaved(engines, args, figures, "busy")
             seq = {}
             plain = plain_model(runtime, data)
             for n in (1, 16):
@@ -299,20 +330,29 @@ async def main() -> None:
             if server is not None:
                 server.stop_blocking()
 
-    def best(name: str, n: int, key: str = "tokens_per_s") -> float:
-        return float(np.median([f[key] for f in figures[(name, n)]]))
+    def best(name: str, n: int, phase: str, key: str = "tokens_per_s") -> float:
+        return float(np.median([f[key] for f in figures[(name, n, phase)]]))
 
     for n in (1, 16):
-        ours = best("chinwag", n)
+        ours = best("chinwag", n, "alone")
         result[f"chinwag_tokens_per_s_{n}"] = round(ours, 1)
         result[f"sequential_tokens_per_s_{n}"] = round(seq[n], 1)
         result[f"speedup_{n}"] = round(ours / seq[n], 2)
-        result[f"ttft_p95_s_{n}"] = round(best("chinwag", n, "ttft_p95_s"), 3)
+        result[f"ttft_p95_s_{n}"] = round(best("chinwag", n, "alone", "ttft_p95_s"), 3)
+        ratio = "vs_vllm_single" if n == 1 else f"vs_vllm_{n}"
         if use_vllm:
-            theirs = best("vllm", n)
+            theirs = best("vllm", n, "alone")
             result[f"vllm_tokens_per_s_{n}"] = round(theirs, 1)
-            result[f"vllm_ttft_p95_s_{n}"] = round(best("vllm", n, "ttft_p95_s"), 3)
-            result["vs_vllm_single" if n == 1 else f"vs_vllm_{n}"] = round(ours / theirs, 2)
+            result[f"vllm_ttft_p95_s_{n}"] = round(best("vllm", n, "alone", "ttft_p95_s"), 3)
+            result[ratio] = round(ours / theirs, 2)
+        if args.busy_rounds:
+            ours = best("chinwag", n, "busy")
+            result[f"chinwag_tokens_per_s_{n}_busy"] = round(ours, 1)
+            result[f"ttft_p95_s_{n}_busy"] = round(best("chinwag", n, "busy", "ttft_p95_s"), 3)
+            if use_vllm:
+                theirs = best("vllm", n, "busy")
+                result[f"vllm_tokens_per_s_{n}_busy"] = round(theirs, 1)
+                result[f"{ratio}_busy"] = round(ours / theirs, 2)
     result["load_average_end"] = load_average()
     print(json.dumps(result))
 

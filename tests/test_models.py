@@ -756,6 +756,38 @@ def test_the_thread_count_moves_back_within_steps_when_the_neighbour_leaves():
     assert tuner.current == 2
 
 
+def test_a_conversation_that_shrinks_to_one_row_keeps_the_thread_count_that_is_faster_for_it():
+    """Beside a busy core one thread is faster at every batch size, but a one-row step on two
+    threads is still quicker than a 16-row step on one: the tuner must compare like with
+    like, or a round of 16 chats ending (the batch shrinking) moves a lone chat onto the
+    slower count. Step times as measured beside a busy core (bench/generation.py)."""
+    from bot.models.tuning import ThreadTuner
+
+    tuner = ThreadTuner([1, 2])
+    speed = {(1, 1): 0.014, (1, 16): 0.040, (2, 1): 0.019, (2, 16): 0.060}
+    used: list[int] = []
+    for rows, steps in ((1, 60), (16, 130), (1, 60)):
+        for _ in range(steps):
+            threads = tuner.threads_for_next_step()
+            tuner.record(threads, speed[(threads, rows)], batch=rows)
+            used.append(threads)
+    assert tuner.current == 1
+    assert used.count(2) <= 3 * tuner.probe_steps  # looked, never moved
+
+
+def test_prefill_passes_try_fewer_threads_at_once_when_the_decode_steps_found_a_neighbour():
+    """Prefills are few (a handful a round of 16 chats); the decode steps, hundreds a minute,
+    notice a neighbour first, and the worker tells the prefill tuner to look now."""
+    from bot.models.tuning import ThreadTuner
+
+    prefill = ThreadTuner([1, 2], start=2, explore_every=32, first_look=8)
+    speed = {1: 0.0004, 2: 0.0011}  # a busy core: one thread is faster per token
+    prefill.record(prefill.threads_for_next_step(), speed[2], batch=1)
+    prefill.look_now()
+    drive(prefill, speed, prefill.probe_steps)  # well before its own first look (pass 8)
+    assert prefill.current == 1
+
+
 def test_training_takes_the_thread_count_that_runs_its_work_fastest_now_and_restores_torch():
     """The trainers re-measure every few steps: a stall on some runs must count, not hide."""
     import time

@@ -871,7 +871,12 @@ class LocalBackend:
         nxt = self._sample(logits[:, -1, :], b.jobs)
         elapsed = time.monotonic() - t0
         if self.threads is not None and threads is not None:
+            before = self.threads.current
             self.threads.record(threads, elapsed, len(b))
+            if self.threads.current < before and self.prefill_threads is not None:
+                # Decode steps, hundreds a minute, notice a neighbour first; prefills are few
+                # (a 16-chat round has a handful) and would run slow until their own look.
+                self.prefill_threads.look_now()
         self.step_s = elapsed if self.step_s is None else 0.9 * self.step_s + 0.1 * elapsed
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(b)

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,11 @@ def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
     return chosen
 
 
+def size_class(batch: int) -> int:
+    """1, 2–3, 4–7, 8–15, 16–31 … rows: the steps the tuner compares with one another."""
+    return max(1, batch).bit_length()
+
+
 class ThreadTuner:
     """Picks the torch intra-op thread count that gives the fastest decode steps *now*.
 
@@ -116,6 +122,14 @@ class ThreadTuner:
     (at once too when steps suddenly take under two thirds of their usual time: the core it
     gave up may be free again).
     The default candidates are ``thread_candidates()``.
+
+    Steps are compared only with steps of their own size class (:func:`size_class`): a
+    16-row step costs 2.5× a one-row step, and the two counts do not scale alike. Until
+    2026-12-07 one average per count mixed them (with a 2 % allowance a row), and beside a
+    busy core the tuner moved a one-row conversation to two threads (19.1 against the 21.6
+    ms "usual" that the 16-row round before had left; two threads then took 34 ms a step
+    where one took 14) — and a batch shrinking as its chats finished looked like a neighbour
+    leaving.
 
     The engine keeps two: decode steps (a few rows, bound by memory bandwidth, often fastest
     on one thread of two) and prefill or scoring passes (hundreds of rows, bound by
@@ -145,13 +159,14 @@ class ThreadTuner:
         self.first_look = first_look
         self.probe_steps = probe_steps
         self.margin = margin
-        self._ema: dict[int, float] = {}
+        self._ema: dict[tuple[int, int], float] = {}  # (threads, size class) → seconds a step
         self._steps = 0
         self._probing: int | None = None
-        self._probe_times: list[float] = []
+        self._probe_times: list[tuple[int, float]] = []  # (size class, seconds)
         self._slow = 0  # steps in a row far slower than usual: look again now
         self._fast = 0  # steps in a row far faster than usual: a neighbour left, look again
         self._fast_ref = float("inf")
+        self._streak_class = 0
 
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
@@ -166,28 +181,25 @@ class ThreadTuner:
             self._probe_times = []
         return self._probing if self._probing is not None else self.current
 
+    def look_now(self) -> None:
+        """Try another count at the next step (another tuner saw the machine change)."""
+        if self._probing is None:
+            self._slow = 3
+
     def record(self, threads: int, seconds: float, batch: int) -> None:
-        # Normalise by batch size a little: a step of 16 rows costs more than one of 1.
+        # Within a size class rows still vary (8 to 15): allow a little for each.
         cost = seconds / (1.0 + 0.02 * (batch - 1))
+        size = size_class(batch)
         self._steps += 1
         if self._probing is not None and threads == self._probing:
-            self._probe_times.append(cost)
+            self._probe_times.append((size, cost))
             if len(self._probe_times) >= self.probe_steps:
-                probe = sorted(self._probe_times)[len(self._probe_times) // 2]
-                mine = self._ema.get(self.current, float("inf"))
-                if probe < mine * (1 - self.margin):
-                    log.info(
-                        "model threads: %d → %d (%.1f ms vs %.1f ms a step)",
-                        self.current,
-                        self._probing,
-                        probe * 1000,
-                        mine * 1000,
-                    )
-                    self.current = self._probing
-                    self._ema[self.current] = probe
-                self._probing = None
+                self._judge_probe()
             return
-        old = self._ema.get(threads)
+        old = self._ema.get((threads, size))
+        if size != self._streak_class:  # a streak is of steps alike
+            self._slow = self._fast = 0
+            self._streak_class = size
         # A neighbour that just started (or a core the OS took away) shows as a run of steps
         # twice as slow as usual: do not wait for the next scheduled look.
         self._slow = self._slow + 1 if old is not None and cost > 2 * old else 0
@@ -195,4 +207,26 @@ class ThreadTuner:
         if old is not None and self._fast == 0:
             self._fast_ref = old
         self._fast = self._fast + 1 if old is not None and cost < 0.66 * self._fast_ref else 0
-        self._ema[threads] = cost if old is None else 0.8 * old + 0.2 * cost
+        self._ema[(threads, size)] = cost if old is None else 0.8 * old + 0.2 * cost
+
+    def _judge_probe(self) -> None:
+        """Compare the probe with the current count on the size class the probe saw most."""
+        assert self._probing is not None
+        sizes = [size for size, _ in self._probe_times]
+        counts = Counter(sizes)
+        size = max(reversed(sizes), key=counts.__getitem__)  # a tie goes to the latest
+        times = sorted(t for c, t in self._probe_times if c == size)
+        probe = times[len(times) // 2]
+        mine = self._ema.get((self.current, size))
+        self._ema[(self._probing, size)] = probe
+        if mine is not None and probe < mine * (1 - self.margin):
+            log.info(
+                "model threads: %d → %d (%.1f ms vs %.1f ms a step of %d+ rows)",
+                self.current,
+                self._probing,
+                probe * 1000,
+                mine * 1000,
+                1 << (size - 1),
+            )
+            self.current = self._probing
+        self._probing = None
