@@ -300,8 +300,8 @@ def attend(
       all seeing the same keys. The kernel then has three queries a tile and a third of the
       tiles, reads the bf16 cache in place and accumulates in fp32. Measured on an
       AVX512-BF16 EPYC, per layer, against the two fp32 matmuls this replaced (which widened
-      the cache to fp32 every step): 16 rows × 120 cached tokens 186 → 132 µs on 2 threads,
-      740 → 229 µs on 1; 16 × 1,000 1,669 → 852 µs; 1 × 200 47 → 26 µs; the same error
+      the cache to fp32 every step): 16 rows × 120 cached tokens 183 → 130 µs on 2 threads,
+      308 → 230 µs on 1; 16 × 1,000 1,669 → 852 µs; 1 × 200 47 → 26 µs; the same error
       against fp32 (0.002). From 2 query heads a KV head on it wins (16 × 120, 2 threads:
       2 heads 109 against 490 µs, 8 heads 168 against 288 µs).
     - **fp16** (no native fp16 arithmetic on these CPUs: the kernel is 2.5× slower than
