@@ -190,7 +190,9 @@ def add(
 ) -> None:
     """Ingest documents: text, Markdown, reStructuredText, HTML, PDF, FAQ JSON/JSONL/CSV."""
     from bot.logs import quiet_libraries
+    from bot.process import tune_for_batch_work
 
+    tune_for_batch_work()  # a batch job: CPU-seconds count, latency does not
     quiet_libraries()  # our bars, not the embedder's
     kb = _kb()
     try:
