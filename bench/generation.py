@@ -162,7 +162,6 @@ import asyncio, sys, time
 from bot.config import load_settings
 from bot.models import ModelRuntime
 from bot.models.vllm_server import VLLMServer
-from bench.neighbours import busy_core
 async def main():
     rt = ModelRuntime(load_settings(overrides={{"data_dir": {data!r}, "models": {{"device": {device!r}}}}}))
     await rt.generate([{{"role": "user", "content": "Hi!"}}], max_new_tokens=8)
