@@ -1114,7 +1114,7 @@ _PASS_OVERHEAD_TOKENS = 40
 def _record_pass(
     tuner: ThreadTuner | None, threads: int | None, seconds: float, tokens: int
 ) -> None:
-    """Tell ``tuner`` how long a prefill or scoring pass of ``tokens`` took, per token, and
-    how big it was: it compares passes of like sizes only (``tuning.pass_class``)."""
+    """Tell ``tuner`` how long a prefill or scoring pass of ``tokens`` took, per token: passes
+    of very different lengths are then comparable."""
     if tuner is not None and threads is not None:
-        tuner.record(threads, seconds / (tokens + _PASS_OVERHEAD_TOKENS), batch=1, size=tokens)
+        tuner.record(threads, seconds / (tokens + _PASS_OVERHEAD_TOKENS), batch=1)

@@ -172,7 +172,7 @@ class ModelRuntime:
         threads = prefill_threads = None
         prepare_layers = None
         if str(next(model.parameters()).device) == "cpu":
-            from bot.models.tuning import ThreadTuner, pass_class, thread_candidates
+            from bot.models.tuning import ThreadTuner, thread_candidates
 
             candidates = None if cfg.threads == "auto" else [int(cfg.threads)]
             threads = ThreadTuner(candidates)
@@ -187,7 +187,6 @@ class ModelRuntime:
                 start=max(candidates or thread_candidates()),
                 explore_every=32,
                 first_look=8,
-                class_of=pass_class,
             )
             from bot.models.cpu_linear import prepare
 

@@ -108,15 +108,8 @@ def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
 
 
 def size_class(batch: int) -> int:
-    """1, 2–3, 4–7, 8–15, 16–31 … rows: the decode steps the tuner compares with one another."""
+    """1, 2–3, 4–7, 8–15, 16–31 … rows: the steps the tuner compares with one another."""
     return max(1, batch).bit_length()
-
-
-def pass_class(tokens: int) -> int:
-    """… 32–127, 128–511, 512–2,047 … tokens: the prefill and scoring passes compared with
-    one another (a 20-token prefill is bound by memory like a decode step, a 600-token one by
-    arithmetic: they need not like the same thread count)."""
-    return max(1, tokens).bit_length() // 2
 
 
 class ThreadTuner:
@@ -155,7 +148,6 @@ class ThreadTuner:
         margin: float = 0.1,
         first_look: int = 16,
         start: int | None = None,
-        class_of: Callable[[int], int] = size_class,
     ) -> None:
         if candidates is None:
             candidates = thread_candidates()
@@ -175,7 +167,6 @@ class ThreadTuner:
         self._fast = 0  # steps in a row far faster than usual: a neighbour left, look again
         self._fast_ref = float("inf")
         self._streak_class = 0
-        self._class_of = class_of
 
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
@@ -195,13 +186,10 @@ class ThreadTuner:
         if self._probing is None:
             self._slow = 3
 
-    def record(self, threads: int, seconds: float, batch: int, size: int | None = None) -> None:
-        """A step of ``batch`` rows took ``seconds`` on ``threads``; ``size`` (default
-        ``batch``) is what ``class_of`` sorts steps by: rows for decode steps, tokens for
-        passes."""
+    def record(self, threads: int, seconds: float, batch: int) -> None:
         # Within a size class rows still vary (8 to 15): allow a little for each.
         cost = seconds / (1.0 + 0.02 * (batch - 1))
-        size = self._class_of(batch if size is None else size)
+        size = size_class(batch)
         self._steps += 1
         if self._probing is not None and threads == self._probing:
             self._probe_times.append((size, cost))
@@ -233,12 +221,12 @@ class ThreadTuner:
         self._ema[(self._probing, size)] = probe
         if mine is not None and probe < mine * (1 - self.margin):
             log.info(
-                "model threads: %d → %d (%.1f ms vs %.1f ms a step, size class %d)",
+                "model threads: %d → %d (%.1f ms vs %.1f ms a step of %d+ rows)",
                 self.current,
                 self._probing,
                 probe * 1000,
                 mine * 1000,
-                size,
+                1 << (size - 1),
             )
             self.current = self._probing
         self._probing = None
