@@ -11,6 +11,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +19,28 @@ log = logging.getLogger(__name__)
 _abandonable: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
+def glibc() -> Any | None:
+    """The C library through ctypes on Linux (``prctl``, ``mallopt``, ``malloc_trim``), or
+    None where there is none to ask: every caller's Linux-only tuning becomes a no-op."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def die_with_parent() -> None:
     """In a child before ``exec``: the kernel sends it SIGTERM when the bot dies, even by
     SIGKILL, so no trainer lives on holding the training lock (Linux; elsewhere a no-op)."""
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return
-    import ctypes
-
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def exit_within(seconds: float) -> None:
@@ -112,11 +125,9 @@ def tune_for_batch_work() -> dict[str, str]:
     if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         applied["OMP_WAIT_POLICY"] = "PASSIVE"
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
+    libc = glibc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):  # not glibc: no mallopt
             if libc.mallopt(_M_MMAP_THRESHOLD, 256 << 20) and libc.mallopt(
                 _M_TRIM_THRESHOLD, 512 << 20
             ):

@@ -56,6 +56,7 @@ from bot.models.types import (
     Superseded,
     UnknownAdapter,
 )
+from bot.process import glibc
 
 log = logging.getLogger(__name__)
 
@@ -1082,13 +1083,11 @@ class LocalBackend:
 
 def _malloc_trim() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)`` where there is one, else a no-op."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return lambda: libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    libc = glibc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
         return lambda: None
+    return lambda: trim(0)
 
 
 def _use_threads(tuner: ThreadTuner | None) -> int | None:
