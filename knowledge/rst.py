@@ -12,6 +12,7 @@ definitions and error messages dropped, lists as lists, literal blocks fenced as
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from typing import Any
 
 from docutils import nodes
@@ -56,7 +57,16 @@ _TITLE_TARGET = re.compile(r"^(.*?)\s*<[^<>]*>$", re.S)
 
 
 class _AnyOption(dict[str, object]):
-    """An option spec that accepts every option (Sphinx directives have many)."""
+    """An option spec that accepts every option (Sphinx directives have many).
+
+    Truthy though empty: docutils parses a directive's ``:option:`` lines only when its spec
+    is. An empty dict is falsy, and ``.. module:: time`` followed by ``:synopsis: Time
+    access…`` took the synopsis into the module's name — every anchor of the Python
+    documentation read ``time\\n:synopsis: Time access and conversions..sleep``.
+    """
+
+    def __bool__(self) -> bool:
+        return True
 
     def __contains__(self, key: object) -> bool:
         return True
@@ -76,7 +86,7 @@ class _Generic(Directive):
     def run(self) -> list[nodes.Node]:
         label = self.name.split(":")[-1]
         if label in ("module", "currentmodule") and self.arguments:
-            self.state.document["chinwag-module"] = self.arguments[0].strip()
+            self.state.document["chinwag-module"] = self.arguments[0].split()[0]
         if self.name in _SKIP_DIRECTIVES:
             return []
         if label in _DESCRIPTIONS and self.arguments:
@@ -99,19 +109,74 @@ class _Generic(Directive):
 
     def _described(self, label: str) -> nodes.section:
         signature = " ".join(self.arguments[0].splitlines()[0].split())
-        name = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
-        if label in _PY_OBJECTS:
-            module = self.state.document.get("chinwag-module")
-            anchor = f"{module}.{name}" if module and module != "None" else name
+        document = self.state.document
+        owner = document.get("chinwag-class")
+        if self.name.split(":")[0] in ("c", "cpp"):
+            # ``c:function:: PyObject* PyList_New(Py_ssize_t len)``: the name is the last word
+            # before the parameters, and Sphinx's anchor is ``c.PyList_New``.
+            words = re.findall(r"[A-Za-z_]\w*", signature.split("(")[0])
+            anchor, title = (f"c.{words[-1]}" if words else ""), signature
+        elif label in _PY_OBJECTS:
+            name = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
+            module = document.get("chinwag-module")
+            module = module if module and module != "None" else ""
+            if owner and label not in ("class", "exception", "function", "data", "decorator"):
+                name, title = f"{owner}.{name}", signature  # a member: under its class's trail
+            else:
+                title = signature
+                # Shown as Sphinx shows it: ``time.sleep(secs)``, not ``sleep(secs)`` — the
+                # name users type and a model's guess at the answer spells out.
+                if module and not name.startswith(module + "."):
+                    title = f"{module}.{signature}"
+            anchor = f"{module}.{name}" if module and not name.startswith(module + ".") else name
         elif label == "envvar":
-            anchor = f"envvar-{name}"
+            anchor, title = f"envvar-{signature.split()[0]}", signature
         else:
-            anchor = ""  # the enclosing section's is linked (see parse)
+            anchor, title = "", signature  # the enclosing section's is linked (see parse)
         section = nodes.section(ids=[anchor] if anchor else [])
-        section += nodes.title(text=signature)
+        section += nodes.title(text=title)
         if self.content:
-            self.state.nested_parse(self.content, self.content_offset, section)
+            if label in ("class", "exception") and self.name.split(":")[0] not in ("c", "cpp"):
+                # Members described in a class's body are its members: ``threading.Event.wait``.
+                document["chinwag-class"] = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
+            try:
+                self.state.nested_parse(self.content, self.content_offset, section)
+            finally:
+                document["chinwag-class"] = owner
         return section
+
+
+class _ClassOrDescription(_Generic):
+    """``.. class::`` is docutils' own directive (a CSS class for the next element); Sphinx
+    renames that one ``rst-class`` and reads ``class`` as a Python class's description.
+
+    Left to docutils, every class of a Sphinx source lost its description — "A Counter is a
+    dict subclass for counting hashable objects" was not in the knowledge base — and its
+    methods landed in the section around it. So in a Sphinx source (``_SPHINX``) it describes
+    a class; elsewhere docutils' meaning stands.
+    """
+
+    def run(self) -> list[nodes.Node]:
+        if _SPHINX.get():
+            return super().run()
+        from docutils.parsers.rst.directives.misc import Class
+
+        if not self.arguments:
+            return []
+        return Class(
+            self.name, self.arguments, self.options, self.content, self.lineno,
+            self.content_offset, self.block_text, self.state, self.state_machine,
+        ).run()  # fmt: skip
+
+
+#: Whether the document being parsed is a Sphinx source (see ``_ClassOrDescription``).
+_SPHINX: ContextVar[bool] = ContextVar("chinwag_rst_sphinx", default=False)
+#: Markup only Sphinx knows: its Python-domain roles and module directives.
+_SPHINX_MARKS = re.compile(
+    r"^\s*\.\.\s+(?:py:)?(?:module|currentmodule|function|method|versionadded|versionchanged)::"
+    r"|:(?:py:)?(?:func|meth|class|mod|attr|exc|ref|doc):`",
+    re.M,
+)
 
 
 def _generic_role(
@@ -133,7 +198,9 @@ def _generic_role(
 
 
 def _register_unknown(source: str) -> None:
-    # Registering is process-wide and idempotent; only names docutils does not know.
+    # Registering is process-wide and idempotent; only names docutils does not know, and
+    # ``class``, which reads each document as it is (``_ClassOrDescription``).
+    directives.register_directive("class", _ClassOrDescription)
     for name in set(_DIRECTIVE_NAME.findall(source)):
         if name not in directives._directive_registry and name not in directives._directives:
             directives.register_directive(name, _Generic)
@@ -210,17 +277,11 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str, str]]:
     before the first heading.
     """
     _register_unknown(source)
-    doctree = publish_doctree(
-        source,
-        settings_overrides={
-            "report_level": 5,
-            "halt_level": 5,
-            "file_insertion_enabled": False,
-            "raw_enabled": False,
-            "doctitle_xform": False,
-            "warning_stream": False,
-        },
-    )
+    sphinx = _SPHINX.set(bool(_SPHINX_MARKS.search(source)))
+    try:
+        doctree = _doctree(source)
+    finally:
+        _SPHINX.reset(sphinx)
     out: list[tuple[list[str], str, str]] = []
 
     def walk(node: nodes.Node, trail: list[str], anchor: str) -> None:
@@ -237,6 +298,20 @@ def parse(source: str, fallback_title: str) -> list[tuple[list[str], str, str]]:
 
     walk(doctree, [], "")
     return out
+
+
+def _doctree(source: str) -> nodes.document:
+    return publish_doctree(
+        source,
+        settings_overrides={
+            "report_level": 5,
+            "halt_level": 5,
+            "file_insertion_enabled": False,
+            "raw_enabled": False,
+            "doctitle_xform": False,
+            "warning_stream": False,
+        },
+    )
 
 
 def _sections_in(node: nodes.Node) -> list[nodes.section]:

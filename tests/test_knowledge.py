@@ -479,6 +479,28 @@ SPHINX_API = textwrap.dedent("""\
     .. envvar:: SHOP_CONFIG
 
         Path of the configuration file read at start.
+
+    Timers
+    ======
+
+    .. module:: clock
+       :synopsis: Waiting and timing.
+
+    .. class:: Timer(seconds)
+
+       Calls a function once the given number of seconds has passed.
+
+       .. method:: cancel()
+
+          Stops the timer before it fires.
+
+    .. function:: sleep(secs)
+
+       Suspends the calling thread for the given number of seconds.
+
+    .. c:function:: int Clock_Sleep(double secs)
+
+       The same from C.
 """)
 
 
@@ -494,18 +516,50 @@ def test_each_documented_name_is_its_own_section_headed_and_linked_by_its_name(k
     assert found["TEMPLATES_AUTO_RELOAD"].text.startswith("Reload templates when")
     # Anchors as Sphinx writes them: the dotted name under the current module, envvar-NAME.
     assert found["TEMPLATES_AUTO_RELOAD"].meta["anchor"] == "TEMPLATES_AUTO_RELOAD"
-    assert found["Basket(owner)"].meta["anchor"] == "shop.Basket"
+    # Headed as Sphinx shows them, by the name users type: "shop.Basket", "clock.sleep".
+    assert found["shop.Basket(owner)"].meta["anchor"] == "shop.Basket"
     assert found["add(item, quantity=1)"].headings[-2:] == [
-        "Basket(owner)",
+        "shop.Basket(owner)",
         "add(item, quantity=1)",
     ]
+    assert found["add(item, quantity=1)"].meta["anchor"] == "shop.Basket.add"
     assert found["SHOP_CONFIG"].meta["anchor"] == "envvar-SHOP_CONFIG"
-    assert "Holds what a customer" in found["Basket(owner)"].text
-    assert "Puts" not in found["Basket(owner)"].text  # the method's text is the method's
+    assert "Holds what a customer" in found["shop.Basket(owner)"].text
+    assert "Puts" not in found["shop.Basket(owner)"].text  # the method's text is the method's
+    # A plain ``.. class::`` is a class in a Sphinx source (docutils' own "class" is
+    # ``rst-class`` there), and a module's ``:synopsis:`` is not part of its name.
+    assert "Calls a function once" in found["clock.Timer(seconds)"].text
+    assert found["clock.Timer(seconds)"].meta["anchor"] == "clock.Timer"
+    assert found["cancel()"].meta["anchor"] == "clock.Timer.cancel"
+    assert found["clock.sleep(secs)"].meta["anchor"] == "clock.sleep"
+    assert found["int Clock_Sleep(double secs)"].meta["anchor"] == "c.Clock_Sleep"
     # Asked by name, the definition comes first — not the changelog line that mentions it.
     kb.add([tmp_path / "_sources"])
     best = kb.search("TEMPLATES_AUTO_RELOAD what is it for", k=1)[0]
     assert best.headings[-1] == "TEMPLATES_AUTO_RELOAD"
+    best = kb.search("what does clock.sleep do?", k=1)[0]
+    assert best.headings[-1] == "clock.sleep(secs)"
+
+
+def test_outside_sphinx_sources_the_class_directive_keeps_its_docutils_meaning(tmp_path):
+    from knowledge.loaders import load
+
+    plain = "Notes\n=====\n\n.. class:: special\n\nThis paragraph is styled, not a class.\n"
+    (section,) = load(write(tmp_path / "notes.rst", plain))
+    assert section.headings == ["Notes"]
+    assert "This paragraph is styled" in section.text
+
+
+def test_a_knowledge_base_reads_its_files_again_when_the_reader_changes(kb, tmp_path, monkeypatch):
+    from knowledge import ingest
+
+    docs = write(tmp_path / "a.md", "# A\n\nAlpha.\n")
+    assert len(kb.add([docs]).added) == 1
+    assert len(kb.add([docs]).unchanged) == 1
+    # A chinwag whose readers parse differently re-reads the same, unchanged file.
+    monkeypatch.setattr(ingest, "READER_VERSION", ingest.READER_VERSION + 1)
+    again = kb.add([docs])
+    assert not again.unchanged and kb.stats()["chunks"] == 1
 
 
 def test_removed_documents_leave_no_keyword_hits_and_old_catalogues_are_indexed(kb, tmp_path):
