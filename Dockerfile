@@ -16,6 +16,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     CHINWAG_DATA_DIR=/data
 
+# A C++ compiler for chinwag's native decode attention, built for the CPU the container runs
+# on at its first start (bot/models/kernels.py); NATIVE_KERNELS=0 leaves it out (PyTorch's
+# kernels serve, decode attention ~3× slower a layer).
+ARG NATIVE_KERNELS=1
+RUN if [ "$NATIVE_KERNELS" = 1 ] && ! command -v c++ >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends g++ \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN if ! command -v python3 >/dev/null; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
       && rm -rf /var/lib/apt/lists/*; \

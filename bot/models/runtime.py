@@ -191,13 +191,27 @@ class ModelRuntime:
             from bot.models.cpu_linear import prepare
 
             def prepare_layers(cancelled: Callable[[], bool]) -> Callable[[], Any]:
-                return prepare(
+                install_layers = prepare(
                     backend.model,
                     int8=cfg.int8_decode,
                     max_rows=cfg.int8_max_rows,
                     fp16=cfg.fp16_weights,
                     cancelled=cancelled,
                 )
+                kernel = None
+                if cfg.native_kernels and not cancelled():
+                    from bot.models import kernels
+
+                    kernel = kernels.build()  # compiled at this thread's lower priority
+
+                def install() -> Any:
+                    from bot.models.decoder import use_native_attention
+
+                    if kernel is not None:
+                        use_native_attention(kernel)
+                    return install_layers()
+
+                return install
 
         backend = LocalBackend(
             model,
