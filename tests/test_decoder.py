@@ -289,16 +289,15 @@ def native_attention():
 
 @pytest.fixture(params=[False, True], ids=["pytorch", "native"])
 def attention_kernel(request):
-    """Each attention test runs on PyTorch's kernels and on the native one."""
-    if not request.param:
-        yield None
-        return
-    kernel = request.getfixturevalue("native_attention")
+    """Each attention test runs on PyTorch's kernels and on the native one (whatever a bot
+    started earlier in this process installed is put back afterwards)."""
+    before = decoder._native_attention
+    kernel = request.getfixturevalue("native_attention") if request.param else None
     decoder.use_native_attention(kernel)
     try:
         yield kernel
     finally:
-        decoder.use_native_attention(None)
+        decoder.use_native_attention(before)
 
 
 @pytest.mark.parametrize(
@@ -349,12 +348,14 @@ def test_with_the_native_kernel_greedy_replies_stay_token_for_token(smollm2, nat
     ids, mask = left_padded(
         tokenizer, ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
     )
-    before = greedy(ours, ours.new_cache(), ids, mask, 24)
-    decoder.use_native_attention(native_attention)
+    installed = decoder._native_attention
     try:
+        decoder.use_native_attention(None)
+        before = greedy(ours, ours.new_cache(), ids, mask, 24)
+        decoder.use_native_attention(native_attention)
         after = greedy(ours, ours.new_cache(), ids, mask, 24)
     finally:
-        decoder.use_native_attention(None)
+        decoder.use_native_attention(installed)
     assert torch.equal(after, before)
 
 

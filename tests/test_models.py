@@ -598,6 +598,38 @@ async def test_a_question_is_likelier_after_the_passage_that_answers_it(smollm):
 
 
 @pytest.mark.asyncio(loop_scope="session")
+async def test_the_model_worker_attends_with_the_native_kernel_once_its_layers_are_ready(smollm):
+    """Built beside serving (bot/models/kernels.py), installed between two steps: a started
+    bot decodes with it from then on, and answers the same (greedy) as before."""
+    from bot.models import decoder
+
+    assert await smollm.settled(120)
+    assert decoder._native_attention is not None
+    result = await smollm.generate(
+        ask("What is the capital of France? Answer in one word."), max_new_tokens=12
+    )
+    assert "Paris" in result.text
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_operator_can_keep_pytorchs_attention(smollm):
+    from bot.models import decoder
+
+    installed = decoder._native_attention
+    decoder.use_native_attention(None)
+    settings = smollm.settings.model_copy(deep=True)
+    settings.models.native_kernels = False
+    runtime = ModelRuntime(settings)
+    await runtime.start()
+    try:
+        assert await runtime.settled(120)
+        assert decoder._native_attention is None
+    finally:
+        await runtime.stop()
+        decoder.use_native_attention(installed)
+
+
+@pytest.mark.asyncio(loop_scope="session")
 async def test_the_converted_weights_are_cached_for_the_next_start(smollm):
     second = ModelRuntime(smollm.settings)
     await second.start()
