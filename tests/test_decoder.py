@@ -359,6 +359,31 @@ def test_with_the_native_kernel_greedy_replies_stay_token_for_token(smollm2, nat
     assert torch.equal(after, before)
 
 
+def test_a_native_kernel_that_fails_a_step_is_put_aside_and_the_step_still_answers(caplog):
+    """A shape the kernel refuses (its checks raise) must not become a failed reply."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 1, 64, dtype=torch.bfloat16)
+    keys = values = torch.randn(2, 3, 30, 64, dtype=torch.bfloat16)
+    mask = torch.ones(2, 1, 1, 30, dtype=torch.bool)
+
+    def refuses(*_args):
+        raise RuntimeError("group or head size too large")
+
+    installed = decoder._native_attention
+    decoder.use_native_attention(refuses)
+    try:
+        with caplog.at_level("ERROR", logger="bot.models"):
+            out = decoder.attend(q, keys, values, mask)
+        assert decoder._native_attention is None  # not tried again on every step
+    finally:
+        decoder.use_native_attention(installed)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
+    )
+    assert (out.float() - reference).abs().max() < 0.02
+    assert "PyTorch's kernels serve" in caplog.text
+
+
 def test_without_a_compiler_the_bot_says_why_and_pytorch_serves(monkeypatch, tmp_path, caplog):
     from bot.models import kernels
 

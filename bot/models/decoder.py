@@ -26,6 +26,7 @@ The weights, tokenizer and adapters are the ones transformers and peft use; outp
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
+
+log = logging.getLogger("bot.models")
 
 #: Model types whose checkpoints this module reads as they are.
 ARCHITECTURES = {"llama", "mistral", "qwen2"}
@@ -349,9 +352,14 @@ def attend(
         and mask.dtype == torch.bool
         and mask.stride(-1) == 1
     ):
-        grouped = q.reshape(b, kv_heads, heads // kv_heads, d)
-        out = native(grouped, keys, values, mask.reshape(b, length))
-        return out.view(b, heads, 1, d)
+        try:
+            out = native(
+                q.reshape(b, kv_heads, heads // kv_heads, d), keys, values, mask.reshape(b, length)
+            )
+            return out.view(b, heads, 1, d)
+        except RuntimeError:  # a shape it was not built for: never a failed reply
+            log.exception("native decode attention failed; PyTorch's kernels serve from now on")
+            use_native_attention(None)
     if t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads

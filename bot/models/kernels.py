@@ -103,9 +103,9 @@ def build() -> Callable[..., Any] | None:
         from torch.utils.cpp_extension import load
 
         folder = directory() / name
-        folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         try:
+            folder.mkdir(parents=True, exist_ok=True)  # an unwritable home is a reason too
             module = load(
                 name=name,
                 sources=[str(SOURCE)],
