@@ -407,3 +407,53 @@ def test_a_failed_build_is_reported_with_the_compilers_complaint(monkeypatch, tm
     assert kernels.build() is None
     why = kernels.unavailable or ""
     assert why.startswith("the build failed") and "error" in why and "ninja" not in why
+
+
+def test_a_bot_stopping_during_the_first_build_stops_the_compiler_at_once(monkeypatch, tmp_path):
+    """A first start compiles for ~20 s; SIGTERM meanwhile must not wait for g++."""
+    import subprocess
+    import time
+
+    from bot.models import kernels
+
+    monkeypatch.setenv("CHINWAG_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    started = time.monotonic()
+    assert kernels.build(cancelled=lambda: time.monotonic() - started > 1.0) is None
+    assert time.monotonic() - started < 5
+    time.sleep(0.5)
+    still = subprocess.run(
+        ["pgrep", "-f", str(tmp_path)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert still == []  # no compiler left running for a bot that is gone
+
+
+def test_a_build_child_that_fails_says_why(monkeypatch, tmp_path):
+    from bot.models import kernels
+
+    monkeypatch.setenv("CHINWAG_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    monkeypatch.setattr(kernels, "_built", {})
+    assert kernels.build(cancelled=lambda: False) is None
+    assert (kernels.unavailable or "").startswith("the build failed")
+
+
+def test_a_build_killed_half_way_does_not_block_the_next_start(
+    monkeypatch, tmp_path, native_attention
+):
+    """PyTorch leaves its lock file behind when a build is killed, and waits on it forever."""
+    import shutil
+    import threading
+
+    from bot.models import kernels
+
+    name = kernels._name()
+    shutil.copytree(kernels.directory() / name, tmp_path / "kernels" / name)
+    (tmp_path / "kernels" / name / "lock").touch()  # what a killed build leaves
+    monkeypatch.setenv("CHINWAG_KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(kernels, "_built", {})
+    found: list = []
+    worker = threading.Thread(target=lambda: found.append(kernels.build()), daemon=True)
+    worker.start()
+    worker.join(120)
+    assert found and found[0] is not None

@@ -15,11 +15,16 @@ build fails, :func:`build` says why once in the log and PyTorch's kernels serve 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -75,9 +80,14 @@ def enabled() -> bool:
     return os.environ.get("CHINWAG_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no")
 
 
-def build() -> Callable[..., Any] | None:
+def build(cancelled: Callable[[], bool] | None = None) -> Callable[..., Any] | None:
     """The compiled ``decode_attention(q, k, v, mask)``, built if it is not yet; None (and
-    :data:`unavailable` says why) where it cannot be."""
+    :data:`unavailable` says why) where it cannot be.
+
+    With ``cancelled`` (a running bot), a build that is needed runs in a child process that is
+    stopped within a fraction of a second once ``cancelled()`` says so: a bot told to stop
+    during its first start's ~20 s of g++ stops on time, not after the compiler.
+    """
     global unavailable
     if not enabled():
         unavailable = "turned off (CHINWAG_NATIVE_KERNELS=0)"
@@ -94,51 +104,114 @@ def build() -> Callable[..., Any] | None:
             )
             _built[name] = None
             return None
-        try:
-            import ninja  # the build tool PyTorch drives; from PyPI, on PATH for the build
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        from torch.utils.cpp_extension import load
-
-        folder = directory() / name
         started = time.perf_counter()
+        if cancelled is not None and not _library(name).exists():
+            why = _build_in_child(cancelled)
+            if why == "cancelled":
+                return None  # not a verdict: the next start builds it
+            if why is not None:
+                _unavailable(name, why)
+                return None
         try:
-            folder.mkdir(parents=True, exist_ok=True)  # an unwritable home is a reason too
-            module = load(
-                name=name,
-                sources=[str(SOURCE)],
-                build_directory=str(folder),
-                extra_cflags=FLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # a compiler error, a missing header, no ninja
-            unavailable = f"the build failed: {_complaint(exc)}"
-            log.warning(
-                "native decode attention unavailable: %s; PyTorch's kernel serves", unavailable
-            )
-            _built[name] = None
+            module = _load(name)
+        except Exception as exc:  # a compiler error, a missing header, no ninja, no room
+            _unavailable(name, f"the build failed: {_complaint(exc)}")
             return None
         unavailable = None
         log.info(
-            "native decode attention ready (%s, %.1f s)", folder, time.perf_counter() - started
+            "native decode attention ready (%s, %.1f s)",
+            directory() / name,
+            time.perf_counter() - started,
         )
         _built[name] = module.decode_attention
         return module.decode_attention
 
 
-def main() -> int:
-    """Build the kernel now; exit 0 either way (it is an optimisation), saying what happened."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+def _unavailable(name: str, why: str) -> None:
+    global unavailable
+    unavailable = why
+    log.warning("native decode attention unavailable: %s; PyTorch's kernel serves", why)
+    _built[name] = None
+
+
+def _library(name: str) -> Path:
+    return directory() / name / f"{name}.so"
+
+
+def _load(name: str) -> Any:
+    """Build (if needed) and import the extension, in this process.
+
+    PyTorch guards a build folder with a lock *file*, which a build killed half-way leaves
+    behind, and every later build then waits on it forever. Builds here hold an ``flock`` of
+    their own (released by the kernel when a process dies), so a lock file found while
+    holding it is such a leftover and goes.
+    """
+    try:
+        import ninja  # the build tool PyTorch drives; from PyPI, on PATH for the build
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", ""):
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    from torch.utils.cpp_extension import load
+
+    folder = directory() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".chinwag-build.lock").open("w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(
+            name=name,
+            sources=[str(SOURCE)],
+            build_directory=str(folder),
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+
+def _build_in_child(cancelled: Callable[[], bool]) -> str | None:
+    """Compile in ``python -m bot.models.kernels --strict``; None once built, else why not."""
+    from bot.process import die_with_parent
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bot.models.kernels", "--strict"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: ninja and g++ stop with it
+        preexec_fn=die_with_parent,
+    )
+    while True:
+        try:
+            output, _ = child.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if cancelled():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.communicate()
+                log.info("native decode attention: build stopped (the bot is stopping)")
+                return "cancelled"
+    if child.returncode == 0:
+        return None
+    said = [line for line in (output or "").splitlines() if line.strip()]
+    last = said[-1] if said else f"exit {child.returncode}"
+    return last.removeprefix("native decode attention: not built — ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the kernel now, saying what happened; exit 0 either way (it is an optimisation)
+    unless ``--strict`` (a bot's build child: its parent needs to know)."""
+    strict = "--strict" in (sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
     started = time.perf_counter()
     kernel = build()
     if kernel is None:
         print(f"native decode attention: not built — {unavailable}")
-    else:
-        seconds = time.perf_counter() - started
-        print(f"native decode attention: ready in {directory()} ({seconds:.1f} s)")
+        return 1 if strict else 0
+    seconds = time.perf_counter() - started
+    print(f"native decode attention: ready in {directory()} ({seconds:.1f} s)")
     return 0
 
 

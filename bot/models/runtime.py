@@ -202,7 +202,9 @@ class ModelRuntime:
                 if cfg.native_kernels and not cancelled():
                     from bot.models import kernels
 
-                    kernel = kernels.build()  # compiled at this thread's lower priority
+                    # Compiled (when not yet) in a child at this thread's lower priority,
+                    # stopped at once if the bot stops meanwhile.
+                    kernel = kernels.build(cancelled)
 
                 def install() -> Any:
                     from bot.models.decoder import use_native_attention
