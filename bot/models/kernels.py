@@ -3,9 +3,9 @@
 PyTorch's kernels are built for every CPU at once and for shapes bigger than a decode step's;
 one of ours is built here, for this CPU (``-march=native``), the first time a model loads
 (~20 s with g++ on 2 cores, on the background thread that prepares the faster layers), and
-reused from ``~/.cache/chinwag/kernels`` after that. Its name carries a digest of its source,
-PyTorch's version and this CPU's flags, so a cache shared between machines (a home directory,
-a Docker layer) never hands one CPU another's instructions.
+reused from ``~/.cache/chinwag/kernels`` after that. Its name carries a digest of its source
+(and where it lies), PyTorch's version and this CPU's flags, so a cache shared between
+machines (a home directory, a Docker layer) never hands one CPU another's instructions.
 
 Nothing depends on it: without a C++ compiler, with ``CHINWAG_NATIVE_KERNELS=0`` or when the
 build fails, :func:`build` says why once in the log and PyTorch's kernels serve as before.
@@ -62,7 +62,10 @@ def _name() -> str:
     import torch
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode()):
+    # The source's path too: PyTorch's build file names it, and two checkouts sharing one
+    # folder would rebuild it in turn (each ~20 s) under each other's running bots.
+    parts = (str(SOURCE), SOURCE.read_bytes(), torch.__version__, _cpu_flags())
+    for part in (p if isinstance(p, bytes) else p.encode() for p in parts):
         digest.update(part)
         digest.update(b"\0")
     digest.update(" ".join(FLAGS).encode())
