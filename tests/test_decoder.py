@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -291,13 +292,13 @@ def native_attention():
 def attention_kernel(request):
     """Each attention test runs on PyTorch's kernels and on the native one (whatever a bot
     started earlier in this process installed is put back afterwards)."""
-    before = decoder._native_attention
+    before = decoder._native
     kernel = request.getfixturevalue("native_attention") if request.param else None
-    decoder.use_native_attention(kernel)
+    decoder.use_native(kernel)
     try:
         yield kernel
     finally:
-        decoder.use_native_attention(before)
+        decoder.use_native(before)
 
 
 @pytest.mark.parametrize(
@@ -342,20 +343,50 @@ def test_a_decode_step_attends_as_scaled_dot_product_attention_does(
     assert torch.equal(decoder.attend(q, keys, values, mask), ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_native_norm_and_rotary_give_what_pytorchs_ops_give(dtype, native_attention):
+    """Fused for decode steps (one call where PyTorch takes five or six), rounded where
+    PyTorch's element-wise ops round: bf16 bit for bit, fp32 to the last bits."""
+    torch.manual_seed(0)
+    norm = decoder.RMSNorm(torch.randn(576, dtype=dtype), 1e-5)
+    x = torch.randn(16, 1, 576, dtype=dtype) * 3
+    qkv = torch.randn(16, 1, 15, 64, dtype=dtype).transpose(1, 2)  # the projections' view
+    angles = torch.rand(16, 1, 1, 64) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    installed = decoder._native
+    try:
+        decoder.use_native(None)
+        norm_ref, rot_ref = norm(x), decoder._rotate(qkv[:, :12], cos, sin)
+        decoder.use_native(native_attention)
+        with torch.inference_mode():
+            norm_ours, rot_ours = norm(x), decoder._rotate(qkv[:, :12], cos, sin)
+    finally:
+        decoder.use_native(installed)
+    assert norm_ours.shape == norm_ref.shape and rot_ours.shape == rot_ref.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(rot_ours, rot_ref)
+        # The mean of squares is summed in another order: at most one bf16 step, rarely.
+        assert ((norm_ours.float() - norm_ref.float()).abs() > 0).float().mean() < 0.01
+        assert torch.allclose(norm_ours.float(), norm_ref.float(), rtol=1 / 128, atol=0)
+    else:
+        assert torch.allclose(rot_ours, rot_ref, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(norm_ours, norm_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_with_the_native_kernel_greedy_replies_stay_token_for_token(smollm2, native_attention):
     """The kernel changes how fast a step attends, not what the model says."""
     ours, _, tokenizer, _ = smollm2
     ids, mask = left_padded(
         tokenizer, ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
     )
-    installed = decoder._native_attention
+    installed = decoder._native
     try:
-        decoder.use_native_attention(None)
+        decoder.use_native(None)
         before = greedy(ours, ours.new_cache(), ids, mask, 24)
-        decoder.use_native_attention(native_attention)
+        decoder.use_native(native_attention)
         after = greedy(ours, ours.new_cache(), ids, mask, 24)
     finally:
-        decoder.use_native_attention(installed)
+        decoder.use_native(installed)
     assert torch.equal(after, before)
 
 
@@ -369,14 +400,14 @@ def test_a_native_kernel_that_fails_a_step_is_put_aside_and_the_step_still_answe
     def refuses(*_args):
         raise RuntimeError("group or head size too large")
 
-    installed = decoder._native_attention
-    decoder.use_native_attention(refuses)
+    installed = decoder._native
+    decoder.use_native(SimpleNamespace(decode_attention=refuses))
     try:
         with caplog.at_level("ERROR", logger="bot.models"):
             out = decoder.attend(q, keys, values, mask)
-        assert decoder._native_attention is None  # not tried again on every step
+        assert decoder._native is None  # not tried again on every step
     finally:
-        decoder.use_native_attention(installed)
+        decoder.use_native(installed)
     reference = torch.nn.functional.scaled_dot_product_attention(
         q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
     )

@@ -604,7 +604,7 @@ async def test_the_model_worker_attends_with_the_native_kernel_once_its_layers_a
     from bot.models import decoder
 
     assert await smollm.settled(120)
-    assert decoder._native_attention is not None
+    assert decoder._native is not None
     result = await smollm.generate(
         ask("What is the capital of France? Answer in one word."), max_new_tokens=12
     )
@@ -615,18 +615,18 @@ async def test_the_model_worker_attends_with_the_native_kernel_once_its_layers_a
 async def test_an_operator_can_keep_pytorchs_attention(smollm):
     from bot.models import decoder
 
-    installed = decoder._native_attention
-    decoder.use_native_attention(None)
+    installed = decoder._native
+    decoder.use_native(None)
     settings = smollm.settings.model_copy(deep=True)
     settings.models.native_kernels = False
     runtime = ModelRuntime(settings)
     await runtime.start()
     try:
         assert await runtime.settled(120)
-        assert decoder._native_attention is None
+        assert decoder._native is None
     finally:
         await runtime.stop()
-        decoder.use_native_attention(installed)
+        decoder.use_native(installed)
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,28 +278,52 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        native = _native
+        if (
+            native is not None
+            and x.device.type == "cpu"
+            and x.is_contiguous()
+            and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
+            and not torch.is_grad_enabled()
+        ):
+            # One call for what is six ops below (15 µs for 16 rows, 61 norms a step).
+            return native.rms_norm(x.view(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         # fp32 statistics, as transformers computes them: outputs match token for token.
         return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.weight
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (the "rotate half" layout Llama checkpoints use)."""
+    native = _native
+    if (
+        native is not None
+        and x.device.type == "cpu"
+        and x.shape[2] == 1
+        and x.stride(-1) == 1
+        and cos.stride(-1) == 1
+        and sin.stride(-1) == 1
+        and not torch.is_grad_enabled()
+    ):
+        return native.rotary(x, cos, sin)  # a decode step: one call for five ops
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
-#: chinwag's own decode-step attention, compiled for this CPU (bot/models/kernels.py) and put
-#: in place by the model worker between two steps once built; None: PyTorch's kernels.
-_native_attention: Callable[..., torch.Tensor] | None = None
-#: What the native kernel handles: query heads a KV head, head size (csrc/decode_attention.cpp).
-NATIVE_MAX_GROUP, NATIVE_MAX_DIM = 8, 256
+#: chinwag's own decode-step kernels, compiled for this CPU (bot/models/kernels.py: attention,
+#: RMS norm, rotary embedding) and put in place by the model worker between two steps once
+#: built; None: PyTorch's ops.
+_native: Any = None
+#: What the native attention handles: query heads a KV head, head size
+#: (csrc/decode_attention.cpp); the native norm, rows (more: a prefill, where PyTorch's
+#: threads pay).
+NATIVE_MAX_GROUP, NATIVE_MAX_DIM, NATIVE_MAX_ROWS = 8, 256, 64
 
 
-def use_native_attention(kernel: Callable[..., torch.Tensor] | None) -> None:
-    """Decode steps on the CPU attend with ``kernel`` from now on (None: PyTorch's again)."""
-    global _native_attention
-    _native_attention = kernel
+def use_native(kernels: Any) -> None:
+    """Decode steps on the CPU use ``kernels`` from now on (None: PyTorch's ops again)."""
+    global _native
+    _native = kernels
 
 
 def attend(
@@ -339,7 +362,7 @@ def attend(
     """
     b, heads, t, d = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
-    native = _native_attention
+    native = _native
     if (
         native is not None
         and t == 1
@@ -353,13 +376,13 @@ def attend(
         and mask.stride(-1) == 1
     ):
         try:
-            out = native(
+            out = native.decode_attention(
                 q.reshape(b, kv_heads, heads // kv_heads, d), keys, values, mask.reshape(b, length)
             )
             return out.view(b, heads, 1, d)
         except RuntimeError:  # a shape it was not built for: never a failed reply
             log.exception("native decode attention failed; PyTorch's kernels serve from now on")
-            use_native_attention(None)
+            use_native(None)
     if t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads

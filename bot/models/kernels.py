@@ -83,9 +83,10 @@ def enabled() -> bool:
     return os.environ.get("CHINWAG_NATIVE_KERNELS", "1").strip().lower() not in ("0", "false", "no")
 
 
-def build(cancelled: Callable[[], bool] | None = None) -> Callable[..., Any] | None:
-    """The compiled ``decode_attention(q, k, v, mask)``, built if it is not yet; None (and
-    :data:`unavailable` says why) where it cannot be.
+def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
+    """The compiled module — ``decode_attention(q, k, v, mask)``, ``rms_norm(x, weight,
+    eps)``, ``rotary(x, cos, sin)`` — built if it is not yet; None (and :data:`unavailable`
+    says why) where it cannot be.
 
     With ``cancelled`` (a running bot), a build that is needed runs in a child process that is
     stopped within a fraction of a second once ``cancelled()`` says so: a bot told to stop
@@ -126,8 +127,8 @@ def build(cancelled: Callable[[], bool] | None = None) -> Callable[..., Any] | N
             directory() / name,
             time.perf_counter() - started,
         )
-        _built[name] = module.decode_attention
-        return module.decode_attention
+        _built[name] = module
+        return module
 
 
 def _unavailable(name: str, why: str) -> None:

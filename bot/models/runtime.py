@@ -207,10 +207,10 @@ class ModelRuntime:
                     kernel = kernels.build(cancelled)
 
                 def install() -> Any:
-                    from bot.models.decoder import use_native_attention
+                    from bot.models.decoder import use_native
 
                     if kernel is not None:
-                        use_native_attention(kernel)
+                        use_native(kernel)
                     return install_layers()
 
                 return install

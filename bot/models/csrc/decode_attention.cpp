@@ -168,6 +168,106 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
+namespace {
+
+// Rounds to the model's dtype where PyTorch's element-wise kernels round, so that the fused
+// ops below give what the chain of PyTorch ops gives, bit for bit in bf16.
+template <typename T> inline float through(float f) {
+  T out;
+  store(&out, f);
+  return to_float(out);
+}
+template <> inline float through<float>(float f) { return f; }
+
+template <typename Scalar>
+void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
+  using T = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+  const int64_t rows = x.size(0), H = x.size(1);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr<Scalar>());
+  const T* wp = reinterpret_cast<const T*>(w.data_ptr<Scalar>());
+  T* op = reinterpret_cast<T*>(out.data_ptr<Scalar>());
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = xp + r * H;
+    float squares = 0.f;
+    for (int64_t i = 0; i < H; ++i) {
+      const float v = to_float(xr[i]);
+      squares += v * v;
+    }
+    const float rstd = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+    T* o = op + r * H;
+    // F.rms_norm in fp32, .to(dtype), then * weight in dtype: two roundings, as there.
+    for (int64_t i = 0; i < H; ++i) store(o + i, through<T>(to_float(xr[i]) * rstd) * to_float(wp[i]));
+  }
+}
+
+template <typename Scalar>
+void rotate_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                 torch::Tensor& out) {
+  using T = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+  const int64_t B = x.size(0), Hh = x.size(1), D = x.size(3), half = D / 2;
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr<Scalar>());
+  const T* cp = reinterpret_cast<const T*>(cos.data_ptr<Scalar>());
+  const T* sp = reinterpret_cast<const T*>(sin.data_ptr<Scalar>());
+  T* op = reinterpret_cast<T*>(out.data_ptr<Scalar>());
+  const int64_t xsb = x.stride(0), xsh = x.stride(1), csb = cos.stride(0), ssb = sin.stride(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* c = cp + b * csb;
+    const T* sn = sp + b * ssb;
+    for (int64_t h = 0; h < Hh; ++h) {
+      const T* xr = xp + b * xsb + h * xsh;
+      T* o = op + (b * Hh + h) * D;
+      for (int64_t i = 0; i < D; ++i) {
+        // x * cos + cat(-x[half:], x[:half]) * sin, each product and the sum rounded.
+        const float rotated = i < half ? -to_float(xr[i + half]) : to_float(xr[i - half]);
+        const float a = through<T>(to_float(xr[i]) * to_float(c[i]));
+        const float s2 = through<T>(rotated * to_float(sn[i]));
+        store(o + i, a + s2);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// x [rows, H] contiguous, weight [H]: RMS normalisation as chinwag's RMSNorm computes it, in one
+// call instead of six (a 16-row decode step has 61 of them).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x: [rows, H] contiguous");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
+              weight.scalar_type() == x.scalar_type(), "weight: [H] of x's dtype");
+  auto out = torch::empty_like(x);
+  switch (x.scalar_type()) {
+    case torch::kBFloat16: rms_norm_rows<c10::BFloat16>(x, weight, eps, out); break;
+    case torch::kHalf: rms_norm_rows<c10::Half>(x, weight, eps, out); break;
+    case torch::kFloat: rms_norm_rows<float>(x, weight, eps, out); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
+// One decode step's rotary embedding: x [B, heads, 1, D] (a view of the projections: unit
+// stride in D), cos and sin [B, 1, 1, D] contiguous. Returns x rotated, contiguous.
+torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.size(2) == 1 && x.stride(3) == 1 && x.device().is_cpu(),
+              "x: [B, heads, 1, D] with unit stride in D");
+  TORCH_CHECK(x.size(3) % 2 == 0, "an even head size");
+  for (const auto& t : {cos, sin}) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == x.size(0) && t.size(3) == x.size(3) &&
+                t.stride(3) == 1 && t.scalar_type() == x.scalar_type(),
+                "cos, sin: [B, 1, 1, D] of x's dtype");
+  }
+  auto out = torch::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
+  switch (x.scalar_type()) {
+    case torch::kBFloat16: rotate_rows<c10::BFloat16>(x, cos, sin, out); break;
+    case torch::kHalf: rotate_rows<c10::Half>(x, cos, sin, out); break;
+    case torch::kFloat: rotate_rows<float>(x, cos, sin, out); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decode step's attention over the KV cache");
+  m.def("rms_norm", &rms_norm, "RMS normalisation of contiguous rows, times the weight");
+  m.def("rotary", &rotary, "one decode step's rotary position embedding");
 }
