@@ -339,8 +339,9 @@ def attend(
       heads up to 256): per (row, KV head), the group's queries against the cache read in
       place, fp32 sums. Per layer on an AVX512-BF16 EPYC, against the branches below: bf16
       16 rows × 120 cached tokens 235 → 66 µs on 1 thread, 163 → 38 on 2; 16 × 1,000
-      1,617 → 508; 1 × 200 30 → 11; fp32 16 × 120 189 → 94. A whole 16-row step 46.9 → 40.3
-      ms on 1 thread (docs/performance.md).
+      1,617 → 508; 1 × 200 30 → 11; fp32 16 × 120 189 → 94. A whole 16-row step with the
+      prepacked layers 40.0–40.7 → 30.7–32.2 ms on 1 thread (29.3–30.7 with the native norm
+      and rotary too; docs/performance.md).
 
     Until it is built, or where it cannot be:
 
