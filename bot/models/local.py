@@ -302,6 +302,8 @@ class LocalBackend:
                 "step_s": self.step_s or 0.0,
                 "capacity": float(self.max_batch_size),
                 "wait_ratio": self.wait_ratio,
+                # 1: decode steps run on the kernels compiled for this CPU (kernels.py).
+                "native_kernels": float(_native_in_use(self.model)),
             }
 
     # -- requests ------------------------------------------------------------------------------
@@ -1117,3 +1119,9 @@ def _record_pass(
     of very different lengths are then comparable."""
     if tuner is not None and threads is not None:
         tuner.record(threads, seconds / (tokens + _PASS_OVERHEAD_TOKENS), batch=1)
+
+
+def _native_in_use(model: Any) -> bool:
+    from bot.models import decoder
+
+    return isinstance(model, decoder.Decoder) and decoder._native is not None
