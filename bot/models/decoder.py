@@ -283,11 +283,16 @@ class RMSNorm(nn.Module):
             native is not None
             and x.device.type == "cpu"
             and x.is_contiguous()
+            and x.dtype == self.weight.dtype
             and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
             and not torch.is_grad_enabled()
         ):
             # One call for what is six ops below (15 µs for 16 rows, 61 norms a step).
-            return native.rms_norm(x.view(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+            try:
+                flat = x.view(-1, x.shape[-1])
+                return native.rms_norm(flat, self.weight, self.eps).view(x.shape)
+            except RuntimeError:
+                _native_failed("RMS norm")
         # fp32 statistics, as transformers computes them: outputs match token for token.
         return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype) * self.weight
 
@@ -302,9 +307,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
         and x.stride(-1) == 1
         and cos.stride(-1) == 1
         and sin.stride(-1) == 1
+        and cos.dtype == sin.dtype == x.dtype
         and not torch.is_grad_enabled()
     ):
-        return native.rotary(x, cos, sin)  # a decode step: one call for five ops
+        try:
+            return native.rotary(x, cos, sin)  # a decode step: one call for five ops
+        except RuntimeError:
+            _native_failed("rotary embedding")
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -324,6 +333,13 @@ def use_native(kernels: Any) -> None:
     """Decode steps on the CPU use ``kernels`` from now on (None: PyTorch's ops again)."""
     global _native
     _native = kernels
+
+
+def _native_failed(what: str) -> None:
+    """A native op refused its inputs (a shape it was not built for): never a failed reply —
+    PyTorch's ops answer this call and every later one."""
+    log.exception("native %s failed; PyTorch's ops serve from now on", what)
+    use_native(None)
 
 
 def attend(
@@ -381,9 +397,8 @@ def attend(
                 q.reshape(b, kv_heads, heads // kv_heads, d), keys, values, mask.reshape(b, length)
             )
             return out.view(b, heads, 1, d)
-        except RuntimeError:  # a shape it was not built for: never a failed reply
-            log.exception("native decode attention failed; PyTorch's kernels serve from now on")
-            use_native(None)
+        except RuntimeError:
+            _native_failed("decode attention")
     if t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
