@@ -273,9 +273,16 @@ async def main() -> None:
         )
         await runtime.start()
         backend = runtime._backend
+        # The faster layers and the native kernels are prepared beside serving: measured
+        # before they are in, the first round would time the start, not the engine.
+        settled = await runtime.settled(300)
+        native = bool(runtime.load().get("native_kernels"))
+        result.update(native_kernels=native)
         print(
             f"chinwag: device {backend.device}, dtype {next(backend.model.parameters()).dtype}, "
-            f"thread candidates {backend.threads.candidates if backend.threads else '-'}"
+            f"thread candidates {backend.threads.candidates if backend.threads else '-'}, "
+            f"native kernels {'in use' if native else 'not in use'}"
+            + ("" if settled else " (the faster layers were not ready after 300 s)")
         )
         await runtime.generate(chat("warm up"), max_new_tokens=8)
         engines: dict[str, ModelRuntime] = {"chinwag": runtime}
