@@ -36,6 +36,9 @@ log = logging.getLogger("bot.models")
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
+#: How ``main`` says it could not build (the bot's build child; its parent reads the reason).
+NOT_BUILT = "native decode attention: not built — "
+
 _lock = threading.Lock()
 _built: dict[str, Any] = {}
 #: Why the kernel is not in use, once a build was tried (also said in the log).
@@ -102,11 +105,8 @@ def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
             return _built[name]
         compiler = os.environ.get("CXX") or "c++"
         if shutil.which(compiler) is None:
-            unavailable = f"no C++ compiler ({compiler!r} not found)"
-            log.info(
-                "native decode attention unavailable: %s; PyTorch's kernel serves", unavailable
-            )
-            _built[name] = None
+            # Not a fault: a machine without a compiler serves on PyTorch's ops by design.
+            _unavailable(name, f"no C++ compiler ({compiler!r} not found)", logging.INFO)
             return None
         started = time.perf_counter()
         if cancelled is not None and not _library(name).exists():
@@ -131,10 +131,11 @@ def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
         return module
 
 
-def _unavailable(name: str, why: str) -> None:
+def _unavailable(name: str, why: str, level: int = logging.WARNING) -> None:
+    """Remember (for this process) that the kernels cannot be had, and say why once."""
     global unavailable
     unavailable = why
-    log.warning("native decode attention unavailable: %s; PyTorch's kernel serves", why)
+    log.log(level, "native decode attention unavailable: %s; PyTorch's kernel serves", why)
     _built[name] = None
 
 
@@ -201,7 +202,7 @@ def _build_in_child(cancelled: Callable[[], bool]) -> str | None:
         return None
     said = [line for line in (output or "").splitlines() if line.strip()]
     last = said[-1] if said else f"exit {child.returncode}"
-    return last.removeprefix("native decode attention: not built — ")
+    return last.removeprefix(NOT_BUILT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     kernel = build()
     if kernel is None:
-        print(f"native decode attention: not built — {unavailable}")
+        print(f"{NOT_BUILT}{unavailable}")
         return 1 if strict else 0
     seconds = time.perf_counter() - started
     print(f"native decode attention: ready in {directory()} ({seconds:.1f} s)")

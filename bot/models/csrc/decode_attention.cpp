@@ -45,20 +45,40 @@ inline void store(uint16_t* out, float f) {
 inline void store(c10::Half* out, float f) { *out = static_cast<c10::Half>(f); }
 inline void store(float* out, float f) { *out = f; }
 
+// How the kernels read a tensor of Scalar: bf16 as its raw bits (see to_float), the others as
+// they are.
+template <typename Scalar>
+using Raw = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+
+template <typename Scalar>
+Raw<Scalar>* raw(const torch::Tensor& t) {
+  return reinterpret_cast<Raw<Scalar>*>(t.data_ptr<Scalar>());
+}
+
+// Calls body(Scalar{}) for the dtype the kernels serve: bf16, fp16 or fp32.
+template <typename Body>
+void by_dtype(c10::ScalarType type, Body&& body) {
+  switch (type) {
+    case torch::kBFloat16: body(c10::BFloat16{}); break;
+    case torch::kHalf: body(c10::Half{}); break;
+    case torch::kFloat: body(float{}); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", type);
+  }
+}
+
 // DIM > 0: the head size known when compiling (64, 128), so the inner loops unroll into whole
 // vector registers (2x faster than the same loops over a run-time size); 0: any size.
 template <typename Scalar, int64_t DIM>
 void attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
             const torch::Tensor& mask, torch::Tensor& out) {
-  // bf16 is read as its raw bits (see to_float), the other types as they are.
-  using T = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+  using T = Raw<Scalar>;
   const int64_t B = q.size(0), KV = q.size(1), G = q.size(2), L = k.size(2);
   const int64_t runtime_dim = q.size(3);
-  const T* qp = reinterpret_cast<const T*>(q.data_ptr<Scalar>());
-  const T* kp = reinterpret_cast<const T*>(k.data_ptr<Scalar>());
-  const T* vp = reinterpret_cast<const T*>(v.data_ptr<Scalar>());
+  const T* qp = raw<Scalar>(q);
+  const T* kp = raw<Scalar>(k);
+  const T* vp = raw<Scalar>(v);
   const bool* mp = mask.data_ptr<bool>();
-  T* op = reinterpret_cast<T*>(out.data_ptr<Scalar>());
+  T* op = raw<Scalar>(out);
   const int64_t ksb = k.stride(0), ksh = k.stride(1), kst = k.stride(2);
   const int64_t vsb = v.stride(0), vsh = v.stride(1), vst = v.stride(2);
   const int64_t msb = mask.stride(0);
@@ -159,12 +179,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && mask.stride(1) == 1, "inner dims strided");
   auto qc = q.contiguous();
   auto out = torch::empty_like(qc);
-  switch (q.scalar_type()) {
-    case torch::kBFloat16: dispatch<c10::BFloat16>(qc, k, v, mask, out); break;
-    case torch::kHalf: dispatch<c10::Half>(qc, k, v, mask, out); break;
-    case torch::kFloat: dispatch<float>(qc, k, v, mask, out); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", q.scalar_type());
-  }
+  by_dtype(q.scalar_type(), [&](auto tag) { dispatch<decltype(tag)>(qc, k, v, mask, out); });
   return out;
 }
 
@@ -181,11 +196,11 @@ template <> inline float through<float>(float f) { return f; }
 
 template <typename Scalar>
 void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
-  using T = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+  using T = Raw<Scalar>;
   const int64_t rows = x.size(0), H = x.size(1);
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr<Scalar>());
-  const T* wp = reinterpret_cast<const T*>(w.data_ptr<Scalar>());
-  T* op = reinterpret_cast<T*>(out.data_ptr<Scalar>());
+  const T* xp = raw<Scalar>(x);
+  const T* wp = raw<Scalar>(w);
+  T* op = raw<Scalar>(out);
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = xp + r * H;
     float squares = 0.f;
@@ -203,12 +218,12 @@ void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, t
 template <typename Scalar>
 void rotate_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                  torch::Tensor& out) {
-  using T = std::conditional_t<std::is_same_v<Scalar, c10::BFloat16>, uint16_t, Scalar>;
+  using T = Raw<Scalar>;
   const int64_t B = x.size(0), Hh = x.size(1), D = x.size(3), half = D / 2;
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr<Scalar>());
-  const T* cp = reinterpret_cast<const T*>(cos.data_ptr<Scalar>());
-  const T* sp = reinterpret_cast<const T*>(sin.data_ptr<Scalar>());
-  T* op = reinterpret_cast<T*>(out.data_ptr<Scalar>());
+  const T* xp = raw<Scalar>(x);
+  const T* cp = raw<Scalar>(cos);
+  const T* sp = raw<Scalar>(sin);
+  T* op = raw<Scalar>(out);
   const int64_t xsb = x.stride(0), xsh = x.stride(1), csb = cos.stride(0), ssb = sin.stride(0);
   for (int64_t b = 0; b < B; ++b) {
     const T* c = cp + b * csb;
@@ -236,12 +251,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() &&
               weight.scalar_type() == x.scalar_type(), "weight: [H] of x's dtype");
   auto out = torch::empty_like(x);
-  switch (x.scalar_type()) {
-    case torch::kBFloat16: rms_norm_rows<c10::BFloat16>(x, weight, eps, out); break;
-    case torch::kHalf: rms_norm_rows<c10::Half>(x, weight, eps, out); break;
-    case torch::kFloat: rms_norm_rows<float>(x, weight, eps, out); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
-  }
+  by_dtype(x.scalar_type(),
+           [&](auto tag) { rms_norm_rows<decltype(tag)>(x, weight, eps, out); });
   return out;
 }
 
@@ -257,12 +268,7 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
                 "cos, sin: [B, 1, 1, D] of x's dtype");
   }
   auto out = torch::empty({x.size(0), x.size(1), 1, x.size(3)}, x.options());
-  switch (x.scalar_type()) {
-    case torch::kBFloat16: rotate_rows<c10::BFloat16>(x, cos, sin, out); break;
-    case torch::kHalf: rotate_rows<c10::Half>(x, cos, sin, out); break;
-    case torch::kFloat: rotate_rows<float>(x, cos, sin, out); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());
-  }
+  by_dtype(x.scalar_type(), [&](auto tag) { rotate_rows<decltype(tag)>(x, cos, sin, out); });
   return out;
 }
 
