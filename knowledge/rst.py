@@ -109,36 +109,37 @@ class _Generic(Directive):
 
     def _described(self, label: str) -> nodes.section:
         signature = " ".join(self.arguments[0].splitlines()[0].split())
+        bare = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]  # the name as written
+        c_domain = self.name.split(":")[0] in ("c", "cpp")
         document = self.state.document
         owner = document.get("chinwag-class")
-        if self.name.split(":")[0] in ("c", "cpp"):
+        title = signature
+        if c_domain:
             # ``c:function:: PyObject* PyList_New(Py_ssize_t len)``: the name is the last word
             # before the parameters, and Sphinx's anchor is ``c.PyList_New``.
             words = re.findall(r"[A-Za-z_]\w*", signature.split("(")[0])
-            anchor, title = (f"c.{words[-1]}" if words else ""), signature
+            anchor = f"c.{words[-1]}" if words else ""
         elif label in _PY_OBJECTS:
-            name = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
             module = document.get("chinwag-module")
             module = module if module and module != "None" else ""
-            if owner and label not in ("class", "exception", "function", "data", "decorator"):
-                name, title = f"{owner}.{name}", signature  # a member: under its class's trail
-            else:
-                title = signature
+            member = owner and label not in ("class", "exception", "function", "data", "decorator")
+            name = f"{owner}.{bare}" if member else bare  # a member: under its class's trail
+            unqualified = bool(module) and not name.startswith(module + ".")
+            if unqualified and not member:
                 # Shown as Sphinx shows it: ``time.sleep(secs)``, not ``sleep(secs)`` — the
                 # name users type and a model's guess at the answer spells out.
-                if module and not name.startswith(module + "."):
-                    title = f"{module}.{signature}"
-            anchor = f"{module}.{name}" if module and not name.startswith(module + ".") else name
+                title = f"{module}.{signature}"
+            anchor = f"{module}.{name}" if unqualified else name
         elif label == "envvar":
-            anchor, title = f"envvar-{signature.split()[0]}", signature
+            anchor = f"envvar-{signature.split()[0]}"
         else:
-            anchor, title = "", signature  # the enclosing section's is linked (see parse)
+            anchor = ""  # the enclosing section's is linked (see parse)
         section = nodes.section(ids=[anchor] if anchor else [])
         section += nodes.title(text=title)
         if self.content:
-            if label in ("class", "exception") and self.name.split(":")[0] not in ("c", "cpp"):
+            if label in ("class", "exception") and not c_domain:
                 # Members described in a class's body are its members: ``threading.Event.wait``.
-                document["chinwag-class"] = re.split(r"[\s(\[=]", signature, maxsplit=1)[0]
+                document["chinwag-class"] = bare
             try:
                 self.state.nested_parse(self.content, self.content_offset, section)
             finally:
