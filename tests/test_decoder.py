@@ -432,7 +432,7 @@ def test_a_failed_build_is_reported_with_the_compilers_complaint(monkeypatch, tm
 
     broken = tmp_path / "decode_attention.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "SOURCE", broken)
+    monkeypatch.setattr(kernels, "SOURCES", [broken, *kernels.SOURCES[1:]])
     monkeypatch.setenv("CHINWAG_KERNELS_DIR", str(tmp_path / "kernels"))
     monkeypatch.setattr(kernels, "_built", {})
     assert kernels.build() is None
@@ -488,3 +488,169 @@ def test_a_build_killed_half_way_does_not_block_the_next_start(
     worker.start()
     worker.join(120)
     assert found and found[0] is not None
+
+
+def native_linear(kernel):
+    """The kernel's small-batch bf16 linear layers, which need AVX512-BF16 (a build on another
+    CPU has none: PyTorch's serve, and there is nothing of ours to test)."""
+    if not kernel.linear_supported():
+        pytest.skip("this CPU has no AVX512-BF16: the native linear kernel is not built")
+    return kernel
+
+
+@pytest.mark.parametrize(
+    ("rows", "outputs", "inputs", "bias"),
+    [
+        (16, 3072, 576, False),  # SmolLM2's gate and up projections, a full batch
+        (1, 960, 576, False),
+        (5, 576, 1536, True),  # a bias (Qwen's projections have one)
+        (40, 100, 64, False),  # more rows than one pass takes; outputs not a multiple of 16
+        (3, 7, 30, True),
+    ],
+)
+def test_the_native_linear_kernel_computes_what_pytorchs_linear_computes(
+    rows, outputs, inputs, bias, native_attention
+):
+    """Same products summed in fp32 and rounded to bf16 once: the same outputs as F.linear
+    but for a rare last-bit difference where the sums' order differs."""
+    kernel = native_linear(native_attention)
+    torch.manual_seed(0)
+    w = (torch.randn(outputs, inputs) * 0.05).bfloat16()
+    b = torch.randn(outputs).bfloat16() if bias else None
+    x = torch.randn(rows, inputs).bfloat16()
+    ours = kernel.linear(x, kernel.pack_linear(w), outputs, b)
+    reference = torch.nn.functional.linear(x, w, b)
+    assert ours.shape == reference.shape and ours.dtype == torch.bfloat16
+    assert (ours != reference).float().mean() < 0.002
+    assert torch.allclose(ours.float(), reference.float(), rtol=1 / 128, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16(chinwag_model_cache):
+    return load_base("smollm2", device="cpu", dtype="bfloat16", cache_dir=chinwag_model_cache)
+
+
+def test_bf16_layers_on_the_native_kernel_pick_the_same_tokens(
+    smollm2_bf16, chinwag_model_cache, native_attention, monkeypatch
+):
+    """The faster layers change how fast a step reads its weights, not what the model says.
+    Served on oneDNN's prepacked weights and on chinwag's own kernel, and fed the same tokens
+    (the first's greedy replies to a batch of three, one decode step at a time), both pick the
+    same next token wherever the first's choice is not a near tie. (Two bf16 kernels that sum
+    in different orders round ~1 output in 15,000 differently, so a free-running reply may
+    part at a tie, as it would on another CPU.)"""
+    from bot.models import cpu_linear
+
+    kernel = native_linear(native_attention)
+    monkeypatch.setattr(cpu_linear, "_native_rows", lambda *_a, **_k: 16)
+    ours, tokenizer, _, _ = smollm2_bf16
+    theirs, _, _, _ = load_base(
+        "smollm2", device="cpu", dtype="bfloat16", cache_dir=chinwag_model_cache
+    )
+    assert theirs is not ours
+    cpu_linear.convert(theirs, int8=False, fp16=False)
+    cpu_linear.convert(ours, int8=False, fp16=False, native=kernel)
+    assert all(m.w_native is not None for m in ours.modules() if hasattr(m, "w_native"))
+    ids, mask = left_padded(
+        tokenizer, ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
+    )
+    installed = decoder._native
+    try:
+        decoder.use_native(None)
+        replies = greedy(theirs, theirs.new_cache(), ids, mask, 24)
+        logits = [forced(m, ids, mask, replies) for m in (ours, theirs)]
+    finally:
+        decoder.use_native(installed)
+    mine, reference = logits
+    assert "Paris" in tokenizer.decode(replies[0].tolist(), skip_special_tokens=True)
+    assert torch.equal(reference.argmax(-1), replies)  # fed what it chose, it chooses it again
+    picked = mine.argmax(-1)
+    gap = reference.max(-1).values - reference.gather(-1, picked[..., None]).squeeze(-1)
+    assert (picked == reference.argmax(-1)).float().mean() > 0.95  # measured: 71 of 72
+    assert gap.max() <= 0.125  # where they differ, the reference's own choice was a near tie
+    # bf16 rounding carried through 30 layers (measured: mean 0.13, largest 0.89 of ~±20)
+    assert (mine - reference).abs().mean() < 0.25
+
+
+def forced(model, ids, mask, tokens):
+    """Next-token logits ``[B, steps, vocab]`` with ``tokens`` fed one decode step at a time."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = model.new_cache()
+    out = [model(ids, mask, pos, cache, None, last_only=True)[:, -1].float()]
+    for t in range(tokens.shape[1] - 1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = mask.sum(-1, keepdim=True) - 1
+        out.append(model(tokens[:, t : t + 1], mask, pos, cache, None)[:, -1].float())
+    return torch.stack(out, dim=1)
+
+
+def test_a_native_linear_kernel_that_fails_is_put_aside_and_the_layer_still_answers(
+    caplog, monkeypatch
+):
+    from bot.models import cpu_linear
+
+    class Refusing:
+        def linear_supported(self):
+            return True
+
+        def pack_linear(self, w):
+            return w.clone()
+
+        def linear(self, *_args):
+            raise RuntimeError("not a weight from pack()")
+
+    monkeypatch.setattr(cpu_linear, "_native_ok", True)
+    monkeypatch.setattr(cpu_linear, "_native_rows", lambda *_a, **_k: 16)
+    layer = torch.nn.Linear(64, 32).bfloat16()
+    x = torch.randn(4, 64).bfloat16()
+    with torch.inference_mode():
+        expected = layer(x)
+        cpu_linear.convert(layer, int8=False, fp16=False, native=Refusing())
+        with caplog.at_level("ERROR", logger="bot.models.cpu_linear"):
+            out = layer(x)
+            again = layer(x)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert cpu_linear._native_ok is False  # not tried again on every call
+    assert caplog.text.count("native linear kernel failed") == 1
+
+
+@pytest.mark.parametrize(
+    ("native_speed", "expected_rows", "packed_kept"),
+    [
+        ({1: 0.6, 16: 0.7, 32: 1.0, 64: 1.2}, 16, True),  # as measured on an AVX512-BF16 EPYC
+        ({1: 0.6, 16: 0.7, 32: 0.8, 64: 0.9}, 64, False),
+        ({1: 1.2}, 0, True),
+    ],
+)
+def test_bf16_layers_use_the_native_kernel_up_to_the_rows_where_it_is_faster(
+    native_speed, expected_rows, packed_kept, native_attention, monkeypatch
+):
+    """Measured at conversion against oneDNN's prepacked weight, per batch size, stopping at
+    the first size where it is not clearly faster; the prepacked copy is kept only for the
+    decode-sized passes the native kernel does not serve, and int8 only where it beats it."""
+    from bot.models import cpu_linear
+
+    kernel = native_linear(native_attention)
+
+    def fake_timed(fn, repeats, pick=min):
+        rows = fn.args[0].shape[0]
+        if fn.func is kernel.linear:
+            return native_speed.get(rows, 2.0)
+        if fn.func is torch.ops.aten._weight_int8pack_mm:
+            return 1.5  # slower than the native kernel
+        return 1.0
+
+    monkeypatch.setattr(cpu_linear, "_time", fake_timed)
+    monkeypatch.setattr(cpu_linear, "_PROBED", {})
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)).bfloat16()
+    x = torch.randn(3, 64).bfloat16()
+    with torch.inference_mode():
+        before = model(x)
+        cpu_linear.convert(model, int8=True, max_rows=4, fp16=False, native=kernel)
+        after = model(x)
+    layer = model[0]
+    assert layer.native_rows == expected_rows
+    assert (layer.w_native is not None) is (expected_rows > 0)
+    assert (layer.w_packed is not None) is packed_kept
+    assert (layer.w_int8 is not None) is (expected_rows < 4)  # int8 lost to the native kernel
+    assert torch.allclose(before.float(), after.float(), rtol=1 / 64, atol=0.02)

@@ -56,10 +56,31 @@ class FastLinear(nn.Linear):
     w_fp16: Any = None
     fp16_rows: int = 0
 
+    #: chinwag's own bf16 kernel (bot/models/csrc/decode_linear.cpp) and its copy of the
+    #: weight (a buffer, like the other copies: no class default, which would shadow it), used
+    #: up to ``native_rows`` rows.
+    native: Any = None
+    w_native: torch.Tensor | None
+    native_rows: int = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or torch.is_grad_enabled():
             return super().forward(x)
         rows = x.numel() // x.shape[-1]
+        native, packed = self.native, self.w_native
+        if (
+            native is not None
+            and packed is not None
+            and rows <= self.native_rows
+            and x.dtype == torch.bfloat16
+            and _native_ok
+        ):
+            flat = x.reshape(rows, x.shape[-1]).contiguous()
+            try:
+                out = native.linear(flat, packed, self.out_features, self.bias)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            except RuntimeError:
+                _native_failed()
         q, scale = self.w_int8, self.w_scale
         if q is not None and scale is not None and rows <= self.max_rows and x.dtype == scale.dtype:
             flat = x.reshape(rows, x.shape[-1]).contiguous()
@@ -74,6 +95,17 @@ class FastLinear(nn.Linear):
         if self.w_packed is not None and rows <= PACKED_ROWS and x.dtype == self.weight.dtype:
             return torch.ops.mkldnn._linear_pointwise(x, self.w_packed, self.bias, "none", [], "")
         return super().forward(x)
+
+
+#: False once the native kernel refused an input: PyTorch's kernels serve from then on.
+_native_ok = True
+
+
+def _native_failed() -> None:
+    """Never a failed reply: this call and every later one go to PyTorch's kernels."""
+    global _native_ok
+    log.exception("native linear kernel failed; PyTorch's kernels serve from now on")
+    _native_ok = False
 
 
 def _can_int8() -> bool:
@@ -150,6 +182,65 @@ def _fp16_rows(layers: list[nn.Linear], cancelled: Callable[[], bool] = _never) 
     return best
 
 
+#: Row counts at which the native bf16 kernel is timed against oneDNN's prepacked weight: one
+#: conversation's decode step, a full default batch's, then short prefills.
+NATIVE_PROBE_ROWS = (1, 16, 32, PACKED_ROWS)
+
+
+def _bf16_rival(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The kernel a bf16 layer would use without chinwag's own: the prepacked weight."""
+    if _can_prepack():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        except RuntimeError:
+            pass
+    return lambda x: torch.nn.functional.linear(x, w)
+
+
+def _native_rows(
+    layers: list[nn.Linear], native: Any, cancelled: Callable[[], bool] = _never
+) -> int:
+    """Up to how many rows chinwag's own bf16 kernel beats the prepacked weight on this CPU;
+    0: never (or the build has no such kernel: a CPU without AVX512-BF16).
+
+    Timed on the largest layer (the vocabulary projection, which does not fit in any cache,
+    as the whole model does not); each count must be at least 5 % faster, and every smaller
+    one too. On an AVX512-BF16 EPYC (one thread, 211 layers of SmolLM2 each once, as in a
+    step): 1 row 7.5 against 9.6 ms, 16 rows 12.4 against 17.4, 32 rows 25.2 against 26.8,
+    64 rows 47.4 against 42.3.
+    """
+    if native is None or not getattr(native, "linear_supported", lambda: False)() or not layers:
+        return 0
+    largest = max(layers, key=lambda m: m.weight.numel())
+    w = largest.weight.detach()
+    key = ("native", tuple(w.shape), torch.get_num_threads())
+    if key in _PROBED:
+        return int(_PROBED[key])
+    best = 0
+    with torch.inference_mode():
+        try:
+            packed = native.pack_linear(w)
+        except RuntimeError:
+            return 0
+        rival = _bf16_rival(w)
+        for rows in NATIVE_PROBE_ROWS:
+            if cancelled():
+                return 0
+            x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+            repeats = 11 if rows <= 16 else 5
+            ours = _time(functools.partial(native.linear, x, packed, w.shape[0]), repeats, median)
+            theirs = _time(functools.partial(rival, x), repeats, median)
+            if ours > 0.95 * theirs:
+                break
+            best = rows
+    log.info(
+        "native linear kernel %s", f"used up to {best} rows" if best else "not used (no faster)"
+    )
+    _PROBED[key] = best
+    return best
+
+
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-row symmetric int8 weights and their scales (in ``w``'s dtype)."""
     wf = w.float()
@@ -157,9 +248,16 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8), s.to(w.dtype)
 
 
-def _int8_pays(model: Any, rows: int, cancelled: Callable[[], bool] = _never) -> bool:
-    """Whether the int8 kernel beats the plain one on this CPU, measured on the model's
-    largest layer at ``rows`` rows (a decode step's shape; ~50 ms).
+def _int8_pays(
+    model: Any, rows: int, cancelled: Callable[[], bool] = _never, native: Any = None
+) -> bool:
+    """Whether the int8 kernel beats the plain one (or ``native``'s bf16 kernel, where it
+    serves these rows) on this CPU, measured on the model's largest layer at ``rows`` rows (a
+    decode step's shape; ~50 ms).
+
+    Against chinwag's own bf16 kernel it loses on an AVX512-BF16 EPYC (1 row 9.0 against 7.5
+    ms a step's layers, 4 rows 9.4 against 7.6), and a bf16 weight is the model as trained,
+    not a rounding of it.
 
     It does where the CPU has fast int8 dot products (AVX512-VNNI: 2.3–2.8× at 1–2 rows on
     the project's machine) and loses badly where it has not: on an AVX2-only EPYC the int8
@@ -172,18 +270,25 @@ def _int8_pays(model: Any, rows: int, cancelled: Callable[[], bool] = _never) ->
     w = layer.weight.detach()
     if w.device.type != "cpu":
         return False
-    key = ("int8", tuple(w.shape), w.dtype, rows, torch.get_num_threads())
+    key = ("int8", tuple(w.shape), w.dtype, rows, torch.get_num_threads(), native is not None)
     if key in _PROBED:
         return bool(_PROBED[key])
     q, scale = _quantize(w)
     slowest = 0.0
     int8_mm = torch.ops.aten._weight_int8pack_mm
     with torch.inference_mode():
+        rival: Callable[[torch.Tensor], torch.Tensor] = functools.partial(
+            torch.nn.functional.linear, weight=w
+        )
+        if native is not None:
+            rival = functools.partial(
+                native.linear, packed=native.pack_linear(w), out_features=w.shape[0]
+            )
         for n in sorted({1, rows}):
             if cancelled():
                 return False
             x = torch.randn(n, w.shape[1], dtype=w.dtype)
-            plain = _time(functools.partial(torch.nn.functional.linear, x, w), 11, median)
+            plain = _time(functools.partial(rival, x), 11, median)
             int8 = _time(functools.partial(int8_mm, x, q, scale), 11, median)
             slowest = max(slowest, int8 / max(plain, 1e-9))
     pays = slowest < 0.9
@@ -204,6 +309,7 @@ def prepare(
     max_rows: int = 4,
     fp16: bool = True,
     cancelled: Callable[[], bool] = _never,
+    native: Any = None,
 ) -> Callable[[], int]:
     """Measure this CPU's kernels and build the weight copies for every ``nn.Linear`` of
     ``model``; returns the step that installs them (turning each into a :class:`FastLinear`)
@@ -217,10 +323,28 @@ def prepare(
     re-ranked) never got its faster layers. LoRA's own small layers (peft's
     ``lora_A``/``lora_B``) stay as they are; the layers peft wraps are converted like any other.
     ``cancelled`` is asked between layers: a model being unloaded stops costing CPU at once.
+
+    ``native``: chinwag's compiled kernels (bot/models/kernels.py). Where its bf16 linear
+    kernel is faster (measured, :func:`_native_rows`), bf16 layers get a copy of their weight
+    in its layout and use it up to that many rows; the prepacked copy is then kept only if
+    some larger decode-sized passes still need it, and the int8 copy only if int8 beats it.
     """
+    bf16_layers = [
+        m
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear
+        and "lora_" not in n
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == torch.bfloat16
+    ]
+    native_rows = (
+        _native_rows(bf16_layers, native, cancelled) if bf16_layers and native is not None else 0
+    )
     use_int8 = int8 and max_rows > 0 and _can_int8()
     if use_int8:
-        use_int8 = _int8_pays(model, max_rows, cancelled)
+        use_int8 = _int8_pays(
+            model, max_rows, cancelled, native if native_rows >= max_rows else None
+        )
     fp32_layers = [
         m
         for n, m in model.named_modules()
@@ -241,36 +365,47 @@ def prepare(
         if cancelled():
             return lambda: 0
         w = module.weight.detach()
-        q = scale = packed = fp16_weight = None
+        q = scale = packed = fp16_weight = ours = None
         if use_int8:
             q, scale = _quantize(w)
         if fp16_rows and w.dtype == torch.float32:
             fp16_weight = _pack_fp16(w, module.bias)
-        if w.dtype == torch.bfloat16 and _can_prepack():
+        if native_rows and w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0:
+            ours = native.pack_linear(w)
+        if (
+            w.dtype == torch.bfloat16
+            and _can_prepack()
+            and (ours is None or native_rows < PACKED_ROWS)
+        ):
             try:
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
             except RuntimeError:
                 packed = None
-        if q is None and packed is None and fp16_weight is None:
+        if q is None and packed is None and fp16_weight is None and ours is None:
             continue
-        plan.append((module, q, scale, packed, fp16_weight))
+        plan.append((module, q, scale, packed, fp16_weight, ours))
 
     def install() -> int:
         count = 0
-        for module, q, scale, packed, fp16_weight in plan:
+        for module, q, scale, packed, fp16_weight, ours in plan:
             if type(module) is not nn.Linear:  # converted meanwhile
                 continue
             module.register_buffer("w_int8", q, persistent=False)
             module.register_buffer("w_scale", scale, persistent=False)
             module.register_buffer("w_packed", packed, persistent=False)
+            module.register_buffer("w_native", ours, persistent=False)
+            module.native = native if ours is not None else None
+            module.native_rows = native_rows if ours is not None else 0  # type: ignore[assignment]
             module.max_rows = max_rows  # type: ignore[assignment]
             module.w_fp16 = fp16_weight  # type: ignore[assignment]
             module.fp16_rows = fp16_rows if fp16_weight is not None else 0  # type: ignore[assignment]
             module.__class__ = FastLinear  # last: the layer switches over whole
             count += 1
         log.info(
-            "fast CPU linear layers: %d (int8 up to %d rows: %s; fp16 up to %d rows)",
+            "fast CPU linear layers: %d (native bf16 up to %d rows; int8 up to %d rows: %s; "
+            "fp16 up to %d rows)",
             count,
+            native_rows,
             max_rows,
             use_int8,
             fp16_rows,
@@ -280,7 +415,9 @@ def prepare(
     return install
 
 
-def convert(model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = True) -> int:
+def convert(
+    model: Any, *, int8: bool = True, max_rows: int = 4, fp16: bool = True, native: Any = None
+) -> int:
     """:func:`prepare` and install at once; returns how many layers were converted. Not
     thread-safe against forwards."""
-    return prepare(model, int8=int8, max_rows=max_rows, fp16=fp16)()
+    return prepare(model, int8=int8, max_rows=max_rows, fp16=fp16, native=native)()

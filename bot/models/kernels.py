@@ -33,7 +33,9 @@ from typing import Any
 
 log = logging.getLogger("bot.models")
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.cpp"
+#: The extension's sources: attention, RMS norm and rotary (with the module's bindings), and the
+#: small-batch linear layers.
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "decode_linear.cpp")]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 #: How ``main`` says it could not build (the bot's build child; its parent reads the reason).
@@ -67,7 +69,12 @@ def _name() -> str:
     digest = hashlib.sha256()
     # The source's path too: PyTorch's build file names it, and two checkouts sharing one
     # folder would rebuild it in turn (each ~20 s) under each other's running bots.
-    parts = (str(SOURCE), SOURCE.read_bytes(), torch.__version__, _cpu_flags())
+    parts = (
+        *(str(source) for source in SOURCES),
+        *(source.read_bytes() for source in SOURCES),
+        torch.__version__,
+        _cpu_flags(),
+    )
     for part in (p if isinstance(p, bytes) else p.encode() for p in parts):
         digest.update(part)
         digest.update(b"\0")
@@ -167,7 +174,7 @@ def _load(name: str) -> Any:
         (folder / "lock").unlink(missing_ok=True)
         return load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             build_directory=str(folder),
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],

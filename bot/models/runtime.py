@@ -191,20 +191,22 @@ class ModelRuntime:
             from bot.models.cpu_linear import prepare
 
             def prepare_layers(cancelled: Callable[[], bool]) -> Callable[[], Any]:
+                kernel = None
+                if cfg.native_kernels and not cancelled():
+                    from bot.models import kernels
+
+                    # Compiled (when not yet) in a child at this thread's lower priority,
+                    # stopped at once if the bot stops meanwhile. First: the layers use its
+                    # linear kernel where it is faster than PyTorch's.
+                    kernel = kernels.build(cancelled)
                 install_layers = prepare(
                     backend.model,
                     int8=cfg.int8_decode,
                     max_rows=cfg.int8_max_rows,
                     fp16=cfg.fp16_weights,
                     cancelled=cancelled,
+                    native=kernel,
                 )
-                kernel = None
-                if cfg.native_kernels and not cancelled():
-                    from bot.models import kernels
-
-                    # Compiled (when not yet) in a child at this thread's lower priority,
-                    # stopped at once if the bot stops meanwhile.
-                    kernel = kernels.build(cancelled)
 
                 def install() -> Any:
                     from bot.models.decoder import use_native

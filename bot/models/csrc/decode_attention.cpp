@@ -272,8 +272,11 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+void register_linear(pybind11::module& m);  // decode_linear.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one decode step's attention over the KV cache");
   m.def("rms_norm", &rms_norm, "RMS normalisation of contiguous rows, times the weight");
   m.def("rotary", &rotary, "one decode step's rotary position embedding");
+  register_linear(m);
 }
