@@ -394,7 +394,7 @@ def prepare(
             module.register_buffer("w_scale", scale, persistent=False)
             module.register_buffer("w_packed", packed, persistent=False)
             module.register_buffer("w_native", ours, persistent=False)
-            module.native = native if ours is not None else None
+            module.native = native if ours is not None else None  # type: ignore[assignment]
             module.native_rows = native_rows if ours is not None else 0  # type: ignore[assignment]
             module.max_rows = max_rows  # type: ignore[assignment]
             module.w_fp16 = fp16_weight  # type: ignore[assignment]

@@ -35,7 +35,9 @@ log = logging.getLogger("bot.models")
 
 #: The extension's sources: attention, RMS norm and rotary (with the module's bindings), and the
 #: small-batch linear layers.
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "decode_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "decode_linear.cpp")
+]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 #: How ``main`` says it could not build (the bot's build child; its parent reads the reason).
@@ -69,12 +71,9 @@ def _name() -> str:
     digest = hashlib.sha256()
     # The source's path too: PyTorch's build file names it, and two checkouts sharing one
     # folder would rebuild it in turn (each ~20 s) under each other's running bots.
-    parts = (
-        *(str(source) for source in SOURCES),
-        *(source.read_bytes() for source in SOURCES),
-        torch.__version__,
-        _cpu_flags(),
-    )
+    parts: list[str | bytes] = [str(source) for source in SOURCES]
+    parts += [source.read_bytes() for source in SOURCES]
+    parts += [torch.__version__, _cpu_flags()]
     for part in (p if isinstance(p, bytes) else p.encode() for p in parts):
         digest.update(part)
         digest.update(b"\0")
