@@ -35,9 +35,8 @@ log = logging.getLogger("bot.models")
 
 #: The extension's sources: attention, RMS norm and rotary (with the module's bindings), and the
 #: small-batch linear layers.
-SOURCES = [
-    Path(__file__).with_name("csrc") / name for name in ("decode_attention.cpp", "decode_linear.cpp")
-]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "decode_linear.cpp"]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 #: How ``main`` says it could not build (the bot's build child; its parent reads the reason).
