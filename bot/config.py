@@ -192,10 +192,11 @@ class ModelsSettings(_Section):
     #: weights up to the row count where they measure faster (decode 2–2.6×, ~+50 % memory).
     #: See bot/models/cpu_linear.py.
     fp16_weights: bool = True
-    #: CPU: decode steps run chinwag's own kernels (attention, RMS norm, rotary), compiled for
-    #: this CPU by ``make`` or on the first start (~20 s, beside serving; needs a C++ compiler,
-    #: else PyTorch's ops serve). Attention 3–3.6× faster a layer in bf16. See
-    #: bot/models/kernels.py.
+    #: CPU: decode steps run chinwag's own kernels (attention, RMS norm, rotary, and on
+    #: AVX512-BF16 CPUs the linear layers up to the rows where they measure faster), compiled
+    #: for this CPU by ``make`` or on the first start (~20 s, beside serving; needs a C++
+    #: compiler, else PyTorch's ops serve). Attention 3–3.6× faster a layer in bf16, a 16-row
+    #: step's linear layers ~1.3×. See bot/models/kernels.py.
     native_kernels: bool = True
     #: Keys and values of finished replies kept (in tokens, all conversations together) so a
     #: conversation's next turn prefills only its new part; 0 turns it off. About 23 KB a

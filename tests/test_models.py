@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -819,6 +820,89 @@ def test_prefill_passes_try_fewer_threads_at_once_when_the_decode_steps_found_a_
     prefill.look_now()
     drive(prefill, speed, prefill.probe_steps)  # well before its own first look (pass 8)
     assert prefill.current == 1
+
+
+class Busy:
+    """What the kernel says other work takes of two CPUs (a stand-in for /proc, set by hand)."""
+
+    def __init__(self) -> None:
+        self.cpus = {0, 1}
+        self.busy: float | None = 0.0
+
+    def sample(self) -> float | None:
+        return self.busy
+
+
+def test_a_neighbour_taking_a_core_moves_the_steps_to_fewer_threads_at_the_next_step():
+    """Beside a busy core two-thread steps ran 2.1× slower: on the edge of the slow-step test,
+    so the first round after a neighbour arrived ran on two threads for over a second. The
+    kernel's own account moves them at once, and no probe tries two threads while the
+    neighbour stays; when it leaves, two threads are tried again at once."""
+    from bot.models.tuning import ThreadTuner
+
+    neighbours = Busy()
+    tuner = ThreadTuner([1, 2], neighbours=neighbours)
+    speed = {1: 0.040, 2: 0.025}
+    drive(tuner, speed, 40)
+    assert tuner.current == 2
+    neighbours.busy = 0.7  # a neighbour that gets 70 % of a core beside two spinning threads
+    speed.update({1: 0.042, 2: 0.045})  # not 2× slower: the step timings alone would wait
+    used = []
+    for _ in range(300):  # past two scheduled looks
+        threads = tuner.threads_for_next_step()
+        used.append(threads)
+        tuner.record(threads, speed[threads], batch=1)
+    assert used == [1] * 300
+    neighbours.busy = 0.1  # it left
+    speed.update({1: 0.040, 2: 0.025})
+    drive(tuner, speed, tuner.probe_steps + 1)
+    assert tuner.current == 2
+
+
+def test_the_neighbours_figure_counts_other_work_on_our_cpus_and_not_our_own(tmp_path):
+    """Busy time of the CPUs this process may use (user, system, irq, softirq, steal), less
+    this process's own; niced work yields its core to an un-niced bot and is not counted."""
+    from bot.models.tuning import Neighbours
+
+    stat, own = tmp_path / "stat", tmp_path / "self"
+
+    def write(cpu0, cpu1, cpu2, mine):
+        # fields: user nice system idle iowait irq softirq steal guest guest_nice
+        stat.write_text(
+            "cpu  0 0 0 0 0 0 0 0 0 0\n"
+            + "".join(
+                f"cpu{i} {u} {n} {sy} 1000 0 0 0 {st} 0 0\n"
+                for i, (u, n, sy, st) in enumerate((cpu0, cpu1, cpu2))
+            )
+            + "intr 0\n"
+        )
+        own.write_text("42 (python3 (bot)) R " + " ".join(["0"] * 10) + f" {mine} 0 0 0\n")
+
+    hz = os.sysconf("SC_CLK_TCK")
+    neighbours = Neighbours(every=0.5, cpus={0, 1}, stat=str(stat), own=str(own))
+    write((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), 0)
+    assert neighbours.sample(now=100.0) is None  # one reading is not a window yet
+    # One second later: our threads used 0.8 s of CPU 0; something else spun 0.7 s on CPU 1
+    # (0.2 of it in the kernel) and the hypervisor stole 0.3 s; a niced job ran 0.5 s on CPU 1
+    # and 1 s ran on CPU 2, which this process may not use.
+    write((0.8 * hz, 0, 0, 0), (0.5 * hz, 0.5 * hz, 0.2 * hz, 0.3 * hz), (hz, 0, 0, 0), 0.8 * hz)
+    assert neighbours.sample(now=101.0) == pytest.approx(1.0)
+    assert neighbours.sample(now=101.2) == pytest.approx(1.0)  # within the window: unchanged
+
+
+def test_the_neighbours_figure_sees_a_busy_core_on_this_machine():
+    from bench.neighbours import busy_core
+    from bot.models.tuning import Neighbours
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc here: the step timings alone decide")
+    neighbours = Neighbours(every=0.0)
+    with busy_core():
+        time.sleep(0.3)  # the spinning process is up
+        neighbours.sample()
+        time.sleep(1.0)
+        busy = neighbours.sample()
+    assert busy is not None and busy >= 0.5  # a whole core, less what a loaded machine takes
 
 
 def test_training_takes_the_thread_count_that_runs_its_work_fastest_now_and_restores_torch():

@@ -172,10 +172,12 @@ class ModelRuntime:
         threads = prefill_threads = None
         prepare_layers = None
         if str(next(model.parameters()).device) == "cpu":
-            from bot.models.tuning import ThreadTuner, thread_candidates
+            from bot.models.tuning import Neighbours, ThreadTuner, thread_candidates
 
             candidates = None if cfg.threads == "auto" else [int(cfg.threads)]
-            threads = ThreadTuner(candidates)
+            # Both tuners follow what the kernel says other work takes of these CPUs.
+            neighbours = Neighbours()
+            threads = ThreadTuner(candidates, neighbours=neighbours)
             # Prefill and scoring passes are arithmetic-bound: start them on every core, look
             # at fewer soon (they are rarer than decode steps), and look again often enough
             # that a neighbour taking a core is noticed within a few questions — at once when
@@ -187,6 +189,7 @@ class ModelRuntime:
                 start=max(candidates or thread_candidates()),
                 explore_every=32,
                 first_look=8,
+                neighbours=neighbours,
             )
             from bot.models.cpu_linear import prepare
 

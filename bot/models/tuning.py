@@ -107,6 +107,79 @@ def choose_cpu_dtype(hidden: int = 576, intermediate: int = 1536) -> Any:
     return chosen
 
 
+class Neighbours:
+    """How many of this process's CPUs other work keeps busy, read from the kernel's counters.
+
+    The thread tuner otherwise learns of a neighbour only from its own steps getting slower —
+    a jump of 2× three steps running, or the next scheduled look — and beside a busy core its
+    two-thread steps were 2.1× slower, on the edge of that test: the first 16-chat round after
+    a neighbour arrived ran 1.4 s on two threads (525 against 600–615 tok/s for the rounds
+    after). ``/proc/stat`` says it directly: each CPU's busy time (user, system, irq, softirq
+    and steal — a hypervisor running another guest is a neighbour too), less this process's
+    own (``/proc/self/stat``, all its threads), over a window of ``every`` seconds. Niced work
+    (the nightly trainer, a batch job) is left out while this process is not niced itself:
+    it yields its core to ours, so it takes none. Returns None where there is no /proc (not
+    Linux): the step timings alone decide there.
+    """
+
+    def __init__(
+        self,
+        every: float = 0.5,
+        cpus: set[int] | None = None,
+        *,
+        stat: str = "/proc/stat",
+        own: str = "/proc/self/stat",
+    ) -> None:
+        self.every = every
+        self._paths = (stat, own)
+        try:
+            self.cpus = cpus if cpus is not None else set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cpus = set(range(os.cpu_count() or 1))
+        self._last: tuple[float, float, float] | None = None  # (time, busy ticks, own ticks)
+        self._hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self.busy: float | None = None  # cores' worth, over the last whole window
+        try:
+            self._niced = os.getpriority(os.PRIO_PROCESS, 0) > 0
+        except (AttributeError, OSError):
+            self._niced = False
+
+    def _read(self) -> tuple[float, float] | None:
+        try:
+            busy = 0.0
+            with open(self._paths[0]) as f:
+                for line in f:
+                    if not line.startswith("cpu") or line[3] == " ":
+                        continue
+                    name, *fields = line.split()
+                    if int(name[3:]) in self.cpus:
+                        ticks = [float(x) for x in fields]
+                        # user, system, irq, softirq, steal (+ nice where it competes)
+                        busy += ticks[0] + ticks[2] + sum(ticks[5:8])
+                        busy += ticks[1] if self._niced else 0.0
+            with open(self._paths[1]) as f:
+                own = f.read().rsplit(")", 1)[1].split()
+            return busy, float(own[11]) + float(own[12])  # utime, stime
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def sample(self, now: float | None = None) -> float | None:
+        """Cores' worth kept busy by others over the last window (a new window starts once
+        ``every`` seconds have passed; between, the last figure stands)."""
+        now = time.monotonic() if now is None else now
+        if self._last is not None and now - self._last[0] < self.every:
+            return self.busy
+        read = self._read()
+        if read is None:
+            return None
+        if self._last is not None:
+            seconds = now - self._last[0]
+            others = (read[0] - self._last[1]) - (read[1] - self._last[2])
+            self.busy = max(0.0, others / self._hz / seconds)
+        self._last = (now, *read)
+        return self.busy
+
+
 def size_class(batch: int) -> int:
     """1, 2–3, 4–7, 8–15, 16–31 … rows: the steps the tuner compares with one another."""
     return max(1, batch).bit_length()
@@ -131,6 +204,11 @@ class ThreadTuner:
     where one took 14) — and a batch shrinking as its chats finished looked like a neighbour
     leaving.
 
+    With ``neighbours`` (:class:`Neighbours`, the kernel's account of what else runs on these
+    CPUs), a neighbour that keeps a core busy (half a core or more counts) caps the thread
+    count at once — no waiting for slow steps or a scheduled look — and probes do not try
+    more threads than are left; when it leaves, more threads are tried at the next step.
+
     The engine keeps two: decode steps (a few rows, bound by memory bandwidth, often fastest
     on one thread of two) and prefill or scoring passes (hundreds of rows, bound by
     arithmetic). Run on the decode tuner's single thread, a QA question's five scoring passes
@@ -148,6 +226,7 @@ class ThreadTuner:
         margin: float = 0.1,
         first_look: int = 16,
         start: int | None = None,
+        neighbours: Neighbours | None = None,
     ) -> None:
         if candidates is None:
             candidates = thread_candidates()
@@ -167,18 +246,47 @@ class ThreadTuner:
         self._fast = 0  # steps in a row far faster than usual: a neighbour left, look again
         self._fast_ref = float("inf")
         self._streak_class = 0
+        self.neighbours = neighbours
+        self._cap = max(candidates)  # threads the neighbours leave room for
+
+    def _room(self) -> None:
+        """Follow the neighbours: fewer threads at once when they take cores, a look at more
+        when they give them back."""
+        assert self.neighbours is not None
+        busy = self.neighbours.sample()
+        if busy is None:
+            return
+        cores = len(self.neighbours.cpus)
+        cap = max(1, cores - int(busy + 0.5))
+        fits = [c for c in self.candidates if c <= cap] or [min(self.candidates)]
+        if cap < self._cap and self.current > max(fits):
+            log.info(
+                "model threads: %d → %d (other work keeps %.1f of %d cores busy)",
+                self.current,
+                max(fits),
+                busy,
+                cores,
+            )
+            self.current = max(fits)
+            self._probing = None
+        elif cap > self._cap and any(c > self.current for c in fits):
+            self.look_now()  # a core came back: see whether more threads pay again
+        self._cap = cap
 
     def threads_for_next_step(self) -> int:
         if len(self.candidates) < 2:
             return self.current
+        if self.neighbours is not None:
+            self._room()
         # The first look comes early (``first_look``), then every ``explore_every`` steps.
         every = self._steps and self._steps % self.explore_every == 0
         due = self._steps == self.first_look or every
         if self._probing is None and (due or self._slow >= 3 or self._fast >= 3):
             self._slow = self._fast = 0
-            others = [c for c in self.candidates if c != self.current]
-            self._probing = others[(self._steps // self.explore_every) % len(others)]
-            self._probe_times = []
+            others = [c for c in self.candidates if c != self.current and c <= self._cap]
+            if others:
+                self._probing = others[(self._steps // self.explore_every) % len(others)]
+                self._probe_times = []
         return self._probing if self._probing is not None else self.current
 
     def look_now(self) -> None:
