@@ -888,6 +888,10 @@ def test_the_neighbours_figure_counts_other_work_on_our_cpus_and_not_our_own(tmp
     write((0.8 * hz, 0, 0, 0), (0.5 * hz, 0.5 * hz, 0.2 * hz, 0.3 * hz), (hz, 0, 0, 0), 0.8 * hz)
     assert neighbours.sample(now=101.0) == pytest.approx(1.0)
     assert neighbours.sample(now=101.2) == pytest.approx(1.0)  # within the window: unchanged
+    # The bot was idle for a minute while something else ran: that is no figure for now.
+    write((0.8 * hz, 0, 0, 0), (60 * hz, 0, 0, 0), (hz, 0, 0, 0), 0.8 * hz)
+    assert neighbours.sample(now=161.0) is None
+    assert neighbours.sample(now=161.5) == pytest.approx(0.0)
 
 
 def test_the_neighbours_figure_sees_a_busy_core_on_this_machine():
@@ -896,7 +900,7 @@ def test_the_neighbours_figure_sees_a_busy_core_on_this_machine():
 
     if not Path("/proc/stat").exists():
         pytest.skip("no /proc here: the step timings alone decide")
-    neighbours = Neighbours(every=0.0)
+    neighbours = Neighbours(every=0.5)
     with busy_core():
         time.sleep(0.3)  # the spinning process is up
         neighbours.sample()

@@ -175,7 +175,10 @@ class Neighbours:
         if self._last is not None:
             seconds = now - self._last[0]
             others = (read[0] - self._last[1]) - (read[1] - self._last[2])
-            self.busy = max(0.0, others / self._hz / seconds)
+            # A window much longer than asked for spans a pause in which nobody asked (the
+            # bot idle): what ran then says nothing about now, so a fresh window starts.
+            stale = seconds > 3 * self.every + 0.5
+            self.busy = None if stale else max(0.0, others / self._hz / seconds)
         self._last = (now, *read)
         return self.busy
 
