@@ -192,8 +192,8 @@ def _fp16_rows(layers: list[nn.Linear], cancelled: Callable[[], bool] = _never) 
 
 
 #: Row counts at which the native bf16 kernel is timed against oneDNN's prepacked weight: one
-#: conversation's decode step, a full default batch's, then short prefills.
-NATIVE_PROBE_ROWS = (1, 16, 32, PACKED_ROWS)
+#: conversation's decode step and a full default batch's.
+NATIVE_PROBE_ROWS = (1, 16)
 
 
 def _bf16_rival(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -210,14 +210,17 @@ def _bf16_rival(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 def _native_rows(
     layers: list[nn.Linear], native: Any, cancelled: Callable[[], bool] = _never
 ) -> int:
-    """Up to how many rows chinwag's own bf16 kernel beats the prepacked weight on this CPU;
-    0: never (or the build has no such kernel: a CPU without AVX512-BF16).
+    """Up to how many rows chinwag's own bf16 kernel serves on this CPU; 0: never (slower,
+    or the build has no such kernel: a CPU without AVX512-BF16).
 
-    Timed on the largest layer (the vocabulary projection, which does not fit in any cache,
-    as the whole model does not); each count must be at least 5 % faster, and every smaller
-    one too. On an AVX512-BF16 EPYC (one thread, 211 layers of SmolLM2 each once, as in a
-    step): 1 row 7.5 against 9.6 ms, 16 rows 12.4 against 17.4, 32 rows 25.2 against 26.8,
-    64 rows 47.4 against 42.3.
+    Timed against the prepacked weight on the largest layer (the vocabulary projection, which
+    does not fit in any cache, as the whole model does not) at one row and at a full batch of
+    16; it must be at least 5 % faster at each. Where it wins at 16 it serves up to
+    ``PACKED_ROWS`` and no prepacked copy is made: above 16 rows it is level (32) or a little
+    slower (64), rare passes (short prefills), not worth a second copy of every weight
+    (270 MB for SmolLM2). On an AVX512-BF16 EPYC, one thread, SmolLM2's 211 layers each once
+    as in a step: 1 row 7.5 against 9.6 ms, 16 rows 12.4 against 17.4, 32 rows 25.2 against
+    26.8, 64 rows 47.4 against 42.3.
     """
     if native is None or not getattr(native, "linear_supported", lambda: False)() or not layers:
         return 0
@@ -237,12 +240,13 @@ def _native_rows(
             if cancelled():
                 return 0
             x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-            repeats = 11 if rows <= 16 else 5
-            ours = _time(functools.partial(native.linear, x, packed, w.shape[0]), repeats, median)
-            theirs = _time(functools.partial(rival, x), repeats, median)
+            ours = _time(functools.partial(native.linear, x, packed, w.shape[0]), 11, median)
+            theirs = _time(functools.partial(rival, x), 11, median)
             if ours > 0.95 * theirs:
                 break
             best = rows
+    if best == NATIVE_PROBE_ROWS[-1]:
+        best = PACKED_ROWS
     log.info(
         "native linear kernel %s", f"used up to {best} rows" if best else "not used (no faster)"
     )
@@ -336,7 +340,7 @@ def prepare(
     ``native``: chinwag's compiled kernels (bot/models/kernels.py). Where its bf16 linear
     kernel is faster (measured, :func:`_native_rows`), bf16 layers get a copy of their weight
     in its layout and use it up to that many rows; the prepacked copy is then kept only if
-    some larger decode-sized passes still need it, and the int8 copy only if int8 beats it.
+    it still serves some rows, and the int8 copy only if int8 beats it.
     """
     bf16_layers = [
         m

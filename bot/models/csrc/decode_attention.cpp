@@ -274,9 +274,14 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 void register_linear(pybind11::module& m);  // decode_linear.cpp
 
+// Every kernel lets go of Python's GIL while it computes, as PyTorch's own ops do: a step holds
+// it otherwise for each call (the vocabulary projection alone ~3 ms), and the bot's event loop,
+// which answers /help and streams replies from another thread, waits that long.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "one decode step's attention over the KV cache");
-  m.def("rms_norm", &rms_norm, "RMS normalisation of contiguous rows, times the weight");
-  m.def("rotary", &rotary, "one decode step's rotary position embedding");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("decode_attention", &decode_attention, "one decode step's attention over the KV cache",
+        release());
+  m.def("rms_norm", &rms_norm, "RMS normalisation of contiguous rows, times the weight", release());
+  m.def("rotary", &rotary, "one decode step's rotary position embedding", release());
   register_linear(m);
 }

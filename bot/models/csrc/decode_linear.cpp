@@ -127,9 +127,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
 }  // namespace
 
 void register_linear(pybind11::module& m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;  // see the module's note
   m.def("linear_supported", &supported, "whether this build has the AVX512-BF16 linear kernel");
-  m.def("pack_linear", &pack, "a bf16 weight [N, K] in the layout linear() reads");
+  m.def("pack_linear", &pack, "a bf16 weight [N, K] in the layout linear() reads", release());
   m.def("linear", &linear, "x [M, K] bf16 times a packed weight (+ bias) → [M, N] bf16",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("out_features"),
-        pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("bias") = pybind11::none(), release());
 }
