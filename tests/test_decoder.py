@@ -424,7 +424,7 @@ def test_without_a_compiler_the_bot_says_why_and_pytorch_serves(monkeypatch, tmp
     with caplog.at_level("INFO", logger="bot.models"):
         assert kernels.build() is None
     assert "no C++ compiler" in (kernels.unavailable or "")
-    assert any("PyTorch's kernel serves" in r.getMessage() for r in caplog.records)
+    assert any("PyTorch's kernels serve" in r.getMessage() for r in caplog.records)
 
 
 def test_a_failed_build_is_reported_with_the_compilers_complaint(monkeypatch, tmp_path):

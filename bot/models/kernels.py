@@ -1,7 +1,9 @@
 """Native CPU kernels, compiled on the machine that runs them.
 
 PyTorch's kernels are built for every CPU at once and for shapes bigger than a decode step's;
-one of ours is built here, for this CPU (``-march=native``), the first time a model loads
+ours (decode attention, RMS norm, rotary embedding — ``csrc/decode_attention.cpp`` — and, on
+CPUs with AVX512-BF16, small-batch linear layers — ``csrc/decode_linear.cpp``) are built here,
+for this CPU (``-march=native``), the first time a model loads
 (~20 s with g++ on 2 cores, on the background thread that prepares the faster layers), and
 reused from ``~/.cache/chinwag/kernels`` after that. Its name carries a digest of its source
 (and where it lies), PyTorch's version and this CPU's flags, so a cache shared between
@@ -40,7 +42,7 @@ SOURCES = [CSRC / "decode_attention.cpp", CSRC / "decode_linear.cpp"]
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 #: How ``main`` says it could not build (the bot's build child; its parent reads the reason).
-NOT_BUILT = "native decode attention: not built — "
+NOT_BUILT = "native kernels: not built — "
 
 _lock = threading.Lock()
 _built: dict[str, Any] = {}
@@ -93,8 +95,9 @@ def enabled() -> bool:
 
 def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
     """The compiled module — ``decode_attention(q, k, v, mask)``, ``rms_norm(x, weight,
-    eps)``, ``rotary(x, cos, sin)`` — built if it is not yet; None (and :data:`unavailable`
-    says why) where it cannot be.
+    eps)``, ``rotary(x, cos, sin)``, ``linear_supported()``, ``pack_linear(w)``,
+    ``linear(x, packed, out_features, bias)`` — built if it is not yet; None (and
+    :data:`unavailable` says why) where it cannot be.
 
     With ``cancelled`` (a running bot), a build that is needed runs in a child process that is
     stopped within a fraction of a second once ``cancelled()`` says so: a bot told to stop
@@ -128,7 +131,7 @@ def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
             return None
         unavailable = None
         log.info(
-            "native decode attention ready (%s, %.1f s)",
+            "native kernels ready (%s, %.1f s)",
             directory() / name,
             time.perf_counter() - started,
         )
@@ -140,7 +143,7 @@ def _unavailable(name: str, why: str, level: int = logging.WARNING) -> None:
     """Remember (for this process) that the kernels cannot be had, and say why once."""
     global unavailable
     unavailable = why
-    log.log(level, "native decode attention unavailable: %s; PyTorch's kernel serves", why)
+    log.log(level, "native kernels unavailable: %s; PyTorch's kernels serve", why)
     _built[name] = None
 
 
@@ -201,7 +204,7 @@ def _build_in_child(cancelled: Callable[[], bool]) -> str | None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
                 child.communicate()
-                log.info("native decode attention: build stopped (the bot is stopping)")
+                log.info("native kernels: build stopped (the bot is stopping)")
                 return "cancelled"
     if child.returncode == 0:
         return None
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{NOT_BUILT}{unavailable}")
         return 1 if strict else 0
     seconds = time.perf_counter() - started
-    print(f"native decode attention: ready in {directory()} ({seconds:.1f} s)")
+    print(f"native kernels: ready in {directory()} ({seconds:.1f} s)")
     return 0
 
 
