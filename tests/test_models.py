@@ -894,6 +894,36 @@ def test_the_neighbours_figure_counts_other_work_on_our_cpus_and_not_our_own(tmp
     assert neighbours.sample(now=161.5) == pytest.approx(0.0)
 
 
+def test_the_neighbours_figure_is_kept_fresh_while_the_bot_is_idle(tmp_path):
+    """Sampled only from the steps, the first half second after every pause ran on a thread
+    count chosen blind; followed from a thread of its own, the figure is there already."""
+    from bot.models.tuning import Neighbours
+
+    stat, own = tmp_path / "stat", tmp_path / "self"
+    own.write_text("42 (python3) S " + " ".join(["0"] * 15) + "\n")
+    stat.write_text("cpu0 0 0 0 1000 0 0 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0 0 0\n")
+    neighbours = Neighbours(every=0.05, cpus={0, 1}, stat=str(stat), own=str(own))
+    neighbours.follow()
+    try:
+        time.sleep(0.2)
+        assert neighbours.busy == pytest.approx(0.0)
+        # A neighbour starts spinning on one core and keeps at it: ~1 core busy ever after.
+        started = time.monotonic()
+        hz = os.sysconf("SC_CLK_TCK")
+        deadline = started + 5
+        while time.monotonic() < deadline:
+            ticks = (time.monotonic() - started) * hz
+            stat.write_text(
+                f"cpu0 {ticks:.0f} 0 0 1000 0 0 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0 0 0\n"
+            )
+            if (neighbours.busy or 0) > 0.5:
+                break
+            time.sleep(0.01)
+        assert (neighbours.busy or 0) > 0.5  # seen without a single step asking
+    finally:
+        neighbours.close()
+
+
 def test_the_neighbours_figure_sees_a_busy_core_on_this_machine():
     from bench.neighbours import busy_core
     from bot.models.tuning import Neighbours

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.models.prefix_cache import PrefixCache
-from bot.models.tuning import ThreadTuner
+from bot.models.tuning import Neighbours, ThreadTuner
 from bot.models.types import (
     SUPERSEDED,
     ChatMessages,
@@ -221,6 +221,8 @@ class LocalBackend:
                 target=self._run, name="chinwag-model-worker", daemon=True
             )
             self._thread.start()
+            for neighbours in self._neighbours():
+                neighbours.follow()
             if self._prepare_layers is None:
                 self.layers_ready.set()
             else:
@@ -282,7 +284,18 @@ class LocalBackend:
         if self._preparing is not None:
             self._preparing.join(timeout)
             self._preparing = None
+        for neighbours in self._neighbours():
+            neighbours.close()
         self.layers_ready.set()  # nothing more will arrive: nobody waits for it
+
+    def _neighbours(self) -> list[Neighbours]:
+        """What the thread tuners read of other work on these CPUs (one shared account)."""
+        found = {
+            id(t.neighbours): t.neighbours
+            for t in (self.threads, self.prefill_threads)
+            if t is not None and t.neighbours is not None
+        }
+        return list(found.values())
 
     @property
     def running(self) -> bool:

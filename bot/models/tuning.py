@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -139,6 +140,9 @@ class Neighbours:
         self._last: tuple[float, float, float] | None = None  # (time, busy ticks, own ticks)
         self._hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self.busy: float | None = None  # cores' worth, over the last whole window
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
         try:
             self._niced = os.getpriority(os.PRIO_PROCESS, 0) > 0
         except (AttributeError, OSError):
@@ -163,10 +167,40 @@ class Neighbours:
         except (OSError, ValueError, IndexError):
             return None
 
+    def follow(self) -> None:
+        """Keep the figure fresh from a thread of its own (a read of two small files every
+        ``every`` seconds), so the first step after a pause already knows what runs beside
+        it: sampled only from the steps, the first half second of every burst after an idle
+        spell ran on a thread count chosen blind (a 16-chat round's first prefill on two
+        threads beside a busy core). Idempotent; :meth:`close` ends it."""
+        with self._lock:
+            if self._follower is not None:
+                return
+            self._stop.clear()
+            self._follower = threading.Thread(
+                target=self._follow, name="chinwag-neighbours", daemon=True
+            )
+            self._follower.start()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.every):
+            self.sample()
+
+    def close(self) -> None:
+        with self._lock:
+            follower, self._follower = self._follower, None
+        self._stop.set()
+        if follower is not None:
+            follower.join(timeout=2)
+
     def sample(self, now: float | None = None) -> float | None:
         """Cores' worth kept busy by others over the last window (a new window starts once
         ``every`` seconds have passed; between, the last figure stands)."""
         now = time.monotonic() if now is None else now
+        with self._lock:
+            return self._sample(now)
+
+    def _sample(self, now: float) -> float | None:
         if self._last is not None and now - self._last[0] < self.every:
             return self.busy
         read = self._read()
