@@ -913,9 +913,7 @@ def test_the_neighbours_figure_is_kept_fresh_while_the_bot_is_idle(tmp_path):
         deadline = started + 5
         while time.monotonic() < deadline:
             ticks = (time.monotonic() - started) * hz
-            stat.write_text(
-                f"cpu0 {ticks:.0f} 0 0 1000 0 0 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0 0 0\n"
-            )
+            stat.write_text(f"cpu0 {ticks:.0f} 0 0 1000 0 0 0 0 0 0\ncpu1 0 0 0 1000 0 0 0 0 0 0\n")
             if (neighbours.busy or 0) > 0.5:
                 break
             time.sleep(0.01)
