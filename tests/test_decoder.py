@@ -691,3 +691,47 @@ def test_the_native_kernels_let_the_event_loop_run_while_they_compute(native_att
     # It kept running (holding the lock, the call let it have ~3 % of its pace: one switch
     # interval of Python's, 5 ms, before the call took the lock)
     assert during > 0.3 * rate
+
+
+def test_a_projection_added_to_the_residual_in_one_call_is_what_the_two_ops_give(
+    native_attention, monkeypatch
+):
+    """``x + o(attention)`` and ``x + down(mlp)``: the native kernel adds as it writes, with
+    the same two bf16 roundings, so the fused layer is bit for bit the unfused one."""
+    from bot.models import cpu_linear
+
+    kernel = native_linear(native_attention)
+    monkeypatch.setattr(cpu_linear, "_native_rows", lambda *_a, **_k: 64)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(1536, 576, bias=False).bfloat16()
+    x = torch.randn(16, 1, 1536).bfloat16()
+    residual = torch.randn(16, 1, 576).bfloat16() * 3
+    with torch.inference_mode():
+        expected = residual + layer(x)
+        cpu_linear.convert(layer, int8=False, fp16=False, native=kernel)
+        fused = layer.forward_add(x, residual)
+        unfused = residual + layer(x)  # the same kernel, the addition by PyTorch
+        through_decoder = decoder._add_projection(layer, x, residual, None)
+    assert torch.equal(fused, unfused) and torch.equal(through_decoder, fused)
+    assert fused.shape == expected.shape
+    # against oneDNN's product: only the product's own rare last-bit differences
+    assert (fused != expected).float().mean() < 0.002
+
+
+def test_the_native_silu_and_product_give_what_pytorchs_ops_give(native_attention):
+    """One call for split, SiLU and the product, rounded where PyTorch's bf16 ops round: at
+    most one bf16 step apart, and rarely (exp is computed another way)."""
+    torch.manual_seed(0)
+    h = (torch.randn(16, 1, 3072) * 3).bfloat16()
+    gate, up = h.split(1536, -1)
+    reference = torch.nn.functional.silu(gate) * up
+    installed = decoder._native
+    decoder.use_native(native_attention)
+    try:
+        with torch.inference_mode():
+            ours = decoder._silu_mul(h)
+    finally:
+        decoder.use_native(installed)
+    assert ours.shape == reference.shape and ours.dtype == torch.bfloat16
+    assert (ours != reference).float().mean() < 0.002
+    assert torch.allclose(ours.float(), reference.float(), rtol=1 / 128, atol=0)
