@@ -184,8 +184,9 @@ class ModelsSettings(_Section):
     #: event loop, embedder and classifier), or a fixed number.
     threads: int | Literal["auto"] = "auto"
     #: CPU: decode steps of up to ``int8_max_rows`` rows read int8 copies of the weights
-    #: (memory-bound steps 1.3–2.8× faster; bf16 above, where its kernels win). See
-    #: bot/models/cpu_linear.py (larger batches use prepacked bf16 weights).
+    #: where that measures faster (memory-bound steps 1.3–2.8× faster; bf16 above, where its
+    #: kernels win; on AVX512-BF16 CPUs chinwag's own bf16 kernel beats int8 and no copy is
+    #: made). See bot/models/cpu_linear.py (larger batches use prepacked bf16 weights).
     int8_decode: bool = True
     int8_max_rows: int = Field(4, ge=0, le=64)
     #: CPU, fp32 models (a CPU without native bf16): steps read fbgemm's fp16 copies of the
