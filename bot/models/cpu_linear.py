@@ -90,38 +90,6 @@ class FastLinear(nn.Linear):
                 return out.reshape(*x.shape[:-1], out.shape[-1])
             except RuntimeError:
                 _native_failed()
-        return self._other(x, rows)
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + self(x)``, in one native call where the native kernel serves ``x``:
-        a decoder layer's two residual additions a layer (60 calls a step) cost nothing
-        beyond the projections then. The same bf16 roundings as the two ops."""
-        rows = x.numel() // x.shape[-1]
-        native, packed = self.native, self.w_native
-        if (
-            native is not None
-            and packed is not None
-            and rows <= self.native_rows
-            and x.dtype == residual.dtype == torch.bfloat16
-            and residual.shape[-1] == self.out_features
-            and residual.numel() == rows * self.out_features
-            and residual.is_contiguous()
-            and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and _native_ok
-        ):
-            flat = x.reshape(rows, x.shape[-1]).contiguous()
-            try:
-                out = native.linear(
-                    flat, packed, self.out_features, self.bias, residual.view(rows, -1)
-                )
-                return out.view(residual.shape)
-            except RuntimeError:
-                _native_failed()
-        return residual + self(x)
-
-    def _other(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The layer on PyTorch's kernels (or its int8 / fp16 / prepacked copies)."""
         q, scale = self.w_int8, self.w_scale
         if q is not None and scale is not None and rows <= self.max_rows and x.dtype == scale.dtype:
             flat = x.reshape(rows, x.shape[-1]).contiguous()

@@ -416,38 +416,6 @@ def attend(
     return out.view(b, heads, 1, d).to(q.dtype)
 
 
-def _add_projection(
-    layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor, rows: _Rows | None
-) -> torch.Tensor:
-    """``residual + layer(x)`` with the layer's LoRA deltas; one call where the layer can add
-    as it projects (a converted CPU layer on the native kernel: cpu_linear.FastLinear) and no
-    adapter is in the batch (a delta must join the product before the residual, as here)."""
-    add = getattr(layer, "forward_add", None)
-    if add is not None and (rows is None or not getattr(layer, "lora", None)):
-        return add(x, residual)
-    return residual + _with_lora(layer, x, rows)
-
-
-def _silu_mul(h: torch.Tensor) -> torch.Tensor:
-    """SiLU of the gate times the up projection, from their fused output ``[..., 2I]``."""
-    native = _native
-    if (
-        native is not None
-        and h.dtype == torch.bfloat16
-        and h.device.type == "cpu"
-        and h.is_contiguous()
-        and h.numel() <= NATIVE_MAX_ROWS * h.shape[-1]
-        and not torch.is_grad_enabled()
-        and hasattr(native, "silu_mul")
-    ):
-        try:  # one call for split, SiLU and the product, rounded where they round
-            return native.silu_mul(h.view(-1, h.shape[-1])).view(*h.shape[:-1], -1)
-        except RuntimeError:
-            _native_failed("SiLU and product")
-    gate, up = h.split(h.shape[-1] // 2, -1)
-    return F.silu(gate) * up
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, w: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -493,10 +461,9 @@ class DecoderLayer(nn.Module):
         att = att.transpose(1, 2).reshape(b, t, heads * d)
         if packed is not None:
             att = packed.gather(att)
-        x = _add_projection(self.o, att, x, rows)
-        return _add_projection(
-            self.down, _silu_mul(_with_lora(self.gate_up, self.norm2(x), rows)), x, rows
-        )
+        x = x + _with_lora(self.o, att, rows)
+        gate, up = _with_lora(self.gate_up, self.norm2(x), rows).split(self.intermediate, -1)
+        return x + _with_lora(self.down, F.silu(gate) * up, rows)
 
 
 #: Packed prefills compute a multiple of this many token rows (a few padding rows make up the

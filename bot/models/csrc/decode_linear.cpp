@@ -14,9 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -53,8 +51,7 @@ torch::Tensor pack(const torch::Tensor& w) {
 // wait on each other.
 template <int MT>
 inline void block(const int32_t* x, int64_t xs, const int32_t* wp, int64_t pairs,
-                  const float* bias, const uint16_t* res, uint16_t* out, int64_t os,
-                  int64_t cols) {
+                  const float* bias, uint16_t* out, int64_t os, int64_t cols) {
   __m512 acc[MT];
   const __m512 start = bias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cols) - 1), bias)
                             : _mm512_setzero_ps();
@@ -67,23 +64,16 @@ inline void block(const int32_t* x, int64_t xs, const int32_t* wp, int64_t pairs
       acc[m] = _mm512_dpbf16_ps(acc[m], xb, w);
     }
   }
-  // Round to nearest even, as PyTorch rounds fp32 to bf16. With a residual, the rounded
-  // product is added to it and rounded again: what ``residual + linear(x)`` gives in bf16.
+  // Round to nearest even, as PyTorch rounds fp32 to bf16.
   const __mmask16 keep = static_cast<__mmask16>((1u << cols) - 1);
   for (int m = 0; m < MT; ++m) {
-    __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[m]));
-    if (res) {
-      const __m512 product = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
-      const __m256i rb = _mm256_maskz_loadu_epi16(keep, res + m * os);
-      const __m512 residual = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16));
-      r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(product, residual)));
-    }
+    const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(acc[m]));
     _mm256_mask_storeu_epi16(out + m * os, keep, r);
   }
 }
 
 using BlockFn = void (*)(const int32_t*, int64_t, const int32_t*, int64_t, const float*,
-                         const uint16_t*, uint16_t*, int64_t, int64_t);
+                         uint16_t*, int64_t, int64_t);
 
 template <int... MT>
 constexpr auto make_table(std::integer_sequence<int, MT...>) {
@@ -93,13 +83,10 @@ constexpr auto kBlocks = make_table(std::make_integer_sequence<int, kMaxTile>{})
 #endif
 
 // x [M, K] bf16 (contiguous) times the packed weight (pack) → [M, N] bf16, plus bias (fp32,
-// [N]) when given, added to ``residual`` ([M, N] bf16, contiguous) when given: a decoder
-// layer's ``x + o(attention)`` and ``x + down(mlp)`` in one call. Blocks of columns are split
-// between PyTorch's threads; within a block, rows go 16 at a time, the later passes reading the
-// block from L1/L2.
+// [N]) when given. Blocks of columns are split between PyTorch's threads; within a block, rows
+// go 16 at a time, the later passes reading the block from L1/L2.
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                     const c10::optional<torch::Tensor>& bias,
-                     const c10::optional<torch::Tensor>& residual) {
+                     const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(supported(), "this build has no AVX512-BF16 linear kernel");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
               "contiguous 2-D bf16 input");
@@ -116,13 +103,6 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
     TORCH_CHECK(b.numel() == N, "bias of ", b.numel(), " for ", N, " outputs");
     bp = b.data_ptr<float>();
   }
-  const uint16_t* rp = nullptr;
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N &&
-                    residual->is_contiguous() && residual->scalar_type() == torch::kBFloat16,
-                "residual: [M, N] bf16, contiguous");
-    rp = reinterpret_cast<const uint16_t*>(residual->data_ptr<at::BFloat16>());
-  }
   auto out = torch::empty({M, N}, x.options());
 #if CHINWAG_LINEAR
   const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr<at::BFloat16>());
@@ -135,51 +115,12 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& packed, int64_
       const float* bb = bp ? bp + nb * kBlock : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
         const int64_t rows = std::min<int64_t>(kMaxTile, M - m0);
-        const int64_t at = m0 * N + nb * kBlock;
-        kBlocks[rows - 1](xp + m0 * pairs, pairs, w, pairs, bb, rp ? rp + at : nullptr, op + at,
-                          N, cols);
+        kBlocks[rows - 1](xp + m0 * pairs, pairs, w, pairs, bb, op + m0 * N + nb * kBlock, N,
+                          cols);
       }
     }
   });
 #endif
-  return out;
-}
-
-// silu(gate) * up for h [M, 2I] bf16 (the fused gate and up projections' output) → [M, I],
-// rounded where PyTorch's two bf16 ops round (after the SiLU and after the product): one call
-// and one tensor where ``split``, ``silu`` and ``*`` take three and two.
-torch::Tensor silu_mul(const torch::Tensor& h) {
-  TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == torch::kBFloat16 &&
-                  h.size(1) % 2 == 0,
-              "h: [M, 2I] bf16, contiguous");
-  const int64_t M = h.size(0), I = h.size(1) / 2;
-  auto out = torch::empty({M, I}, h.options());
-  const auto* hp = reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const auto widen = [](uint16_t b) {
-    const uint32_t bits = static_cast<uint32_t>(b) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  };
-  const auto round = [](float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-  };
-  at::parallel_for(0, M, 4, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      const uint16_t* g = hp + m * 2 * I;
-      const uint16_t* u = g + I;
-      uint16_t* o = op + m * I;
-      for (int64_t i = 0; i < I; ++i) {
-        const float x = widen(g[i]);
-        const float s = widen(round(x / (1.0f + std::exp(std::min(-x, 88.0f)))));
-        o[i] = round(s * widen(u[i]));
-      }
-    }
-  });
   return out;
 }
 
@@ -191,7 +132,5 @@ void register_linear(pybind11::module& m) {
   m.def("pack_linear", &pack, "a bf16 weight [N, K] in the layout linear() reads", release());
   m.def("linear", &linear, "x [M, K] bf16 times a packed weight (+ bias) → [M, N] bf16",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("out_features"),
-        pybind11::arg("bias") = pybind11::none(), pybind11::arg("residual") = pybind11::none(),
-        release());
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of the fused gate/up output, bf16", release());
+        pybind11::arg("bias") = pybind11::none(), release());
 }
