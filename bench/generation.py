@@ -277,11 +277,13 @@ async def main() -> None:
         # before they are in, the first round would time the start, not the engine.
         settled = await runtime.settled(300)
         native = bool(runtime.load().get("native_kernels"))
-        result.update(native_kernels=native)
+        linear_rows = int(runtime.load().get("native_linear_rows", 0))
+        result.update(native_kernels=native, native_linear_rows=linear_rows)
         print(
             f"chinwag: device {backend.device}, dtype {next(backend.model.parameters()).dtype}, "
             f"thread candidates {backend.threads.candidates if backend.threads else '-'}, "
             f"native kernels {'in use' if native else 'not in use'}"
+            f" (linear layers up to {linear_rows} rows)"
             + ("" if settled else " (the faster layers were not ready after 300 s)")
         )
         await runtime.generate(chat("warm up"), max_new_tokens=8)

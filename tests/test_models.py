@@ -607,6 +607,9 @@ async def test_the_model_worker_attends_with_the_native_kernel_once_its_layers_a
     assert await smollm.settled(120)
     assert decoder._native is not None
     assert smollm.load()["native_kernels"] == 1.0  # what /readyz shows operators
+    if decoder._native.linear_supported() and smollm._backend.model.dtype == torch.bfloat16:
+        # an AVX512-BF16 CPU: the linear layers too, for a full decode batch at least
+        assert smollm.load()["native_linear_rows"] >= 16
     result = await smollm.generate(
         ask("What is the capital of France? Answer in one word."), max_new_tokens=12
     )

@@ -317,6 +317,8 @@ class LocalBackend:
                 "wait_ratio": self.wait_ratio,
                 # 1: decode steps run on the kernels compiled for this CPU (kernels.py).
                 "native_kernels": float(_native_in_use(self.model)),
+                # Up to how many rows the linear layers run on chinwag's own kernel (0: none).
+                "native_linear_rows": float(_native_linear_rows(self.model)),
             }
 
     # -- requests ------------------------------------------------------------------------------
@@ -1138,3 +1140,12 @@ def _native_in_use(model: Any) -> bool:
     from bot.models import decoder
 
     return isinstance(model, decoder.Decoder) and decoder._native is not None
+
+
+def _native_linear_rows(model: Any) -> int:
+    """The rows the model's linear layers serve on the native kernel (cpu_linear.FastLinear),
+    read off its vocabulary projection (converted like every layer, last in the model)."""
+    head = getattr(model, "lm_head", None)
+    if getattr(head, "w_native", None) is None:
+        return 0
+    return int(getattr(head, "native_rows", 0))
