@@ -276,8 +276,9 @@ async def main() -> None:
         # The faster layers and the native kernels are prepared beside serving: measured
         # before they are in, the first round would time the start, not the engine.
         settled = await runtime.settled(300)
-        native = bool(runtime.load().get("native_kernels"))
-        linear_rows = int(runtime.load().get("native_linear_rows", 0))
+        in_use = runtime.load()
+        native = bool(in_use.get("native_kernels"))
+        linear_rows = int(in_use.get("native_linear_rows", 0))
         result.update(native_kernels=native, native_linear_rows=linear_rows)
         print(
             f"chinwag: device {backend.device}, dtype {next(backend.model.parameters()).dtype}, "

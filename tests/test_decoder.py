@@ -8,6 +8,7 @@ transformers instead of being served wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -47,6 +48,22 @@ def greedy(model, cache, ids, mask, steps):
     return torch.cat(out, dim=1)
 
 
+#: Three prompts of different lengths (left padding), one with a fact to check: "Paris".
+PROMPTS = ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
+
+
+@contextlib.contextmanager
+def native_ops(kernels):
+    """Decode steps on ``kernels`` (None: PyTorch's ops) for the block; whatever a bot started
+    earlier in this process had installed is put back afterwards."""
+    before = decoder._native
+    decoder.use_native(kernels)
+    try:
+        yield kernels
+    finally:
+        decoder.use_native(before)
+
+
 def left_padded(tokenizer, questions):
     rows = [
         tokenizer.apply_chat_template(
@@ -71,10 +88,7 @@ def test_the_embedded_model_is_served_by_chinwags_decoder_with_its_own_tokenizer
 
 def test_greedy_replies_are_token_for_token_those_of_transformers(smollm2):
     ours, theirs, tokenizer, _ = smollm2
-    ids, mask = left_padded(
-        tokenizer,
-        ["What is the capital of France?", "Write a haiku about tea, please.", "hi"],
-    )
+    ids, mask = left_padded(tokenizer, PROMPTS)
     mine = greedy(ours, ours.new_cache(), ids, mask, 24)
     reference = greedy(
         TransformersDecoder(theirs), TransformersDecoder(theirs).new_cache(), ids, mask, 24
@@ -292,13 +306,8 @@ def native_attention():
 def attention_kernel(request):
     """Each attention test runs on PyTorch's kernels and on the native one (whatever a bot
     started earlier in this process installed is put back afterwards)."""
-    before = decoder._native
-    kernel = request.getfixturevalue("native_attention") if request.param else None
-    decoder.use_native(kernel)
-    try:
-        yield kernel
-    finally:
-        decoder.use_native(before)
+    with native_ops(request.getfixturevalue("native_attention") if request.param else None) as k:
+        yield k
 
 
 @pytest.mark.parametrize(
@@ -353,15 +362,10 @@ def test_the_native_norm_and_rotary_give_what_pytorchs_ops_give(dtype, native_at
     qkv = torch.randn(16, 1, 15, 64, dtype=dtype).transpose(1, 2)  # the projections' view
     angles = torch.rand(16, 1, 1, 64) * 100
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    installed = decoder._native
-    try:
-        decoder.use_native(None)
+    with native_ops(None):
         norm_ref, rot_ref = norm(x), decoder._rotate(qkv[:, :12], cos, sin)
-        decoder.use_native(native_attention)
-        with torch.inference_mode():
-            norm_ours, rot_ours = norm(x), decoder._rotate(qkv[:, :12], cos, sin)
-    finally:
-        decoder.use_native(installed)
+    with native_ops(native_attention), torch.inference_mode():
+        norm_ours, rot_ours = norm(x), decoder._rotate(qkv[:, :12], cos, sin)
     assert norm_ours.shape == norm_ref.shape and rot_ours.shape == rot_ref.shape
     if dtype == torch.bfloat16:
         assert torch.equal(rot_ours, rot_ref)
@@ -376,17 +380,11 @@ def test_the_native_norm_and_rotary_give_what_pytorchs_ops_give(dtype, native_at
 def test_with_the_native_kernel_greedy_replies_stay_token_for_token(smollm2, native_attention):
     """The kernel changes how fast a step attends, not what the model says."""
     ours, _, tokenizer, _ = smollm2
-    ids, mask = left_padded(
-        tokenizer, ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
-    )
-    installed = decoder._native
-    try:
-        decoder.use_native(None)
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    with native_ops(None):
         before = greedy(ours, ours.new_cache(), ids, mask, 24)
-        decoder.use_native(native_attention)
+    with native_ops(native_attention):
         after = greedy(ours, ours.new_cache(), ids, mask, 24)
-    finally:
-        decoder.use_native(installed)
     assert torch.equal(after, before)
 
 
@@ -400,14 +398,10 @@ def test_a_native_kernel_that_fails_a_step_is_put_aside_and_the_step_still_answe
     def refuses(*_args):
         raise RuntimeError("group or head size too large")
 
-    installed = decoder._native
-    decoder.use_native(SimpleNamespace(decode_attention=refuses))
-    try:
+    with native_ops(SimpleNamespace(decode_attention=refuses)):
         with caplog.at_level("ERROR", logger="bot.models"):
             out = decoder.attend(q, keys, values, mask)
         assert decoder._native is None  # not tried again on every step
-    finally:
-        decoder.use_native(installed)
     reference = torch.nn.functional.scaled_dot_product_attention(
         q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True
     )
@@ -551,16 +545,10 @@ def test_bf16_layers_on_the_native_kernel_pick_the_same_tokens(
     cpu_linear.convert(theirs, int8=False, fp16=False)
     cpu_linear.convert(ours, int8=False, fp16=False, native=kernel)
     assert all(m.w_native is not None for m in ours.modules() if hasattr(m, "w_native"))
-    ids, mask = left_padded(
-        tokenizer, ["What is the capital of France?", "Write a haiku about tea, please.", "hi"]
-    )
-    installed = decoder._native
-    try:
-        decoder.use_native(None)
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    with native_ops(None):  # the linear layers alone differ
         replies = greedy(theirs, theirs.new_cache(), ids, mask, 24)
         logits = [forced(m, ids, mask, replies) for m in (ours, theirs)]
-    finally:
-        decoder.use_native(installed)
     mine, reference = logits
     assert "Paris" in tokenizer.decode(replies[0].tolist(), skip_special_tokens=True)
     assert torch.equal(reference.argmax(-1), replies)  # fed what it chose, it chooses it again

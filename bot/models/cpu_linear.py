@@ -315,6 +315,18 @@ def _int8_pays(
     return pays
 
 
+def _cpu_layers(model: Any, dtype: torch.dtype) -> list[nn.Linear]:
+    """The model's own linear layers (not LoRA's) on the CPU with weights of ``dtype``."""
+    return [
+        m
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear
+        and "lora_" not in n
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype == dtype
+    ]
+
+
 def prepare(
     model: Any,
     *,
@@ -342,14 +354,7 @@ def prepare(
     in its layout and use it up to that many rows; the prepacked copy is then kept only if
     it still serves some rows, and the int8 copy only if int8 beats it.
     """
-    bf16_layers = [
-        m
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear
-        and "lora_" not in n
-        and m.weight.device.type == "cpu"
-        and m.weight.dtype == torch.bfloat16
-    ]
+    bf16_layers = _cpu_layers(model, torch.bfloat16)
     native_rows = (
         _native_rows(bf16_layers, native, cancelled) if bf16_layers and native is not None else 0
     )
@@ -358,14 +363,7 @@ def prepare(
         use_int8 = _int8_pays(
             model, max_rows, cancelled, native if native_rows >= max_rows else None
         )
-    fp32_layers = [
-        m
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear
-        and "lora_" not in n
-        and m.weight.device.type == "cpu"
-        and m.weight.dtype == torch.float32
-    ]
+    fp32_layers = _cpu_layers(model, torch.float32)
     fp16_rows = _fp16_rows(fp32_layers, cancelled) if fp16 and fp32_layers and _can_fp16() else 0
     if cancelled():
         return lambda: 0
