@@ -281,7 +281,13 @@ async def test_a_generated_reply_grows_in_one_message_and_ends_as_the_final_text
         (first,) = await fake.wait_for("sendMessage")
         # The first words are on screen long before the reply is done...
         assert first["text"].startswith("Once upon") and first["text"].endswith("…")
-        edits = await fake.wait_for("editMessageText", 2, within=10)
+        await fake.wait_for("editMessageText", 2, within=10)
+        # The reply ends with the rating buttons: wait for that edit (a fixed pause lost the
+        # race on a busy machine), then a moment for any draft edit that would come after it.
+        deadline = asyncio.get_running_loop().time() + 10
+        while not any("fb:" in str(e.get("reply_markup")) for e in fake.sent("editMessageText")):
+            assert asyncio.get_running_loop().time() < deadline, fake.sent("editMessageText")
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
         edits = fake.sent("editMessageText")
         final = edits[-1]
