@@ -52,6 +52,32 @@ def _time(fn: Callable[[], Any], repeats: int, pick: Callable[[list[float]], flo
     return pick(runs)
 
 
+def _ratio(fn: Callable[[], Any], rival: Callable[[], Any], pairs: int = 15) -> float:
+    """``fn``'s time over ``rival``'s: the median of ``pairs`` ratios, each of two runs side
+    by side (in alternating order, so that neither always runs on the warmer cache).
+
+    Timing one kernel's runs and then the other's lets a neighbour that wakes between the
+    two decide the comparison: a fresh-clone CI run beside other work once found chinwag's
+    own linear kernel "no faster" than oneDNN's (it is 20–35 % faster) and served without
+    it. Each ratio here is taken within a millisecond or two; a burst slows both of its runs
+    or spoils one pair out of fifteen, and the median leaves that pair out.
+    """
+    fn()
+    rival()
+    ratios = []
+    for i in range(pairs):
+        first, second = (fn, rival) if i % 2 == 0 else (rival, fn)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        ours, theirs = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(ours / max(theirs, 1e-9))
+    ratios.sort()
+    return ratios[len(ratios) // 2]
+
+
 def thread_candidates() -> list[int]:
     """One thread, all cores but one (left to the event loop, the embedder and the
     classifier) and all cores: the counts worth measuring."""
