@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import random
@@ -35,6 +37,8 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+
+from bench.neighbours import cpu_limited, join
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -222,7 +226,9 @@ async def capacity(url: str, chats: int, seconds: float, deadline_s: float) -> f
         return done / (time.monotonic() - t0)
 
 
-def start_bot(data: Path, port: int, models: str = "") -> subprocess.Popen[bytes]:
+def start_bot(
+    data: Path, port: int, models: str = "", cgroup: Path | None = None
+) -> subprocess.Popen[bytes]:
     config = data / "chinwag.toml"
     config.write_text(
         f"""data_dir = "{data}"
@@ -247,6 +253,7 @@ enabled = false
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        preexec_fn=None if cgroup is None else functools.partial(join, cgroup),
     )
 
 
@@ -284,6 +291,13 @@ async def main() -> None:
     parser.add_argument(
         "--no-admission", action="store_true", help="vllm: no admission from its /metrics"
     )
+    parser.add_argument(
+        "--cpu-limit",
+        type=float,
+        default=None,
+        help="run the bot in a control group limited to this many cores' CPU time, as a "
+        "container's --cpus does (root, Linux)",
+    )
     args = parser.parse_args()
     models = ""
     if args.backend == "vllm":
@@ -296,60 +310,79 @@ async def main() -> None:
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "backend": args.backend + (" (no admission)" if args.no_admission else ""),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = start_bot(data, port, models)
-        try:
-            await wait_ready(url, proc)
-            # A first burst, then a quiet moment: the runtime prepares its faster CPU layers
-            # and settles its thread count when it first idles — capacity is measured after.
-            await capacity(url, args.capacity_chats, 10, args.deadline)
-            await asyncio.sleep(3)
-            cap = await capacity(url, args.capacity_chats, args.capacity_seconds, args.deadline)
-            warm = rss_mb(proc.pid)
-            print(f"capacity: {cap:.2f} replies/s ({args.capacity_chats} chats); RSS {warm:.0f} MB")
-            result.update(capacity_per_s=round(cap, 3), rss_warm_mb=round(warm))
-            levels = {}
-            for factor in [float(x) for x in args.levels.split(",")]:
-                level = Level(f"x{factor:g}", cap * factor)
-                await run_level(
-                    url, level, args.seconds, args.deadline, args.max_clients, args.help_rate
-                )
-                s = summary(level, args.seconds, args.deadline)
-                s["rss_mb"] = round(rss_mb(proc.pid))
-                levels[factor] = s
-                print(f"{level.name:>5}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
-            await asyncio.sleep(10)  # idle: what the process keeps
-            after = rss_mb(proc.pid)
-            print(f"RSS after the run and 10 s idle: {after:.0f} MB ({after / warm:.2f}x warm)")
-            # SIGTERM with a 4x load in flight.
-            level = Level("sigterm", cap * 4)
-            load = asyncio.create_task(
-                run_level(url, level, 8, args.deadline, args.max_clients, args.help_rate)
+    if args.cpu_limit is not None:
+        result["cpu_limit"] = args.cpu_limit
+    with contextlib.ExitStack() as stack:
+        cgroup = None
+        if args.cpu_limit is not None:
+            cgroup = stack.enter_context(cpu_limited(args.cpu_limit))
+            if cgroup is None:
+                parser.error("--cpu-limit: no cpu control group can be made here")
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        await _run(args, result, Path(tmp), models, cgroup)
+    print(json.dumps(result))
+
+
+async def _run(
+    args: argparse.Namespace,
+    result: dict[str, object],
+    data: Path,
+    models: str,
+    cgroup: Path | None,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_bot(data, port, models, cgroup)
+    try:
+        await wait_ready(url, proc)
+        # A first burst, then a quiet moment: the runtime prepares its faster CPU layers
+        # and settles its thread count when it first idles — capacity is measured after.
+        await capacity(url, args.capacity_chats, 10, args.deadline)
+        await asyncio.sleep(3)
+        cap = await capacity(url, args.capacity_chats, args.capacity_seconds, args.deadline)
+        warm = rss_mb(proc.pid)
+        print(f"capacity: {cap:.2f} replies/s ({args.capacity_chats} chats); RSS {warm:.0f} MB")
+        result.update(capacity_per_s=round(cap, 3), rss_warm_mb=round(warm))
+        levels = {}
+        for factor in [float(x) for x in args.levels.split(",")]:
+            level = Level(f"x{factor:g}", cap * factor)
+            await run_level(
+                url, level, args.seconds, args.deadline, args.max_clients, args.help_rate
             )
-            await asyncio.sleep(6)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            while proc.poll() is None and time.monotonic() - t0 < 120:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            exit_s = time.monotonic() - t0
-            await load
-            kinds = {k: sum(o.kind == k for o in level.outcomes) for k in ("answer", "busy")}
-            kinds["shutdown_notice"] = sum(o.kind == "notice" for o in level.outcomes)
-            kinds["refused_after_close"] = sum(o.kind == "refused" for o in level.outcomes)
-            kinds["cut"] = sum(o.kind in ("failed", "timeout") for o in level.outcomes)
-            print(f"SIGTERM under load: exited in {exit_s:.1f} s (code {proc.returncode}); {kinds}")
-            # What the bot logged while stopping (each step's time): why a slow stop was slow.
-            lines = (data / "bot.log").read_text(errors="replace").splitlines()
-            start = max((i for i, x in enumerate(lines) if "stopping (signal" in x), default=0)
-            for line in lines[start:][-12:]:
-                print(f"  | {line[:160]}")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            s = summary(level, args.seconds, args.deadline)
+            s["rss_mb"] = round(rss_mb(proc.pid))
+            levels[factor] = s
+            print(f"{level.name:>5}: " + ", ".join(f"{k} {v}" for k, v in s.items()))
+        await asyncio.sleep(10)  # idle: what the process keeps
+        after = rss_mb(proc.pid)
+        print(f"RSS after the run and 10 s idle: {after:.0f} MB ({after / warm:.2f}x warm)")
+        # SIGTERM with a 4x load in flight.
+        level = Level("sigterm", cap * 4)
+        load = asyncio.create_task(
+            run_level(url, level, 8, args.deadline, args.max_clients, args.help_rate)
+        )
+        await asyncio.sleep(6)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None and time.monotonic() - t0 < 120:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        exit_s = time.monotonic() - t0
+        await load
+        kinds = {k: sum(o.kind == k for o in level.outcomes) for k in ("answer", "busy")}
+        kinds["shutdown_notice"] = sum(o.kind == "notice" for o in level.outcomes)
+        kinds["refused_after_close"] = sum(o.kind == "refused" for o in level.outcomes)
+        kinds["cut"] = sum(o.kind in ("failed", "timeout") for o in level.outcomes)
+        print(f"SIGTERM under load: exited in {exit_s:.1f} s (code {proc.returncode}); {kinds}")
+        # What the bot logged while stopping (each step's time): why a slow stop was slow.
+        lines = (data / "bot.log").read_text(errors="replace").splitlines()
+        start = max((i for i, x in enumerate(lines) if "stopping (signal" in x), default=0)
+        for line in lines[start:][-12:]:
+            print(f"  | {line[:160]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     top = max(levels)
     one = levels.get(1.0) or levels[min(levels, key=lambda f: abs(f - 1))]
     result.update(
@@ -364,7 +397,6 @@ async def main() -> None:
         sigterm_outcomes=kinds,
         load_average_end=[round(x, 2) for x in os.getloadavg()],
     )
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import typer
 from bot.config import ConfigError, Settings, load_settings
 from bot.logs import setup_logging
 from bot.plugins import PluginError, make_manager
-from bot.process import abandoned, leave_abandoned
+from bot.process import abandoned, fit_threads_to_cpu_limit, leave_abandoned
 from bot.store import StoreError
 
 app = typer.Typer(
@@ -83,6 +83,7 @@ def _global(
         log_level = "DEBUG" if verbose > 1 else "INFO"
     state.config, state.data_dir, state.log_level = config, data_dir, log_level
     state.log_file = log_file
+    fit_threads_to_cpu_limit()  # before any model or index starts its threads
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> typer.Exit:

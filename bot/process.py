@@ -133,3 +133,102 @@ def tune_for_batch_work() -> dict[str, str]:
             ):
                 applied["malloc"] = "mmap above 256 MB, trim above 512 MB"
     return applied
+
+
+def cpu_limit(root: str = "/sys/fs/cgroup", cgroups: str = "/proc/self/cgroup") -> float | None:
+    """Cores' worth of CPU time this process's control group may use — a container's
+    ``docker run --cpus``, a Kubernetes CPU limit, systemd's ``CPUQuota=`` — or None where
+    none is set (or there is no cgroup file system: not Linux).
+
+    The CPUs a process may run on (its affinity, what ``os.cpu_count`` and torch's default
+    thread count see) are all of the host's under such a limit: on a 64-core node a bot
+    limited to 2 cores would start 64 threads a matmul, each parallel region waiting on
+    threads the kernel has throttled until the next 100 ms period. The limit is the lowest
+    along the group's path (a parent's limit binds its children), cgroup v2's ``cpu.max``
+    or v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``; inside a container with its own
+    cgroup namespace the group is the root of what it sees.
+    """
+    try:
+        with open(cgroups) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    limits: list[float] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # cgroup v2 (the unified hierarchy; "unified/" when hybrid)
+            for mount in (root, os.path.join(root, "unified")):
+                if os.path.exists(os.path.join(mount, "cgroup.controllers")):
+                    limits += _limits(mount, path, _v2_limit)
+                    break
+        elif "cpu" in controllers.split(","):
+            for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                mount = os.path.join(root, name)
+                if os.path.isdir(mount):
+                    limits += _limits(mount, path, _v1_limit)
+                    break
+    return min(limits) if limits else None
+
+
+def _limits(mount: str, path: str, read: Callable[[str], float | None]) -> list[float]:
+    """The limits along ``path`` from its group up to ``mount``; where the path is not there
+    (a container without its own cgroup namespace sees its group as the mount), the mount's."""
+    here = os.path.join(mount, path.strip("/"))
+    if not os.path.isdir(here):
+        here = mount
+    found = []
+    while True:
+        limit = read(here)
+        if limit is not None:
+            found.append(limit)
+        if os.path.samefile(here, mount) or len(here) <= len(mount):
+            return found
+        here = os.path.dirname(here)
+
+
+def _v2_limit(group: str) -> float | None:
+    try:
+        with open(os.path.join(group, "cpu.max")) as f:
+            quota, period = [*f.read().split(), "100000"][:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_limit(group: str) -> float | None:
+    try:
+        with open(os.path.join(group, "cpu.cfs_quota_us")) as f:
+            quota = int(f.read())
+        with open(os.path.join(group, "cpu.cfs_period_us")) as f:
+            period = int(f.read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def fit_threads_to_cpu_limit() -> int | None:
+    """Under a CPU limit below the CPUs in view, start every thread pool at the limit's
+    whole cores (at least one): torch's in this process (the tuners measure from there) and,
+    through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, OpenMP's, FAISS's and every child's (the
+    trainer, a vLLM server). A value the operator set is kept. Returns the thread count set,
+    or None where there is no limit to fit."""
+    try:
+        visible = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        visible = os.cpu_count() or 1
+    limit = cpu_limit()
+    if limit is None or int(limit) >= visible or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, int(limit))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+    log.info(
+        "CPU limit %.2g cores (cgroup) of %d in view: threads start at %d", limit, visible, threads
+    )
+    return threads

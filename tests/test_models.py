@@ -942,6 +942,134 @@ def test_the_neighbours_figure_sees_a_busy_core_on_this_machine():
     assert busy is not None and busy >= 0.5  # a whole core, less what a loaded machine takes
 
 
+def _cgroup(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("membership", "files", "expected"),
+    [
+        # cgroup v2 in a container's own namespace: `docker run --cpus 1.5`
+        ("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "150000 100000\n"}, 1.5),
+        # v2 on a host: a systemd unit's CPUQuota=50% under a slice limited to 2 cores
+        (
+            "0::/chat.slice/chinwag.service\n",
+            {
+                "cgroup.controllers": "cpu",
+                "cpu.max": "max 100000\n",
+                "chat.slice/cpu.max": "200000 100000\n",
+                "chat.slice/chinwag.service/cpu.max": "50000 100000\n",
+            },
+            0.5,
+        ),
+        # the parent's limit binds where the group's own is looser
+        (
+            "0::/pod/ctr\n",
+            {
+                "cgroup.controllers": "cpu",
+                "pod/cpu.max": "100000 100000\n",
+                "pod/ctr/cpu.max": "400000 100000\n",
+            },
+            1.0,
+        ),
+        # cgroup v1 (an older Docker, no namespace: the group is the mount itself)
+        (
+            "4:cpu,cpuacct:/docker/0123abcd\n3:memory:/docker/0123abcd\n",
+            {
+                "cpu,cpuacct/cpu.cfs_quota_us": "200000\n",
+                "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+            },
+            2.0,
+        ),
+        # hybrid: v2 mounted under unified/, the limit there
+        (
+            "1:cpu:/\n0::/bot\n",
+            {
+                "cpu/cpu.cfs_quota_us": "-1\n",
+                "cpu/cpu.cfs_period_us": "100000\n",
+                "unified/cgroup.controllers": "",
+                "unified/bot/cpu.max": "100000 100000\n",
+            },
+            1.0,
+        ),
+        # no limit anywhere, or a file that cannot be read as one
+        ("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "max 100000\n"}, None),
+        ("0::/\n", {"cgroup.controllers": "cpu", "cpu.max": "lots\n"}, None),
+        ("1:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ],
+)
+def test_a_container_s_cpu_limit_is_read_from_its_control_group(
+    tmp_path, membership, files, expected
+):
+    """Kubernetes, Docker's --cpus and systemd's CPUQuota= limit CPU time, not the CPUs a
+    process sees: on a 64-core node a bot limited to 2 cores saw 64."""
+    from bot.process import cpu_limit
+
+    _cgroup(tmp_path / "fs", files)
+    (tmp_path / "cgroup").write_text(membership)
+    assert cpu_limit(str(tmp_path / "fs"), str(tmp_path / "cgroup")) == expected
+
+
+def test_without_a_cgroup_file_system_there_is_no_limit(tmp_path):
+    from bot.process import cpu_limit
+
+    assert cpu_limit(str(tmp_path), str(tmp_path / "missing")) is None
+
+
+def test_the_thread_counts_tried_stay_within_the_cpu_limit(monkeypatch):
+    from bot.models import tuning
+
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda _pid: set(range(64)))
+    monkeypatch.setattr(tuning, "cpu_limit", lambda: 2.5)
+    assert tuning.usable_cpus() == 2
+    assert tuning.thread_candidates() == [1, 2]
+    monkeypatch.setattr(tuning, "cpu_limit", lambda: 0.5)
+    assert tuning.thread_candidates() == [1]
+    monkeypatch.setattr(tuning, "cpu_limit", lambda: None)
+    assert tuning.thread_candidates() == [1, 63, 64]
+
+
+def test_a_bot_started_under_a_one_core_limit_runs_its_threads_on_one_core():
+    """For real, where this machine lets the test make a control group: on this 2-core host
+    under a 1-core quota, two torch threads ran a 16-row step's matmuls 17–40× slower than
+    one (2.2–5.5 against 91–94 steps a second: each parallel region waits out the throttled
+    thread), so every pool starts at the limit and children inherit it."""
+    import functools
+    import subprocess
+    import sys
+
+    from bench.neighbours import cpu_limited, join
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one CPU: no limit below it to fit")
+    script = (
+        "import sys\n"
+        "from bot.cli import _global\n"
+        "_global(None, None, None, 0, None)\n"  # what every chinwag command runs first
+        "import torch, subprocess\n"
+        "from bot.models.tuning import thread_candidates\n"
+        "child = subprocess.run([sys.executable, '-c', "
+        "'import torch; print(torch.get_num_threads())'], capture_output=True, text=True)\n"
+        "print(torch.get_num_threads(), thread_candidates(), child.stdout.strip())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    with cpu_limited(1.0) as procs:
+        if procs is None:
+            pytest.skip("no cpu control group can be made here (not root, or no cgroup fs)")
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            preexec_fn=functools.partial(join, procs),
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "1 [1] 1"
+
+
 def test_training_takes_the_thread_count_that_runs_its_work_fastest_now_and_restores_torch():
     """The trainers re-measure every few steps: a stall on some runs must count, not hide."""
     import time

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.process import cpu_limit
+
 log = logging.getLogger(__name__)
 
 
@@ -35,10 +37,14 @@ def cpu_flags() -> set[str]:
 
 
 def usable_cpus() -> int:
+    """The CPUs this process may run on, as whole cores of its cgroup CPU limit where that is
+    fewer (a container's ``--cpus``: :func:`bot.process.cpu_limit`)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = cpu_limit()
+    return cpus if limit is None else max(1, min(cpus, int(limit)))
 
 
 def _time(fn: Callable[[], Any], repeats: int, pick: Callable[[list[float]], float] = min) -> float:
