@@ -435,6 +435,41 @@ def test_a_failed_build_is_reported_with_the_compilers_complaint(monkeypatch, tm
     assert why.startswith("the build failed") and "error" in why and "ninja" not in why
 
 
+def test_builds_nobody_has_used_for_two_weeks_are_removed_and_those_in_use_stay(
+    monkeypatch, tmp_path
+):
+    """Every upgrade of chinwag or torch, and every checkout, makes a build of its own in the
+    shared cache; without pruning they pile up for ever."""
+    import fcntl
+    import os
+    import time
+
+    from bot.models import kernels
+
+    monkeypatch.setenv("CHINWAG_KERNELS_DIR", str(tmp_path))
+    now = time.time()
+    month_ago, day_ago = now - 30 * 86400, now - 86400
+    folders = {}
+    for name, used in [("current", month_ago), ("old", month_ago), ("recent", day_ago),
+                       ("building", month_ago)]:  # fmt: skip
+        folder = tmp_path / f"chinwag_decode_attention_{name}"
+        folder.mkdir()
+        (folder / f"{folder.name}.so").write_bytes(b"\0" * 100)
+        (folder / ".chinwag-used").touch()
+        os.utime(folder / ".chinwag-used", (used, used))
+        folders[name] = folder
+    (tmp_path / "notes.txt").write_text("someone else's")
+    with (folders["building"] / ".chinwag-build.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process building or loading it now
+        removed = kernels._prune(keep=folders["current"].name, now=now)
+    assert removed == [folders["old"].name]
+    assert not folders["old"].exists()
+    assert folders["current"].exists() and folders["recent"].exists()
+    assert folders["building"].exists() and (tmp_path / "notes.txt").exists()
+    # The build in use is stamped: it stays for another two weeks from now.
+    assert (folders["current"] / ".chinwag-used").stat().st_mtime >= now - 5
+
+
 def test_a_bot_stopping_during_the_first_build_stops_the_compiler_at_once(monkeypatch, tmp_path):
     """A first start compiles for ~20 s; SIGTERM meanwhile must not wait for g++."""
     import subprocess

@@ -136,7 +136,47 @@ def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
             time.perf_counter() - started,
         )
         _built[name] = module
+        _prune(keep=name)
         return module
+
+
+#: A build no process has loaded for this long goes (each ~1 MB; every upgrade of chinwag or
+#: torch, every checkout and every CPU a shared home folder has seen makes one).
+KEEP_UNUSED_S = 14 * 24 * 3600.0
+
+_USED = ".chinwag-used"
+
+
+def _prune(keep: str, now: float | None = None) -> list[str]:
+    """Stamp ``keep`` as used now and remove the builds nobody has used for
+    :data:`KEEP_UNUSED_S`; returns what went. A build being made or loaded holds its
+    ``flock``, and a held one is left alone; a removed build that someone still wanted is
+    only rebuilt (~20 s)."""
+    now = time.time() if now is None else now
+    root = directory()
+    with contextlib.suppress(OSError):
+        (root / keep / _USED).touch()
+    removed = []
+    for folder in root.glob("chinwag_decode_attention_*"):
+        if folder.name == keep or not folder.is_dir():
+            continue
+        stamp = folder / _USED
+        try:
+            used = (stamp if stamp.exists() else folder).stat().st_mtime
+        except OSError:
+            continue
+        if now - used < KEEP_UNUSED_S:
+            continue
+        try:
+            with (folder / ".chinwag-build.lock").open("a") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder)
+        except OSError:  # held (in use), or not ours to remove
+            continue
+        removed.append(folder.name)
+    if removed:
+        log.info("native kernels: removed %d build(s) unused for 14 days", len(removed))
+    return removed
 
 
 def _unavailable(name: str, why: str, level: int = logging.WARNING) -> None:
