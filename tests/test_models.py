@@ -318,6 +318,29 @@ async def test_a_full_queue_answers_busy_at_once(tokenizer):
         task.cancel()
 
 
+async def test_a_long_message_behind_short_ones_is_not_told_busy_while_slots_are_free(tokenizer):
+    """A user pasting a log into the chat while 15 others ask short questions: the wait ahead
+    of it is the prefill of *their* prompts, not 15 times its own (it was told "busy, about
+    16 s" with a free slot in the batch)."""
+    b = LocalBackend(tiny_model(tokenizer), tokenizer, "tiny", max_batch_size=20)
+    b._thread = object()  # accept requests without serving them
+    b.step_s, b.reply_tokens, b.prefill_tok_s = 0.02, 40.0, 700.0
+    b.max_start_wait_s = 10.0
+    short = [asyncio.create_task(b.generate(ask("what's the time?"), GREEDY)) for _ in range(15)]
+    await asyncio.sleep(0)
+    pasted = "Traceback (most recent call last): " * 80  # ~2,900 characters
+    start, _ = b.estimate(GREEDY, len(pasted))
+    assert start < 0.2  # 15 × 16 characters of prompt ahead: well under a second
+    long = asyncio.create_task(b.generate(ask(pasted), GREEDY))
+    await asyncio.sleep(0)
+    assert not long.done()  # queued, not refused
+    # Who comes next (a slot still free) sees the long prompt's prefill ahead too.
+    assert b.estimate(GREEDY, 20)[0] == pytest.approx((15 * 16 + len(pasted)) / 4 / 700.0)
+    for task in [*short, long]:
+        task.cancel()
+    await asyncio.gather(*short, long, return_exceptions=True)
+
+
 async def test_streaming_yields_the_same_text_in_pieces(backend):
     whole = await backend.generate(ask("stream me"), GenerationParams(max_new_tokens=12))
     pieces: asyncio.Queue = asyncio.Queue()

@@ -88,6 +88,7 @@ class _Job:
     cut: Any = None  # threading.Event: the user sent a newer message (see types.SUPERSEDED)
     submitted: float = field(default_factory=time.monotonic)
     estimated_start: float = 0.0  # admission's estimate of the wait, before calibration (s)
+    chars: int = 0  # the prompt's characters, counted in the queue's until it starts
     # Filled in by the worker.
     prompt: list[int] = field(default_factory=list)
     trimmed: int = 0
@@ -196,6 +197,7 @@ class LocalBackend:
         self._retired: set[str] = set()
         self._pending = 0  # submitted and not yet finished (waiting or running)
         self._running = 0
+        self._queued_chars = 0  # prompt characters of requests not started yet
         self._waiting: deque[_Job] = deque()
         self._batch = _Batch()
         self._stopping = False
@@ -338,10 +340,14 @@ class LocalBackend:
         slots = self.max_batch_size
         reply = self.reply_tokens or params.max_new_tokens / 2
         mine = min(params.max_new_tokens, max(reply, 1.0))
-        prefill = (prompt_chars / 4) / (self.prefill_tok_s or 2000.0)
+        rate = self.prefill_tok_s or 2000.0
+        prefill = (prompt_chars / 4) / rate
         busy = self._pending
         if busy < slots:
-            wait = prefill * max(0, busy - self._running)
+            # A slot is free: what stands ahead is the prefill of the prompts queued before
+            # this one, their own lengths (until 2026-12-08 this prompt's length times their
+            # number: a long message behind 15 short ones was told "busy, about 16 s").
+            wait = (self._queued_chars / 4) / rate
         else:
             # Rows finish at about ``slots`` per reply length; we start once those ahead did.
             ahead = busy - slots + 1
@@ -395,6 +401,8 @@ class LocalBackend:
                 internal, version = current
                 self._refs[internal] += 1
             self._pending += 1
+            chars = sum(len(m.get("content", "")) for m in messages)
+            self._queued_chars += chars
             loop = asyncio.get_running_loop()
             job = _Job(
                 messages,
@@ -408,6 +416,7 @@ class LocalBackend:
                 deadline,
                 SUPERSEDED.get(),
                 estimated_start=wait,
+                chars=chars,
             )
             self._queue.put(job)
         # Cancelling the caller cancels ``job.future``; the worker sees that before its next
@@ -429,8 +438,15 @@ class LocalBackend:
         start, _ = self.estimate(params)
         return max(1.0, start)
 
+    def _dequeued(self, job: _Job) -> None:
+        """The job's prompt no longer stands in the queue (it started, or left unstarted)."""
+        with self._lock:
+            self._queued_chars -= job.chars
+            job.chars = 0
+
     def _done(self, job: _Job) -> None:
         """Bookkeeping when a request leaves the worker (finished, failed or dropped)."""
+        self._dequeued(job)
         with self._lock:
             if job.released:
                 return
@@ -814,6 +830,7 @@ class LocalBackend:
         for job in jobs:
             job.started = t0
             self._learn_wait(job)
+            self._dequeued(job)
         self.stats["prefills"] += 1
         self.stats["prefill_tokens"] += total
         batch = len(self._batch) + len(jobs)
