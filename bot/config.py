@@ -203,6 +203,11 @@ class ModelsSettings(_Section):
     #: conversation's next turn prefills only its new part; 0 turns it off. About 23 KB a
     #: token for the default model (4,096: ~95 MB).
     prefix_cache_tokens: int = Field(4096, ge=0)
+    #: Running rows share one left-padded cache per cohort; a request whose joining would
+    #: add more than this much padding (keys and values of every layer) to every cohort starts
+    #: one of its own (at most 4; each costs a forward pass a step). A 2,000-token message
+    #: among 15 short chats padded all of them: +1.9 GB for SmolLM2 in one batch.
+    max_padding_mb: float = Field(256.0, gt=0)
     adapters: dict[str, AdapterSettings] = {}
     #: Converted base-model weights (GGUF → safetensors); default ``<data_dir>/models``.
     cache_dir: Path | None = None
