@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.models.prefix_cache import PrefixCache
+import numpy as np
+
+from bot.models.prefix_cache import Prefix, PrefixCache
 from bot.models.tuning import Neighbours, ThreadTuner
 from bot.models.types import (
     SUPERSEDED,
@@ -97,6 +99,7 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     estimated_start: float = 0.0  # admission's estimate of the wait, before calibration (s)
     chars: int = 0  # the prompt's characters, counted in the queue's until it starts
+    partial: Any = None  # a long prompt's keys and values so far (a Prefix), chunk by chunk
     # Filled in by the worker.
     prompt: list[int] = field(default_factory=list)
     trimmed: int = 0
@@ -171,6 +174,7 @@ class LocalBackend:
         max_queue: int = 256,
         context_window: int | None = None,
         prefill_tokens: int = 2048,
+        prefill_chunk_tokens: int = 256,
         max_start_wait_s: float | None = None,
         threads: ThreadTuner | None = None,
         prefill_threads: ThreadTuner | None = None,
@@ -189,6 +193,8 @@ class LocalBackend:
         self.max_wait = max_queue_wait_ms / 1000
         self.max_queue = max_queue
         self.prefill_tokens = prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._chunking: _Job | None = None  # the long prompt being prefilled a chunk a step
         self.max_start_wait_s = max_start_wait_s
         self.context_window = context_window or model.max_positions
         self.threads = threads
@@ -641,7 +647,7 @@ class LocalBackend:
         worked = False
         with torch.inference_mode():
             while True:
-                idle = not self._batches and not self._waiting
+                idle = not self._batches and not self._waiting and self._chunking is None
                 if idle and worked:
                     # Housekeeping once the worker has been idle a moment (not between the
                     # turns of a conversation, where it would delay the next first token).
@@ -717,33 +723,42 @@ class LocalBackend:
 
     def _expire(self) -> None:
         """Drop waiting requests nobody waits for, and refuse those that can no longer finish."""
+        now = time.monotonic()
+        if self._chunking is not None and self._dropped(self._chunking, now):
+            self._chunking = None
         if not self._waiting:
             return
-        now = time.monotonic()
+        self._waiting = deque(job for job in self._waiting if not self._dropped(job, now))
+
+    def _dropped(self, job: _Job, now: float) -> bool:
+        """Whether a request not yet decoding is let go: its caller stopped waiting, a newer
+        message superseded it, or it can no longer finish by its deadline (then "busy")."""
+        if job.future.done():
+            self._finish_stream(job)
+            self._done(job)
+            return True
+        if job.cut is not None and job.cut.is_set():
+            self._fail(job, Superseded("the user sent a newer message"))
+            return True
         step = self.step_s or 0.0
-        kept: deque[_Job] = deque()
-        for job in self._waiting:
-            if job.future.done():
-                self._finish_stream(job)
-                self._done(job)
-                continue
-            if job.cut is not None and job.cut.is_set():
-                self._fail(job, Superseded("the user sent a newer message"))
-                continue
-            if job.deadline is not None and step:
-                need = SAFETY * min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
-                if now + need > job.deadline:
-                    self._fail(job, RuntimeBusy("the model could not start this reply in time"))
-                    continue
-            kept.append(job)
-        self._waiting = kept
+        if job.deadline is not None and step:
+            need = SAFETY * min(job.params.max_new_tokens, self.reply_tokens or 1.0) * step
+            if now + need > job.deadline:
+                self._fail(job, RuntimeBusy("the model could not start this reply in time"))
+                return True
+        return False
 
     def _admit(self) -> None:
-        free = self.max_batch_size - self._rows()
+        """Prefill what joins this step: the next chunk of a long prompt, and a group of
+        waiting requests, within ``prefill_tokens`` together."""
+        tokens = 0
+        if self._chunking is not None:
+            tokens = self._prefill_chunk(self._chunking)
+        free = self.max_batch_size - self._rows() - (self._chunking is not None)
         if free <= 0 or not self._waiting:
             return
         joining: list[_Job] = []
-        tokens = longest = 0
+        longest = 0
         while self._waiting and len(joining) < free:
             job = self._waiting[0]
             if not job.prompt:
@@ -753,8 +768,17 @@ class LocalBackend:
                     self._waiting.popleft()
                     self._fail(job, exc)
                     continue
+            if len(job.prompt) > self.prefill_chunk_tokens:
+                # A long prompt is prefilled a chunk a step, one at a time, so the running
+                # replies pause for a chunk rather than for all of it; those behind it wait
+                # their turn (first come, first served).
+                if self._chunking is None and not joining and not tokens:
+                    self._waiting.popleft()
+                    self._chunking = job
+                    self._prefill_chunk(job)
+                break
             # Bound the prefill per step so running rows keep moving (at least one joins).
-            if joining and tokens + len(job.prompt) > self.prefill_tokens:
+            if (joining or tokens) and tokens + len(job.prompt) > self.prefill_tokens:
                 break
             # Prompts too unlike in length to share one padded cache wait a step and come
             # in as a group of their own (a cohort, ``_merge``).
@@ -805,52 +829,92 @@ class LocalBackend:
         adapters = [j.internal for j in jobs]
         return self.model(ids, mask, position, cache, adapters, last_only)
 
-    def _prefill(self, jobs: list[_Job]) -> None:
+    def _prefill_chunk(self, job: _Job) -> int:
+        """The next chunk of the long prompt being prefilled; its last one also samples the
+        first token and joins the running rows. Returns the prompt tokens it prefilled."""
+        try:
+            total = self._prefill([job], chunk=self.prefill_chunk_tokens)
+            if job.partial is None:  # the last chunk: it runs with the others now
+                self._chunking = None
+            return total
+        except Exception as exc:
+            self._chunking = None
+            log.exception("prefill failed for a long prompt (%d tokens)", len(job.prompt))
+            self._fail(job, ModelError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return 0
+
+    def _prefill(self, jobs: list[_Job], chunk: int | None = None) -> int:
+        """Prefill ``jobs``' prompts (reusing cached prefixes), sample each first token and
+        join the running rows; returns the prompt tokens prefilled. With ``chunk`` (one job:
+        a long prompt a chunk a step), only that many more of its tokens unless they are the
+        last, kept in ``job.partial`` for the next."""
         import torch
 
         threads = _use_threads(self.prefill_threads)
         t0 = time.monotonic()
         device = self.device
-        # The part of each prompt whose keys and values a finished reply left behind.
+        # The part of each prompt whose keys and values are at hand: the chunks prefilled so
+        # far, or what a finished reply left behind.
         reused: list[tuple[Any, int] | None] = [
-            self.prefixes.match(j.internal, j.prompt) if self.prefixes is not None else None
+            (j.partial, len(j.partial.tokens))
+            if j.partial is not None
+            else self.prefixes.match(j.internal, j.prompt)
+            if self.prefixes is not None
+            else None
             for j in jobs
         ]
         have = [m[1] if m else 0 for m in reused]
+        upto = None
+        if chunk is not None and len(jobs[0].prompt) - have[0] > chunk:
+            upto = have[0] + chunk
+        ends = [len(j.prompt) if upto is None else upto for j in jobs]
         past = max(have)
         # Widths rounded up to a multiple of PREFILL_ALIGN: oneDNN builds a kernel per matmul
         # shape on first use (~1 ms a layer); a handful of shapes instead of one per prompt
         # length keeps that off the time to first token.
-        longest = max(len(j.prompt) - h for j, h in zip(jobs, have, strict=True))
+        longest = max(e - h for e, h in zip(ends, have, strict=True))
         width = -(-longest // PREFILL_ALIGN) * PREFILL_ALIGN
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(jobs), past + width), dtype=torch.long)
-        for i, (job, h) in enumerate(zip(jobs, have, strict=True)):
-            n = len(job.prompt) - h
-            ids[i, width - n :] = torch.tensor(job.prompt[h:])
+        for i, (job, h, e) in enumerate(zip(jobs, have, ends, strict=True)):
+            n = e - h
+            ids[i, width - n :] = torch.tensor(job.prompt[h:e])
             mask[i, past + width - n :] = 1
             mask[i, past - h : past] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
         cache = self.model.new_cache(self._seed(reused, past) if past else None)
-        if past:
+        if past and all(j.partial is None for j in jobs):
             self.stats["prefix_tokens_reused"] += sum(have)
         logits = self._forward(jobs, ids, mask, position, cache, last_only=True)
-        first = self._sample(logits[:, -1, :], jobs)
         elapsed = time.monotonic() - t0
         total = int(mask.sum()) - sum(have)
         _record_pass(self.prefill_threads, threads, elapsed, ids.numel())
         rate = total / max(elapsed, 1e-6)
         old = self.prefill_tok_s
         self.prefill_tok_s = rate if old is None else 0.8 * old + 0.2 * rate
-        now = time.monotonic()
         for job in jobs:
-            job.started = t0
-            self._learn_wait(job)
-            self._dequeued(job)
+            if not job.started:
+                job.started = t0
+                self._learn_wait(job)
+                self._dequeued(job)
         self.stats["prefills"] += 1
         self.stats["prefill_tokens"] += total
+        if upto is not None:  # a chunk: keep the prompt's keys and values so far
+            job = jobs[0]
+            real = mask[0].nonzero().squeeze(1)
+            job.partial = Prefix(
+                job.internal,
+                np.asarray(job.prompt[:upto]),
+                [(layer.keys[0][:, real], layer.values[0][:, real]) for layer in cache.layers],
+            )
+            self.stats["prefill_chunks"] += 1
+            return total
+        first = self._sample(logits[:, -1, :], jobs)
+        now = time.monotonic()
+        for job in jobs:
+            job.partial = None
         batch = self._rows() + len(jobs)
         column = first.squeeze(1).tolist()
         keep = [
@@ -866,6 +930,7 @@ class LocalBackend:
             self._merge([jobs[i] for i in keep], cache, mask, first)
         with self._lock:
             self._running = self._rows()
+        return total
 
     def _seed(self, reused: list[tuple[Any, int] | None], past: int) -> list[tuple[Any, Any]]:
         """Per layer, the reused keys and values of every row, right-aligned to ``past``."""
@@ -1149,9 +1214,11 @@ class LocalBackend:
 
     def _shutdown(self) -> None:
         err = ShuttingDown("the bot is shutting down")
-        for job in [*(j for b in self._batches for j in b.jobs), *self._waiting]:
+        chunking = [self._chunking] if self._chunking is not None else []
+        for job in [*(j for b in self._batches for j in b.jobs), *chunking, *self._waiting]:
             self._fail(job, err)
         self._batches = []
+        self._chunking = None
         self._waiting.clear()
         while True:  # whatever raced in after the stop
             try:

@@ -234,6 +234,7 @@ class ModelRuntime:
             prefill_threads=prefill_threads,
             prefix_cache_tokens=cfg.prefix_cache_tokens,
             max_padding_mb=cfg.max_padding_mb,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             # Faster CPU layers take seconds to prepare: built on a thread of their own from
             # the start and installed between two steps, so neither the start nor the first
             # reply waits, and a bot that is never idle still gets them.
