@@ -1,0 +1,156 @@
+"""A long prompt among short chats: what it costs the others, in memory and in pauses.
+
+A user pastes a log (a skill builds a long context) while 15 others are streaming replies.
+The bot's model runtime (the embedded SmolLM2, in process) serves 15 short chats of 128 new
+tokens; 0.3 s in, a prompt of ``--words`` words (~2.8 tokens each) arrives. Measured per
+configuration, each in a process of its own (RSS is per process):
+
+* the process's peak RSS over its warm level while the round runs;
+* the short replies' time (p50, max) and the pauses between their streamed pieces (p99,
+  max): a prompt prefilled whole stops every running reply for as long as it takes;
+* the long prompt's own time to its reply.
+
+Configurations, side by side in one run: ``one batch`` — every running row in one
+left-padded cache, prompts prefilled whole (chinwag before 2026-12-08:
+``max_padding_mb`` and ``prefill_chunk_tokens`` set out of reach) — against the defaults
+(cohorts of like lengths, 256-token chunks). The last line is a JSON object with both and
+the ratios ``memory_ratio`` and ``max_pause_ratio`` (one batch over defaults), per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {
+    "one_batch": {"models": {"max_padding_mb": 1e9, "prefill_chunk_tokens": 1_000_000}},
+    "defaults": {},
+}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def child(words: int, overrides: dict, data_dir: str) -> dict:
+    from bot.config import load_settings
+    from bot.models import ModelRuntime
+
+    peak = [0.0]
+
+    def watch() -> None:
+        while True:
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    runtime = ModelRuntime(load_settings(overrides={"data_dir": data_dir, **overrides}))
+    await runtime.start()
+    await runtime.settled(180)
+    await runtime.generate([{"role": "user", "content": "hi"}], max_new_tokens=8)
+    base = rss_mb()
+    peak[0] = base
+    pasted = "Summarise this for me: " + " ".join(f"word{i % 50}" for i in range(words))
+    tokens = len(
+        runtime._backend.tokenizer.apply_chat_template(
+            [{"role": "user", "content": pasted}], add_generation_prompt=True, tokenize=True
+        )
+    )
+    pauses: list[float] = []
+    durations: list[float] = []
+
+    async def short(i: int) -> None:
+        last = [time.monotonic()]
+        started = last[0]
+
+        async def on_text(_: str) -> None:
+            now = time.monotonic()
+            pauses.append(now - last[0])
+            last[0] = now
+
+        await runtime.generate(
+            [{"role": "user", "content": f"Tell me a long story about a cat called number {i}."}],
+            max_new_tokens=128,
+            on_text=on_text,
+        )
+        durations.append(time.monotonic() - started)
+
+    async def long() -> float:
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await runtime.generate([{"role": "user", "content": pasted}], max_new_tokens=64)
+        return time.monotonic() - started
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(short(i) for i in range(15)), long())
+    round_s = time.monotonic() - t0
+    await runtime.stop()
+    pauses.sort()
+    return {
+        "prompt_tokens": tokens,
+        "peak_rss_over_warm_mb": round(peak[0] - base),
+        "short_reply_p50_s": round(statistics.median(durations), 2),
+        "short_reply_max_s": round(max(durations), 2),
+        "pause_p99_ms": round(pauses[int(len(pauses) * 0.99)] * 1000),
+        "pause_max_ms": round(pauses[-1] * 1000),
+        "long_reply_s": round(results[-1], 2),
+        "round_s": round(round_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--words", default="350,1400", help="long prompt sizes, in words")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        out = asyncio.run(child(spec["words"], spec["overrides"], spec["data_dir"]))
+        print(json.dumps(out))
+        return
+    result: dict[str, object] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    with tempfile.TemporaryDirectory() as data_dir:
+        for words in (int(w) for w in args.words.split(",")):
+            row: dict[str, dict] = {}
+            for name, overrides in CONFIGS.items():
+                spec = json.dumps({"words": words, "overrides": overrides, "data_dir": data_dir})
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", spec],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    sys.exit(f"{name}: the child failed:\n{proc.stderr[-2000:]}")
+                row[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{words} words, {name:>9}: {row[name]}", flush=True)
+            one, ours = row["one_batch"], row["defaults"]
+            result[f"words_{words}"] = {
+                **row,
+                "memory_ratio": round(
+                    one["peak_rss_over_warm_mb"] / max(ours["peak_rss_over_warm_mb"], 1), 2
+                ),
+                "max_pause_ratio": round(one["pause_max_ms"] / max(ours["pause_max_ms"], 1), 2),
+            }
+    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
