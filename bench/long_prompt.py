@@ -15,6 +15,7 @@ left-padded cache, prompts prefilled whole (chinwag before 2026-12-08:
 ``max_padding_mb`` and ``prefill_chunk_tokens`` set out of reach) — against the defaults
 (cohorts of like lengths, 256-token chunks). The last line is a JSON object with both and
 the ratios ``memory_ratio`` and ``max_pause_ratio`` (one batch over defaults), per size.
+``--busy`` runs it all beside a busy core.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.neighbours import busy_core  # noqa: E402
 
 CONFIGS = {
     "one_batch": {"models": {"max_padding_mb": 1e9, "prefill_chunk_tokens": 1_000_000}},
@@ -117,6 +120,7 @@ async def child(words: int, overrides: dict, data_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--words", default="350,1400", help="long prompt sizes, in words")
+    parser.add_argument("--busy", action="store_true", help="beside a busy core (a neighbour)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -124,8 +128,11 @@ def main() -> None:
         out = asyncio.run(child(spec["words"], spec["overrides"], spec["data_dir"]))
         print(json.dumps(out))
         return
-    result: dict[str, object] = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    with tempfile.TemporaryDirectory() as data_dir:
+    result: dict[str, object] = {
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "beside_a_busy_core": args.busy,
+    }
+    with tempfile.TemporaryDirectory() as data_dir, busy_core(args.busy):
         for words in (int(w) for w in args.words.split(",")):
             row: dict[str, dict] = {}
             for name, overrides in CONFIGS.items():
