@@ -965,7 +965,7 @@ class LocalBackend:
 
         One batch for everyone padded every row to the longest: a 2,000-token message pasted
         among 15 short chats made their cache 16 × 2,000 positions (+1.9 GB for SmolLM2,
-        against +0.17 GB for that message alone) and the round 2.2× slower. A cohort costs
+        against +0.17 GB for that message alone) and the round 1.5× slower. A cohort costs
         a forward pass a step (~7 ms for SmolLM2's one-row step on one core), so rows of
         similar lengths still share one.
         """
