@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bot import process
 from bot.config import ConfigError, Settings, load_settings
 from bot.logs import setup_logging
 from bot.plugins import PluginError, make_manager
@@ -112,6 +113,8 @@ def _settings(default_level: str | None = None) -> Settings:
         s.secret_values(),
         log_file=state.log_file,
     )
+    if process.fitted is not None:
+        log.info("%s", process.fitted)
     return s
 
 

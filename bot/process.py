@@ -228,7 +228,11 @@ def fit_threads_to_cpu_limit() -> int | None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() > threads:
         torch.set_num_threads(threads)
-    log.info(
-        "CPU limit %.2g cores (cgroup) of %d in view: threads start at %d", limit, visible, threads
-    )
+    global fitted
+    fitted = f"CPU limit {limit:.2g} cores (cgroup) of {visible} in view: {threads} threads"
+    log.info("%s", fitted)
     return threads
+
+
+#: What :func:`fit_threads_to_cpu_limit` did, for the log once it is set up (it runs first).
+fitted: str | None = None
