@@ -184,7 +184,10 @@ def _limits(mount: str, path: str, read: Callable[[str], float | None]) -> list[
         limit = read(here)
         if limit is not None:
             found.append(limit)
-        if os.path.samefile(here, mount) or len(here) <= len(mount):
+        try:
+            if len(here) <= len(mount) or os.path.samefile(here, mount):
+                return found
+        except OSError:  # a group removed meanwhile: what was read stands
             return found
         here = os.path.dirname(here)
 
