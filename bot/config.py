@@ -180,9 +180,9 @@ class ModelsSettings(_Section):
     #: Prompt tokens prefilled per decode step when requests join a running batch (bounds how
     #: long running replies pause for newcomers).
     prefill_tokens: int = Field(2048, ge=64)
-    #: A prompt longer than this is prefilled this many tokens a step, so running replies
-    #: pause for a chunk rather than for the whole prompt (a ~4,000-token prompt held 15
-    #: other conversations for 8.5 s on 2 cores; in chunks of 256, 0.8 s at the most).
+    #: Beside running replies, a prompt longer than this is prefilled this many tokens a step,
+    #: so they pause for a chunk rather than for the whole prompt (a ~4,000-token prompt held
+    #: 15 other conversations for 8.5 s on 2 cores; in chunks of 256, 0.8 s at the most).
     prefill_chunk_tokens: int = Field(256, ge=32)
     #: Torch threads for the model: ``auto`` measures while serving (one core is left to the
     #: event loop, embedder and classifier), or a fixed number.
