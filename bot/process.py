@@ -135,6 +135,14 @@ def tune_for_batch_work() -> dict[str, str]:
     return applied
 
 
+def visible_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity; every CPU where that cannot be read)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def cpu_limit(root: str = "/sys/fs/cgroup", cgroups: str = "/proc/self/cgroup") -> float | None:
     """Cores' worth of CPU time this process's control group may use — a container's
     ``docker run --cpus``, a Kubernetes CPU limit, systemd's ``CPUQuota=`` — or None where
@@ -218,10 +226,7 @@ def fit_threads_to_cpu_limit() -> int | None:
     through ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``, OpenMP's, FAISS's and every child's (the
     trainer, a vLLM server). A value the operator set is kept. Returns the thread count set,
     or None where there is no limit to fit."""
-    try:
-        visible = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        visible = os.cpu_count() or 1
+    visible = len(visible_cpus())
     limit = cpu_limit()
     if limit is None or int(limit) >= visible or "OMP_NUM_THREADS" in os.environ:
         return None

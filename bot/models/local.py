@@ -1105,9 +1105,10 @@ class LocalBackend:
     def _accept(self, b: _Batch, tokens: Any, now: float) -> None:
         """Append each running row's new token; finish rows that are done, drop abandoned."""
         column = tokens.squeeze(1).tolist()
+        rows = self._rows()
         keep = []
         for i, (job, token) in enumerate(zip(b.jobs, column, strict=True)):
-            if not self._consume(job, token, self._rows(), now):
+            if not self._consume(job, token, rows, now):
                 keep.append(i)
             elif job.finished and self.prefixes is not None:
                 self._remember(b, i, job)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.process import cpu_limit
+from bot.process import cpu_limit, visible_cpus
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,7 @@ def cpu_flags() -> set[str]:
 def usable_cpus() -> int:
     """The CPUs this process may run on, as whole cores of its cgroup CPU limit where that is
     fewer (a container's ``--cpus``: :func:`bot.process.cpu_limit`)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = len(visible_cpus())
     limit = cpu_limit()
     return cpus if limit is None else max(1, min(cpus, int(limit)))
 
@@ -165,10 +162,7 @@ class Neighbours:
     ) -> None:
         self.every = every
         self._paths = (stat, own)
-        try:
-            self.cpus = cpus if cpus is not None else set(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            self.cpus = set(range(os.cpu_count() or 1))
+        self.cpus = cpus if cpus is not None else visible_cpus()
         self._last: tuple[float, float, float] | None = None  # (time, busy ticks, own ticks)
         self._hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self.busy: float | None = None  # cores' worth, over the last whole window
