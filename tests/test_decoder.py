@@ -378,6 +378,31 @@ def test_the_native_norm_and_rotary_give_what_pytorchs_ops_give(dtype, native_at
         assert torch.allclose(norm_ours, norm_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_residual_add_and_silu_fused_give_what_pytorchs_ops_give(dtype, native_attention):
+    """A block's output added where the next norm reads it, and silu(gate) * up of the fused
+    projection, each one call in a decode step: the same stream and the same MLP input."""
+    torch.manual_seed(0)
+    norm = decoder.RMSNorm(torch.randn(576, dtype=dtype), 1e-5)
+    x, delta = torch.randn(16, 1, 576, dtype=dtype) * 3, torch.randn(16, 1, 576, dtype=dtype)
+    gate_up = torch.randn(16, 1, 2 * 1536, dtype=dtype) * 4
+    with native_ops(None):
+        (sum_ref, norm_ref), silu_ref = norm.add(x, delta), decoder._silu_mul(gate_up, 1536)
+    with native_ops(native_attention), torch.inference_mode():
+        (sum_ours, norm_ours), silu_ours = norm.add(x, delta), decoder._silu_mul(gate_up, 1536)
+    assert silu_ours.shape == silu_ref.shape == (16, 1, 1536)
+    assert torch.equal(sum_ours, sum_ref)
+    if dtype == torch.bfloat16:
+        # exp is computed another way: silu's result one bf16 step off, rarely (a value on a
+        # rounding tie), and the product rounded after it.
+        assert ((silu_ours.float() - silu_ref.float()).abs() > 0).float().mean() < 0.01
+        assert torch.allclose(silu_ours.float(), silu_ref.float(), rtol=1 / 64, atol=1e-6)
+        assert torch.allclose(norm_ours.float(), norm_ref.float(), rtol=1 / 128, atol=0)
+    else:
+        assert torch.allclose(silu_ours, silu_ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(norm_ours, norm_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_with_the_native_kernel_greedy_replies_stay_token_for_token(smollm2, native_attention):
     """The kernel changes how fast a step attends, not what the model says."""
     ours, _, tokenizer, _ = smollm2

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on the machine that runs them.
 
 PyTorch's kernels are built for every CPU at once and for shapes bigger than a decode step's;
-ours (decode attention, RMS norm, rotary embedding — ``csrc/decode_attention.cpp`` — and, on
+ours (decode attention, RMS norm with the residual add, SiLU × up, rotary embedding —
+``csrc/decode_attention.cpp`` — and, on
 CPUs with AVX512-BF16, small-batch linear layers — ``csrc/decode_linear.cpp``) are built here,
 for this CPU (``-march=native``), the first time a model loads
 (~20 s with g++ on 2 cores, on the background thread that prepares the faster layers), and
@@ -95,7 +96,8 @@ def enabled() -> bool:
 
 def build(cancelled: Callable[[], bool] | None = None) -> Any | None:
     """The compiled module — ``decode_attention(q, k, v, mask)``, ``rms_norm(x, weight,
-    eps)``, ``rotary(x, cos, sin)``, ``linear_supported()``, ``pack_linear(w)``,
+    eps)``, ``add_rms_norm(x, delta, weight, eps)``, ``silu_mul(gate_up)``, ``rotary(x, cos,
+    sin)``, ``linear_supported()``, ``pack_linear(w)``,
     ``linear(x, packed, out_features, bias)`` — built if it is not yet; None (and
     :data:`unavailable` says why) where it cannot be.
 
