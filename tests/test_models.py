@@ -880,6 +880,28 @@ def test_the_thread_count_moves_back_within_steps_when_the_neighbour_leaves():
     assert tuner.current == 2
 
 
+def test_the_thread_count_moves_within_steps_while_two_cohorts_of_different_sizes_take_turns():
+    """A long prompt's cohort (2 rows) beside the short chats' (16 rows): their steps
+    alternate, and a neighbour slowing both must still move the count before the next
+    scheduled look — a slow streak is counted within each size class, not across them."""
+    from bot.models.tuning import ThreadTuner
+
+    tuner = ThreadTuner([1, 2])
+    speed = {(1, 2): 0.015, (1, 16): 0.030, (2, 2): 0.020, (2, 16): 0.045}
+
+    def turns(steps: int) -> None:
+        for i in range(steps):
+            rows = (2, 16)[i % 2]
+            threads = tuner.threads_for_next_step()
+            tuner.record(threads, speed[(threads, rows)], batch=rows)
+
+    turns(40)
+    assert tuner.current == 1
+    speed.update({(1, 2): 0.080, (1, 16): 0.160})  # a neighbour now competes for that core
+    turns(20)  # long before the next scheduled look (every 128 steps)
+    assert tuner.current == 2
+
+
 def test_a_conversation_that_shrinks_to_one_row_keeps_the_thread_count_that_is_faster_for_it():
     """Beside a busy core one thread is faster at every batch size, but a one-row step on two
     threads is still quicker than a 16-row step on one: the tuner must compare like with

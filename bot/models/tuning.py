@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,15 @@ def size_class(batch: int) -> int:
     return max(1, batch).bit_length()
 
 
+@dataclass(slots=True)
+class _Streak:
+    """Steps of one size class in a row far slower or far faster than usual."""
+
+    slow: int = 0
+    fast: int = 0
+    fast_ref: float = float("inf")  # the usual time when the fast run began
+
+
 class ThreadTuner:
     """Picks the torch intra-op thread count that gives the fastest decode steps *now*.
 
@@ -305,10 +315,12 @@ class ThreadTuner:
         self._steps = 0
         self._probing: int | None = None
         self._probe_times: list[tuple[int, float]] = []  # (size class, seconds)
-        self._slow = 0  # steps in a row far slower than usual: look again now
-        self._fast = 0  # steps in a row far faster than usual: a neighbour left, look again
-        self._fast_ref = float("inf")
-        self._streak_class = 0
+        # Per size class: steps in a row far slower than usual (a neighbour came: look again
+        # now) and far faster (one left: look again). Kept per class because the engine's
+        # cohorts take turns: with a 2-row and a 16-row cohort running, one streak for all
+        # steps was cut at every step and never reached three.
+        self._streaks: dict[int, _Streak] = {}
+        self._look = False  # another tuner asked for a look (:meth:`look_now`)
         self.neighbours = neighbours
         self._cap = max(candidates)  # threads the neighbours leave room for
 
@@ -344,8 +356,10 @@ class ThreadTuner:
         # The first look comes early (``first_look``), then every ``explore_every`` steps.
         every = self._steps and self._steps % self.explore_every == 0
         due = self._steps == self.first_look or every
-        if self._probing is None and (due or self._slow >= 3 or self._fast >= 3):
-            self._slow = self._fast = 0
+        streak = any(st.slow >= 3 or st.fast >= 3 for st in self._streaks.values())
+        if self._probing is None and (due or streak or self._look):
+            self._streaks.clear()
+            self._look = False
             others = [c for c in self.candidates if c != self.current and c <= self._cap]
             if others:
                 self._probing = others[(self._steps // self.explore_every) % len(others)]
@@ -355,7 +369,7 @@ class ThreadTuner:
     def look_now(self) -> None:
         """Try another count at the next step (another tuner saw the machine change)."""
         if self._probing is None:
-            self._slow = 3
+            self._look = True
 
     def record(self, threads: int, seconds: float, batch: int) -> None:
         # Within a size class rows still vary (8 to 15): allow a little for each.
@@ -368,16 +382,14 @@ class ThreadTuner:
                 self._judge_probe()
             return
         old = self._ema.get((threads, size))
-        if size != self._streak_class:  # a streak is of steps alike
-            self._slow = self._fast = 0
-            self._streak_class = size
+        st = self._streaks.setdefault(size, _Streak())
         # A neighbour that just started (or a core the OS took away) shows as a run of steps
         # twice as slow as usual: do not wait for the next scheduled look.
-        self._slow = self._slow + 1 if old is not None and cost > 2 * old else 0
+        st.slow = st.slow + 1 if old is not None and cost > 2 * old else 0
         # Against the usual time from before the streak (the average follows the new speed).
-        if old is not None and self._fast == 0:
-            self._fast_ref = old
-        self._fast = self._fast + 1 if old is not None and cost < 0.66 * self._fast_ref else 0
+        if old is not None and st.fast == 0:
+            st.fast_ref = old
+        st.fast = st.fast + 1 if old is not None and cost < 0.66 * st.fast_ref else 0
         self._ema[(threads, size)] = cost if old is None else 0.8 * old + 0.2 * cost
 
     def _judge_probe(self) -> None:
