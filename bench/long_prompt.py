@@ -15,7 +15,10 @@ left-padded cache, prompts prefilled whole (chinwag before 2026-12-08:
 ``max_padding_mb`` and ``prefill_chunk_tokens`` set out of reach) — against the defaults
 (cohorts of like lengths, 256-token chunks). The last line is a JSON object with both and
 the ratios ``memory_ratio`` and ``max_pause_ratio`` (one batch over defaults), per size.
-``--busy`` runs it all beside a busy core.
+``--busy`` runs it all beside a busy core. ``--pasters 2 --late 4``: two long prompts come
+together and four of the chats are short messages sent after them, whose time to a first
+token is reported (a long prompt waiting for another's chunks held them up until
+2026-12-08).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ def rss_mb() -> float:
     return 0.0
 
 
-async def child(words: int, overrides: dict, data_dir: str) -> dict:
+async def child(
+    words: int, overrides: dict, data_dir: str, pasters: int = 1, late: int = 0
+) -> dict:
     from bot.config import load_settings
     from bot.models import ModelRuntime
 
@@ -94,14 +99,38 @@ async def child(words: int, overrides: dict, data_dir: str) -> dict:
         )
         durations.append(time.monotonic() - started)
 
-    async def long() -> float:
-        await asyncio.sleep(0.3)
+    async def long(n: int) -> float:
+        await asyncio.sleep(0.3 + 0.05 * n)
         started = time.monotonic()
-        await runtime.generate([{"role": "user", "content": pasted}], max_new_tokens=64)
+        text = pasted if n == 0 else pasted.replace("word", f"item{n}-")
+        await runtime.generate([{"role": "user", "content": text}], max_new_tokens=64)
         return time.monotonic() - started
 
+    firsts: list[float] = []
+
+    async def late_chat(i: int) -> None:
+        # Sent after every long prompt: how long until its reply starts.
+        await asyncio.sleep(0.3 + 0.05 * pasters + 0.1)
+        started = time.monotonic()
+        seen: list[float] = []
+
+        async def on_text(_: str) -> None:
+            if not seen:
+                seen.append(time.monotonic() - started)
+
+        await runtime.generate(
+            [{"role": "user", "content": f"thanks, that helps ({i})"}],
+            max_new_tokens=32,
+            on_text=on_text,
+        )
+        firsts.extend(seen)
+
     t0 = time.monotonic()
-    results = await asyncio.gather(*(short(i) for i in range(15)), long())
+    results = await asyncio.gather(
+        *(short(i) for i in range(15 - late)),
+        *(late_chat(i) for i in range(late)),
+        *(long(n) for n in range(pasters)),
+    )
     round_s = time.monotonic() - t0
     await runtime.stop()
     pauses.sort()
@@ -114,18 +143,40 @@ async def child(words: int, overrides: dict, data_dir: str) -> dict:
         "pause_max_ms": round(pauses[-1] * 1000),
         "long_reply_s": round(results[-1], 2),
         "round_s": round(round_s, 2),
-    }
+    } | (
+        {
+            "late_first_token_p50_s": round(statistics.median(firsts), 2),
+            "late_first_token_max_s": round(max(firsts), 2),
+        }
+        if firsts
+        else {}
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--words", default="350,1400", help="long prompt sizes, in words")
     parser.add_argument("--busy", action="store_true", help="beside a busy core (a neighbour)")
+    parser.add_argument(
+        "--pasters", type=int, default=1, help="long prompts arriving together (0.05 s apart)"
+    )
+    parser.add_argument(
+        "--late",
+        type=int,
+        default=0,
+        help="of the 15 chats, this many short ones sent after the long prompts (their time "
+        "to a first token is reported)",
+    )
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="which configurations, comma-separated"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        out = asyncio.run(child(spec["words"], spec["overrides"], spec["data_dir"]))
+        out = asyncio.run(
+            child(spec["words"], spec["overrides"], spec["data_dir"], spec["pasters"], spec["late"])
+        )
         print(json.dumps(out))
         return
     result: dict[str, object] = {
@@ -135,8 +186,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data_dir, busy_core(args.busy):
         for words in (int(w) for w in args.words.split(",")):
             row: dict[str, dict] = {}
-            for name, overrides in CONFIGS.items():
-                spec = json.dumps({"words": words, "overrides": overrides, "data_dir": data_dir})
+            for name in args.configs.split(","):
+                spec = json.dumps(
+                    {
+                        "words": words,
+                        "overrides": CONFIGS[name],
+                        "data_dir": data_dir,
+                        "pasters": args.pasters,
+                        "late": args.late,
+                    }
+                )
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", spec],
                     capture_output=True,
@@ -147,14 +206,15 @@ def main() -> None:
                     sys.exit(f"{name}: the child failed:\n{proc.stderr[-2000:]}")
                 row[name] = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"{words} words, {name:>9}: {row[name]}", flush=True)
-            one, ours = row["one_batch"], row["defaults"]
-            result[f"words_{words}"] = {
-                **row,
-                "memory_ratio": round(
+            result[f"words_{words}"] = row
+            if "one_batch" in row and "defaults" in row:
+                one, ours = row["one_batch"], row["defaults"]
+                row["memory_ratio"] = round(
                     one["peak_rss_over_warm_mb"] / max(ours["peak_rss_over_warm_mb"], 1), 2
-                ),
-                "max_pause_ratio": round(one["pause_max_ms"] / max(ours["pause_max_ms"], 1), 2),
-            }
+                )
+                row["max_pause_ratio"] = round(
+                    one["pause_max_ms"] / max(ours["pause_max_ms"], 1), 2
+                )
     result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
 

@@ -206,6 +206,37 @@ async def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_keep_d
     assert len(steps_while_chunking) >= 3  # the running replies took steps between chunks
 
 
+async def test_a_short_message_is_not_held_up_by_a_long_one_waiting_for_its_chunks(backend):
+    """Long prompts go in chunks one at a time; a second one waits for the first. A short
+    message sent after both must not wait with it: it starts at once, beside the chunks,
+    and gets its first token before the first long prompt has finished its prefill."""
+    params = GenerationParams(max_new_tokens=40)
+    backend.prefixes = None  # every prompt prefilled from its first token
+    backend.prefill_chunk_tokens = 64  # a long prompt here: ~5 chunks; "thanks!": one
+    at_least(backend.model, 0.03)
+
+    def pasted(what: str) -> list[dict[str, str]]:
+        return ask(f"Summarise this {what} log: " + " ".join(f"{what} {i} ok" for i in range(60)))
+
+    running = [asyncio.create_task(backend.generate(ask(f"chat {i}"), params)) for i in range(2)]
+    await until(lambda: backend.load()["running"] >= 2)
+    sent = {"first": time.monotonic()}
+    first = asyncio.create_task(backend.generate(pasted("build"), params))
+    await until(lambda: backend.stats["prefill_chunks"] >= 1)
+    sent["second"] = time.monotonic()
+    pending = backend.load()["pending"]
+    second = asyncio.create_task(backend.generate(pasted("deploy"), params))
+    await until(lambda: backend.load()["pending"] > pending)  # queued behind the first
+    assert backend.stats["prefill_chunks"] < 4  # the first is still being prefilled
+    sent["short"] = time.monotonic()
+    short = await backend.generate(ask("thanks!"), params)
+    replies = {"first": await first, "second": await second, "short": short}
+    assert short.prompt_tokens < 64 and replies["second"].prompt_tokens > 3 * 64
+    await asyncio.gather(*running)
+    first_token = {k: sent[k] + g.timings["ttft_s"] for k, g in replies.items()}
+    assert first_token["short"] < first_token["first"] < first_token["second"]
+
+
 async def test_a_caller_that_stops_waiting_frees_its_slot_within_a_step(backend):
     at_least(backend.model, 0.005)
     task = asyncio.create_task(backend.generate(ask("go on"), GenerationParams(max_new_tokens=400)))

@@ -759,26 +759,32 @@ class LocalBackend:
             return
         joining: list[_Job] = []
         longest = 0
-        while self._waiting and len(joining) < free:
-            job = self._waiting[0]
+        at = 0  # the queue's first job not passed over
+        while at < len(self._waiting) and len(joining) < free:
+            job = self._waiting[at]
             if not job.prompt:
                 try:
                     job.prompt, job.trimmed = self._prompt(job.messages, job.params.max_new_tokens)
                 except ModelError as exc:
-                    self._waiting.popleft()
+                    del self._waiting[at]
                     self._fail(job, exc)
                     continue
             if len(job.prompt) > self.prefill_chunk_tokens and self._batches:
                 # Beside running replies, a long prompt is prefilled a chunk a step, one at a
-                # time, so they pause for a chunk rather than for all of it; those behind it
-                # wait their turn (first come, first served). With nothing running it goes
-                # whole, with the others: chunks there only cost (QA p50 0.82–0.85 against
-                # 0.96–1.05 s when every ~600-token answer prompt went in chunks).
+                # time, so they pause for a chunk rather than for all of it. With nothing
+                # running it goes whole, with the others: chunks there only cost (QA p50
+                # 0.82–0.85 against 0.96–1.05 s when every ~600-token answer prompt went in
+                # chunks).
                 if self._chunking is None and not joining and not tokens:
-                    self._waiting.popleft()
+                    del self._waiting[at]
                     self._chunking = job
                     self._prefill_chunk(job)
-                break
+                    break
+                # Another long prompt holds the chunk slot: this one keeps its place at the
+                # head of the long prompts, and the short ones behind it are not held up by
+                # it (they were, until 2026-12-08, for all of the first prompt's chunks).
+                at += 1
+                continue
             # Bound the prefill per step so running rows keep moving (at least one joins).
             if (joining or tokens) and tokens + len(job.prompt) > self.prefill_tokens:
                 break
@@ -788,7 +794,7 @@ class LocalBackend:
                 _padding(len(joining), longest, 1, len(job.prompt))
             ):
                 break
-            self._waiting.popleft()
+            del self._waiting[at]
             joining.append(job)
             tokens += len(job.prompt)
             longest = max(longest, len(job.prompt))
