@@ -42,9 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bot.models.prefix_cache import Prefix, PrefixCache
+from bot.models.prefix_cache import PrefixCache
 from bot.models.tuning import Neighbours, ThreadTuner
 from bot.models.types import (
     SUPERSEDED,
@@ -99,7 +97,7 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     estimated_start: float = 0.0  # admission's estimate of the wait, before calibration (s)
     chars: int = 0  # the prompt's characters, counted in the queue's until it starts
-    partial: Any = None  # a long prompt's keys and values so far (a Prefix), chunk by chunk
+    partial: Any = None  # a long prompt's keys and values so far, chunk by chunk (_Chunked)
     chunk: int = 0  # the next chunk's tokens (0: ``prefill_chunk_tokens``)
     chunk_budget_s: float = 0.0  # what its first chunk took: the pause every chunk keeps to
     # Filled in by the worker.
@@ -112,6 +110,18 @@ class _Job:
     batch_sizes: int = 0
     finished: bool = False  # completed normally (not failed or abandoned)
     released: bool = False  # its slot and adapter reference are given back (exactly once)
+
+
+@dataclass(slots=True)
+class _Chunked:
+    """A long prompt's cache between its chunks: the next chunk appends to it in place.
+
+    Until 2026-12-08 the keys and values were copied out after each chunk and into a new
+    cache before the next (three copies of the whole prompt so far, per chunk: a 4,000-token
+    prompt in ~40 chunks moved ~5 GB)."""
+
+    cache: Any  # the decoder's cache, one row, no padding
+    tokens: int  # the prompt tokens in it
 
 
 @dataclass(slots=True)
@@ -883,8 +893,9 @@ class LocalBackend:
         device = self.device
         # The part of each prompt whose keys and values are at hand: the chunks prefilled so
         # far, or what a finished reply left behind.
+        chunked = jobs[0].partial if len(jobs) == 1 else None
         reused: list[tuple[Any, int] | None] = [
-            (j.partial, len(j.partial.tokens))
+            (j.partial, j.partial.tokens)
             if j.partial is not None
             else self.prefixes.match(j.internal, j.prompt)
             if self.prefixes is not None
@@ -912,8 +923,11 @@ class LocalBackend:
             mask[i, past - h : past] = 1
         ids, mask = ids.to(device), mask.to(device)
         position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
-        cache = self.model.new_cache(self._seed(reused, past) if past else None)
-        if past and all(j.partial is None for j in jobs):
+        if chunked is not None:
+            cache = chunked.cache
+        else:
+            cache = self.model.new_cache(self._seed(reused, past) if past else None)
+        if past and chunked is None:
             self.stats["prefix_tokens_reused"] += sum(have)
         logits = self._forward(jobs, ids, mask, position, cache, last_only=True)
         elapsed = time.monotonic() - t0
@@ -931,12 +945,12 @@ class LocalBackend:
         self.stats["prefill_tokens"] += total
         if upto is not None:  # a chunk: keep the prompt's keys and values so far
             job = jobs[0]
-            real = mask[0].nonzero().squeeze(1)
-            job.partial = Prefix(
-                job.internal,
-                np.asarray(job.prompt[:upto]),
-                [(layer.keys[0][:, real], layer.values[0][:, real]) for layer in cache.layers],
-            )
+            if bool(mask.all()):  # chunks are whole multiples of PREFILL_ALIGN: no padding
+                job.partial = _Chunked(cache, upto)
+            else:  # (a prefix reused from another reply, not aligned): its real positions
+                real = mask[0].nonzero().squeeze(1)
+                one = [(layer.keys[:, :, real], layer.values[:, :, real]) for layer in cache.layers]
+                job.partial = _Chunked(self.model.new_cache(one), upto)
             self.stats["prefill_chunks"] += 1
             return total
         first = self._sample(logits[:, -1, :], jobs)
