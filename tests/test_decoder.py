@@ -98,6 +98,20 @@ def test_greedy_replies_are_token_for_token_those_of_transformers(smollm2):
     assert "Paris" in tokenizer.decode(mine[0].tolist(), skip_special_tokens=True)
 
 
+def test_a_whole_unpadded_prompt_on_the_causal_path_gets_transformers_replies(smollm2):
+    """A prompt alone, from its first token and unpadded, attends through SDPA's causal path
+    instead of a mask (half the attention time for long prompts): the same replies."""
+    ours, theirs, tokenizer, _ = smollm2
+    for prompt in PROMPTS:
+        ids, mask = left_padded(tokenizer, [prompt])
+        assert bool(mask.all())
+        mine = greedy(ours, ours.new_cache(), ids, mask, 16)
+        reference = greedy(
+            TransformersDecoder(theirs), TransformersDecoder(theirs).new_cache(), ids, mask, 16
+        )
+        assert torch.equal(mine, reference)
+
+
 def test_chat_template_ids_and_decoding_match_transformers_tokenizer(smollm2):
     from transformers import PreTrainedTokenizerFast
 

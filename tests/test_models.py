@@ -174,6 +174,25 @@ async def test_a_long_prompt_among_short_chats_decodes_in_a_cohort_of_its_own(ba
     await until(lambda: backend.load()["cohorts"] == 0)  # and both went with their rows
 
 
+async def test_a_long_prompt_alone_is_prefilled_unpadded_from_its_first_token(backend, monkeypatch):
+    """Prefilled whole and alone, a long prompt skips a short cached prefix (the system
+    prompt) and the padding to 32 tokens, so its attention can take the causal path (half
+    the time at 4,096 tokens): the reply is the one the padded, prefix-seeded prefill gave."""
+    from bot.models import local
+
+    pasted = "Summarise this log for me: " + " ".join(f"step {i} finished ok" for i in range(50))
+    params = GenerationParams(max_new_tokens=20)
+    await backend.generate(ask("hi"), params)  # the system prompt is now a cached prefix
+    monkeypatch.setattr(local, "CAUSAL_PROMPT_TOKENS", 200)  # the tiny model's window is 512
+    reused = backend.stats["prefix_tokens_reused"]
+    alone = await backend.generate(ask(pasted), params)
+    assert alone.prompt_tokens > 200
+    assert backend.stats["prefix_tokens_reused"] == reused
+    monkeypatch.setattr(local, "CAUSAL_PROMPT_TOKENS", 10_000)
+    backend.prefixes = None
+    assert (await backend.generate(ask(pasted), params)).text == alone.text
+
+
 @pytest.mark.parametrize("chunk", [64, 80])  # 80: not a multiple of the 32-token alignment
 async def test_a_long_prompt_is_prefilled_a_chunk_a_step_while_the_others_keep_decoding(
     backend, chunk
@@ -952,6 +971,22 @@ def test_the_thread_count_moves_within_steps_while_two_cohorts_of_different_size
     speed.update({(1, 2): 0.080, (1, 16): 0.160})  # a neighbour now competes for that core
     turns(20)  # long before the next scheduled look (every 128 steps)
     assert tuner.current == 2
+
+
+def test_a_long_prefill_is_never_the_pass_that_tries_another_thread_count():
+    """A probe runs its pass on a count that may be twice as slow: a 6,205-token prompt took
+    20 s on the one thread a probe tried, against 11 s on two. Long passes keep the count in
+    use; the look that fell due waits for a short one, and then happens."""
+    from bot.models.tuning import ThreadTuner
+
+    prefill = ThreadTuner([1, 2], start=2, explore_every=32, first_look=8)
+    used = []
+    for _ in range(40):  # long pasted prompts only: past the first look and the next
+        threads = prefill.threads_for_next_step(probe=False)
+        prefill.record(threads, 0.002, batch=1)
+        used.append(threads)
+    assert set(used) == {2}
+    assert prefill.threads_for_next_step() == 1  # a short pass: the look that waited
 
 
 def test_a_conversation_that_shrinks_to_one_row_keeps_the_thread_count_that_is_faster_for_it():

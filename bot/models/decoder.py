@@ -392,9 +392,10 @@ def _native_failed(what: str) -> None:
 
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Attention of ``q`` ``[B, heads, T, D]`` over the cache ``[B, kv_heads, L, D]``.
+    """Attention of ``q`` ``[B, heads, T, D]`` over the cache ``[B, kv_heads, L, D]``
+    (``mask`` None: causal, a whole prompt's own tokens and nothing else).
 
     Decode steps (one new token per row) on CPU do not go to ``scaled_dot_product_attention``
     as they come: PyTorch's CPU flash kernel tiles the *queries*, and with one query per
@@ -432,6 +433,7 @@ def attend(
     if (
         native is not None
         and t == 1
+        and mask is not None
         and q.device.type == "cpu"
         and heads % kv_heads == 0
         and heads // kv_heads <= NATIVE_MAX_GROUP
@@ -448,9 +450,9 @@ def attend(
             return out.view(b, heads, 1, d)
         except RuntimeError:
             _native_failed("decode attention")
-    if t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
+    if mask is None or t != 1 or q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=kv_heads != heads
+            q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=kv_heads != heads
         )
     grouped = q.reshape(b, kv_heads, heads // kv_heads, d)  # [B, kv, g, D]
     if q.dtype == torch.bfloat16 and heads > kv_heads:
@@ -489,7 +491,7 @@ class DecoderLayer(nn.Module):
         delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: CacheLayer,
         rows: _Rows | None,
         packed: _Packed | None = None,
@@ -645,15 +647,21 @@ class Decoder(nn.Module):
         freqs = position_ids[:, None, :, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        allowed = attention_mask[:, None, None, :].bool()  # [B, 1, 1, total]
-        if t > 1:
+        padded = attention_mask[:, None, None, :].bool()  # [B, 1, 1, total]
+        allowed: torch.Tensor | None = padded
+        if t > 1 and t == total and bool(attention_mask.all()):
+            # Whole prompts, nothing cached, no padding: the mask is SDPA's own causal one,
+            # which skips the blocks above the diagonal instead of reading a mask for them
+            # (a 4,096-token prompt's attention 248 → 129 ms a layer on 2 cores).
+            allowed = None
+        elif t > 1:
             # New token i sees the cache and the new tokens up to itself. A query that is
             # itself padding would see nothing (softmax over nothing is NaN): let it see its
             # own column — its output is never used.
             causal = torch.ones((t, total), dtype=torch.bool, device=x.device).tril(total - t)
             own = torch.zeros((t, total), dtype=torch.bool, device=x.device)
             own[torch.arange(t), torch.arange(total - t, total)] = True
-            allowed = (allowed & causal) | own
+            allowed = (padded & causal) | own
         rows = _Rows.of(adapters, x.device)
         packed = _Packed.of(attention_mask[:, -t:]) if t > 1 else None
         if packed is not None:

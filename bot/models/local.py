@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 SAFETY = 1.25
 #: Prompt batches are left-padded to a multiple of this many tokens (see ``_prefill``).
 PREFILL_ALIGN = 32
+#: A prompt this long, prefilled whole and alone, is not padded to PREFILL_ALIGN nor seeded
+#: with a short cached prefix: unpadded and from its first token its attention takes SDPA's
+#: causal path, which skips the blocks above the diagonal (on 2 cores, per layer: 768 tokens
+#: 8.4 → 6.2 ms, 2,048 62 → 36, 4,096 248 → 129; under ~600 tokens no gain).
+CAUSAL_PROMPT_TOKENS = 768
 #: Scoring requests share a forward pass when each is at least this share of the longest one's
 #: length, and at most this many. Since prefills are packed (decoder._Packed) padding costs
 #: only attention; one pass for everything measured 0.66 s against 0.69 s for a QA re-rank
@@ -575,7 +580,7 @@ class LocalBackend:
         device = self.device
         ids, mask = ids.to(device), mask.to(device)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
-        threads = _use_threads(self.prefill_threads)
+        threads = _use_threads(self.prefill_threads, width * len(rows))
         t0 = time.monotonic()
         logits = self.model(ids, mask, position, self.model.new_cache(), [None] * len(rows), keep)
         _record_pass(self.prefill_threads, threads, time.monotonic() - t0, width * len(rows))
@@ -888,7 +893,6 @@ class LocalBackend:
         last, kept in ``job.partial`` for the next."""
         import torch
 
-        threads = _use_threads(self.prefill_threads)
         t0 = time.monotonic()
         device = self.device
         # The part of each prompt whose keys and values are at hand: the chunks prefilled so
@@ -902,6 +906,17 @@ class LocalBackend:
             else None
             for j in jobs
         ]
+        whole = (
+            chunk is None
+            and len(jobs) == 1
+            and chunked is None
+            and len(jobs[0].prompt) >= CAUSAL_PROMPT_TOKENS
+        )
+        if whole and reused[0] is not None and reused[0][1] * 8 < len(jobs[0].prompt):
+            # A long prompt alone, prefilled whole: from its first token and unpadded, its
+            # attention takes SDPA's causal path (2x faster at 4,096 tokens), which a short
+            # reused prefix (a system prompt) would cost more than it saves.
+            reused = [None]
         have = [m[1] if m else 0 for m in reused]
         upto = None
         if chunk is not None and len(jobs[0].prompt) - have[0] > chunk:
@@ -912,7 +927,7 @@ class LocalBackend:
         # shape on first use (~1 ms a layer); a handful of shapes instead of one per prompt
         # length keeps that off the time to first token.
         longest = max(e - h for e, h in zip(ends, have, strict=True))
-        width = -(-longest // PREFILL_ALIGN) * PREFILL_ALIGN
+        width = longest if whole else -(-longest // PREFILL_ALIGN) * PREFILL_ALIGN
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(jobs), past + width), dtype=torch.long)
@@ -921,6 +936,7 @@ class LocalBackend:
             ids[i, width - n :] = torch.tensor(job.prompt[h:e])
             mask[i, past + width - n :] = 1
             mask[i, past - h : past] = 1
+        threads = _use_threads(self.prefill_threads, ids.numel())
         ids, mask = ids.to(device), mask.to(device)
         position = ((mask.cumsum(-1) - 1).clamp(min=0))[:, past:]
         if chunked is not None:
@@ -1293,20 +1309,26 @@ def _malloc_trim() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-def _use_threads(tuner: ThreadTuner | None) -> int | None:
+def _use_threads(tuner: ThreadTuner | None, tokens: int = 0) -> int | None:
     """Set the worker thread's torch threads to what ``tuner`` picks for its next pass.
 
     Per pass, not once: the worker alternates decode steps and prefill or scoring passes,
-    and each kind has its own best count (tuning.ThreadTuner)."""
+    and each kind has its own best count (tuning.ThreadTuner). A pass of more than
+    ``PROBE_MAX_TOKENS`` is never the tuner's probe of another count: a 6,205-token prompt
+    prefilled whole took 20 s on the one thread a probe tried, against 11 s on two."""
     if tuner is None:
         return None
     import torch
 
-    threads = tuner.threads_for_next_step()
+    threads = tuner.threads_for_next_step(probe=tokens <= PROBE_MAX_TOKENS)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
 
+
+#: Passes up to this many tokens may be the prefill tuner's probes (a QA answer prompt is
+#: ~600; a probe of the slower count costs its pass up to twice its time).
+PROBE_MAX_TOKENS = 1024
 
 #: A pass's fixed cost, in tokens' worth of work (kernel launches, the 30 layers' small ops):
 #: 1×96, 1×160 and 1×224 tokens took 0.25, 0.37 and 0.48 s on the 2-core machine.

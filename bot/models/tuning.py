@@ -348,16 +348,22 @@ class ThreadTuner:
             self.look_now()  # a core came back: see whether more threads pay again
         self._cap = cap
 
-    def threads_for_next_step(self) -> int:
+    def threads_for_next_step(self, probe: bool = True) -> int:
+        """The count for the next step. ``probe=False``: this step must not be a probe (it is
+        long, and another count may be twice as slow); a look that falls due waits for a
+        step that may be."""
         if len(self.candidates) < 2:
             return self.current
         if self.neighbours is not None:
             self._room()
         # The first look comes early (``first_look``), then every ``explore_every`` steps.
         every = self._steps and self._steps % self.explore_every == 0
-        due = self._steps == self.first_look or every
+        if (self._steps == self.first_look or every) and self._probing is None:
+            self._look = True
+        if not probe:
+            return self.current
         streak = any(st.slow >= 3 or st.fast >= 3 for st in self._streaks.values())
-        if self._probing is None and (due or streak or self._look):
+        if self._probing is None and (streak or self._look):
             self._streaks.clear()
             self._look = False
             others = [c for c in self.candidates if c != self.current and c <= self._cap]
