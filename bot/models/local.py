@@ -122,8 +122,8 @@ class _Chunked:
     """A long prompt's cache between its chunks: the next chunk appends to it in place.
 
     Until 2026-12-08 the keys and values were copied out after each chunk and into a new
-    cache before the next (three copies of the whole prompt so far, per chunk: a 4,000-token
-    prompt in ~40 chunks moved ~5 GB)."""
+    cache before the next: three copies of the whole prompt so far, per chunk (by estimate
+    ~5 GB of copying for a 4,000-token prompt in ~40 chunks; 150–200 MB more at the peak)."""
 
     cache: Any  # the decoder's cache, one row, no padding
     tokens: int  # the prompt tokens in it
@@ -963,7 +963,7 @@ class LocalBackend:
             job = jobs[0]
             if bool(mask.all()):  # chunks are whole multiples of PREFILL_ALIGN: no padding
                 job.partial = _Chunked(cache, upto)
-            else:  # (a prefix reused from another reply, not aligned): its real positions
+            else:  # a chunk size that is no multiple of PREFILL_ALIGN came padded: drop that
                 real = mask[0].nonzero().squeeze(1)
                 one = [(layer.keys[:, :, real], layer.values[:, :, real]) for layer in cache.layers]
                 job.partial = _Chunked(self.model.new_cache(one), upto)

@@ -320,7 +320,7 @@ class ThreadTuner:
         # cohorts take turns: with a 2-row and a 16-row cohort running, one streak for all
         # steps was cut at every step and never reached three.
         self._streaks: dict[int, _Streak] = {}
-        self._look = False  # another tuner asked for a look (:meth:`look_now`)
+        self._look = False  # a look is due (scheduled, or :meth:`look_now`)
         self.neighbours = neighbours
         self._cap = max(candidates)  # threads the neighbours leave room for
 
