@@ -50,11 +50,22 @@ def content_words(text: str) -> list[str]:
     return [w for w in words(text) if w not in STOPWORDS and (len(w) > 2 or w[0].isdigit())]
 
 
-def sentences(text: str, *, lines: bool = True, numbers: bool = False) -> list[str]:
+#: In a model's reply ``!``, ``?`` and ``…`` end a sentence whatever follows: a small model
+#: answering a user who types in lower case writes in lower case too ("hello there! hello
+#: there! you can talk to me anytime!"), and its repeats went unseen. (A ``.`` still needs a
+#: capital after it: "e.g. a".)
+_REPLY_BREAK = re.compile(r"(?<=[!?…])\s+(?=\S)|" + _BREAKS[True, False].pattern)
+
+
+def sentences(
+    text: str, *, lines: bool = True, numbers: bool = False, reply: bool = False
+) -> list[str]:
     """``text``'s sentences, stripped. ``lines``: a line break ends one too (replies and
     quotes; not running prose a loader has already joined); ``numbers``: one may start with a
-    digit (documents' numbered steps)."""
-    return [s.strip() for s in _BREAKS[lines, numbers].split(text) if s and s.strip()]
+    digit (documents' numbered steps); ``reply``: a model's reply, where ``!``, ``?`` and
+    ``…`` end one before any letter (with ``lines``, not ``numbers``)."""
+    pattern = _REPLY_BREAK if reply else _BREAKS[lines, numbers]
+    return [s.strip() for s in pattern.split(text) if s and s.strip()]
 
 
 def support(answer: str, passages: Iterable[str]) -> float:

@@ -261,12 +261,13 @@ def unique_sentences(text: str) -> tuple[list[str], int]:
     many were dropped: small models say the same sentence again and again."""
     kept: list[str] = []
     seen: set[str] = set()
-    for s in sentences(text):
+    said = sentences(text, reply=True)
+    for s in said:
         key = re.sub(r"\W+", " ", s.lower()).strip()
         if key not in seen:
             seen.add(key)
             kept.append(s)
-    return kept, len(sentences(text)) - len(kept)
+    return kept, len(said) - len(kept)
 
 
 def tidy_answer(text: str, *, cut: bool = False) -> tuple[str, list[str]]:

@@ -91,6 +91,13 @@ def test_piped_chat_prints_one_reply_block_per_message(tmp_path):
     assert "/help" in blocks[1] and "/forget" in blocks[1]
 
 
+def test_the_console_chat_ends_at_quit_and_answers_nothing_after_it(tmp_path):
+    result = run_cli("chat", stdin="/help\n/quit\n/help\n", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Here is what I can do:") == 1
+    assert "/quit" not in result.stdout  # not "I don't know the command /quit"
+
+
 def test_piped_chat_prints_replies_only_and_logs_go_to_stderr(tmp_path):
     result = run_cli("-v", "chat", stdin="/help\n", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -642,6 +642,23 @@ def test_replies_are_cleaned_of_invented_turns_repetition_and_run_on():
     assert len(text) <= 100 and "length" in done
 
 
+def test_a_reply_in_lower_case_is_cleaned_of_its_repeats_and_cut_at_a_whole_sentence():
+    """Said to the embedded model as "hello there!" on a first `make run`, it answered in the
+    user's lower case — "hello there! hello there! hello there! you can talk to me anytime!
+    …" — and, with no capital to start a sentence, the repeats stayed and the reply was cut
+    mid-sentence with "…"."""
+    looping = (
+        "hello there! hello there! hello there! you can talk to me anytime! "
+        "i'll be here anytime! i'm just here anytime! i'm just here for you whenever"
+    )
+    text, done = tidy(looping, 600)
+    assert text.count("hello there!") == 1 and done == ["repetition", "repetition"]
+    text, done = tidy(looping, 70)
+    assert text == "hello there! you can talk to me anytime! i'll be here anytime!"
+    assert "length" in done
+    assert tidy("Sure! e.g. a cat. Is that ok?", 600) == ("Sure! e.g. a cat. Is that ok?", [])
+
+
 def test_an_answer_that_echoes_an_faq_entry_keeps_only_its_answer():
     from skills.grounding import tidy_answer
 

@@ -77,9 +77,12 @@ class ConsoleChat:
         return await self.bot.handle(self.message(text))
 
     async def run_lines(self, lines: AsyncIterator[str]) -> int:
-        """Answer every line; returns how many messages were handled."""
+        """Answer every line up to a ``/quit`` (or ``/exit``); returns how many messages
+        were handled."""
         count = 0
         async for line in lines:
+            if _quits(line):
+                break
             replies = await self.send(line)
             count += 1
             if self.as_json:
@@ -132,7 +135,9 @@ class ConsoleChat:
 
         console = Console()
         name = self.bot.settings.bot.name
-        console.print(f"[bold]{name}[/bold] — type a message, /help for commands, Ctrl-D to quit.")
+        console.print(
+            f"[bold]{name}[/bold] — type a message, /help for commands, /quit or Ctrl-D to quit."
+        )
         for line in await self.notes():
             console.print(f"[dim]{line}[/dim]", highlight=False)
         if log_path is not None:
@@ -147,6 +152,8 @@ class ConsoleChat:
             except (EOFError, KeyboardInterrupt):
                 console.print()
                 return
+            if _quits(line):
+                return
             task = asyncio.ensure_future(self.send(line))
             with console.status("thinking…", spinner="dots") as status:
                 while not task.done():
@@ -158,6 +165,16 @@ class ConsoleChat:
                 console.print(f"[{style}]{name}>[/{style}] ", end="")
                 # Sources are in the text already ("Sources: [1] …"); JSON mode has the rest.
                 console.print(r.text, markup=False, highlight=False)
+
+
+#: What ends a console chat besides Ctrl-D: people type these (a first `make run` answered
+#: "/quit" with "I don't know the command /quit"). The console's own words, not bot commands:
+#: Telegram and Discord users never see them.
+QUIT = frozenset({"/quit", "/exit"})
+
+
+def _quits(line: str) -> bool:
+    return line.strip().lower() in QUIT
 
 
 def _login_name() -> str:
