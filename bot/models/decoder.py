@@ -278,15 +278,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        native = _native
-        if (
-            native is not None
-            and x.device.type == "cpu"
-            and x.is_contiguous()
-            and x.dtype == self.weight.dtype
-            and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()
-        ):
+        native = _native_for(x)
+        if native is not None and x.dtype == self.weight.dtype:
             # One call for what is six ops below (15 µs for 16 rows, 61 norms a step).
             try:
                 flat = x.view(-1, x.shape[-1])
@@ -302,17 +295,8 @@ class RMSNorm(nn.Module):
         decode step makes one native call there instead of an add and a norm (60 of each)."""
         if delta is None:
             return x, self(x)
-        native = _native
-        if (
-            native is not None
-            and x.device.type == "cpu"
-            and x.is_contiguous()
-            and delta.is_contiguous()
-            and x.dtype == delta.dtype == self.weight.dtype
-            and x.shape == delta.shape
-            and x.numel() <= NATIVE_MAX_ROWS * x.shape[-1]
-            and not torch.is_grad_enabled()
-        ):
+        native = _native_for(x, delta)
+        if native is not None and x.dtype == delta.dtype == self.weight.dtype:
             try:
                 h = x.shape[-1]
                 total, normed = native.add_rms_norm(
@@ -329,14 +313,8 @@ def _silu_mul(gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     """``silu(gate) * up`` of the fused gate/up projection's output: one native call in a
     decode step where PyTorch takes a split, a silu and a product (a tenth of a 16-row step's
     element-wise time went to ``aten::silu`` alone)."""
-    native = _native
-    if (
-        native is not None
-        and gate_up.device.type == "cpu"
-        and gate_up.is_contiguous()
-        and gate_up.numel() <= NATIVE_MAX_ROWS * gate_up.shape[-1]
-        and not torch.is_grad_enabled()
-    ):
+    native = _native_for(gate_up)
+    if native is not None:
         try:
             flat = gate_up.view(-1, gate_up.shape[-1])
             return native.silu_mul(flat).view(*gate_up.shape[:-1], intermediate)
@@ -382,6 +360,24 @@ def use_native(kernels: Any) -> None:
     """Decode steps on the CPU use ``kernels`` from now on (None: PyTorch's ops again)."""
     global _native
     _native = kernels
+
+
+def _native_for(x: torch.Tensor, *like: torch.Tensor) -> Any:
+    """The native kernels, where the row-wise ops (norm, add+norm, SiLU × up) take ``x``
+    and the tensors ``like`` it (its shape): contiguous CPU rows, a decode step's few
+    (``NATIVE_MAX_ROWS``; more is a prefill, where PyTorch's threads pay), no autograd.
+    None: PyTorch's ops."""
+    native = _native
+    if (
+        native is None
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or x.numel() > NATIVE_MAX_ROWS * x.shape[-1]
+        or torch.is_grad_enabled()
+        or any(t.shape != x.shape or not t.is_contiguous() for t in like)
+    ):
+        return None
+    return native
 
 
 def _native_failed(what: str) -> None:

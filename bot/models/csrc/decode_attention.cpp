@@ -212,6 +212,15 @@ template <typename T> inline float through(float f) {
 }
 template <> inline float through<float>(float f) { return f; }
 
+// A row normalised by its sum of squares, times the weight. F.rms_norm in fp32, .to(dtype),
+// then * weight in dtype: two roundings, as there.
+template <typename T>
+inline void store_normalised(const T* xr, float squares, const T* wp, int64_t H, double eps,
+                             T* o) {
+  const float rstd = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
+  for (int64_t i = 0; i < H; ++i) store(o + i, through<T>(to_float(xr[i]) * rstd) * to_float(wp[i]));
+}
+
 template <typename Scalar>
 void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
   using T = Raw<Scalar>;
@@ -226,10 +235,7 @@ void rms_norm_rows(const torch::Tensor& x, const torch::Tensor& w, double eps, t
       const float v = to_float(xr[i]);
       squares += v * v;
     }
-    const float rstd = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
-    T* o = op + r * H;
-    // F.rms_norm in fp32, .to(dtype), then * weight in dtype: two roundings, as there.
-    for (int64_t i = 0; i < H; ++i) store(o + i, through<T>(to_float(xr[i]) * rstd) * to_float(wp[i]));
+    store_normalised(xr, squares, wp, H, eps, op + r * H);
   }
 }
 
@@ -255,9 +261,7 @@ void add_rms_norm_rows(const torch::Tensor& x, const torch::Tensor& delta, const
       store(sr + i, v);
       squares += v * v;
     }
-    const float rstd = 1.f / std::sqrt(squares / static_cast<float>(H) + static_cast<float>(eps));
-    T* o = op + r * H;
-    for (int64_t i = 0; i < H; ++i) store(o + i, through<T>(to_float(sr[i]) * rstd) * to_float(wp[i]));
+    store_normalised(sr, squares, wp, H, eps, op + r * H);
   }
 }
 
